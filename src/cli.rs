@@ -1,0 +1,125 @@
+//! Command-line flags, turned into checked options in one place.
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use fastpull::{Client, Error, Format, Platform, Reference};
+
+use crate::console::Console;
+
+const AFTER_HELP: &str = "\
+Examples:
+  fastpull alpine ./alpine
+  fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
+  fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
+  fastpull --plain-http registry.lan:5000/tools/build:latest ./build
+
+Output:
+  oci (default)  OCI image layout: oci-layout, index.json (tag in the
+                 org.opencontainers.image.ref.name annotation), blobs/sha256/<hex>.
+                 Read it with `skopeo copy oci:DEST:TAG ...` or `umoci unpack --image DEST:TAG`.
+  dir            skopeo's dir: layout: version, manifest.json, one file per blob named by hex.
+
+Exit codes:
+  0  success
+  2  usage: bad arguments, image reference, platform or option
+  3  network or registry: unreachable, refused, not found, unauthorized,
+     no manifest for the platform, unsupported manifest
+  4  verification: a blob or manifest did not match its digest or size
+     (nothing is left under a final name)
+  5  local I/O: destination unusable, permissions, disk full
+
+Environment:
+  FASTPULL_LOG   tracing filter (e.g. fastpull=debug), overrides -v";
+
+/// Pull a container image to a directory, verifying every byte.
+#[derive(Debug, Parser)]
+#[command(name = "fastpull", version, about, after_help = AFTER_HELP)]
+pub struct Args {
+    /// Image to pull: NAME[:TAG][@DIGEST], e.g. alpine, ns/repo:tag, host:port/a/b@sha256:…
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+
+    /// Directory to write the image to (created if needed).
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+
+    /// Output layout: oci or dir.
+    #[arg(long, default_value = "oci", value_name = "FORMAT")]
+    pub format: String,
+
+    /// Platform to pick from multi-platform images: os/arch[/variant] (default: this machine).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+
+    /// Use plain HTTP for the registry (without it: HTTPS, falling back to HTTP only for
+    /// loopback registries that do not speak TLS).
+    #[arg(long)]
+    pub plain_http: bool,
+
+    /// Blobs to download at once.
+    #[arg(short = 'j', long, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+
+    /// Retries after a transient failure (connection, 5xx, 429).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub retries: u32,
+
+    /// Seconds without data before a transfer counts as stalled.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub stall_timeout: u64,
+
+    /// Print only the image name when done (like `docker pull -q`).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Log what happens (-v info, -vv debug, -vvv trace) to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Runs a pull as the flags say.
+pub async fn run(args: Args) -> Result<(), Error> {
+    let reference: Reference = args.image.parse()?;
+    let format: Format = args.format.parse()?;
+    let platform: Option<Platform> = args.platform.as_deref().map(str::parse).transpose()?;
+    if args.stall_timeout == 0 {
+        return Err(Error::InvalidOption("--stall-timeout must be at least 1".into()));
+    }
+    let console = Arc::new(Console::new(args.quiet));
+    let mut builder = Client::builder()
+        .format(format)
+        .plain_http(args.plain_http)
+        .concurrency(args.concurrency)
+        .retries(args.retries, Duration::from_millis(500))
+        .stall_timeout(Duration::from_secs(args.stall_timeout))
+        .reporter(console.clone());
+    if let Some(p) = platform {
+        builder = builder.platform(p);
+    }
+    let client = builder.build()?;
+    console.start(&reference);
+    let result = client.pull(&reference, &args.dest).await;
+    console.clear();
+    let report = result?;
+    console.finish(&report);
+    Ok(())
+}
+
+/// One clear line for an error: its message plus the causes it wraps.
+pub fn describe(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        src = s.source();
+    }
+    text
+}

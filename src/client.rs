@@ -1,0 +1,360 @@
+//! [`Client`]: the library's entry point. Holds the options and the HTTP transport, and
+//! runs a pull through the stages: reference → registry/manifest → plan → fetch → layout.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::fetch::Fetcher;
+use crate::http::Transport;
+use crate::layout::{Format, Layout, ManifestRecord};
+use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
+use crate::plan::Plan;
+use crate::progress::{Event, NoReporter, Reporter};
+use crate::reference::Reference;
+use crate::registry::{FetchedManifest, Registry};
+use crate::retry::RetryPolicy;
+use crate::verify;
+
+/// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    platform: Platform,
+    format: Format,
+    plain_http: bool,
+    concurrency: usize,
+    retry: RetryPolicy,
+    stall_timeout: Duration,
+    reporter: Arc<dyn Reporter>,
+}
+
+/// Options for a [`Client`].
+#[derive(Clone)]
+pub struct ClientBuilder {
+    platform: Option<Platform>,
+    format: Format,
+    plain_http: bool,
+    concurrency: usize,
+    retries: u32,
+    retry_delay: Duration,
+    connect_timeout: Duration,
+    stall_timeout: Duration,
+    user_agent: String,
+    reporter: Arc<dyn Reporter>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            platform: None,
+            format: Format::Oci,
+            plain_http: false,
+            concurrency: 8,
+            retries: 3,
+            retry_delay: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
+            user_agent: concat!("fastpull/", env!("CARGO_PKG_VERSION")).to_string(),
+            reporter: Arc::new(NoReporter),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// The platform to pick from multi-platform images (default: this machine's).
+    pub fn platform(mut self, platform: Platform) -> Self {
+        self.platform = Some(platform);
+        self
+    }
+
+    /// The on-disk layout (default: OCI image layout).
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Speak plain HTTP to every registry. Without it, HTTPS is used, falling back to HTTP
+    /// only for loopback registries that do not speak TLS.
+    pub fn plain_http(mut self, yes: bool) -> Self {
+        self.plain_http = yes;
+        self
+    }
+
+    /// Blobs downloaded at once (default 8).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Retries after a transient failure (connection, 5xx, 429), and the first back-off
+    /// (doubling, capped at 10 s; a `Retry-After` wins). Defaults: 3 and 500 ms.
+    pub fn retries(mut self, retries: u32, first_delay: Duration) -> Self {
+        self.retries = retries;
+        self.retry_delay = first_delay;
+        self
+    }
+
+    /// Give up on a transfer that sends nothing for this long (default 60 s).
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t;
+        self
+    }
+
+    /// Connection set-up timeout (default 30 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// The `User-Agent` header.
+    pub fn user_agent(mut self, ua: impl Into<String>) -> Self {
+        self.user_agent = ua.into();
+        self
+    }
+
+    /// Where progress events go (default: nowhere).
+    pub fn reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
+        self.reporter = reporter;
+        self
+    }
+
+    /// Checks the options and builds the client.
+    pub fn build(self) -> Result<Client> {
+        if self.concurrency == 0 || self.concurrency > 1024 {
+            return Err(Error::InvalidOption(format!(
+                "concurrency must be 1 to 1024, not {}",
+                self.concurrency
+            )));
+        }
+        if self.stall_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::InvalidOption("timeouts must be positive".into()));
+        }
+        let transport = Transport::new(&self.user_agent, self.connect_timeout, self.stall_timeout)?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                transport,
+                platform: self.platform.unwrap_or_else(Platform::host),
+                format: self.format,
+                plain_http: self.plain_http,
+                concurrency: self.concurrency,
+                retry: RetryPolicy {
+                    retries: self.retries,
+                    base_delay: self.retry_delay,
+                },
+                stall_timeout: self.stall_timeout,
+                reporter: self.reporter,
+            }),
+        })
+    }
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PullReport {
+    /// The reference pulled.
+    pub reference: Reference,
+    /// Digest of what the reference names (the index for multi-platform images): the
+    /// image's `repo@digest` name.
+    pub digest: Digest,
+    /// Digest of the platform's image manifest written to disk.
+    pub manifest_digest: Digest,
+    /// Media type of that manifest.
+    pub manifest_media_type: String,
+    /// The platform chosen, when the reference named an index.
+    pub platform: Option<Platform>,
+    /// Config first, then layers in manifest order (duplicates removed).
+    pub blobs: Vec<BlobReport>,
+    /// Bytes downloaded (blobs skipped as present do not count).
+    pub bytes_downloaded: u64,
+    /// Total size of the image's blobs.
+    pub bytes_total: u64,
+    /// Time to resolve the reference to a manifest.
+    pub resolve_time: Duration,
+    /// Time to fetch and verify the blobs.
+    pub fetch_time: Duration,
+    /// Wall time of the whole pull.
+    pub elapsed: Duration,
+    /// Where the image is.
+    pub dest: PathBuf,
+    /// In which layout.
+    pub format: Format,
+}
+
+/// One blob of a [`PullReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BlobReport {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: String,
+    /// Config or layer.
+    pub kind: BlobKind,
+    /// Already verified on disk, not downloaded.
+    pub skipped: bool,
+}
+
+impl Client {
+    /// A client with default options.
+    pub fn new() -> Result<Client> {
+        ClientBuilder::default().build()
+    }
+
+    /// Options for a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Pulls `reference` into the directory `dest` (created if needed). Blobs already
+    /// verified there are kept; everything new is verified before it gets its final name,
+    /// and the manifest is recorded last.
+    pub async fn pull(&self, reference: &Reference, dest: impl AsRef<Path>) -> Result<PullReport> {
+        let inner = &*self.inner;
+        let started = Instant::now();
+        let dest = dest.as_ref();
+        let layout = Layout::open(dest, inner.format)?;
+
+        let registry = Registry::connect(
+            inner.transport.clone(),
+            reference,
+            inner.plain_http,
+            inner.retry,
+        )
+        .await?;
+        tracing::debug!(base = registry.base(), "registry ready");
+        let (top, image, platform) = self.resolve(&registry, reference).await?;
+        let Document::Image(m) = &image.document else {
+            return Err(Error::InvalidManifest {
+                what: image.digest.to_string(),
+                reason: "an index entry points to another index".into(),
+            });
+        };
+        inner.reporter.report(&Event::Resolved {
+            digest: top,
+            manifest_digest: image.digest,
+            platform: platform.clone(),
+        });
+        let resolve_time = started.elapsed();
+
+        let all: Vec<BlobDescriptor> = std::iter::once(m.config.clone())
+            .chain(m.layers.iter().cloned())
+            .collect();
+        let present = verified_on_disk(&layout, &all).await?;
+        let plan = Plan::new(&all, &present);
+        let mut seen = HashSet::new();
+        let blobs: Vec<BlobReport> = all
+            .iter()
+            .filter(|b| seen.insert(b.digest))
+            .map(|b| BlobReport {
+                digest: b.digest,
+                size: b.size,
+                media_type: b.media_type.clone(),
+                kind: b.kind,
+                skipped: present.contains(&b.digest),
+            })
+            .collect();
+        for b in &blobs {
+            inner.reporter.report(&Event::BlobPlanned {
+                digest: b.digest,
+                size: b.size,
+                kind: b.kind,
+                present: b.skipped,
+            });
+        }
+
+        let fetch_started = Instant::now();
+        let fetcher = Fetcher {
+            registry: &registry,
+            layout: &layout,
+            reporter: &*inner.reporter,
+            retry: inner.retry,
+            stall_timeout: inner.stall_timeout,
+            concurrency: inner.concurrency,
+        };
+        let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
+        let fetch_time = fetch_started.elapsed();
+
+        layout.commit(&ManifestRecord {
+            bytes: &image.bytes,
+            digest: image.digest,
+            media_type: &image.media_type,
+            reference,
+            platform: platform.as_ref(),
+        })?;
+        layout.finish()?;
+
+        Ok(PullReport {
+            reference: reference.clone(),
+            digest: top,
+            manifest_digest: image.digest,
+            manifest_media_type: image.media_type.clone(),
+            platform,
+            bytes_total: blobs.iter().map(|b| b.size).sum(),
+            blobs,
+            bytes_downloaded,
+            resolve_time,
+            fetch_time,
+            elapsed: started.elapsed(),
+            dest: dest.to_path_buf(),
+            format: inner.format,
+        })
+    }
+
+    /// Reference → (digest it names, the platform's image manifest, platform chosen).
+    async fn resolve(
+        &self,
+        registry: &Registry,
+        reference: &Reference,
+    ) -> Result<(Digest, FetchedManifest, Option<Platform>)> {
+        let top = registry
+            .manifest(&reference.manifest_reference(), reference.digest(), None)
+            .await?;
+        match &top.document {
+            Document::Image(_) => Ok((top.digest, top, None)),
+            Document::Index(entries) => {
+                let entry =
+                    manifest::select(entries, &self.inner.platform, &reference.to_string())?;
+                let child = registry
+                    .manifest(&entry.digest.to_string(), Some(&entry.digest), Some(entry.size))
+                    .await?;
+                Ok((top.digest, child, entry.platform.clone()))
+            }
+        }
+    }
+}
+
+/// Which of `blobs` are already in place and verified (re-hashed, off the async threads).
+async fn verified_on_disk(layout: &Layout, blobs: &[BlobDescriptor]) -> Result<HashSet<Digest>> {
+    let checks = blobs.iter().map(|b| {
+        let path = layout.blob_path(&b.digest);
+        let (digest, size) = (b.digest, b.size);
+        async move {
+            let p = path.clone();
+            let ok = tokio::task::spawn_blocking(move || verify::file_matches(&p, &digest, size))
+                .await
+                .map_err(|e| Error::io("verify", &path, std::io::Error::other(e.to_string())))?
+                .map_err(|e| Error::io("verify", &path, e))?;
+            Ok::<_, Error>(ok.then_some(digest))
+        }
+    });
+    let found: Vec<Option<Digest>> = futures::stream::iter(checks)
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    Ok(found.into_iter().flatten().collect())
+}

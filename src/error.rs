@@ -1,0 +1,322 @@
+//! One error type for the whole pull, with the context a user needs (which blob, which URL —
+//! never a secret) and a [`Category`] the CLI maps to an exit code.
+
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+use crate::reference::ReferenceError;
+
+/// Result alias for fastpull.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Boxed source error for transport failures.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can stop a pull.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The image reference does not parse.
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
+
+    /// A `--platform` value that is not `os/arch[/variant]`.
+    #[error("invalid platform {0:?}: expected os/arch[/variant], e.g. linux/arm64/v8")]
+    InvalidPlatform(String),
+
+    /// Options that do not fit together or are out of range.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
+    /// The connection or the HTTP exchange failed (after retries where retrying made sense).
+    #[error("{what} {url}: {source}{}", retries_suffix(*.retries))]
+    Network {
+        /// What we were doing ("GET", "connect to").
+        what: &'static str,
+        /// The URL, redacted.
+        url: String,
+        /// How many times it was retried.
+        retries: u32,
+        /// The underlying failure.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The registry answered with an error status (JSON `errors` decoded when present).
+    #[error("registry error from {url}: HTTP {status}{}{}", fmt_code(.code), fmt_message(.message))]
+    Registry {
+        /// The URL, redacted.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The registry's error code (`MANIFEST_UNKNOWN`, `DENIED`, …).
+        code: Option<String>,
+        /// The registry's message.
+        message: String,
+        /// The `Retry-After` the registry asked for (429/503), in seconds.
+        retry_after: Option<u64>,
+    },
+
+    /// The tag or digest does not exist in the repository.
+    #[error("manifest unknown: {reference} not found in {registry}")]
+    ManifestNotFound {
+        /// The reference asked for.
+        reference: String,
+        /// Registry host.
+        registry: String,
+    },
+
+    /// The registry refused our credentials (or the lack of them).
+    #[error("unauthorized: {registry} denied access to repository {repository}{}", fmt_message(.message))]
+    Unauthorized {
+        /// Registry host.
+        registry: String,
+        /// Repository path.
+        repository: String,
+        /// The registry's message, if any.
+        message: String,
+    },
+
+    /// A manifest larger than we accept.
+    #[error("manifest at {url} is larger than the {limit}-byte limit")]
+    ManifestTooLarge {
+        /// The URL, redacted.
+        url: String,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// A manifest we cannot read (bad JSON, unknown media type, schema 1, …).
+    #[error("unsupported or invalid manifest {what}: {reason}")]
+    InvalidManifest {
+        /// Which manifest (URL or digest).
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An image index with no manifest for the wanted platform.
+    #[error("no manifest for platform {wanted} in {reference}; available: {}", .available.join(", "))]
+    NoMatchingPlatform {
+        /// The platform asked for.
+        wanted: String,
+        /// The image reference.
+        reference: String,
+        /// Platforms the index offers.
+        available: Vec<String>,
+    },
+
+    /// Content whose sha256 is not the one it is named by.
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What was checked (blob or manifest, with its URL).
+        what: String,
+        /// The digest it should have.
+        expected: Digest,
+        /// The digest of the bytes received.
+        actual: Digest,
+    },
+
+    /// Content whose length is not the one its descriptor says.
+    #[error("size mismatch for {what}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        /// What was checked.
+        what: String,
+        /// The size it should have.
+        expected: u64,
+        /// The size received.
+        actual: u64,
+    },
+
+    /// A local filesystem operation failed.
+    #[error("{op} {}: {source}", .path.display())]
+    Io {
+        /// What we were doing ("create", "rename", …).
+        op: &'static str,
+        /// Which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The destination exists and is not an image layout of the requested format.
+    #[error("destination {} {reason}", .path.display())]
+    Destination {
+        /// The destination directory.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+}
+
+fn retries_suffix(n: u32) -> String {
+    match n {
+        0 => String::new(),
+        1 => " (after 1 retry)".to_string(),
+        n => format!(" (after {n} retries)"),
+    }
+}
+
+fn fmt_code(code: &Option<String>) -> String {
+    code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
+}
+
+fn fmt_message(msg: &str) -> String {
+    if msg.is_empty() {
+        String::new()
+    } else {
+        format!(": {msg}")
+    }
+}
+
+/// Broad classes of failure; each has a documented exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// Bad arguments: reference, platform, options (exit 2).
+    Usage,
+    /// Network or registry: unreachable, refused, not found, unauthorized, no such platform,
+    /// unsupported manifest (exit 3).
+    Registry,
+    /// Content failed verification: digest or size mismatch (exit 4).
+    Verification,
+    /// Local filesystem: permissions, full disk, unusable destination (exit 5).
+    Io,
+}
+
+impl Category {
+    /// The process exit code the CLI uses for this category.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Category::Usage => 2,
+            Category::Registry => 3,
+            Category::Verification => 4,
+            Category::Io => 5,
+        }
+    }
+}
+
+impl Error {
+    /// Which class of failure this is.
+    pub fn category(&self) -> Category {
+        match self {
+            Error::InvalidReference(_) | Error::InvalidPlatform(_) | Error::InvalidOption(_) => {
+                Category::Usage
+            }
+            Error::Network { .. }
+            | Error::Registry { .. }
+            | Error::ManifestNotFound { .. }
+            | Error::Unauthorized { .. }
+            | Error::ManifestTooLarge { .. }
+            | Error::InvalidManifest { .. }
+            | Error::NoMatchingPlatform { .. } => Category::Registry,
+            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Category::Verification,
+            Error::Io { .. } | Error::Destination { .. } => Category::Io,
+        }
+    }
+
+    /// Whether trying the same request again may succeed (connection trouble, 5xx, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Network { .. } => true,
+            Error::Registry { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn network(what: &'static str, url: &str, source: impl Into<BoxError>) -> Self {
+        Error::Network {
+            what,
+            url: redact_url(url),
+            retries: 0,
+            source: source.into(),
+        }
+    }
+
+    /// Records how many retries were spent before giving up.
+    pub(crate) fn with_retries(mut self, n: u32) -> Self {
+        if let Error::Network { retries, .. } = &mut self {
+            *retries = n;
+        }
+        self
+    }
+}
+
+/// A URL fit for logs and errors: the query string (presigned signatures, tokens) and any
+/// user-info are dropped.
+pub fn redact_url(url: &str) -> String {
+    let (base, had_query) = match url.split_once('?') {
+        Some((b, _)) => (b, true),
+        None => (url, false),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/') {
+            Some((authority, path)) => {
+                let host = authority.rsplit('@').next().unwrap_or(authority);
+                format!("{scheme}://{host}/{path}")
+            }
+            None => format!("{scheme}://{}", rest.rsplit('@').next().unwrap_or(rest)),
+        },
+        None => base.to_string(),
+    };
+    if had_query {
+        format!("{base}?<redacted>")
+    } else {
+        base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_drops_queries_and_userinfo() {
+        assert_eq!(
+            redact_url("https://cdn.example/blobs/x?X-Amz-Signature=secret&t=1"),
+            "https://cdn.example/blobs/x?<redacted>"
+        );
+        assert_eq!(
+            redact_url("https://user:pw@host:5000/v2/"),
+            "https://host:5000/v2/"
+        );
+        assert_eq!(redact_url("http://h/v2/a"), "http://h/v2/a");
+    }
+
+    #[test]
+    fn categories_map_to_documented_exit_codes() {
+        let e = Error::InvalidPlatform("x".into());
+        assert_eq!(e.category().exit_code(), 2);
+        let e = Error::ManifestNotFound {
+            reference: "r".into(),
+            registry: "h".into(),
+        };
+        assert_eq!(e.category().exit_code(), 3);
+        let e = Error::SizeMismatch {
+            what: "b".into(),
+            expected: 1,
+            actual: 2,
+        };
+        assert_eq!(e.category().exit_code(), 4);
+        let e = Error::io("open", "/x", std::io::Error::other("boom"));
+        assert_eq!(e.category().exit_code(), 5);
+    }
+
+    #[test]
+    fn network_errors_say_how_hard_we_tried() {
+        let e = Error::network("GET", "http://h/v2/?token=abc", std::io::Error::other("reset"))
+            .with_retries(3);
+        let msg = e.to_string();
+        assert!(msg.contains("after 3 retries"), "{msg}");
+        assert!(!msg.contains("abc"), "{msg}");
+        assert!(e.is_transient());
+    }
+}

@@ -1,0 +1,135 @@
+//! The HTTP transport: one pooled hyper client (HTTP/1.1 and HTTP/2, rustls with the `ring`
+//! provider) shared by every request of a pull.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::{BoxError, Error, Result};
+
+/// Request bodies are small (token POSTs) or empty.
+pub(crate) type Body = Full<Bytes>;
+
+/// Shared HTTP client.
+#[derive(Clone)]
+pub(crate) struct Transport {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    user_agent: http::HeaderValue,
+    /// How long a response (headers, or the next body bytes) may take before we give up.
+    pub(crate) stall_timeout: Duration,
+}
+
+impl Transport {
+    pub(crate) fn new(user_agent: &str, connect_timeout: Duration, stall_timeout: Duration) -> Result<Self> {
+        let tls = tls_config()?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        let user_agent = http::HeaderValue::from_str(user_agent)
+            .map_err(|_| Error::InvalidOption(format!("bad user agent {user_agent:?}")))?;
+        Ok(Transport {
+            client,
+            user_agent,
+            stall_timeout,
+        })
+    }
+
+    /// Sends one request (no redirects followed, no auth added).
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>> {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(url)
+            .body(Full::new(body))
+            .map_err(|e| Error::network("build request for", url, e))?;
+        *req.headers_mut() = headers;
+        req.headers_mut()
+            .insert(http::header::USER_AGENT, self.user_agent.clone());
+        let what = if method == Method::HEAD { "HEAD" } else if method == Method::POST { "POST" } else { "GET" };
+        match tokio::time::timeout(self.stall_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(Error::network(CONNECT, url, flatten(e))),
+            Ok(Err(e)) => Err(Error::network(what, url, flatten(e))),
+            Err(_) => Err(Error::network(
+                what,
+                url,
+                format!("no response within {}s", self.stall_timeout.as_secs()),
+            )),
+        }
+    }
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+pub(crate) async fn read_body(resp: Response<Incoming>, limit: usize, url: &str) -> Result<Bytes> {
+    Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| Error::network("read body of", url, e))
+}
+
+/// Whether a status is a redirect we follow.
+pub(crate) fn is_redirect(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
+}
+
+/// Whether the failure happened before any HTTP was spoken (refused, TLS handshake, DNS):
+/// the case where docker falls back from HTTPS to HTTP for insecure registries.
+pub(crate) fn is_connect_error(err: &Error) -> bool {
+    matches!(err, Error::Network { what, .. } if *what == CONNECT)
+}
+
+const CONNECT: &str = "connect to";
+
+/// hyper-util's error hides its cause behind `source()`; keep the whole chain in the text.
+fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    text.into()
+}
+
+fn tls_config() -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidOption(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}

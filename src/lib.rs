@@ -1,0 +1,59 @@
+//! # fastpull
+//!
+//! Pull container images (OCI / Docker registry v2) and leave a standard image on disk —
+//! an OCI image layout, or skopeo's `dir:` layout — having verified every byte.
+//!
+//! A pull follows the data through one module per step:
+//! [`reference`] (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
+//! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → [`plan`] (which
+//! blobs, largest first, skipping what is already verified on disk) → `fetch` (bounded
+//! concurrent downloads, retried on transient failures) → `write` + [`verify`] (partial
+//! files, sha256 on a blocking thread, durable rename) → `layout` (`index.json` or
+//! `manifest.json`, written last).
+//!
+//! A blob under its final name is always complete and verified; the manifest is stored
+//! exactly as the registry sent it, after its sha256 was checked against the pinned digest
+//! and the `Docker-Content-Digest` header.
+//!
+//! The library never prints. Progress goes to a [`Reporter`] if you set one.
+//!
+//! ```no_run
+//! # async fn run() -> fastpull::Result<()> {
+//! use fastpull::{Client, Format, Reference};
+//!
+//! let client = Client::builder()
+//!     .platform("linux/arm64".parse()?)
+//!     .format(Format::Oci)
+//!     .build()?;
+//! let image: Reference = "alpine:3.20".parse()?;
+//! let report = client.pull(&image, "./alpine").await?;
+//! println!("{} {} ({} bytes downloaded)", image, report.digest, report.bytes_downloaded);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod auth;
+mod client;
+pub mod digest;
+pub mod error;
+mod fetch;
+mod http;
+mod layout;
+pub mod manifest;
+pub mod plan;
+pub mod progress;
+pub mod reference;
+mod registry;
+mod retry;
+pub mod verify;
+mod write;
+
+pub use auth::{parse_challenges, Challenge};
+pub use client::{BlobReport, Client, ClientBuilder, PullReport};
+pub use digest::Digest;
+pub use error::{Category, Error, Result};
+pub use layout::{Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
+pub use manifest::{BlobKind, Platform};
+pub use progress::{Event, Reporter};
+pub use reference::Reference;

@@ -1,0 +1,396 @@
+//! The registry HTTP API (OCI distribution spec): ping, manifests, blobs.
+//!
+//! Every request goes through [`Registry::send`], which adds authorization for the registry's
+//! own host, answers a 401 through [`crate::auth`], and follows redirects — never carrying
+//! `Authorization` to another host.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::Auth;
+use crate::digest::Digest;
+use crate::error::{redact_url, Error, Result};
+use crate::http::{is_connect_error, is_redirect, read_body, Transport};
+use crate::manifest::{self, Document, ACCEPT, MAX_MANIFEST_BYTES};
+use crate::reference::Reference;
+use crate::retry::RetryPolicy;
+
+const MAX_REDIRECTS: usize = 10;
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A manifest as received, checked against every digest we know for it.
+#[derive(Debug, Clone)]
+pub(crate) struct FetchedManifest {
+    /// Exactly the bytes the registry sent.
+    pub bytes: Bytes,
+    /// Its media type.
+    pub media_type: String,
+    /// sha256 of `bytes`.
+    pub digest: Digest,
+    /// What it is.
+    pub document: Document,
+}
+
+/// One repository on one registry, for the length of a pull.
+pub(crate) struct Registry {
+    transport: Transport,
+    base: String,
+    host: String,
+    repository: String,
+    auth: Auth,
+    retry: RetryPolicy,
+}
+
+impl Registry {
+    /// Picks the scheme (HTTPS, or plain HTTP when forced or when a loopback registry does
+    /// not speak TLS), pings `/v2/` and prepares authorization.
+    pub(crate) async fn connect(
+        transport: Transport,
+        reference: &Reference,
+        plain_http: bool,
+        retry: RetryPolicy,
+    ) -> Result<Registry> {
+        let host = reference.api_host().to_string();
+        let mut reg = Registry {
+            transport,
+            base: format!("{}://{host}", if plain_http { "http" } else { "https" }),
+            auth: Auth::new(reference.registry(), reference.repository()),
+            host,
+            repository: reference.repository().to_string(),
+            retry,
+        };
+        match reg.retry.run("ping", || reg.ping()).await {
+            Ok(()) => Ok(reg),
+            Err(e) if !plain_http && is_connect_error(&e) && is_loopback(&reg.host) => {
+                tracing::debug!(error = %e, "HTTPS failed on a loopback registry; trying plain HTTP");
+                reg.base = format!("http://{}", reg.host);
+                reg.retry.run("ping", || reg.ping()).await?;
+                Ok(reg)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The URL scheme and host in use (`http://127.0.0.1:5000`).
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let url = format!("{}/v2/", self.base);
+        let (resp, url) = self.send(Method::GET, &url, HeaderMap::new()).await?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(self.error_for(resp, &url, false).await)
+        }
+    }
+
+    /// Fetches a manifest by tag or digest. The sha256 of the exact bytes must equal
+    /// `expected` (when pulling by digest) and the `Docker-Content-Digest` header (when sent).
+    pub(crate) async fn manifest(
+        &self,
+        reference: &str,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<FetchedManifest> {
+        self.retry
+            .run("manifest", || self.manifest_once(reference, expected, expected_size))
+            .await
+    }
+
+    async fn manifest_once(
+        &self,
+        reference: &str,
+        expected: Option<&Digest>,
+        expected_size: Option<u64>,
+    ) -> Result<FetchedManifest> {
+        let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+        let (resp, url) = self.send(Method::GET, &url, headers).await?;
+        if !resp.status().is_success() {
+            return Err(self.error_for(resp, &url, true).await);
+        }
+        let too_large = || Error::ManifestTooLarge {
+            url: redact_url(&url),
+            limit: MAX_MANIFEST_BYTES,
+        };
+        if content_length(resp.headers()).is_some_and(|n| n > MAX_MANIFEST_BYTES) {
+            return Err(too_large());
+        }
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
+        let header_digest = header_str(resp.headers(), "docker-content-digest").map(str::to_string);
+        let bytes = match read_body(resp, MAX_MANIFEST_BYTES as usize, &url).await {
+            Ok(b) => b,
+            Err(Error::Network { source, .. })
+                if source.to_string().contains("length limit exceeded") =>
+            {
+                return Err(too_large())
+            }
+            Err(e) => return Err(e),
+        };
+        let digest = Digest::of(&bytes);
+        let what = format!("manifest {}", redact_url(&url));
+        if let Some(want) = expected {
+            if digest != *want {
+                return Err(Error::DigestMismatch {
+                    what,
+                    expected: *want,
+                    actual: digest,
+                });
+            }
+        }
+        if let Some(size) = expected_size {
+            if bytes.len() as u64 != size {
+                return Err(Error::SizeMismatch {
+                    what,
+                    expected: size,
+                    actual: bytes.len() as u64,
+                });
+            }
+        }
+        if let Some(h) = header_digest {
+            // Only sha256 headers can be checked; others are ignored, as docker does.
+            if h.starts_with("sha256:") {
+                let claimed: Digest = h.parse().map_err(|e| Error::InvalidManifest {
+                    what: what.clone(),
+                    reason: format!("bad Docker-Content-Digest header: {e}"),
+                })?;
+                if claimed != digest {
+                    return Err(Error::DigestMismatch {
+                        what: format!("{what} (Docker-Content-Digest header)"),
+                        expected: claimed,
+                        actual: digest,
+                    });
+                }
+            }
+        }
+        let (media_type, document) = manifest::parse(&bytes, content_type.as_deref(), &what)?;
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+            document,
+        })
+    }
+
+    /// Starts a blob download; the response is `200 OK` with the body still to read.
+    pub(crate) async fn blob(&self, digest: &Digest) -> Result<(Response<Incoming>, String)> {
+        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.repository);
+        let (resp, final_url) = self.send(Method::GET, &url, HeaderMap::new()).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.error_for(resp, &final_url, false).await);
+        }
+        Ok((resp, final_url))
+    }
+
+    /// Sends a request: authorization for our host, one re-send after a 401, redirects
+    /// followed (http/https only, at most [`MAX_REDIRECTS`], no credentials to other hosts).
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+    ) -> Result<(Response<Incoming>, String)> {
+        let mut url = url.to_string();
+        let mut authed_retry = false;
+        for _ in 0..=MAX_REDIRECTS {
+            let same_host = host_of(&url) == Some(self.host.as_str());
+            let mut h = headers.clone();
+            let (generation, auth) = self.auth.header().await;
+            if let (true, Some(v)) = (same_host, auth) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+            let resp = self
+                .transport
+                .send(method.clone(), &url, h, Bytes::new())
+                .await?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && same_host && !authed_retry {
+                authed_retry = true;
+                let challenge = header_str(resp.headers(), header::WWW_AUTHENTICATE).map(str::to_string);
+                self.auth
+                    .on_unauthorized(&self.transport, generation, challenge.as_deref())
+                    .await?;
+                continue;
+            }
+            if is_redirect(status) {
+                let location = header_str(resp.headers(), header::LOCATION).ok_or_else(|| {
+                    Error::network("follow redirect from", &url, "redirect without a Location")
+                })?;
+                let next = resolve(&url, location);
+                if !(next.starts_with("https://") || next.starts_with("http://")) {
+                    return Err(Error::network(
+                        "follow redirect from",
+                        &url,
+                        format!("refusing redirect to a non-http(s) URL {}", redact_url(&next)),
+                    ));
+                }
+                tracing::debug!(from = %redact_url(&url), to = %redact_url(&next), "redirect");
+                url = next;
+                continue;
+            }
+            return Ok((resp, url));
+        }
+        Err(Error::network(
+            "GET",
+            &url,
+            format!("more than {MAX_REDIRECTS} redirects"),
+        ))
+    }
+
+    /// Turns an error response into a typed error, decoding the registry's JSON `errors`.
+    async fn error_for(&self, resp: Response<Incoming>, url: &str, is_manifest: bool) -> Error {
+        let status = resp.status();
+        let retry_after = header_str(resp.headers(), header::RETRY_AFTER).and_then(|v| v.trim().parse().ok());
+        let body = read_body(resp, MAX_ERROR_BODY, url).await.unwrap_or_default();
+        let (code, message) = decode_errors(&body);
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized {
+                registry: self.host.clone(),
+                repository: self.repository.clone(),
+                message: match code {
+                    Some(c) => format!("{c}: {message}"),
+                    None => message,
+                },
+            },
+            StatusCode::NOT_FOUND
+                if is_manifest
+                    && matches!(code.as_deref(), None | Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")) =>
+            {
+                Error::ManifestNotFound {
+                    reference: format!(
+                        "{}:{}",
+                        self.repository,
+                        url.rsplit('/').next().unwrap_or_default()
+                    ),
+                    registry: self.host.clone(),
+                }
+            }
+            _ => Error::Registry {
+                url: redact_url(url),
+                status: status.as_u16(),
+                code,
+                message,
+                retry_after,
+            },
+        }
+    }
+}
+
+/// Decodes `{"errors":[{"code":…,"message":…}]}`; falls back to the body's first line.
+fn decode_errors(body: &[u8]) -> (Option<String>, String) {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    if let Ok(e) = serde_json::from_slice::<Errors>(body) {
+        if let Some(first) = e.errors.first() {
+            let mut message = first.message.clone().unwrap_or_default();
+            for more in e.errors.iter().skip(1) {
+                if let Some(m) = &more.message {
+                    message.push_str("; ");
+                    message.push_str(m);
+                }
+            }
+            return (first.code.clone(), message);
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let line: String = text.lines().next().unwrap_or_default().chars().take(200).collect();
+    (None, line)
+}
+
+fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+/// The `host[:port]` of an absolute URL.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    Some(authority.rsplit('@').next().unwrap_or(authority))
+}
+
+/// Resolves a `Location` against the URL it came from.
+fn resolve(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return location.to_string();
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(l) = location.strip_prefix("//") {
+        return format!("{scheme}://{l}");
+    }
+    if location.starts_with('/') {
+        return format!("{scheme}://{authority}{location}");
+    }
+    let path = &rest[authority.len()..];
+    let path = path.split('?').next().unwrap_or(path);
+    let dir = &path[..path.rfind('/').map(|i| i + 1).unwrap_or(0)];
+    format!("{scheme}://{authority}{dir}{location}")
+}
+
+/// Docker's default insecure range: loopback may speak plain HTTP.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let h = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    if h == "localhost" {
+        return true;
+    }
+    h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_registry_errors() {
+        let (c, m) = decode_errors(
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#,
+        );
+        assert_eq!(c.as_deref(), Some("MANIFEST_UNKNOWN"));
+        assert_eq!(m, "manifest unknown");
+        let (c, m) = decode_errors(b"<html>bad gateway</html>\nmore");
+        assert_eq!(c, None);
+        assert_eq!(m, "<html>bad gateway</html>");
+    }
+
+    #[test]
+    fn resolves_locations() {
+        assert_eq!(resolve("http://a:1/v2/x/blobs/y", "/other"), "http://a:1/other");
+        assert_eq!(resolve("http://a:1/v2/x/blobs/y", "https://cdn/z?s=1"), "https://cdn/z?s=1");
+        assert_eq!(resolve("https://a/v2/x/blobs/y?q", "z"), "https://a/v2/x/blobs/z");
+        assert_eq!(resolve("https://a/v2/", "//b/c"), "https://b/c");
+    }
+
+    #[test]
+    fn hosts_and_loopback() {
+        assert_eq!(host_of("http://127.0.0.1:5000/v2/"), Some("127.0.0.1:5000"));
+        assert_eq!(host_of("https://u:p@h/x?y"), Some("h"));
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("127.8.9.1"));
+        assert!(is_loopback("localhost:80"));
+        assert!(is_loopback("[::1]:5000"));
+        assert!(!is_loopback("10.0.0.1:5000"));
+        assert!(!is_loopback("registry-1.docker.io"));
+    }
+}

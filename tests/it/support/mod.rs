@@ -1,0 +1,47 @@
+//! Integration-test support: a throw-away local registry, in-memory image building and
+//! pushing through the registry's upload API. Everything is blocking.
+#![allow(dead_code)]
+
+pub mod image;
+pub mod push;
+pub mod registry;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+#[allow(unused_imports)]
+pub use image::{
+    build_index, empty_layer, gzip, random_layer, random_tar, sha256_digest, zero_byte_blob, Blob,
+    Flavor, Image, ImageBuilder, EMPTY_SHA256,
+};
+#[allow(unused_imports)]
+pub use push::{
+    corrupt_blob_in_storage, fetch_blob, fetch_manifest, push_blob, push_blob_chunked,
+    push_blob_monolithic, push_image, push_image_blobs, push_image_by_digest, push_index,
+    push_manifest, truncate_blob_in_storage, try_push_manifest, Fetched, HttpFailure,
+    CHUNKED_THRESHOLD, CHUNK_SIZE,
+};
+pub use registry::Registry;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local address of the probe listener")
+        .port()
+}
+
+/// A ureq agent for talking to the test registry: HTTP status codes are returned rather than
+/// turned into errors, no proxy from the environment, no redirects, no transparent
+/// decompression, 60 s overall timeout per request.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
+        .accept_encoding("identity")
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent()
+}

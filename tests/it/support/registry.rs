@@ -1,0 +1,234 @@
+//! A throw-away CNCF distribution registry (`docker-registry serve`) on 127.0.0.1.
+
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tempfile::TempDir;
+
+use super::{free_port, http_agent};
+
+/// Environment variable that overrides the registry binary (default: `docker-registry` on `PATH`).
+pub const REGISTRY_BIN_ENV: &str = "FASTPULL_TEST_REGISTRY_BIN";
+
+/// Response header (set through the registry's `http.headers` config) carrying a per-instance
+/// token, so the readiness probe can tell *our* registry from another one that grabbed the port.
+const ID_HEADER: &str = "X-Fastpull-Registry-Id";
+
+/// How many ports to try before giving up.
+const START_ATTEMPTS: usize = 5;
+
+/// How long one start attempt may take before it counts as failed.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `docker-registry` listening on 127.0.0.1 with filesystem storage in a temp dir.
+///
+/// The process is killed (and reaped) when the value is dropped; the temp dir goes with it.
+pub struct Registry {
+    child: Child,
+    port: u16,
+    storage_root: PathBuf,
+    log_path: PathBuf,
+    // Declared last so it is removed after the child has been killed in `Drop`.
+    dir: TempDir,
+}
+
+impl Registry {
+    /// Starts a registry with the default configuration (no auth, deletes enabled).
+    pub fn start() -> Registry {
+        Self::start_with_extra_config("")
+    }
+
+    /// Starts a registry whose config gets `yaml_fragment` appended verbatim as top-level YAML
+    /// (e.g. an `auth:` or `middleware:` section).
+    ///
+    /// The fragment must not repeat the keys this harness writes itself: `version`, `log`,
+    /// `storage` and `http`. When the fragment enables auth, a `401` on `GET /v2/` also counts as
+    /// "ready".
+    pub fn start_with_extra_config(yaml_fragment: &str) -> Registry {
+        // The registry silently lets a repeated top-level key replace ours, which would break
+        // the readiness probe in confusing ways; refuse early instead.
+        for key in ["version:", "log:", "storage:", "http:"] {
+            assert!(
+                !yaml_fragment.lines().any(|l| l.starts_with(key)),
+                "extra registry config must not contain the top-level key `{key}` \
+                 (the harness writes it): {yaml_fragment}"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("fastpull-registry-")
+            .tempdir()
+            .expect("create temp dir for the test registry");
+        let storage_root = dir.path().join("storage");
+        fs::create_dir_all(&storage_root).expect("create registry storage dir");
+        let config_path = dir.path().join("config.yml");
+        let bin = std::env::var(REGISTRY_BIN_ENV).unwrap_or_else(|_| "docker-registry".to_string());
+
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port();
+            let token = format!("{:016x}", rand::rng().next_u64());
+            let log_path = dir.path().join(format!("registry-{attempt}.log"));
+            let config = render_config(&storage_root, port, &token, yaml_fragment);
+            fs::write(&config_path, config).expect("write registry config");
+
+            let log = File::create(&log_path).expect("create registry log file");
+            let log_err = log.try_clone().expect("clone registry log file handle");
+            let spawned = Command::new(&bin)
+                .arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log_err))
+                .spawn();
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+                    "`{bin}` not found: the integration tests need the CNCF distribution registry \
+                     (Debian package docker-registry). Run `scripts/test`, which installs it, \
+                     or point {REGISTRY_BIN_ENV} at the binary."
+                ),
+                Err(e) => panic!(
+                    "failed to spawn `{bin} serve {}`: {e}",
+                    config_path.display()
+                ),
+            };
+
+            match wait_ready(&mut child, port, &token) {
+                Ok(()) => {
+                    return Registry {
+                        child,
+                        port,
+                        storage_root,
+                        log_path,
+                        dir,
+                    };
+                }
+                Err(why) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = fs::read_to_string(&log_path).unwrap_or_default();
+                    failures.push(format!(
+                        "attempt {attempt} on port {port}: {why}\n--- log ---\n{log}"
+                    ));
+                }
+            }
+        }
+        panic!(
+            "docker-registry did not start after {START_ATTEMPTS} attempts:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The listening port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Root directory of the filesystem storage driver.
+    pub fn storage_root(&self) -> &Path {
+        &self.storage_root
+    }
+
+    /// The temp dir holding config, log and storage.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where the filesystem driver keeps the bytes of blob `digest` (`sha256:<hex>`):
+    /// `<root>/docker/registry/v2/blobs/sha256/<first 2 hex>/<hex>/data`.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let (algo, hex) = digest
+            .split_once(':')
+            .unwrap_or_else(|| panic!("digest without algorithm prefix: {digest:?}"));
+        assert!(hex.len() > 2, "digest too short: {digest:?}");
+        self.storage_root
+            .join("docker/registry/v2/blobs")
+            .join(algo)
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Contents of the registry's stdout/stderr log (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the registry config YAML.
+fn render_config(storage_root: &Path, port: u16, token: &str, extra: &str) -> String {
+    format!(
+        "version: 0.1\n\
+         log:\n  level: error\n\
+         storage:\n  filesystem:\n    rootdirectory: \"{root}\"\n  delete:\n    enabled: true\n\
+         http:\n  addr: 127.0.0.1:{port}\n  headers:\n    {ID_HEADER}: [\"{token}\"]\n\
+         {extra}\n",
+        root = storage_root.display(),
+    )
+}
+
+/// Polls `GET /v2/` until our instance answers (200, or 401 when auth is configured).
+fn wait_ready(child: &mut Child, port: u16, token: &str) -> Result<(), String> {
+    let agent = http_agent();
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let last;
+        match child.try_wait() {
+            Ok(Some(status)) => return Err(format!("registry exited early with {status}")),
+            Ok(None) => {}
+            Err(e) => return Err(format!("cannot poll registry process: {e}")),
+        }
+        match agent
+            .get(&url)
+            .config()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .call()
+        {
+            Ok(resp) => {
+                let ours = resp
+                    .headers()
+                    .get(ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v == token);
+                let status = resp.status().as_u16();
+                if !ours {
+                    last = format!("port {port} answered {status} but it is another server");
+                } else if status == 200 || status == 401 {
+                    return Ok(());
+                } else {
+                    last = format!("GET {url} returned {status}");
+                }
+            }
+            Err(e) => last = format!("GET {url}: {e}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("not ready within {START_TIMEOUT:?}: {last}"));
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
