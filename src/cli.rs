@@ -87,7 +87,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let format: Format = args.format.parse()?;
     let platform: Option<Platform> = args.platform.as_deref().map(str::parse).transpose()?;
     if args.stall_timeout == 0 {
-        return Err(Error::InvalidOption("--stall-timeout must be at least 1".into()));
+        return Err(Error::InvalidOption(
+            "--stall-timeout must be at least 1".into(),
+        ));
     }
     let console = Arc::new(Console::new(args.quiet));
     let mut builder = Client::builder()

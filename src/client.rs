@@ -287,7 +287,9 @@ impl Client {
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();
 
+        let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
         layout.commit(&ManifestRecord {
+            blobs: &digests,
             bytes: &image.bytes,
             digest: image.digest,
             media_type: &image.media_type,
@@ -328,7 +330,11 @@ impl Client {
                 let entry =
                     manifest::select(entries, &self.inner.platform, &reference.to_string())?;
                 let child = registry
-                    .manifest(&entry.digest.to_string(), Some(&entry.digest), Some(entry.size))
+                    .manifest(
+                        &entry.digest.to_string(),
+                        Some(&entry.digest),
+                        Some(entry.size),
+                    )
                     .await?;
                 Ok((top.digest, child, entry.platform.clone()))
             }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
-use fastpull::{BlobKind, Digest, Event, PullReport, Reference, Reporter};
+use fastpull::{BlobKind, Digest, Event, Format, PullReport, Reference, Reporter};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Progress and summary on stdout.
@@ -49,7 +49,10 @@ impl Console {
     /// `TAG: Pulling from REPO`, as docker says it.
     pub fn start(&self, reference: &Reference) {
         let what = reference.manifest_reference();
-        self.line(&format!("{what}: Pulling from {}", reference.familiar_repository()));
+        self.line(&format!(
+            "{what}: Pulling from {}",
+            reference.familiar_repository()
+        ));
     }
 
     /// Removes bars that are still drawn (after an error).
@@ -69,11 +72,17 @@ impl Console {
         self.line(&format!("Digest: {}", report.digest));
         if report.manifest_digest != report.digest {
             if let Some(p) = &report.platform {
-                self.line(&format!("Platform: {p} (manifest {})", report.manifest_digest));
+                self.line(&format!(
+                    "Platform: {p} (manifest {})",
+                    report.manifest_digest
+                ));
             }
         }
         if all_present {
-            self.line(&format!("Status: Image is up to date for {}", report.reference));
+            self.line(&format!(
+                "Status: Image is up to date for {}",
+                report.reference
+            ));
         } else {
             self.line(&format!(
                 "Status: Downloaded newer image for {} ({} in {:.2}s)",
@@ -82,7 +91,18 @@ impl Console {
                 report.elapsed.as_secs_f64()
             ));
         }
-        self.line(&format!("Saved to {} ({})", report.dest.display(), report.format));
+        self.line(&format!(
+            "Saved to {} ({})",
+            report.dest.display(),
+            report.format
+        ));
+        if report.format == Format::Oci && report.manifest_media_type.contains("docker") {
+            self.line(
+                "Note: the manifest keeps its Docker media type, as received (like `docker save`); \
+                 skopeo's oci: transport and umoci read only OCI media types. \
+                 Use --format dir for skopeo.",
+            );
+        }
     }
 }
 
@@ -128,7 +148,10 @@ impl Reporter for Console {
                 attempt,
                 error,
             } => {
-                self.line(&format!("{}: Retrying ({attempt}): {error}", digest.short()));
+                self.line(&format!(
+                    "{}: Retrying ({attempt}): {error}",
+                    digest.short()
+                ));
                 if let Some(bar) = state.get(digest).and_then(|l| l.bar.as_ref()) {
                     bar.set_position(0);
                 }

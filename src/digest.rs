@@ -129,7 +129,10 @@ mod tests {
             Err(DigestError::BadHex(_))
         ));
         let upper = EMPTY.to_uppercase().replace("SHA256", "sha256");
-        assert!(matches!(upper.parse::<Digest>(), Err(DigestError::BadHex(_))));
+        assert!(matches!(
+            upper.parse::<Digest>(),
+            Err(DigestError::BadHex(_))
+        ));
     }
 
     #[test]

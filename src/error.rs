@@ -312,8 +312,12 @@ mod tests {
 
     #[test]
     fn network_errors_say_how_hard_we_tried() {
-        let e = Error::network("GET", "http://h/v2/?token=abc", std::io::Error::other("reset"))
-            .with_retries(3);
+        let e = Error::network(
+            "GET",
+            "http://h/v2/?token=abc",
+            std::io::Error::other("reset"),
+        )
+        .with_retries(3);
         let msg = e.to_string();
         assert!(msg.contains("after 3 retries"), "{msg}");
         assert!(!msg.contains("abc"), "{msg}");

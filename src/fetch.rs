@@ -123,7 +123,10 @@ impl Fetcher<'_> {
             return Err(Error::network(
                 "read",
                 &url,
-                format!("{what}: body ended after {downloaded} of {} bytes", blob.size),
+                format!(
+                    "{what}: body ended after {downloaded} of {} bytes",
+                    blob.size
+                ),
             ));
         }
         writer.finish().await?;

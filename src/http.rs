@@ -28,7 +28,11 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(user_agent: &str, connect_timeout: Duration, stall_timeout: Duration) -> Result<Self> {
+    pub(crate) fn new(
+        user_agent: &str,
+        connect_timeout: Duration,
+        stall_timeout: Duration,
+    ) -> Result<Self> {
         let tls = tls_config()?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -68,7 +72,13 @@ impl Transport {
         *req.headers_mut() = headers;
         req.headers_mut()
             .insert(http::header::USER_AGENT, self.user_agent.clone());
-        let what = if method == Method::HEAD { "HEAD" } else if method == Method::POST { "POST" } else { "GET" };
+        let what = if method == Method::HEAD {
+            "HEAD"
+        } else if method == Method::POST {
+            "POST"
+        } else {
+            "GET"
+        };
         match tokio::time::timeout(self.stall_timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(Error::network(CONNECT, url, flatten(e))),

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, MediaType, Platform as OciPlatform};
+use oci_spec::image::{
+    Descriptor, ImageIndex, ImageIndexBuilder, MediaType, Platform as OciPlatform,
+};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -66,6 +68,8 @@ pub(crate) struct ManifestRecord<'a> {
     pub media_type: &'a str,
     pub reference: &'a Reference,
     pub platform: Option<&'a Platform>,
+    /// Every blob the manifest references (config and layers).
+    pub blobs: &'a [Digest],
 }
 
 /// An opened destination, locked against other fastpull processes.
@@ -139,7 +143,10 @@ impl Layout {
     /// Records the manifest: the last step, after every blob is in place.
     pub(crate) fn commit(&self, m: &ManifestRecord<'_>) -> Result<()> {
         match self.format {
-            Format::Dir => write_atomic(&self.root.join("manifest.json"), m.bytes),
+            Format::Dir => {
+                write_atomic(&self.root.join("manifest.json"), m.bytes)?;
+                self.remove_stale_dir_blobs(m.blobs)
+            }
             Format::Oci => {
                 let path = self.blob_path(&m.digest);
                 if !crate::verify::file_matches(&path, &m.digest, m.bytes.len() as u64)
@@ -185,7 +192,11 @@ impl Layout {
         }
         annotations.insert(ANNOTATION_IMAGE_NAME.to_string(), m.reference.to_string());
         let oci_digest = oci_spec::image::Digest::from_str(&digest_str).map_err(|e| {
-            Error::io("write index for", &path, std::io::Error::other(e.to_string()))
+            Error::io(
+                "write index for",
+                &path,
+                std::io::Error::other(e.to_string()),
+            )
         })?;
         let mut desc = Descriptor::new(
             MediaType::from(m.media_type),
@@ -206,10 +217,36 @@ impl Layout {
             .media_type(MediaType::ImageIndex)
             .manifests(entries)
             .build()
-            .map_err(|e| Error::io("build index for", &path, std::io::Error::other(e.to_string())))?;
+            .map_err(|e| {
+                Error::io(
+                    "build index for",
+                    &path,
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
         let json = serde_json::to_vec(&index)
             .map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
         write_atomic(&path, &json)
+    }
+
+    /// A dir layout holds one image, as skopeo leaves it: blobs of an image pulled here
+    /// before, and not part of this one, are removed (only 64-hex-digit file names).
+    fn remove_stale_dir_blobs(&self, keep: &[Digest]) -> Result<()> {
+        let keep: std::collections::HashSet<String> = keep.iter().map(Digest::hex).collect();
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io("read directory", &self.root, e))?;
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_blob_name = name.len() == 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if is_blob_name && !keep.contains(&name) {
+                let p = entry.path();
+                std::fs::remove_file(&p).map_err(|e| Error::io("remove stale blob", &p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes the scratch directory after a successful pull.
@@ -269,6 +306,7 @@ mod tests {
             media_type: crate::manifest::OCI_MANIFEST,
             reference: r,
             platform: None,
+            blobs: &[],
         }
     }
 
@@ -294,7 +332,9 @@ mod tests {
         assert_eq!(a_entry["digest"], Digest::of(b"{\"three\":3}").to_string());
         assert!(root.join("oci-layout").exists());
         assert!(!root.join(TMP_DIR).exists());
-        let blob = root.join("blobs/sha256").join(Digest::of(b"{\"two\":2}").hex());
+        let blob = root
+            .join("blobs/sha256")
+            .join(Digest::of(b"{\"two\":2}").hex());
         assert_eq!(std::fs::read(blob).unwrap(), b"{\"two\":2}");
     }
 

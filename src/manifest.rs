@@ -159,7 +159,9 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, what: &str) -> Result<(St
                 .collect::<Result<Vec<_>>>()?;
             Ok((media_type, Document::Index(entries)))
         }
-        other => Err(invalid(format!("media type {other} is not an image manifest or index"))),
+        other => Err(invalid(format!(
+            "media type {other} is not an image manifest or index"
+        ))),
     }
 }
 
@@ -203,31 +205,37 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// A normalised platform.
+    /// A platform as written (lower-cased; an empty variant is none).
     pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
-        let os = os.to_ascii_lowercase();
-        let (arch, default_variant): (&str, Option<&str>) = match architecture.to_ascii_lowercase().as_str() {
+        Platform {
+            os: os.to_ascii_lowercase(),
+            architecture: architecture.to_ascii_lowercase(),
+            variant: variant
+                .filter(|v| !v.is_empty())
+                .map(|v| v.to_ascii_lowercase()),
+        }
+    }
+
+    /// The canonical form used for matching: GOARCH names, `arm64/v8` ≡ `arm64`,
+    /// `arm` ≡ `arm/v7`.
+    pub fn normalized(&self) -> Platform {
+        let (arch, default_variant): (&str, Option<&str>) = match self.architecture.as_str() {
             "x86_64" | "x86-64" | "amd64" => ("amd64", None),
             "aarch64" | "arm64" => ("arm64", None),
             "armhf" => ("arm", Some("v7")),
             "armel" => ("arm", Some("v6")),
             "arm" => ("arm", Some("v7")),
             "i386" | "i686" | "386" => ("386", None),
-            other => return Platform {
-                os,
-                architecture: other.to_string(),
-                variant: variant.filter(|v| !v.is_empty()).map(str::to_string),
-            },
+            _ => return self.clone(),
         };
-        let variant = variant.filter(|v| !v.is_empty());
-        let variant = match (arch, variant) {
+        let variant = match (arch, self.variant.as_deref()) {
             ("arm64", Some("v8" | "8")) => None,
             ("arm", Some(v)) if !v.starts_with('v') => Some(format!("v{v}")),
             (_, Some(v)) => Some(v.to_string()),
             (_, None) => default_variant.map(str::to_string),
         };
         Platform {
-            os,
+            os: self.os.clone(),
             architecture: arch.to_string(),
             variant,
         }
@@ -240,14 +248,12 @@ impl Platform {
         } else {
             None
         };
-        Platform::new(std::env::consts::OS, std::env::consts::ARCH, variant)
+        Platform::new(std::env::consts::OS, std::env::consts::ARCH, variant).normalized()
     }
 
     /// Whether an index entry for `candidate` can run where `self` is wanted.
     pub fn matches(&self, candidate: &Platform) -> bool {
-        self.os == candidate.os
-            && self.architecture == candidate.architecture
-            && self.variant == candidate.variant
+        self.normalized() == candidate.normalized()
     }
 }
 
@@ -256,7 +262,11 @@ impl FromStr for Platform {
 
     fn from_str(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        let ok = |p: &&str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        };
         match parts.as_slice() {
             [os, arch] if ok(os) && ok(arch) => Ok(Platform::new(os, arch, None)),
             [os, arch, variant] if ok(os) && ok(arch) && ok(variant) => {
@@ -323,13 +333,21 @@ mod tests {
     #[test]
     fn platform_parsing_and_normalisation() {
         let p: Platform = "linux/arm64/v8".parse().unwrap();
-        assert_eq!(p, Platform::new("linux", "arm64", None));
-        assert_eq!(p.to_string(), "linux/arm64");
-        assert_eq!("linux/x86_64".parse::<Platform>().unwrap().to_string(), "linux/amd64");
-        assert_eq!("linux/arm".parse::<Platform>().unwrap().to_string(), "linux/arm/v7");
-        assert_eq!("linux/arm/6".parse::<Platform>().unwrap().to_string(), "linux/arm/v6");
+        assert!(p.matches(&Platform::new("linux", "arm64", None)));
+        assert!(p.matches(&Platform::new("linux", "aarch64", Some("8"))));
+        assert!(!p.matches(&Platform::new("linux", "arm", Some("v8"))));
+        assert_eq!(p.to_string(), "linux/arm64/v8", "kept as written");
+        assert_eq!(p.normalized().to_string(), "linux/arm64");
+        let n = |s: &str| s.parse::<Platform>().unwrap().normalized().to_string();
+        assert_eq!(n("linux/x86_64"), "linux/amd64");
+        assert_eq!(n("linux/arm"), "linux/arm/v7");
+        assert_eq!(n("linux/arm/6"), "linux/arm/v6");
+        assert_eq!(n("Linux/AMD64"), "linux/amd64");
         for bad in ["linux", "", "linux/", "a/b/c/d", "linux/am d64"] {
-            assert!(matches!(bad.parse::<Platform>(), Err(Error::InvalidPlatform(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<Platform>(), Err(Error::InvalidPlatform(_))),
+                "{bad}"
+            );
         }
         let host = Platform::host();
         assert!(!host.os.is_empty() && !host.architecture.is_empty());
@@ -341,14 +359,19 @@ mod tests {
     fn selects_platform_and_lists_the_rest() {
         let (mt, doc) = parse(index_json(OCI_INDEX).as_bytes(), Some(OCI_INDEX), "t").unwrap();
         assert_eq!(mt, OCI_INDEX);
-        let Document::Index(entries) = doc else { panic!("not an index") };
+        let Document::Index(entries) = doc else {
+            panic!("not an index")
+        };
         let arm = select(&entries, &"linux/arm64".parse().unwrap(), "r").unwrap();
         assert_eq!(arm.digest.to_string(), D2);
         let amd = select(&entries, &"linux/amd64".parse().unwrap(), "r").unwrap();
         assert_eq!(amd.digest.to_string(), D1);
         let err = select(&entries, &"linux/s390x".parse().unwrap(), "r").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("linux/amd64") && msg.contains("linux/arm64"), "{msg}");
+        assert!(
+            msg.contains("linux/amd64") && msg.contains("linux/arm64"),
+            "{msg}"
+        );
         assert!(!msg.contains("unknown"), "{msg}");
     }
 
@@ -366,9 +389,16 @@ mod tests {
               "config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{D1}","size":5}},
               "layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{D2}","size":0}}]}}"#
         );
-        let (mt, doc) = parse(json.as_bytes(), Some("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"), "t").unwrap();
+        let (mt, doc) = parse(
+            json.as_bytes(),
+            Some("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"),
+            "t",
+        )
+        .unwrap();
         assert_eq!(mt, DOCKER_MANIFEST);
-        let Document::Image(m) = doc else { panic!("not an image") };
+        let Document::Image(m) = doc else {
+            panic!("not an image")
+        };
         assert_eq!(m.config.kind, BlobKind::Config);
         assert_eq!(m.config.size, 5);
         assert_eq!(m.layers.len(), 1);
@@ -378,7 +408,10 @@ mod tests {
     #[test]
     fn rejects_schema1_garbage_and_sha512() {
         let s1 = r#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#;
-        assert!(parse(s1.as_bytes(), None, "t").unwrap_err().to_string().contains("schema 1"));
+        assert!(parse(s1.as_bytes(), None, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("schema 1"));
         assert!(parse(b"not json", None, "t").is_err());
         let sha512 = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"x","digest":"sha512:{}","size":1}},"layers":[]}}"#,

@@ -53,7 +53,13 @@ mod tests {
 
     #[test]
     fn largest_first_deduplicated_and_present_skipped() {
-        let blobs = vec![blob(b"a", 10), blob(b"b", 300), blob(b"c", 20), blob(b"a", 10), blob(b"d", 0)];
+        let blobs = vec![
+            blob(b"a", 10),
+            blob(b"b", 300),
+            blob(b"c", 20),
+            blob(b"a", 10),
+            blob(b"d", 0),
+        ];
         let present: HashSet<Digest> = [Digest::of(b"c")].into_iter().collect();
         let p = Plan::new(&blobs, &present);
         let sizes: Vec<u64> = p.fetch.iter().map(|b| b.size).collect();

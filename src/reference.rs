@@ -156,10 +156,12 @@ fn parse(input: &str) -> Result<Reference, ReferenceError> {
 
     let (rest, digest) = match input.rsplit_once('@') {
         Some((rest, d)) => {
-            let digest = d.parse::<Digest>().map_err(|source| ReferenceError::BadDigest {
-                reference: whole(),
-                source,
-            })?;
+            let digest = d
+                .parse::<Digest>()
+                .map_err(|source| ReferenceError::BadDigest {
+                    reference: whole(),
+                    source,
+                })?;
             (rest, Some(digest))
         }
         None => (input, None),
@@ -346,7 +348,10 @@ mod tests {
         assert_eq!(r.repository(), "bitnami/redis");
         assert_eq!(r.tag(), Some("7.2"));
         assert_eq!(p("docker.io/ubuntu").repository(), "library/ubuntu");
-        assert_eq!(p("index.docker.io/ubuntu:22.04").to_string(), "docker.io/library/ubuntu:22.04");
+        assert_eq!(
+            p("index.docker.io/ubuntu:22.04").to_string(),
+            "docker.io/library/ubuntu:22.04"
+        );
     }
 
     #[test]
@@ -388,9 +393,14 @@ mod tests {
         for ok in ["a.b", "a_b", "a__b", "a-b", "a---b", "a0/b-1/c_2.d"] {
             p(ok);
         }
-        for bad in ["a..b", "a___b", "a._b", "-a", "a-", "_a", "a/", "/a", "a//b", "a.-b"] {
+        for bad in [
+            "a..b", "a___b", "a._b", "-a", "a-", "_a", "a/", "/a", "a//b", "a.-b",
+        ] {
             assert!(
-                matches!(bad.parse::<Reference>(), Err(ReferenceError::BadPath { .. })),
+                matches!(
+                    bad.parse::<Reference>(),
+                    Err(ReferenceError::BadPath { .. })
+                ),
                 "{bad} should be a bad path, got {:?}",
                 bad.parse::<Reference>()
             );
@@ -400,17 +410,32 @@ mod tests {
     #[test]
     fn invalid_references_name_the_problem() {
         assert_eq!("".parse::<Reference>(), Err(ReferenceError::Empty));
-        assert!(matches!("Alpine".parse::<Reference>(), Err(ReferenceError::Uppercase(_))));
+        assert!(matches!(
+            "Alpine".parse::<Reference>(),
+            Err(ReferenceError::Uppercase(_))
+        ));
         assert!(matches!(
             "docker.io/Library/alpine".parse::<Reference>(),
             Err(ReferenceError::Uppercase(_))
         ));
-        assert!(matches!("alpine:".parse::<Reference>(), Err(ReferenceError::BadTag { .. })));
-        assert!(matches!("alpine:-x".parse::<Reference>(), Err(ReferenceError::BadTag { .. })));
+        assert!(matches!(
+            "alpine:".parse::<Reference>(),
+            Err(ReferenceError::BadTag { .. })
+        ));
+        assert!(matches!(
+            "alpine:-x".parse::<Reference>(),
+            Err(ReferenceError::BadTag { .. })
+        ));
         // "alpine:a" before a '/' reads as host:port, and "a" is no port.
-        assert!(matches!("alpine:a/b".parse::<Reference>(), Err(ReferenceError::BadHost { .. })));
+        assert!(matches!(
+            "alpine:a/b".parse::<Reference>(),
+            Err(ReferenceError::BadHost { .. })
+        ));
         let long_tag = format!("alpine:{}", "a".repeat(129));
-        assert!(matches!(long_tag.parse::<Reference>(), Err(ReferenceError::BadTag { .. })));
+        assert!(matches!(
+            long_tag.parse::<Reference>(),
+            Err(ReferenceError::BadTag { .. })
+        ));
         p(&format!("alpine:{}", "a".repeat(128)));
         assert!(matches!(
             "alpine@sha256:abc".parse::<Reference>(),
@@ -424,9 +449,15 @@ mod tests {
             "bad_host.io:port/x".parse::<Reference>(),
             Err(ReferenceError::BadHost { .. })
         ));
-        assert!(matches!(":tag".parse::<Reference>(), Err(ReferenceError::Empty)));
+        assert!(matches!(
+            ":tag".parse::<Reference>(),
+            Err(ReferenceError::Empty)
+        ));
         let long = format!("{}/x", "a".repeat(256));
-        assert!(matches!(long.parse::<Reference>(), Err(ReferenceError::NameTooLong(_))));
+        assert!(matches!(
+            long.parse::<Reference>(),
+            Err(ReferenceError::NameTooLong(_))
+        ));
         let msg = "Alpine".parse::<Reference>().unwrap_err().to_string();
         assert!(msg.contains("lowercase"), "{msg}");
     }

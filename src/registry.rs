@@ -60,11 +60,22 @@ impl Registry {
             repository: reference.repository().to_string(),
             retry,
         };
-        match reg.retry.run("ping", || reg.ping()).await {
+        let may_fall_back = !plain_http && is_loopback(&reg.host);
+        if !may_fall_back {
+            reg.retry.run("ping", || reg.ping()).await?;
+            return Ok(reg);
+        }
+        // One HTTPS attempt: a server that does not speak TLS fails at once, and then
+        // plain HTTP gets the retries.
+        match reg.ping().await {
             Ok(()) => Ok(reg),
-            Err(e) if !plain_http && is_connect_error(&e) && is_loopback(&reg.host) => {
+            Err(e) if is_connect_error(&e) => {
                 tracing::debug!(error = %e, "HTTPS failed on a loopback registry; trying plain HTTP");
                 reg.base = format!("http://{}", reg.host);
+                reg.retry.run("ping", || reg.ping()).await?;
+                Ok(reg)
+            }
+            Err(e) if e.is_transient() => {
                 reg.retry.run("ping", || reg.ping()).await?;
                 Ok(reg)
             }
@@ -97,7 +108,9 @@ impl Registry {
         expected_size: Option<u64>,
     ) -> Result<FetchedManifest> {
         self.retry
-            .run("manifest", || self.manifest_once(reference, expected, expected_size))
+            .run("manifest", || {
+                self.manifest_once(reference, expected, expected_size)
+            })
             .await
     }
 
@@ -211,7 +224,8 @@ impl Registry {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && same_host && !authed_retry {
                 authed_retry = true;
-                let challenge = header_str(resp.headers(), header::WWW_AUTHENTICATE).map(str::to_string);
+                let challenge =
+                    header_str(resp.headers(), header::WWW_AUTHENTICATE).map(str::to_string);
                 self.auth
                     .on_unauthorized(&self.transport, generation, challenge.as_deref())
                     .await?;
@@ -226,7 +240,10 @@ impl Registry {
                     return Err(Error::network(
                         "follow redirect from",
                         &url,
-                        format!("refusing redirect to a non-http(s) URL {}", redact_url(&next)),
+                        format!(
+                            "refusing redirect to a non-http(s) URL {}",
+                            redact_url(&next)
+                        ),
                     ));
                 }
                 tracing::debug!(from = %redact_url(&url), to = %redact_url(&next), "redirect");
@@ -245,8 +262,11 @@ impl Registry {
     /// Turns an error response into a typed error, decoding the registry's JSON `errors`.
     async fn error_for(&self, resp: Response<Incoming>, url: &str, is_manifest: bool) -> Error {
         let status = resp.status();
-        let retry_after = header_str(resp.headers(), header::RETRY_AFTER).and_then(|v| v.trim().parse().ok());
-        let body = read_body(resp, MAX_ERROR_BODY, url).await.unwrap_or_default();
+        let retry_after =
+            header_str(resp.headers(), header::RETRY_AFTER).and_then(|v| v.trim().parse().ok());
+        let body = read_body(resp, MAX_ERROR_BODY, url)
+            .await
+            .unwrap_or_default();
         let (code, message) = decode_errors(&body);
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized {
@@ -259,7 +279,10 @@ impl Registry {
             },
             StatusCode::NOT_FOUND
                 if is_manifest
-                    && matches!(code.as_deref(), None | Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")) =>
+                    && matches!(
+                        code.as_deref(),
+                        None | Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")
+                    ) =>
             {
                 Error::ManifestNotFound {
                     reference: format!(
@@ -305,7 +328,13 @@ fn decode_errors(body: &[u8]) -> (Option<String>, String) {
         }
     }
     let text = String::from_utf8_lossy(body);
-    let line: String = text.lines().next().unwrap_or_default().chars().take(200).collect();
+    let line: String = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect();
     (None, line)
 }
 
@@ -355,7 +384,8 @@ pub(crate) fn is_loopback(host: &str) -> bool {
     if h == "localhost" {
         return true;
     }
-    h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    h.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -376,9 +406,18 @@ mod tests {
 
     #[test]
     fn resolves_locations() {
-        assert_eq!(resolve("http://a:1/v2/x/blobs/y", "/other"), "http://a:1/other");
-        assert_eq!(resolve("http://a:1/v2/x/blobs/y", "https://cdn/z?s=1"), "https://cdn/z?s=1");
-        assert_eq!(resolve("https://a/v2/x/blobs/y?q", "z"), "https://a/v2/x/blobs/z");
+        assert_eq!(
+            resolve("http://a:1/v2/x/blobs/y", "/other"),
+            "http://a:1/other"
+        );
+        assert_eq!(
+            resolve("http://a:1/v2/x/blobs/y", "https://cdn/z?s=1"),
+            "https://cdn/z?s=1"
+        );
+        assert_eq!(
+            resolve("https://a/v2/x/blobs/y?q", "z"),
+            "https://a/v2/x/blobs/z"
+        );
         assert_eq!(resolve("https://a/v2/", "//b/c"), "https://b/c");
     }
 

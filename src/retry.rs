@@ -83,7 +83,11 @@ mod tests {
             })
             .await;
         assert!(r.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "permanent errors are not retried");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "permanent errors are not retried"
+        );
     }
 
     #[test]

@@ -75,7 +75,11 @@ impl BlobWriter {
             // The writer thread stopped early: its result says why.
             self.tx = None;
             Err(self.join().await.err().unwrap_or_else(|| {
-                Error::io("write", PathBuf::new(), std::io::Error::other("writer stopped"))
+                Error::io(
+                    "write",
+                    PathBuf::new(),
+                    std::io::Error::other("writer stopped"),
+                )
             }))
         }
     }
@@ -92,7 +96,11 @@ impl BlobWriter {
     async fn join(&mut self) -> Result<()> {
         match self.handle.take() {
             Some(h) => h.await.map_err(|e| {
-                Error::io("write", PathBuf::new(), std::io::Error::other(e.to_string()))
+                Error::io(
+                    "write",
+                    PathBuf::new(),
+                    std::io::Error::other(e.to_string()),
+                )
             })?,
             None => Ok(()),
         }
@@ -189,7 +197,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         persist(&tmp, path)
     })();
@@ -236,11 +245,17 @@ mod tests {
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains(&t.digest.to_string()), "{msg}");
-        assert!(msg.contains(&Digest::of(b"hello w0rld").to_string()), "{msg}");
+        assert!(
+            msg.contains(&Digest::of(b"hello w0rld").to_string()),
+            "{msg}"
+        );
 
         let mut w = BlobWriter::create(t.clone()).unwrap();
         w.write(Bytes::from_static(b"hello")).await.unwrap();
-        assert!(matches!(w.finish().await, Err(Error::SizeMismatch { actual: 5, .. })));
+        assert!(matches!(
+            w.finish().await,
+            Err(Error::SizeMismatch { actual: 5, .. })
+        ));
 
         let mut w = BlobWriter::create(t.clone()).unwrap();
         let mut err = None;

@@ -460,10 +460,10 @@ fn have_tool(name: &str) -> bool {
 
 #[test]
 fn layers_unpack_with_skopeo_and_umoci() {
-    if !have_tool("skopeo") || !have_tool("umoci") {
-        eprintln!("SKIPPED layers_unpack_with_skopeo_and_umoci: skopeo or umoci not installed");
-        return;
-    }
+    assert!(
+        have_tool("skopeo") && have_tool("umoci"),
+        "skopeo and umoci are required: run scripts/test, which installs them"
+    );
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("temp dir");
     for (flavor, tag) in [(Flavor::Oci, "oci"), (Flavor::Docker, "docker")] {

@@ -1,2 +1,4 @@
 mod harness_selftest;
+mod interop;
+mod pull;
 mod support;

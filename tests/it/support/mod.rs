@@ -2,6 +2,7 @@
 //! pushing through the registry's upload API. Everything is blocking.
 #![allow(dead_code)]
 
+pub mod canned;
 pub mod image;
 pub mod push;
 pub mod registry;
@@ -9,6 +10,7 @@ pub mod registry;
 use std::net::TcpListener;
 use std::time::Duration;
 
+pub use canned::{Canned, CannedServer};
 #[allow(unused_imports)]
 pub use image::{
     build_index, empty_layer, gzip, random_layer, random_tar, sha256_digest, zero_byte_blob, Blob,
