@@ -13,6 +13,7 @@ use crate::console::Console;
 const AFTER_HELP: &str = "\
 Examples:
   fastpull alpine ./alpine
+  fastpull -j 32 --chunk-size 16M ghcr.io/org/model:7b ./model
   fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
@@ -60,16 +61,26 @@ pub struct Args {
     #[arg(long)]
     pub plain_http: bool,
 
-    /// Blobs to download at once.
-    #[arg(short = 'j', long, default_value_t = 8, value_name = "N")]
-    pub concurrency: usize,
+    /// HTTP requests in flight for the whole pull (blobs and their range chunks).
+    #[arg(short = 'j', long, default_value_t = fastpull::DEFAULT_CONNECTIONS, value_name = "N")]
+    pub connections: usize,
 
-    /// Retries after a transient failure (connection, 5xx, 429).
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    /// HTTP requests in flight for one blob [default: same as --connections].
+    #[arg(long, value_name = "N")]
+    pub connections_per_blob: Option<usize>,
+
+    /// Bytes per range request (suffixes K, M, G = KiB, MiB, GiB); smaller blobs are
+    /// fetched in one request.
+    #[arg(long, default_value = "8M", value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: u64,
+
+    /// Retries of each request after a transient failure (reset, truncation, stall, 5xx,
+    /// 429); a retried range resumes where it stopped.
+    #[arg(long, default_value_t = 5, value_name = "N")]
     pub retries: u32,
 
-    /// Seconds without data before a transfer counts as stalled.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    /// Seconds without data before a request is re-issued.
+    #[arg(long, default_value_t = 20, value_name = "SECS")]
     pub stall_timeout: u64,
 
     /// Print only the image name when done (like `docker pull -q`).
@@ -95,8 +106,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let mut builder = Client::builder()
         .format(format)
         .plain_http(args.plain_http)
-        .concurrency(args.concurrency)
-        .retries(args.retries, Duration::from_millis(500))
+        .connections(args.connections)
+        .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
+        .chunk_size(args.chunk_size)
+        .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .reporter(console.clone());
     if let Some(p) = platform {
@@ -109,6 +122,22 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let report = result?;
     console.finish(&report);
     Ok(())
+}
+
+/// `8M`, `512K`, `1G`, `1048576`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 8M, 512K, 1G)"))
 }
 
 /// One clear line for an error: its message plus the causes it wraps.

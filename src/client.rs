@@ -10,16 +10,21 @@ use futures::StreamExt;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::fetch::Fetcher;
+use crate::fetch::{FetchOptions, Fetcher};
 use crate::http::Transport;
 use crate::layout::{Format, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
-use crate::plan::Plan;
+use crate::plan::{Chunking, Plan};
 use crate::progress::{Event, NoReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{FetchedManifest, Registry};
 use crate::retry::RetryPolicy;
-use crate::verify;
+use crate::verify::{self, HashPool};
+
+/// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
+pub const DEFAULT_CONNECTIONS: usize = 16;
+/// Default bytes per range request; see perf/RESULTS.md.
+pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
 /// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
 #[derive(Clone)]
@@ -32,9 +37,9 @@ struct Inner {
     platform: Platform,
     format: Format,
     plain_http: bool,
-    concurrency: usize,
+    fetch: FetchOptions,
     retry: RetryPolicy,
-    stall_timeout: Duration,
+    hash_pool: Arc<HashPool>,
     reporter: Arc<dyn Reporter>,
 }
 
@@ -44,7 +49,10 @@ pub struct ClientBuilder {
     platform: Option<Platform>,
     format: Format,
     plain_http: bool,
-    concurrency: usize,
+    connections: usize,
+    connections_per_blob: usize,
+    chunk_size: u64,
+    hash_threads: usize,
     retries: u32,
     retry_delay: Duration,
     connect_timeout: Duration,
@@ -59,11 +67,14 @@ impl Default for ClientBuilder {
             platform: None,
             format: Format::Oci,
             plain_http: false,
-            concurrency: 8,
-            retries: 3,
-            retry_delay: Duration::from_millis(500),
+            connections: DEFAULT_CONNECTIONS,
+            connections_per_blob: DEFAULT_CONNECTIONS,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            hash_threads: 0,
+            retries: 5,
+            retry_delay: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(30),
-            stall_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(20),
             user_agent: concat!("fastpull/", env!("CARGO_PKG_VERSION")).to_string(),
             reporter: Arc::new(NoReporter),
         }
@@ -90,21 +101,42 @@ impl ClientBuilder {
         self
     }
 
-    /// Blobs downloaded at once (default 8).
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
+    /// HTTP requests in flight for the whole pull: how many connections blobs and their
+    /// range chunks are spread over (default 16).
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n;
         self
     }
 
-    /// Retries after a transient failure (connection, 5xx, 429), and the first back-off
-    /// (doubling, capped at 10 s; a `Retry-After` wins). Defaults: 3 and 500 ms.
+    /// HTTP requests in flight for one blob (default 16).
+    pub fn connections_per_blob(mut self, n: usize) -> Self {
+        self.connections_per_blob = n;
+        self
+    }
+
+    /// Bytes per range request; blobs up to this size are fetched in one request
+    /// (default 8 MiB).
+    pub fn chunk_size(mut self, bytes: u64) -> Self {
+        self.chunk_size = bytes;
+        self
+    }
+
+    /// Threads hashing blobs beside the network (default 0: one per CPU).
+    pub fn hash_threads(mut self, n: usize) -> Self {
+        self.hash_threads = n;
+        self
+    }
+
+    /// Retries of each request after a transient failure (connection reset, truncated body,
+    /// stall, 5xx, 429), and the first back-off (doubling, capped at 10 s; a `Retry-After`
+    /// wins). A retried range resumes from the byte it reached. Defaults: 5 and 250 ms.
     pub fn retries(mut self, retries: u32, first_delay: Duration) -> Self {
         self.retries = retries;
         self.retry_delay = first_delay;
         self
     }
 
-    /// Give up on a transfer that sends nothing for this long (default 60 s).
+    /// A request that sends nothing for this long is re-issued (default 20 s).
     pub fn stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t;
         self
@@ -130,28 +162,53 @@ impl ClientBuilder {
 
     /// Checks the options and builds the client.
     pub fn build(self) -> Result<Client> {
-        if self.concurrency == 0 || self.concurrency > 1024 {
+        if self.connections == 0 || self.connections > 1024 {
             return Err(Error::InvalidOption(format!(
-                "concurrency must be 1 to 1024, not {}",
-                self.concurrency
+                "connections must be 1 to 1024, not {}",
+                self.connections
+            )));
+        }
+        if self.connections_per_blob == 0 {
+            return Err(Error::InvalidOption("connections per blob must be at least 1".into()));
+        }
+        if self.chunk_size < 64 * 1024 {
+            return Err(Error::InvalidOption(format!(
+                "chunk size must be at least 64 KiB, not {}",
+                self.chunk_size
             )));
         }
         if self.stall_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(Error::InvalidOption("timeouts must be positive".into()));
         }
-        let transport = Transport::new(&self.user_agent, self.connect_timeout, self.stall_timeout)?;
+        let transport = Transport::new(
+            &self.user_agent,
+            self.connect_timeout,
+            self.stall_timeout,
+            self.connections,
+        )?;
+        let hash_pool = HashPool::new(self.hash_threads)
+            .map_err(|e| Error::InvalidOption(format!("cannot start hashing threads: {e}")))?;
+        let retry = RetryPolicy {
+            retries: self.retries,
+            base_delay: self.retry_delay,
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 transport,
                 platform: self.platform.unwrap_or_else(Platform::host),
                 format: self.format,
                 plain_http: self.plain_http,
-                concurrency: self.concurrency,
-                retry: RetryPolicy {
-                    retries: self.retries,
-                    base_delay: self.retry_delay,
+                fetch: FetchOptions {
+                    connections: self.connections,
+                    connections_per_blob: self.connections_per_blob,
+                    chunking: Chunking {
+                        chunk_size: self.chunk_size,
+                    },
+                    retry,
+                    stall_timeout: self.stall_timeout,
                 },
-                stall_timeout: self.stall_timeout,
+                retry,
+                hash_pool: Arc::new(hash_pool),
                 reporter: self.reporter,
             }),
         })
@@ -280,9 +337,8 @@ impl Client {
             registry: &registry,
             layout: &layout,
             reporter: &*inner.reporter,
-            retry: inner.retry,
-            stall_timeout: inner.stall_timeout,
-            concurrency: inner.concurrency,
+            hash_pool: &inner.hash_pool,
+            options: inner.fetch,
         };
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();

@@ -1,135 +1,513 @@
-//! The concurrent stage: blobs stream from the registry into their writers, a bounded number
-//! at a time; each blob is retried as a whole when the transfer fails in a way that may pass.
+//! The concurrent stage. Every blob's bytes come over HTTP into its mapped partial file,
+//! large blobs as range chunks over many connections, while its in-order hasher follows on
+//! the hashing pool; a blob is renamed into place once its digest matches.
+//!
+//! Scheduling: one bound on requests in flight for the whole pull, and one per blob. The
+//! first request of a blob (the *probe*) asks for its first chunk; a `206` with the right
+//! `Content-Range` says ranges work and gives the URL after redirects, which the other
+//! chunks use directly (no `Authorization` goes to a host the registry redirected to). A
+//! `200` means the server ignores `Range`, and that one response streams the whole blob.
+//! Chunks of blobs already started go before the probes of new blobs, largest blobs first.
+//!
+//! Each request is retried on its own (reset, truncation, stall, 5xx, 429 with
+//! `Retry-After`) and resumes from the byte it reached: writers are append-only, so every
+//! byte is written once and the hash is of exactly what is on disk.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use http::{header, Response, StatusCode};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
+use crate::digest::Digest;
 use crate::error::{redact_url, Error, Result};
 use crate::layout::Layout;
 use crate::manifest::BlobDescriptor;
+use crate::plan::Chunking;
 use crate::progress::{Event, Reporter};
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
-use crate::write::{BlobWriter, Target};
+use crate::verify::{HashPool, InOrderHasher};
+use crate::write::{BlobFile, ChunkWriter};
+
+/// Knobs of the fetch stage.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FetchOptions {
+    /// Requests in flight for the whole pull.
+    pub connections: usize,
+    /// Requests in flight for one blob.
+    pub connections_per_blob: usize,
+    /// How blobs are cut into ranges.
+    pub chunking: Chunking,
+    /// Retries per request.
+    pub retry: RetryPolicy,
+    /// No bytes for this long and the request is re-issued.
+    pub stall_timeout: Duration,
+}
 
 /// What the fetch stage needs from the pull.
 pub(crate) struct Fetcher<'a> {
     pub registry: &'a Registry,
     pub layout: &'a Layout,
     pub reporter: &'a dyn Reporter,
-    pub retry: RetryPolicy,
-    /// No bytes for this long and the transfer counts as failed.
-    pub stall_timeout: Duration,
-    /// Blobs in flight at once.
-    pub concurrency: usize,
+    pub hash_pool: &'a Arc<HashPool>,
+    pub options: FetchOptions,
+}
+
+/// What the futures of one blob share.
+struct Shared {
+    desc: BlobDescriptor,
+    file: Arc<BlobFile>,
+    hasher: Arc<InOrderHasher>,
+    downloaded: AtomicU64,
+    /// Where chunk requests go: the registry's blob URL until a probe learns the final URL.
+    url: Mutex<String>,
+}
+
+enum Mode {
+    NotStarted,
+    Probing,
+    Ranged,
+    Whole,
+}
+
+struct BlobRun {
+    desc: BlobDescriptor,
+    shared: Option<Arc<Shared>>,
+    digest_rx: Option<tokio::sync::oneshot::Receiver<std::io::Result<Digest>>>,
+    mode: Mode,
+    next_chunk: usize,
+    running: usize,
+    done_chunks: usize,
+}
+
+enum Job {
+    Probe,
+    Chunk,
+}
+
+enum Outcome {
+    /// Ranges work; later chunks go to this URL.
+    Ranged(String),
+    /// The response held the whole blob.
+    Whole,
 }
 
 impl Fetcher<'_> {
-    /// Downloads and verifies every blob; stops at the first failure (in-flight blobs are
-    /// abandoned and their partial files removed). Returns bytes downloaded.
+    /// Downloads and verifies every blob; stops at the first failure (in-flight requests are
+    /// dropped and partial files removed). Returns bytes downloaded.
     pub(crate) async fn fetch_all(&self, blobs: &[BlobDescriptor]) -> Result<u64> {
-        futures::stream::iter(blobs.iter().map(|b| self.fetch_blob(b)))
-            .buffer_unordered(self.concurrency.max(1))
-            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-            .await
-    }
-
-    async fn fetch_blob(&self, blob: &BlobDescriptor) -> Result<u64> {
-        let mut attempt = 0;
-        loop {
-            match self.attempt(blob).await {
-                Ok(n) => {
-                    self.reporter.report(&Event::BlobDone {
-                        digest: blob.digest,
-                    });
-                    return Ok(n);
-                }
-                Err(e) if e.is_transient() && attempt < self.retry.retries => {
-                    attempt += 1;
-                    self.reporter.report(&Event::BlobRetrying {
-                        digest: blob.digest,
-                        attempt,
-                        error: e.to_string(),
-                    });
-                    tracing::warn!(blob = %blob.digest, attempt, error = %e, "retrying blob");
-                    tokio::time::sleep(self.retry.delay(attempt, &e)).await;
-                }
-                Err(e) => return Err(e.with_retries(attempt)),
-            }
-        }
-    }
-
-    async fn attempt(&self, blob: &BlobDescriptor) -> Result<u64> {
-        let (resp, url) = self.registry.blob(&blob.digest).await?;
-        let what = format!("blob {} from {}", blob.digest, redact_url(&url));
-        if let Some(len) = resp
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len != blob.size {
-                return Err(Error::SizeMismatch {
-                    what: format!("{what} (Content-Length)"),
-                    expected: blob.size,
-                    actual: len,
-                });
-            }
-        }
-        let mut writer = BlobWriter::create(Target {
-            partial: self.layout.partial_path(&blob.digest),
-            final_path: self.layout.blob_path(&blob.digest),
-            digest: blob.digest,
-            size: blob.size,
-            what: what.clone(),
-        })?;
-        let mut body = resp.into_body();
+        let mut runs: Vec<BlobRun> = blobs
+            .iter()
+            .map(|d| BlobRun {
+                desc: d.clone(),
+                shared: None,
+                digest_rx: None,
+                mode: Mode::NotStarted,
+                next_chunk: 0,
+                running: 0,
+                done_chunks: 0,
+            })
+            .collect();
+        let mut jobs = FuturesUnordered::new();
+        let mut finishing = FuturesUnordered::new();
+        let mut finished = 0usize;
+        let mut lane = 0usize;
         let mut downloaded = 0u64;
         loop {
-            let frame = match tokio::time::timeout(self.stall_timeout, body.frame()).await {
+            while jobs.len() < self.options.connections.max(1) {
+                let Some((b, job, chunk)) = self.pick(&mut runs)? else {
+                    break;
+                };
+                let shared = runs[b]
+                    .shared
+                    .clone()
+                    .ok_or_else(|| internal("blob scheduled before it was opened"))?;
+                lane += 1;
+                let fut = self.run_job(shared, job, chunk, lane);
+                jobs.push(async move { (b, fut.await) });
+            }
+            if jobs.is_empty() && finishing.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some((b, result)) = jobs.next() => {
+                    let run = &mut runs[b];
+                    run.running -= 1;
+                    match result? {
+                        Outcome::Ranged(url) => {
+                            if let Some(s) = &run.shared {
+                                *s.url.lock().map_err(|_| internal("poisoned"))? = url;
+                            }
+                            if matches!(run.mode, Mode::Probing) {
+                                run.mode = Mode::Ranged;
+                                run.next_chunk = 1;
+                            }
+                            run.done_chunks += 1;
+                        }
+                        Outcome::Whole => {
+                            run.mode = Mode::Whole;
+                            run.done_chunks = run.shared.as_ref().map_or(1, |s| s.file.chunk_count());
+                        }
+                    }
+                    let chunks = run.shared.as_ref().map_or(1, |s| s.file.chunk_count());
+                    if run.done_chunks == chunks {
+                        let shared = run.shared.clone().ok_or_else(|| internal("finished blob without file"))?;
+                        let rx = run.digest_rx.take().ok_or_else(|| internal("blob finished twice"))?;
+                        shared.hasher.poke();
+                        finishing.push(finish(shared, rx));
+                    }
+                }
+                Some(result) = finishing.next() => {
+                    let (digest, bytes) = result?;
+                    downloaded += bytes;
+                    finished += 1;
+                    self.reporter.report(&Event::BlobDone { digest });
+                }
+            }
+        }
+        if finished != runs.len() {
+            return Err(internal("fetch ended with blobs unfinished"));
+        }
+        Ok(downloaded)
+    }
+
+    /// The next request to start: chunks of blobs already started (largest first), then the
+    /// probe of the next blob.
+    fn pick(&self, runs: &mut [BlobRun]) -> Result<Option<(usize, Job, usize)>> {
+        let per_blob = self.options.connections_per_blob.max(1);
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let (Mode::Ranged, Some(s)) = (&run.mode, &run.shared) {
+                if run.next_chunk < s.file.chunk_count() && run.running < per_blob {
+                    let chunk = run.next_chunk;
+                    run.next_chunk += 1;
+                    run.running += 1;
+                    return Ok(Some((i, Job::Chunk, chunk)));
+                }
+            }
+        }
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Mode::NotStarted = run.mode {
+                self.open(run)?;
+                run.mode = Mode::Probing;
+                run.running += 1;
+                return Ok(Some((i, Job::Probe, 0)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn open(&self, run: &mut BlobRun) -> Result<()> {
+        let d = &run.desc;
+        let ranges = self.options.chunking.ranges(d.size);
+        let file = BlobFile::create(
+            &self.layout.partial_path(&d.digest),
+            &self.layout.blob_path(&d.digest),
+            d.size,
+            &ranges,
+        )?;
+        let (hasher, rx) = InOrderHasher::new(file.clone(), self.hash_pool.clone());
+        run.shared = Some(Arc::new(Shared {
+            desc: d.clone(),
+            file,
+            hasher,
+            downloaded: AtomicU64::new(0),
+            url: Mutex::new(self.registry.blob_url(&d.digest)),
+        }));
+        run.digest_rx = Some(rx);
+        Ok(())
+    }
+
+    /// One request's worth of work, retried on its own and resumed where it stopped.
+    async fn run_job(&self, s: Arc<Shared>, job: Job, chunk: usize, lane: usize) -> Result<Outcome> {
+        let mut writer = s
+            .file
+            .claim(chunk)
+            .ok_or_else(|| internal("chunk claimed twice"))?;
+        let single = s.file.chunk_count() == 1;
+        let registry_url = self.registry.blob_url(&s.desc.digest);
+        let mut url = s.url.lock().map_err(|_| internal("poisoned"))?.clone();
+        let mut attempt = 0u32;
+        let mut fell_back_to_registry = false;
+        loop {
+            let result = self.transfer(&s, &mut writer, &url, single, lane + attempt as usize).await;
+            let err = match result {
+                Ok(outcome) if writer.is_complete() => return Ok(outcome),
+                Ok(_) => Error::network(
+                    "read",
+                    &url,
+                    format!(
+                        "blob {}: body ended after {} of {} bytes of range {:?}",
+                        s.desc.digest,
+                        writer.written(),
+                        writer.range().end - writer.range().start,
+                        writer.range()
+                    ),
+                ),
+                Err(e) => e,
+            };
+            // A URL the registry redirected us to may expire (presigned): ask the registry again.
+            if !err.is_transient() && url != registry_url && !fell_back_to_registry && matches!(job, Job::Chunk) {
+                if let Error::Registry { status: 401 | 403 | 404 | 410, .. } = err {
+                    tracing::debug!(url = %redact_url(&url), "redirect target refused; asking the registry again");
+                    fell_back_to_registry = true;
+                    url = registry_url.clone();
+                    continue;
+                }
+            }
+            if !err.is_transient() || attempt >= self.options.retry.retries {
+                return Err(err.with_retries(attempt));
+            }
+            attempt += 1;
+            self.reporter.report(&Event::BlobRetrying {
+                digest: s.desc.digest,
+                attempt,
+                error: err.to_string(),
+            });
+            tracing::warn!(blob = %s.desc.digest, range = ?writer.range(), attempt, error = %err, "retrying");
+            tokio::time::sleep(self.options.retry.delay(attempt, &err)).await;
+        }
+    }
+
+    /// One HTTP exchange: asks for what `writer` still lacks and appends what comes.
+    async fn transfer(
+        &self,
+        s: &Shared,
+        writer: &mut ChunkWriter,
+        url: &str,
+        single: bool,
+        lane: usize,
+    ) -> Result<Outcome> {
+        let r = writer.range();
+        let from = r.start + writer.written();
+        let size = s.desc.size;
+        // A single-chunk blob is asked for whole (no Range) unless resuming.
+        let range = if single && from == 0 { None } else { Some((from, r.end - 1)) };
+        if r.end == r.start {
+            // A 0-byte blob: nothing to ask for but its existence.
+            let (resp, final_url) = self.registry.get_blob(url, None, lane).await?;
+            check_length(&resp, 0, &s.desc.digest, &final_url)?;
+            return Ok(if single { Outcome::Whole } else { Outcome::Ranged(final_url) });
+        }
+        let (resp, final_url) = match tokio::time::timeout(
+            self.options.stall_timeout,
+            self.registry.get_blob(url, range, lane),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::network(
+                    "GET",
+                    url,
+                    format!("no response in {}s", self.options.stall_timeout.as_secs()),
+                ))
+            }
+        };
+        let what = || format!("blob {} from {}", s.desc.digest, redact_url(&final_url));
+        let skip = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let (start, end, total) = content_range(&resp).ok_or_else(|| Error::Registry {
+                    url: redact_url(&final_url),
+                    status: 206,
+                    code: None,
+                    message: "206 without a valid Content-Range".into(),
+                    retry_after: None,
+                })?;
+                if total.is_some_and(|t| t != size) {
+                    return Err(Error::SizeMismatch {
+                        what: format!("{} (Content-Range)", what()),
+                        expected: size,
+                        actual: total.unwrap_or(0),
+                    });
+                }
+                // Fewer bytes than asked are fine (the retry resumes); other bytes are not.
+                if start > from || end < from || end > r.end - 1 {
+                    return Err(Error::Registry {
+                        url: redact_url(&final_url),
+                        status: 206,
+                        code: None,
+                        message: format!("asked for bytes {from}-{}, got {start}-{end}", r.end - 1),
+                        retry_after: None,
+                    });
+                }
+                from - start
+            }
+            _ => {
+                // 200: the whole blob from byte 0, whatever we asked for.
+                check_length(&resp, size, &s.desc.digest, &final_url)?;
+                if range.is_some() {
+                    tracing::debug!(blob = %s.desc.digest, "server ignored Range; streaming the whole blob on one connection");
+                }
+                while writer.absorb_next() {}
+                from
+            }
+        };
+        let whole = resp.status() == StatusCode::OK;
+        self.stream(s, writer, resp, skip, &final_url).await?;
+        Ok(if whole || single { Outcome::Whole } else { Outcome::Ranged(final_url) })
+    }
+
+    /// Streams a body into `writer`, dropping the first `skip` bytes (already written).
+    async fn stream(
+        &self,
+        s: &Shared,
+        writer: &mut ChunkWriter,
+        resp: Response<Incoming>,
+        mut skip: u64,
+        url: &str,
+    ) -> Result<()> {
+        let mut body = resp.into_body();
+        let range = writer.range();
+        let mut since_poke = 0usize;
+        loop {
+            let frame = match tokio::time::timeout(self.options.stall_timeout, body.frame()).await {
                 Err(_) => {
                     return Err(Error::network(
                         "read",
-                        &url,
+                        url,
                         format!(
-                            "{what}: no data for {}s after {downloaded} bytes",
-                            self.stall_timeout.as_secs()
+                            "blob {} range {}-{}: no data for {}s at byte {}",
+                            s.desc.digest,
+                            range.start,
+                            range.end - 1,
+                            self.options.stall_timeout.as_secs(),
+                            range.start + writer.written()
                         ),
                     ))
                 }
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Ok(Some(Err(e))) => {
                     return Err(Error::network(
                         "read",
-                        &url,
-                        format!("{what}: body failed after {downloaded} bytes: {e}"),
+                        url,
+                        format!(
+                            "blob {} range {}-{}: body failed at byte {}: {e}",
+                            s.desc.digest,
+                            range.start,
+                            range.end - 1,
+                            range.start + writer.written()
+                        ),
                     ))
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
-            if let Ok(data) = frame.into_data() {
-                downloaded += data.len() as u64;
-                writer.write(data).await?;
-                self.reporter.report(&Event::BlobProgress {
-                    digest: blob.digest,
-                    downloaded,
+            let Ok(mut data) = frame.into_data() else { continue };
+            if skip > 0 {
+                let n = (skip as usize).min(data.len());
+                let _ = data.split_to(n);
+                skip -= n as u64;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let room = range.end - range.start - writer.written();
+            if data.len() as u64 > room {
+                return Err(Error::SizeMismatch {
+                    what: format!("blob {} range {}-{} from {}", s.desc.digest, range.start, range.end - 1, redact_url(url)),
+                    expected: range.end - range.start,
+                    actual: range.end - range.start - room + data.len() as u64,
                 });
             }
+            writer.append(&data)?;
+            let total = s.downloaded.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            since_poke += data.len();
+            if since_poke >= 1 << 20 || writer.is_complete() {
+                since_poke = 0;
+                s.hasher.poke();
+                self.reporter.report(&Event::BlobProgress {
+                    digest: s.desc.digest,
+                    downloaded: total,
+                });
+            }
+            if writer.is_complete() {
+                // Whatever else the server sends is not ours to read; a clean end is expected.
+                return match tokio::time::timeout(self.options.stall_timeout, body.frame()).await {
+                    Ok(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => Err(Error::SizeMismatch {
+                        what: format!("blob {} from {}", s.desc.digest, redact_url(url)),
+                        expected: range.end - range.start,
+                        actual: range.end - range.start + f.data_ref().map_or(0, |d| d.len() as u64),
+                    }),
+                    _ => Ok(()),
+                };
+            }
         }
-        if downloaded < blob.size {
-            // The server closed the body early: a truncated transfer is worth retrying.
-            return Err(Error::network(
-                "read",
-                &url,
-                format!(
-                    "{what}: body ended after {downloaded} of {} bytes",
-                    blob.size
-                ),
-            ));
-        }
-        writer.finish().await?;
-        Ok(downloaded)
+    }
+}
+
+/// Waits for the digest, compares it, and gives a verified blob its final name.
+async fn finish(
+    s: Arc<Shared>,
+    rx: tokio::sync::oneshot::Receiver<std::io::Result<Digest>>,
+) -> Result<(Digest, u64)> {
+    let path = s.file.final_path().to_path_buf();
+    let actual = rx
+        .await
+        .map_err(|_| internal("hasher went away"))?
+        .map_err(|e| Error::io("hash", &path, e))?;
+    if actual != s.desc.digest {
+        return Err(Error::DigestMismatch {
+            what: format!("blob {}", s.desc.digest),
+            expected: s.desc.digest,
+            actual,
+        });
+    }
+    let file = s.file.clone();
+    tokio::task::spawn_blocking(move || file.persist())
+        .await
+        .map_err(|e| Error::io("persist", &path, std::io::Error::other(e.to_string())))??;
+    Ok((s.desc.digest, s.downloaded.load(Ordering::Relaxed)))
+}
+
+fn check_length(resp: &Response<Incoming>, size: u64, digest: &Digest, url: &str) -> Result<()> {
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match len {
+        Some(n) if n != size => Err(Error::SizeMismatch {
+            what: format!("blob {digest} from {} (Content-Length)", redact_url(url)),
+            expected: size,
+            actual: n,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `Content-Range: bytes start-end/total` (total may be `*`).
+fn content_range(resp: &Response<Incoming>) -> Option<(u64, u64, Option<u64>)> {
+    parse_content_range(resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?)
+}
+
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
+}
+
+fn internal(what: &str) -> Error {
+    Error::io("fetch", std::path::PathBuf::new(), std::io::Error::other(what.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_range() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, Some(1000))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
     }
 }

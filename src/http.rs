@@ -18,10 +18,12 @@ use crate::error::{BoxError, Error, Result};
 /// Request bodies are small (token POSTs) or empty.
 pub(crate) type Body = Full<Bytes>;
 
-/// Shared HTTP client.
+/// Shared HTTP client. It has several *lanes*, each its own connection pool: over HTTP/2
+/// one pool multiplexes every request on one connection, and a CDN caps each connection,
+/// so chunk requests are spread over lanes to get as many connections as requests.
 #[derive(Clone)]
 pub(crate) struct Transport {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    lanes: Vec<Client<HttpsConnector<HttpConnector>, Body>>,
     user_agent: http::HeaderValue,
     /// How long a response (headers, or the next body bytes) may take before we give up.
     pub(crate) stall_timeout: Duration,
@@ -32,6 +34,7 @@ impl Transport {
         user_agent: &str,
         connect_timeout: Duration,
         stall_timeout: Duration,
+        lanes: usize,
     ) -> Result<Self> {
         let tls = tls_config()?;
         let mut http = HttpConnector::new();
@@ -44,21 +47,37 @@ impl Transport {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let lanes = (0..lanes.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(https.clone())
+            })
+            .collect();
         let user_agent = http::HeaderValue::from_str(user_agent)
             .map_err(|_| Error::InvalidOption(format!("bad user agent {user_agent:?}")))?;
         Ok(Transport {
-            client,
+            lanes,
             user_agent,
             stall_timeout,
         })
     }
 
-    /// Sends one request (no redirects followed, no auth added).
+    /// Sends one request on lane 0 (no redirects followed, no auth added).
     pub(crate) async fn send(
         &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>> {
+        self.send_on(0, method, url, headers, body).await
+    }
+
+    /// Sends one request on lane `lane` (modulo the lane count).
+    pub(crate) async fn send_on(
+        &self,
+        lane: usize,
         method: Method,
         url: &str,
         headers: HeaderMap,
@@ -79,7 +98,7 @@ impl Transport {
         } else {
             "GET"
         };
-        match tokio::time::timeout(self.stall_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.stall_timeout, self.lanes[lane % self.lanes.len()].request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(Error::network(CONNECT, url, flatten(e))),
             Ok(Err(e)) => Err(Error::network(what, url, flatten(e))),

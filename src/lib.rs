@@ -47,10 +47,12 @@ pub mod reference;
 mod registry;
 mod retry;
 pub mod verify;
-mod write;
+pub mod write;
 
 pub use auth::{parse_challenges, Challenge};
-pub use client::{BlobReport, Client, ClientBuilder, PullReport};
+pub use client::{
+    BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
+};
 pub use digest::Digest;
 pub use error::{Category, Error, Result};
 pub use layout::{Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};

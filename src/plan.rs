@@ -1,6 +1,8 @@
-//! Which blobs to fetch, in which order: pure, so it can be tested and benched alone.
+//! Which blobs to fetch, in which order, in which pieces: pure, so it can be tested and
+//! benched alone.
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use crate::digest::Digest;
 use crate::manifest::BlobDescriptor;
@@ -37,10 +39,51 @@ impl Plan {
     }
 }
 
+/// How blobs are cut into HTTP range requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Bytes per range request. Blobs no larger than this are fetched in one request.
+    pub chunk_size: u64,
+}
+
+impl Chunking {
+    /// The byte ranges of a blob of `size` bytes: one (possibly empty) range for blobs up to
+    /// `chunk_size`, else consecutive `chunk_size` ranges with a shorter last one.
+    pub fn ranges(&self, size: u64) -> Vec<Range<u64>> {
+        let step = self.chunk_size.max(1);
+        if size <= step {
+            return vec![0..size];
+        }
+        (0..size.div_ceil(step))
+            .map(|i| i * step..((i + 1) * step).min(size))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manifest::BlobKind;
+
+    #[test]
+    fn chunk_ranges_cover_every_byte_once() {
+        let c = Chunking { chunk_size: 10 };
+        assert_eq!(c.ranges(0), vec![0..0]);
+        assert_eq!(c.ranges(1), vec![0..1]);
+        assert_eq!(c.ranges(10), vec![0..10]);
+        assert_eq!(c.ranges(11), vec![0..10, 10..11]);
+        assert_eq!(c.ranges(30), vec![0..10, 10..20, 20..30]);
+        for size in [0u64, 1, 9, 10, 11, 99, 100, 101, 12345] {
+            for chunk_size in [1u64, 3, 10, 64, 1 << 20] {
+                let r = Chunking { chunk_size }.ranges(size);
+                assert_eq!(r.first().map(|r| r.start), Some(0));
+                assert_eq!(r.last().map(|r| r.end), Some(size));
+                assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+                assert!(r.iter().all(|r| r.end - r.start <= chunk_size.max(size.min(chunk_size))));
+                assert!(size == 0 || r.iter().all(|r| r.end > r.start));
+            }
+        }
+    }
 
     fn blob(tag: &[u8], size: u64) -> BlobDescriptor {
         BlobDescriptor {

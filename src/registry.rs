@@ -190,20 +190,47 @@ impl Registry {
         })
     }
 
-    /// Starts a blob download; the response is `200 OK` with the body still to read.
-    pub(crate) async fn blob(&self, digest: &Digest) -> Result<(Response<Incoming>, String)> {
-        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.repository);
-        let (resp, final_url) = self.send(Method::GET, &url, HeaderMap::new()).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.error_for(resp, &final_url, false).await);
+    /// The registry's URL for a blob.
+    pub(crate) fn blob_url(&self, digest: &Digest) -> String {
+        format!("{}/v2/{}/blobs/{digest}", self.base, self.repository)
+    }
+
+    /// GETs (part of) a blob from `url` — the registry's blob URL or where it redirected
+    /// to — on connection lane `lane`, with `Range: bytes=from-to` (inclusive) when given.
+    /// Returns any 200 or 206 with the URL that answered; other statuses become errors.
+    pub(crate) async fn get_blob(
+        &self,
+        url: &str,
+        range: Option<(u64, u64)>,
+        lane: usize,
+    ) -> Result<(Response<Incoming>, String)> {
+        let mut headers = HeaderMap::new();
+        if let Some((from, to)) = range {
+            let v = HeaderValue::from_str(&format!("bytes={from}-{to}"))
+                .map_err(|e| Error::network("build request for", url, e))?;
+            headers.insert(header::RANGE, v);
         }
-        Ok((resp, final_url))
+        let (resp, final_url) = self.send_on(lane, Method::GET, url, headers).await?;
+        match resp.status() {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok((resp, final_url)),
+            _ => Err(self.error_for(resp, &final_url, false).await),
+        }
     }
 
     /// Sends a request: authorization for our host, one re-send after a 401, redirects
     /// followed (http/https only, at most [`MAX_REDIRECTS`], no credentials to other hosts).
     async fn send(
         &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+    ) -> Result<(Response<Incoming>, String)> {
+        self.send_on(0, method, url, headers).await
+    }
+
+    async fn send_on(
+        &self,
+        lane: usize,
         method: Method,
         url: &str,
         headers: HeaderMap,
@@ -219,7 +246,7 @@ impl Registry {
             }
             let resp = self
                 .transport
-                .send(method.clone(), &url, h, Bytes::new())
+                .send_on(lane, method.clone(), &url, h, Bytes::new())
                 .await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && same_host && !authed_retry {

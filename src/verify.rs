@@ -1,13 +1,17 @@
-//! sha256 verification: an incremental hasher for streamed blobs, and a check for blobs
-//! already on disk.
+//! sha256 verification: an incremental hasher, the in-order hasher that follows a blob's
+//! written prefix on a pool of CPU threads, and a check for blobs already on disk.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::Digest as _;
+use tokio::sync::oneshot;
 
 use crate::digest::Digest;
+use crate::write::BlobFile;
 
 /// Incremental sha256 over a blob's bytes, in order. Backed by `sha2`, which picks SHA-NI on
 /// x86_64 (and the ARMv8 SHA2 instructions on aarch64 with its `asm` feature) at run time.
@@ -91,6 +95,31 @@ mod tests {
         assert_eq!(h.finish(), Digest::of(&data));
     }
 
+    #[tokio::test]
+    async fn in_order_hasher_follows_out_of_order_chunks() {
+        use crate::plan::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(2).unwrap());
+        for (size, chunk) in [(0u64, 10u64), (1, 10), (10, 10), (11, 10), (5000, 64), (3 << 20, 1 << 20)] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+            let ranges = Chunking { chunk_size: chunk }.ranges(size);
+            let blob = BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size, &ranges).unwrap();
+            let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
+            let order: Vec<usize> = (0..ranges.len()).rev().collect();
+            for i in order {
+                let mut w = blob.claim(i).unwrap();
+                let r = w.range();
+                for part in data[r.start as usize..r.end as usize].chunks(7) {
+                    w.append(part).unwrap();
+                    h.poke();
+                }
+            }
+            h.poke();
+            let digest = rx.await.unwrap().unwrap();
+            assert_eq!(digest, Digest::of(&data), "size {size} chunk {chunk}");
+        }
+    }
+
     #[test]
     fn file_matches_checks_size_and_content() {
         let dir = tempfile::tempdir().unwrap();
@@ -101,5 +130,114 @@ mod tests {
         assert!(!file_matches(&p, &d, 4).unwrap());
         assert!(!file_matches(&p, &Digest::of(b"hellO"), 5).unwrap());
         assert!(!file_matches(&dir.path().join("missing"), &d, 5).unwrap());
+    }
+}
+
+/// CPU threads that hash blobs while the network runs (never the async runtime's threads).
+pub struct HashPool {
+    pool: rayon::ThreadPool,
+}
+
+impl HashPool {
+    /// A pool of `threads` hashing threads (0: one per CPU).
+    pub fn new(threads: usize) -> std::io::Result<HashPool> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            threads
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("fastpull-hash-{i}"))
+            .build()
+            .map(|pool| HashPool { pool })
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Hashes one blob in order while its chunks are still arriving: each [`InOrderHasher::poke`]
+/// schedules work on the pool, which hashes whatever contiguous prefix has been written
+/// since, so the digest is ready moments after the last byte lands.
+pub struct InOrderHasher {
+    blob: Arc<BlobFile>,
+    pool: Arc<HashPool>,
+    scheduled: AtomicBool,
+    state: Mutex<HashState>,
+}
+
+struct HashState {
+    hasher: Hasher,
+    done: Option<oneshot::Sender<io::Result<Digest>>>,
+}
+
+/// Bytes read per step from the page cache while hashing.
+const HASH_STEP: usize = 1 << 20;
+
+impl InOrderHasher {
+    /// A hasher for `blob`; the receiver yields the digest once every byte is hashed.
+    pub fn new(blob: Arc<BlobFile>, pool: Arc<HashPool>) -> (Arc<InOrderHasher>, oneshot::Receiver<io::Result<Digest>>) {
+        let (tx, rx) = oneshot::channel();
+        let h = Arc::new(InOrderHasher {
+            blob,
+            pool,
+            scheduled: AtomicBool::new(false),
+            state: Mutex::new(HashState {
+                hasher: Hasher::new(),
+                done: Some(tx),
+            }),
+        });
+        (h, rx)
+    }
+
+    /// Says more bytes may be written; cheap when hashing is already scheduled.
+    pub fn poke(self: &Arc<Self>) {
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            self.pool.pool.spawn(move || me.run());
+        }
+    }
+
+    fn run(&self) {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; HASH_STEP]);
+        }
+        loop {
+            let Ok(mut st) = self.state.lock() else { return };
+            if st.done.is_none() {
+                return;
+            }
+            let prefix = self.blob.contiguous_prefix();
+            let result = BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                while st.hasher.len() < prefix {
+                    let n = ((prefix - st.hasher.len()) as usize).min(buf.len());
+                    let at = st.hasher.len();
+                    self.blob.read_at(&mut buf[..n], at)?;
+                    st.hasher.update(&buf[..n]);
+                }
+                Ok::<_, io::Error>(())
+            });
+            if let Err(e) = result {
+                if let Some(tx) = st.done.take() {
+                    let _ = tx.send(Err(e));
+                }
+                return;
+            }
+            if st.hasher.len() == self.blob.size() {
+                let hasher = std::mem::take(&mut st.hasher);
+                if let Some(tx) = st.done.take() {
+                    let _ = tx.send(Ok(hasher.finish()));
+                }
+                return;
+            }
+            let hashed = st.hasher.len();
+            drop(st);
+            self.scheduled.store(false, Ordering::Release);
+            // A write that landed after our last look, whose poke saw `scheduled` still set.
+            if self.blob.contiguous_prefix() > hashed && !self.scheduled.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            return;
+        }
     }
 }

@@ -1,177 +1,262 @@
-//! Writing a blob: bytes go to a partial file on a blocking thread (hashing as they pass),
-//! and only a complete, verified, fsynced file is renamed to its final name.
+//! Writing a blob: a preallocated partial file, mapped into memory, that range chunks write
+//! into at their own offsets; the verified file is flushed and only then renamed to its final
+//! name.
 //!
 //! A blob under its final name is therefore always whole and correct, even after a crash:
-//! the data is flushed before the rename and the directory after it.
+//! the data is flushed (msync + fsync) before the rename, and the directory after it.
+//!
+//! Each chunk's bytes can only be written through the one [`ChunkWriter`] handed out for
+//! that chunk, so concurrent writers never touch the same bytes. Readers (the hasher) use
+//! `pread` on the file, which sees what the map wrote (one page cache) without making any
+//! Rust reference into the map.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use memmap2::MmapRaw;
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::verify::Hasher;
 
-/// Buffered chunks between the network and the writer thread (bounds memory per blob).
-const CHANNEL_DEPTH: usize = 64;
-const WRITE_BUFFER: usize = 1 << 20;
-
-enum Msg {
-    Data(Bytes),
-    Finish,
+/// A blob's partial file, mapped for writing.
+pub struct BlobFile {
+    file: File,
+    map: Option<MmapRaw>,
+    size: u64,
+    chunks: Vec<Slot>,
+    partial: PathBuf,
+    final_path: PathBuf,
+    persisted: AtomicBool,
 }
 
-/// A blob being written. Dropping it without [`BlobWriter::finish`] removes the partial file.
-pub(crate) struct BlobWriter {
-    tx: Option<mpsc::Sender<Msg>>,
-    handle: Option<JoinHandle<Result<()>>>,
+struct Slot {
+    range: Range<u64>,
+    claimed: AtomicBool,
+    written: AtomicU64,
 }
 
-/// Where a blob goes and what it must be.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    /// The partial file written while downloading.
-    pub partial: PathBuf,
-    /// The final name, given only to verified content.
-    pub final_path: PathBuf,
-    /// Expected digest.
-    pub digest: Digest,
-    /// Expected size.
-    pub size: u64,
-    /// How to name it in errors.
-    pub what: String,
+/// The right to write one chunk's bytes (and, after [`ChunkWriter::absorb`], the chunks
+/// after it). There is never more than one for a given byte.
+pub struct ChunkWriter {
+    blob: Arc<BlobFile>,
+    first: usize,
+    last: usize,
 }
 
-impl BlobWriter {
-    /// Creates the partial file and starts the writer thread.
-    pub(crate) fn create(target: Target) -> Result<BlobWriter> {
+impl BlobFile {
+    /// Creates `partial`, preallocates `size` bytes (so a full disk is an error now, not a
+    /// SIGBUS later), and maps it. `chunks` are the byte ranges writers will claim.
+    pub fn create(partial: &Path, final_path: &Path, size: u64, chunks: &[Range<u64>]) -> Result<Arc<BlobFile>> {
+        debug_assert!(chunks.first().map(|r| r.start) == Some(0) && chunks.last().map(|r| r.end) == Some(size));
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&target.partial)
-            .map_err(|e| Error::io("create", &target.partial, e))?;
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let handle = tokio::task::spawn_blocking(move || run(file, rx, target));
-        Ok(BlobWriter {
-            tx: Some(tx),
-            handle: Some(handle),
+            .open(partial)
+            .map_err(|e| Error::io("create", partial, e))?;
+        let map = if size > 0 {
+            preallocate(&file, size).map_err(|e| Error::io("preallocate", partial, e))?;
+            Some(MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e))?)
+        } else {
+            None
+        };
+        Ok(Arc::new(BlobFile {
+            file,
+            map,
+            size,
+            chunks: chunks
+                .iter()
+                .map(|r| Slot {
+                    range: r.clone(),
+                    claimed: AtomicBool::new(false),
+                    written: AtomicU64::new(0),
+                })
+                .collect(),
+            partial: partial.to_path_buf(),
+            final_path: final_path.to_path_buf(),
+            persisted: AtomicBool::new(false),
+        }))
+    }
+
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How many chunks the blob has.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The byte range of chunk `i`.
+    pub fn chunk_range(&self, i: usize) -> Range<u64> {
+        self.chunks[i].range.clone()
+    }
+
+    /// Bytes written into chunk `i` so far (a retry resumes from here).
+    pub fn chunk_written(&self, i: usize) -> u64 {
+        self.chunks[i].written.load(Ordering::Acquire)
+    }
+
+    /// The writer for chunk `i`, once: `None` if it was already handed out.
+    pub fn claim(self: &Arc<Self>, i: usize) -> Option<ChunkWriter> {
+        let slot = self.chunks.get(i)?;
+        if slot.claimed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(ChunkWriter {
+            blob: self.clone(),
+            first: i,
+            last: i,
         })
     }
 
-    /// Queues bytes for writing; waits when the writer is behind.
-    pub(crate) async fn write(&mut self, bytes: Bytes) -> Result<()> {
-        let sent = match &self.tx {
-            Some(tx) => tx.send(Msg::Data(bytes)).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            // The writer thread stopped early: its result says why.
-            self.tx = None;
-            Err(self.join().await.err().unwrap_or_else(|| {
-                Error::io(
-                    "write",
-                    PathBuf::new(),
-                    std::io::Error::other("writer stopped"),
-                )
-            }))
-        }
-    }
-
-    /// Ends the blob: size and digest are checked, data flushed, and the file renamed.
-    pub(crate) async fn finish(mut self) -> Result<()> {
-        if let Some(tx) = self.tx.take() {
-            // If the thread already stopped, join() reports why.
-            let _ = tx.send(Msg::Finish).await;
-        }
-        self.join().await
-    }
-
-    async fn join(&mut self) -> Result<()> {
-        match self.handle.take() {
-            Some(h) => h.await.map_err(|e| {
-                Error::io(
-                    "write",
-                    PathBuf::new(),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        // Closing the channel without Finish makes the thread remove the partial file.
-        self.tx.take();
-    }
-}
-
-fn run(file: File, mut rx: mpsc::Receiver<Msg>, t: Target) -> Result<()> {
-    let result = write_all(file, &mut rx, &t);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&t.partial);
-    }
-    result
-}
-
-fn write_all(file: File, rx: &mut mpsc::Receiver<Msg>, t: &Target) -> Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-    let mut hasher = Hasher::new();
-    let finished = loop {
-        match rx.blocking_recv() {
-            Some(Msg::Data(b)) => {
-                if hasher.len() + b.len() as u64 > t.size {
-                    return Err(Error::SizeMismatch {
-                        what: t.what.clone(),
-                        expected: t.size,
-                        actual: hasher.len() + b.len() as u64,
-                    });
-                }
-                hasher.update(&b);
-                out.write_all(&b)
-                    .map_err(|e| Error::io("write", &t.partial, e))?;
+    /// How many bytes from the start are written without a gap: what can be hashed.
+    pub fn contiguous_prefix(&self) -> u64 {
+        let mut prefix = 0;
+        for slot in &self.chunks {
+            let w = slot.written.load(Ordering::Acquire);
+            prefix = slot.range.start + w;
+            if w < slot.range.end - slot.range.start {
+                break;
             }
-            Some(Msg::Finish) => break true,
-            None => break false,
         }
-    };
-    if !finished {
-        return Err(Error::io(
-            "write",
-            &t.partial,
-            std::io::Error::new(std::io::ErrorKind::Interrupted, "download abandoned"),
-        ));
+        prefix
     }
-    if hasher.len() != t.size {
-        return Err(Error::SizeMismatch {
-            what: t.what.clone(),
-            expected: t.size,
-            actual: hasher.len(),
-        });
+
+    /// Reads written bytes back (for hashing) without touching the map from Rust.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
-    let actual = hasher.finish();
-    if actual != t.digest {
-        return Err(Error::DigestMismatch {
-            what: t.what.clone(),
-            expected: t.digest,
-            actual,
-        });
+
+    /// Flushes the data (msync, fsync), renames the file to its final name and makes the
+    /// rename durable. Call only for verified content.
+    pub fn persist(&self) -> Result<()> {
+        if let Some(map) = &self.map {
+            map.flush().map_err(|e| Error::io("msync", &self.partial, e))?;
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", &self.partial, e))?;
+        persist(&self.partial, &self.final_path)?;
+        self.persisted.store(true, Ordering::Release);
+        Ok(())
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| Error::io("write", &t.partial, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| Error::io("fsync", &t.partial, e))?;
-    drop(file);
-    persist(&t.partial, &t.final_path)
+
+    /// Where the verified blob will live.
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+}
+
+impl Drop for BlobFile {
+    fn drop(&mut self) {
+        if !self.persisted.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+impl ChunkWriter {
+    /// The byte range this writer owns.
+    pub fn range(&self) -> Range<u64> {
+        self.blob.chunks[self.first].range.start..self.blob.chunks[self.last].range.end
+    }
+
+    /// Bytes written so far, counted from the start of [`ChunkWriter::range`].
+    pub fn written(&self) -> u64 {
+        let base = self.range().start;
+        let mut n = 0;
+        for slot in &self.blob.chunks[self.first..=self.last] {
+            let w = slot.written.load(Ordering::Acquire);
+            n = slot.range.start - base + w;
+            if w < slot.range.end - slot.range.start {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Whether every byte of the range is written.
+    pub fn is_complete(&self) -> bool {
+        let r = self.range();
+        self.written() == r.end - r.start
+    }
+
+    /// Takes over the chunk right after this writer's range (to stream the rest of a blob
+    /// from a server that ignored `Range`). Fails if that chunk is already claimed.
+    pub fn absorb_next(&mut self) -> bool {
+        let next = self.last + 1;
+        match self.blob.claim(next) {
+            Some(_) => {
+                // The claim is ours now; this writer covers it.
+                self.last = next;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Appends `bytes` at the current write position.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        let r = self.range();
+        let offset = r.start + self.written();
+        let end = offset + bytes.len() as u64;
+        if end > r.end {
+            return Err(Error::SizeMismatch {
+                what: format!("range {}-{} of {}", r.start, r.end.saturating_sub(1), self.blob.partial.display()),
+                expected: r.end - r.start,
+                actual: end - r.start,
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let Some(map) = &self.blob.map else {
+            return Err(Error::io("write", &self.blob.partial, std::io::Error::other("write to an empty blob")));
+        };
+        // SAFETY: `map` is a live shared mapping of `self.blob.file`, created with the file's
+        // full preallocated length (`size`) and kept alive by the `Arc<BlobFile>` we hold; the
+        // file is only ever truncated by `File::create` before the mapping exists, and it
+        // stays under a private partial name that no other fastpull writer uses (the layout
+        // is locked), so the pages are there (no SIGBUS). `offset..end` lies within this
+        // writer's range (checked above), ranges of distinct writers are disjoint, and a
+        // range's writer is unique (`claim` hands it out once; `absorb_next` claims before
+        // extending), so no other thread writes these bytes concurrently. Nothing creates a
+        // Rust reference into the map; readers use pread.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_mut_ptr().add(offset as usize), bytes.len());
+        }
+        // Publish the new length per chunk, in order (Release pairs with the hasher's Acquire).
+        let mut pos = offset;
+        for slot in &self.blob.chunks[self.first..=self.last] {
+            if pos >= end {
+                break;
+            }
+            if end <= slot.range.start || pos >= slot.range.end {
+                continue;
+            }
+            let upto = end.min(slot.range.end);
+            slot.written.store(upto - slot.range.start, Ordering::Release);
+            pos = upto;
+        }
+        Ok(())
+    }
+}
+
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: a sparse file of the right length (a full disk then
+        // shows up as SIGBUS on write, as with any mmap writer).
+        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => file.set_len(size),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Renames a complete file into place and makes the rename durable.
@@ -197,8 +282,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| Error::io("write", &tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         persist(&tmp, path)
     })();
@@ -211,81 +295,72 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Chunking;
 
-    fn target(dir: &Path, content: &[u8]) -> Target {
-        Target {
-            partial: dir.join("x.partial"),
-            final_path: dir.join("x"),
-            digest: Digest::of(content),
-            size: content.len() as u64,
-            what: "blob x".into(),
-        }
+    fn blob(dir: &Path, size: u64, chunk: u64) -> Arc<BlobFile> {
+        let ranges = Chunking { chunk_size: chunk }.ranges(size);
+        BlobFile::create(&dir.join("b.partial"), &dir.join("b"), size, &ranges).unwrap()
     }
 
-    #[tokio::test]
-    async fn verified_blob_lands_under_final_name() {
+    #[test]
+    fn out_of_order_chunks_land_at_their_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let t = target(dir.path(), b"hello world");
-        let mut w = BlobWriter::create(t.clone()).unwrap();
-        w.write(Bytes::from_static(b"hello ")).await.unwrap();
-        w.write(Bytes::from_static(b"world")).await.unwrap();
-        w.finish().await.unwrap();
-        assert_eq!(std::fs::read(&t.final_path).unwrap(), b"hello world");
-        assert!(!t.partial.exists());
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let b = blob(dir.path(), 1000, 300);
+        assert_eq!(b.chunk_count(), 4);
+        let mut writers: Vec<ChunkWriter> = (0..4).map(|i| b.claim(i).unwrap()).collect();
+        assert!(b.claim(2).is_none(), "a chunk is handed out once");
+        for i in [3usize, 1, 2] {
+            let r = writers[i].range();
+            writers[i].append(&data[r.start as usize..r.start as usize + 50]).unwrap();
+            writers[i].append(&data[r.start as usize + 50..r.end as usize]).unwrap();
+            assert!(writers[i].is_complete());
+        }
+        assert_eq!(b.contiguous_prefix(), 0);
+        writers[0].append(&data[..100]).unwrap();
+        assert_eq!(b.contiguous_prefix(), 100);
+        writers[0].append(&data[100..300]).unwrap();
+        assert_eq!(b.contiguous_prefix(), 1000);
+        let err = writers[0].append(b"x").unwrap_err();
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+        let mut back = vec![0u8; 1000];
+        b.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, data);
+        b.persist().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
+        assert!(!dir.path().join("b.partial").exists());
     }
 
-    #[tokio::test]
-    async fn corrupt_short_and_long_blobs_leave_nothing() {
+    #[test]
+    fn absorbing_writer_streams_the_whole_blob() {
         let dir = tempfile::tempdir().unwrap();
-        let t = target(dir.path(), b"hello world");
-
-        let mut w = BlobWriter::create(t.clone()).unwrap();
-        w.write(Bytes::from_static(b"hello w0rld")).await.unwrap();
-        let err = w.finish().await.unwrap_err();
-        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
-        let msg = err.to_string();
-        assert!(msg.contains(&t.digest.to_string()), "{msg}");
-        assert!(
-            msg.contains(&Digest::of(b"hello w0rld").to_string()),
-            "{msg}"
-        );
-
-        let mut w = BlobWriter::create(t.clone()).unwrap();
-        w.write(Bytes::from_static(b"hello")).await.unwrap();
-        assert!(matches!(
-            w.finish().await,
-            Err(Error::SizeMismatch { actual: 5, .. })
-        ));
-
-        let mut w = BlobWriter::create(t.clone()).unwrap();
-        let mut err = None;
-        for _ in 0..100 {
-            if let Err(e) = w.write(Bytes::from_static(b"hello world!")).await {
-                err = Some(e);
-                break;
-            }
-        }
-        assert!(matches!(err, Some(Error::SizeMismatch { .. })), "{err:?}");
-
-        assert!(!t.final_path.exists());
-        assert!(!t.partial.exists());
+        let b = blob(dir.path(), 25, 10);
+        let mut w = b.claim(0).unwrap();
+        while w.absorb_next() {}
+        assert_eq!(w.range(), 0..25);
+        w.append(&[7u8; 12]).unwrap();
+        assert_eq!(b.chunk_written(0), 10);
+        assert_eq!(b.chunk_written(1), 2);
+        w.append(&[7u8; 13]).unwrap();
+        assert!(w.is_complete());
+        assert_eq!(b.contiguous_prefix(), 25);
+        assert!(b.claim(1).is_none());
     }
 
-    #[tokio::test]
-    async fn dropped_writer_removes_partial() {
+    #[test]
+    fn unpersisted_partial_is_removed_and_empty_blobs_work() {
         let dir = tempfile::tempdir().unwrap();
-        let t = target(dir.path(), b"abc");
-        let mut w = BlobWriter::create(t.clone()).unwrap();
-        w.write(Bytes::from_static(b"ab")).await.unwrap();
-        drop(w);
-        for _ in 0..100 {
-            if !t.partial.exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(!t.partial.exists());
-        assert!(!t.final_path.exists());
+        let b = blob(dir.path(), 100, 10);
+        assert!(dir.path().join("b.partial").exists());
+        assert_eq!(std::fs::metadata(dir.path().join("b.partial")).unwrap().len(), 100);
+        drop(b);
+        assert!(!dir.path().join("b.partial").exists());
+
+        let e = blob(dir.path(), 0, 10);
+        assert_eq!(e.chunk_count(), 1);
+        assert_eq!(e.contiguous_prefix(), 0);
+        e.persist().unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join("b")).unwrap().len(), 0);
     }
 
     #[test]
