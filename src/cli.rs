@@ -26,6 +26,7 @@ Output:
 
 Exit codes:
   0  success
+  130 interrupted (Ctrl-C): verified blobs are kept, partial files removed
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
@@ -117,8 +118,16 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     let client = builder.build()?;
     console.start(&reference);
-    let result = client.pull(&reference, &args.dest).await;
+    // Ctrl-C drops the pull: in-flight requests stop and partial files are removed.
+    let result = tokio::select! {
+        r = client.pull(&reference, &args.dest) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
     console.clear();
+    let Some(result) = result else {
+        eprintln!("fastpull: interrupted; verified blobs are kept, partial files removed");
+        std::process::exit(130);
+    };
     let report = result?;
     console.finish(&report);
     Ok(())

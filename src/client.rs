@@ -169,7 +169,9 @@ impl ClientBuilder {
             )));
         }
         if self.connections_per_blob == 0 {
-            return Err(Error::InvalidOption("connections per blob must be at least 1".into()));
+            return Err(Error::InvalidOption(
+                "connections per blob must be at least 1".into(),
+            ));
         }
         if self.chunk_size < 64 * 1024 {
             return Err(Error::InvalidOption(format!(

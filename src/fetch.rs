@@ -101,7 +101,19 @@ impl Fetcher<'_> {
     /// Downloads and verifies every blob; stops at the first failure (in-flight requests are
     /// dropped and partial files removed). Returns bytes downloaded.
     pub(crate) async fn fetch_all(&self, blobs: &[BlobDescriptor]) -> Result<u64> {
-        let mut runs: Vec<BlobRun> = blobs
+        let mut runs: Vec<BlobRun> = Vec::new();
+        let result = self.fetch_runs(blobs, &mut runs).await;
+        if result.is_err() {
+            // Partial files go now, not when the last hashing thread lets go of them.
+            for s in runs.iter().filter_map(|r| r.shared.as_ref()) {
+                s.file.discard();
+            }
+        }
+        result
+    }
+
+    async fn fetch_runs(&self, blobs: &[BlobDescriptor], runs: &mut Vec<BlobRun>) -> Result<u64> {
+        *runs = blobs
             .iter()
             .map(|d| BlobRun {
                 desc: d.clone(),
@@ -120,7 +132,7 @@ impl Fetcher<'_> {
         let mut downloaded = 0u64;
         loop {
             while jobs.len() < self.options.connections.max(1) {
-                let Some((b, job, chunk)) = self.pick(&mut runs)? else {
+                let Some((b, job, chunk)) = self.pick(runs)? else {
                     break;
                 };
                 let shared = runs[b]
@@ -223,7 +235,13 @@ impl Fetcher<'_> {
     }
 
     /// One request's worth of work, retried on its own and resumed where it stopped.
-    async fn run_job(&self, s: Arc<Shared>, job: Job, chunk: usize, lane: usize) -> Result<Outcome> {
+    async fn run_job(
+        &self,
+        s: Arc<Shared>,
+        job: Job,
+        chunk: usize,
+        lane: usize,
+    ) -> Result<Outcome> {
         let mut writer = s
             .file
             .claim(chunk)
@@ -234,7 +252,9 @@ impl Fetcher<'_> {
         let mut attempt = 0u32;
         let mut fell_back_to_registry = false;
         loop {
-            let result = self.transfer(&s, &mut writer, &url, single, lane + attempt as usize).await;
+            let result = self
+                .transfer(&s, &mut writer, &url, single, lane + attempt as usize)
+                .await;
             let err = match result {
                 Ok(outcome) if writer.is_complete() => return Ok(outcome),
                 Ok(_) => Error::network(
@@ -251,8 +271,16 @@ impl Fetcher<'_> {
                 Err(e) => e,
             };
             // A URL the registry redirected us to may expire (presigned): ask the registry again.
-            if !err.is_transient() && url != registry_url && !fell_back_to_registry && matches!(job, Job::Chunk) {
-                if let Error::Registry { status: 401 | 403 | 404 | 410, .. } = err {
+            if !err.is_transient()
+                && url != registry_url
+                && !fell_back_to_registry
+                && matches!(job, Job::Chunk)
+            {
+                if let Error::Registry {
+                    status: 401 | 403 | 404 | 410,
+                    ..
+                } = err
+                {
                     tracing::debug!(url = %redact_url(&url), "redirect target refused; asking the registry again");
                     fell_back_to_registry = true;
                     url = registry_url.clone();
@@ -286,12 +314,20 @@ impl Fetcher<'_> {
         let from = r.start + writer.written();
         let size = s.desc.size;
         // A single-chunk blob is asked for whole (no Range) unless resuming.
-        let range = if single && from == 0 { None } else { Some((from, r.end - 1)) };
+        let range = if single && from == 0 {
+            None
+        } else {
+            Some((from, r.end - 1))
+        };
         if r.end == r.start {
             // A 0-byte blob: nothing to ask for but its existence.
             let (resp, final_url) = self.registry.get_blob(url, None, lane).await?;
             check_length(&resp, 0, &s.desc.digest, &final_url)?;
-            return Ok(if single { Outcome::Whole } else { Outcome::Ranged(final_url) });
+            return Ok(if single {
+                Outcome::Whole
+            } else {
+                Outcome::Ranged(final_url)
+            });
         }
         let (resp, final_url) = match tokio::time::timeout(
             self.options.stall_timeout,
@@ -349,7 +385,11 @@ impl Fetcher<'_> {
         };
         let whole = resp.status() == StatusCode::OK;
         self.stream(s, writer, resp, skip, &final_url).await?;
-        Ok(if whole || single { Outcome::Whole } else { Outcome::Ranged(final_url) })
+        Ok(if whole || single {
+            Outcome::Whole
+        } else {
+            Outcome::Ranged(final_url)
+        })
     }
 
     /// Streams a body into `writer`, dropping the first `skip` bytes (already written).
@@ -396,7 +436,9 @@ impl Fetcher<'_> {
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
-            let Ok(mut data) = frame.into_data() else { continue };
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
             if skip > 0 {
                 let n = (skip as usize).min(data.len());
                 let _ = data.split_to(n);
@@ -408,13 +450,20 @@ impl Fetcher<'_> {
             let room = range.end - range.start - writer.written();
             if data.len() as u64 > room {
                 return Err(Error::SizeMismatch {
-                    what: format!("blob {} range {}-{} from {}", s.desc.digest, range.start, range.end - 1, redact_url(url)),
+                    what: format!(
+                        "blob {} range {}-{} from {}",
+                        s.desc.digest,
+                        range.start,
+                        range.end - 1,
+                        redact_url(url)
+                    ),
                     expected: range.end - range.start,
                     actual: range.end - range.start - room + data.len() as u64,
                 });
             }
             writer.append(&data)?;
-            let total = s.downloaded.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            let total =
+                s.downloaded.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             since_poke += data.len();
             if since_poke >= 1 << 20 || writer.is_complete() {
                 since_poke = 0;
@@ -427,11 +476,14 @@ impl Fetcher<'_> {
             if writer.is_complete() {
                 // Whatever else the server sends is not ours to read; a clean end is expected.
                 return match tokio::time::timeout(self.options.stall_timeout, body.frame()).await {
-                    Ok(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => Err(Error::SizeMismatch {
-                        what: format!("blob {} from {}", s.desc.digest, redact_url(url)),
-                        expected: range.end - range.start,
-                        actual: range.end - range.start + f.data_ref().map_or(0, |d| d.len() as u64),
-                    }),
+                    Ok(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
+                        Err(Error::SizeMismatch {
+                            what: format!("blob {} from {}", s.desc.digest, redact_url(url)),
+                            expected: range.end - range.start,
+                            actual: range.end - range.start
+                                + f.data_ref().map_or(0, |d| d.len() as u64),
+                        })
+                    }
                     _ => Ok(()),
                 };
             }
@@ -496,7 +548,11 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 }
 
 fn internal(what: &str) -> Error {
-    Error::io("fetch", std::path::PathBuf::new(), std::io::Error::other(what.to_string()))
+    Error::io(
+        "fetch",
+        std::path::PathBuf::new(),
+        std::io::Error::other(what.to_string()),
+    )
 }
 
 #[cfg(test)]
@@ -505,7 +561,10 @@ mod tests {
 
     #[test]
     fn parses_content_range() {
-        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((0, 99, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
         assert_eq!(parse_content_range("bytes */1000"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);

@@ -98,7 +98,12 @@ impl Transport {
         } else {
             "GET"
         };
-        match tokio::time::timeout(self.stall_timeout, self.lanes[lane % self.lanes.len()].request(req)).await {
+        match tokio::time::timeout(
+            self.stall_timeout,
+            self.lanes[lane % self.lanes.len()].request(req),
+        )
+        .await
+        {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(Error::network(CONNECT, url, flatten(e))),
             Ok(Err(e)) => Err(Error::network(what, url, flatten(e))),

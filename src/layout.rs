@@ -253,7 +253,19 @@ impl Layout {
     pub(crate) fn finish(self) -> Result<()> {
         let tmp = self.tmp.clone();
         drop(self);
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))
+        match std::fs::remove_dir_all(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", &tmp, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Layout {
+    /// After a failed pull: remove the lock and the scratch directory if nothing else is in
+    /// it (partial files of blobs still being released keep it).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.tmp.join("lock"));
+        let _ = std::fs::remove_dir(&self.tmp);
     }
 }
 

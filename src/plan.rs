@@ -52,7 +52,7 @@ impl Chunking {
     pub fn ranges(&self, size: u64) -> Vec<Range<u64>> {
         let step = self.chunk_size.max(1);
         if size <= step {
-            return vec![0..size];
+            return std::iter::once(0..size).collect();
         }
         (0..size.div_ceil(step))
             .map(|i| i * step..((i + 1) * step).min(size))
@@ -79,7 +79,9 @@ mod tests {
                 assert_eq!(r.first().map(|r| r.start), Some(0));
                 assert_eq!(r.last().map(|r| r.end), Some(size));
                 assert!(r.windows(2).all(|w| w[0].end == w[1].start));
-                assert!(r.iter().all(|r| r.end - r.start <= chunk_size.max(size.min(chunk_size))));
+                assert!(r
+                    .iter()
+                    .all(|r| r.end - r.start <= chunk_size.max(size.min(chunk_size))));
                 assert!(size == 0 || r.iter().all(|r| r.end > r.start));
             }
         }

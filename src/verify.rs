@@ -80,59 +80,6 @@ pub fn file_matches(path: &Path, digest: &Digest, size: u64) -> io::Result<bool>
     Ok(len == size && actual == *digest)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn incremental_equals_one_shot() {
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let mut h = Hasher::new();
-        for chunk in data.chunks(333) {
-            h.update(chunk);
-        }
-        assert_eq!(h.len(), data.len() as u64);
-        assert_eq!(h.finish(), Digest::of(&data));
-    }
-
-    #[tokio::test]
-    async fn in_order_hasher_follows_out_of_order_chunks() {
-        use crate::plan::Chunking;
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Arc::new(HashPool::new(2).unwrap());
-        for (size, chunk) in [(0u64, 10u64), (1, 10), (10, 10), (11, 10), (5000, 64), (3 << 20, 1 << 20)] {
-            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
-            let ranges = Chunking { chunk_size: chunk }.ranges(size);
-            let blob = BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size, &ranges).unwrap();
-            let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
-            let order: Vec<usize> = (0..ranges.len()).rev().collect();
-            for i in order {
-                let mut w = blob.claim(i).unwrap();
-                let r = w.range();
-                for part in data[r.start as usize..r.end as usize].chunks(7) {
-                    w.append(part).unwrap();
-                    h.poke();
-                }
-            }
-            h.poke();
-            let digest = rx.await.unwrap().unwrap();
-            assert_eq!(digest, Digest::of(&data), "size {size} chunk {chunk}");
-        }
-    }
-
-    #[test]
-    fn file_matches_checks_size_and_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b");
-        std::fs::write(&p, b"hello").unwrap();
-        let d = Digest::of(b"hello");
-        assert!(file_matches(&p, &d, 5).unwrap());
-        assert!(!file_matches(&p, &d, 4).unwrap());
-        assert!(!file_matches(&p, &Digest::of(b"hellO"), 5).unwrap());
-        assert!(!file_matches(&dir.path().join("missing"), &d, 5).unwrap());
-    }
-}
-
 /// CPU threads that hash blobs while the network runs (never the async runtime's threads).
 pub struct HashPool {
     pool: rayon::ThreadPool,
@@ -142,7 +89,9 @@ impl HashPool {
     /// A pool of `threads` hashing threads (0: one per CPU).
     pub fn new(threads: usize) -> std::io::Result<HashPool> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
         } else {
             threads
         };
@@ -175,7 +124,10 @@ const HASH_STEP: usize = 1 << 20;
 
 impl InOrderHasher {
     /// A hasher for `blob`; the receiver yields the digest once every byte is hashed.
-    pub fn new(blob: Arc<BlobFile>, pool: Arc<HashPool>) -> (Arc<InOrderHasher>, oneshot::Receiver<io::Result<Digest>>) {
+    pub fn new(
+        blob: Arc<BlobFile>,
+        pool: Arc<HashPool>,
+    ) -> (Arc<InOrderHasher>, oneshot::Receiver<io::Result<Digest>>) {
         let (tx, rx) = oneshot::channel();
         let h = Arc::new(InOrderHasher {
             blob,
@@ -202,7 +154,9 @@ impl InOrderHasher {
             static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; HASH_STEP]);
         }
         loop {
-            let Ok(mut st) = self.state.lock() else { return };
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
             if st.done.is_none() {
                 return;
             }
@@ -234,10 +188,74 @@ impl InOrderHasher {
             drop(st);
             self.scheduled.store(false, Ordering::Release);
             // A write that landed after our last look, whose poke saw `scheduled` still set.
-            if self.blob.contiguous_prefix() > hashed && !self.scheduled.swap(true, Ordering::AcqRel) {
+            if self.blob.contiguous_prefix() > hashed
+                && !self.scheduled.swap(true, Ordering::AcqRel)
+            {
                 continue;
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incremental_equals_one_shot() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut h = Hasher::new();
+        for chunk in data.chunks(333) {
+            h.update(chunk);
+        }
+        assert_eq!(h.len(), data.len() as u64);
+        assert_eq!(h.finish(), Digest::of(&data));
+    }
+
+    #[tokio::test]
+    async fn in_order_hasher_follows_out_of_order_chunks() {
+        use crate::plan::Chunking;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(2).unwrap());
+        for (size, chunk) in [
+            (0u64, 10u64),
+            (1, 10),
+            (10, 10),
+            (11, 10),
+            (5000, 64),
+            (3 << 20, 1 << 20),
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+            let ranges = Chunking { chunk_size: chunk }.ranges(size);
+            let blob =
+                BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size, &ranges)
+                    .unwrap();
+            let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
+            let order: Vec<usize> = (0..ranges.len()).rev().collect();
+            for i in order {
+                let mut w = blob.claim(i).unwrap();
+                let r = w.range();
+                for part in data[r.start as usize..r.end as usize].chunks(7) {
+                    w.append(part).unwrap();
+                    h.poke();
+                }
+            }
+            h.poke();
+            let digest = rx.await.unwrap().unwrap();
+            assert_eq!(digest, Digest::of(&data), "size {size} chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn file_matches_checks_size_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b");
+        std::fs::write(&p, b"hello").unwrap();
+        let d = Digest::of(b"hello");
+        assert!(file_matches(&p, &d, 5).unwrap());
+        assert!(!file_matches(&p, &d, 4).unwrap());
+        assert!(!file_matches(&p, &Digest::of(b"hellO"), 5).unwrap());
+        assert!(!file_matches(&dir.path().join("missing"), &d, 5).unwrap());
     }
 }

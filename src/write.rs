@@ -50,8 +50,16 @@ pub struct ChunkWriter {
 impl BlobFile {
     /// Creates `partial`, preallocates `size` bytes (so a full disk is an error now, not a
     /// SIGBUS later), and maps it. `chunks` are the byte ranges writers will claim.
-    pub fn create(partial: &Path, final_path: &Path, size: u64, chunks: &[Range<u64>]) -> Result<Arc<BlobFile>> {
-        debug_assert!(chunks.first().map(|r| r.start) == Some(0) && chunks.last().map(|r| r.end) == Some(size));
+    pub fn create(
+        partial: &Path,
+        final_path: &Path,
+        size: u64,
+        chunks: &[Range<u64>],
+    ) -> Result<Arc<BlobFile>> {
+        debug_assert!(
+            chunks.first().map(|r| r.start) == Some(0)
+                && chunks.last().map(|r| r.end) == Some(size)
+        );
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -138,7 +146,8 @@ impl BlobFile {
     /// rename durable. Call only for verified content.
     pub fn persist(&self) -> Result<()> {
         if let Some(map) = &self.map {
-            map.flush().map_err(|e| Error::io("msync", &self.partial, e))?;
+            map.flush()
+                .map_err(|e| Error::io("msync", &self.partial, e))?;
         }
         self.file
             .sync_all()
@@ -154,11 +163,19 @@ impl BlobFile {
     }
 }
 
-impl Drop for BlobFile {
-    fn drop(&mut self) {
+impl BlobFile {
+    /// Removes the partial file now (a failed pull), unless it was persisted. Readers that
+    /// still hold the file keep reading the unlinked inode.
+    pub fn discard(&self) {
         if !self.persisted.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.partial);
         }
+    }
+}
+
+impl Drop for BlobFile {
+    fn drop(&mut self) {
+        self.discard();
     }
 }
 
@@ -209,7 +226,12 @@ impl ChunkWriter {
         let end = offset + bytes.len() as u64;
         if end > r.end {
             return Err(Error::SizeMismatch {
-                what: format!("range {}-{} of {}", r.start, r.end.saturating_sub(1), self.blob.partial.display()),
+                what: format!(
+                    "range {}-{} of {}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    self.blob.partial.display()
+                ),
                 expected: r.end - r.start,
                 actual: end - r.start,
             });
@@ -218,7 +240,11 @@ impl ChunkWriter {
             return Ok(());
         }
         let Some(map) = &self.blob.map else {
-            return Err(Error::io("write", &self.blob.partial, std::io::Error::other("write to an empty blob")));
+            return Err(Error::io(
+                "write",
+                &self.blob.partial,
+                std::io::Error::other("write to an empty blob"),
+            ));
         };
         // SAFETY: `map` is a live shared mapping of `self.blob.file`, created with the file's
         // full preallocated length (`size`) and kept alive by the `Arc<BlobFile>` we hold; the
@@ -230,7 +256,11 @@ impl ChunkWriter {
         // extending), so no other thread writes these bytes concurrently. Nothing creates a
         // Rust reference into the map; readers use pread.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_mut_ptr().add(offset as usize), bytes.len());
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                map.as_mut_ptr().add(offset as usize),
+                bytes.len(),
+            );
         }
         // Publish the new length per chunk, in order (Release pairs with the hasher's Acquire).
         let mut pos = offset;
@@ -242,7 +272,8 @@ impl ChunkWriter {
                 continue;
             }
             let upto = end.min(slot.range.end);
-            slot.written.store(upto - slot.range.start, Ordering::Release);
+            slot.written
+                .store(upto - slot.range.start, Ordering::Release);
             pos = upto;
         }
         Ok(())
@@ -282,7 +313,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
         persist(&tmp, path)
     })();
@@ -312,8 +344,12 @@ mod tests {
         assert!(b.claim(2).is_none(), "a chunk is handed out once");
         for i in [3usize, 1, 2] {
             let r = writers[i].range();
-            writers[i].append(&data[r.start as usize..r.start as usize + 50]).unwrap();
-            writers[i].append(&data[r.start as usize + 50..r.end as usize]).unwrap();
+            writers[i]
+                .append(&data[r.start as usize..r.start as usize + 50])
+                .unwrap();
+            writers[i]
+                .append(&data[r.start as usize + 50..r.end as usize])
+                .unwrap();
             assert!(writers[i].is_complete());
         }
         assert_eq!(b.contiguous_prefix(), 0);
@@ -352,7 +388,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = blob(dir.path(), 100, 10);
         assert!(dir.path().join("b.partial").exists());
-        assert_eq!(std::fs::metadata(dir.path().join("b.partial")).unwrap().len(), 100);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("b.partial"))
+                .unwrap()
+                .len(),
+            100
+        );
         drop(b);
         assert!(!dir.path().join("b.partial").exists());
 

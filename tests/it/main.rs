@@ -1,3 +1,4 @@
+mod chunks;
 mod harness_selftest;
 mod interop;
 mod pull;

@@ -551,7 +551,15 @@ fn many_layers_with_low_concurrency_and_quiet_output() {
     push_image(&reg, "many/layers", "v", &image);
     let (_d, out) = dest();
     let name = format!("{}/many/layers:v", reg.addr());
-    let o = fastpull(&["-q", "-j", "3", "--chunk-size", "64K", &name, out.to_str().expect("utf8")]);
+    let o = fastpull(&[
+        "-q",
+        "-j",
+        "3",
+        "--chunk-size",
+        "64K",
+        &name,
+        out.to_str().expect("utf8"),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{name}"));
     assert_oci_holds(&out, &image, Some("v"));

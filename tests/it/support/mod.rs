@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod canned;
+pub mod cdn;
 pub mod image;
+pub mod proxy;
 pub mod push;
 pub mod registry;
 
@@ -11,11 +13,13 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 pub use canned::{Canned, CannedServer};
+pub use cdn::registry_with_cdn;
 #[allow(unused_imports)]
 pub use image::{
     build_index, empty_layer, gzip, random_layer, random_tar, sha256_digest, zero_byte_blob, Blob,
     Flavor, Image, ImageBuilder, EMPTY_SHA256,
 };
+pub use proxy::{Fault, FaultProxy, Rule, TokenFront};
 #[allow(unused_imports)]
 pub use push::{
     corrupt_blob_in_storage, fetch_blob, fetch_manifest, push_blob, push_blob_chunked,

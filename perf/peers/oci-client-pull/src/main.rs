@@ -1,0 +1,79 @@
+//! Benchmark peer for fastpull: pull IMAGE into DEST with the `oci-client` crate, the way a
+//! typical user of that crate would.
+//!
+//!     oci-client-pull [--plain-http] IMAGE DEST
+//!
+//! Anonymous auth; plain HTTP for every registry with `--plain-http`, otherwise HTTPS except
+//! for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
+//! every layer are streamed to `DEST/<hex digest>` with `pull_blob` (which verifies the digest
+//! while writing), `max_concurrent_download` blobs at once (the crate's default, 16).
+//! `DEST/manifest.json` holds the manifest as the crate parsed it.
+
+use anyhow::{bail, Context, Result};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use std::path::{Path, PathBuf};
+use tokio::io::BufWriter;
+
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let plain_http = args.iter().any(|a| a == "--plain-http");
+    args.retain(|a| a != "--plain-http");
+    let [image, dest] = args.as_slice() else {
+        bail!("usage: oci-client-pull [--plain-http] IMAGE DEST");
+    };
+    let reference: Reference = image.parse().context("parsing IMAGE")?;
+    let dest = PathBuf::from(dest);
+    tokio::fs::create_dir_all(&dest).await?;
+
+    let registry = reference.resolve_registry().to_string();
+    let protocol = if plain_http {
+        ClientProtocol::Http
+    } else {
+        let loopback = ["127.", "localhost", "[::1]"];
+        let except = loopback.iter().any(|p| registry.starts_with(p));
+        ClientProtocol::HttpsExcept(if except { vec![registry] } else { vec![] })
+    };
+    let config = ClientConfig {
+        protocol,
+        ..Default::default()
+    };
+    let concurrency = config.max_concurrent_download;
+    let client = Client::new(config);
+    let auth = RegistryAuth::Anonymous;
+
+    let (manifest, digest) = client.pull_image_manifest(&reference, &auth).await?;
+    tokio::fs::write(dest.join("manifest.json"), serde_json::to_vec(&manifest)?).await?;
+
+    let blobs: Vec<&OciDescriptor> = std::iter::once(&manifest.config)
+        .chain(manifest.layers.iter())
+        .collect();
+    stream::iter(blobs)
+        .map(|desc| pull_to_file(&client, &reference, desc, &dest))
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<()>>()
+        .await?;
+
+    println!("{image}: {} blobs, manifest {digest}", manifest.layers.len() + 1);
+    Ok(())
+}
+
+async fn pull_to_file(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    dest: &Path,
+) -> Result<()> {
+    let name = desc.digest.split_once(':').map_or(&*desc.digest, |(_, hex)| hex);
+    let file = tokio::fs::File::create(dest.join(name)).await?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    client
+        .pull_blob(reference, desc, &mut out)
+        .await
+        .with_context(|| format!("pulling {}", desc.digest))
+}

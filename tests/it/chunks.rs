@@ -1,0 +1,451 @@
+//! The range-chunked engine against the real registry: chunking across sizes, servers that
+//! ignore `Range`, redirects to a CDN that refuses `Authorization`, and faults injected by
+//! our proxy (resets, truncation, stalls, 5xx, 429, corruption).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::support::*;
+
+const CHUNK: usize = 64 * 1024;
+
+fn dest() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("out");
+    (dir, out)
+}
+
+/// Runs the CLI with small chunks, fast retries and a short stall timeout.
+fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastpull"))
+        .args(["--chunk-size", "64K", "--stall-timeout", "2"])
+        .args(extra)
+        .arg(image)
+        .arg(out)
+        .output()
+        .expect("run fastpull")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn hex(d: &str) -> &str {
+    d.strip_prefix("sha256:").expect("sha256")
+}
+
+/// A layer of exactly `size` random bytes (content need not be a tar for a pull).
+fn sized_blob(seed: u64, size: usize) -> Blob {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let bytes = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    Blob::new("", bytes)
+}
+
+fn image_of(sizes: &[usize], seed: u64) -> Image {
+    let mut b = ImageBuilder::new(Flavor::Oci);
+    for (i, &size) in sizes.iter().enumerate() {
+        let blob = sized_blob(seed + i as u64, size);
+        let diff = blob.digest.clone();
+        b = b.raw_layer(blob, diff);
+    }
+    b.build()
+}
+
+fn assert_holds(out: &Path, image: &Image) {
+    for b in image.blobs() {
+        let p = out.join("blobs/sha256").join(hex(&b.digest));
+        let got = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            got == b.bytes,
+            "blob {} ({} bytes) differs",
+            b.digest,
+            b.size()
+        );
+    }
+    assert_no_leftovers(out);
+}
+
+fn assert_no_leftovers(out: &Path) {
+    if let Ok(rd) = std::fs::read_dir(out.join(".fastpull-tmp")) {
+        let left: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "left in .fastpull-tmp: {left:?}");
+    }
+    for f in std::fs::read_dir(out.join("blobs/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let bytes = std::fs::read(f.path()).expect("read blob");
+        let name = f.file_name().to_string_lossy().into_owned();
+        assert_eq!(
+            sha256_digest(&bytes),
+            format!("sha256:{name}"),
+            "unverified blob under a final name"
+        );
+    }
+}
+
+#[test]
+fn chunking_is_exact_across_sizes() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let sizes = [
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        2 * CHUNK,
+        10 * CHUNK + 123,
+    ];
+    let image = image_of(&sizes, 100);
+    push_image(&reg, "chunks/sizes", "v", &image);
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/sizes:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+
+    for layer in &image.layers {
+        let reqs = proxy.blob_requests(&layer.digest);
+        let size = layer.size() as usize;
+        let chunks = size.div_ceil(CHUNK).max(1);
+        assert_eq!(
+            reqs.len(),
+            chunks,
+            "{size}-byte blob: one request per chunk: {reqs:?}"
+        );
+        if chunks == 1 {
+            assert_eq!(reqs[0].range, None, "a one-chunk blob is asked for whole");
+        } else {
+            let mut starts: Vec<u64> = reqs
+                .iter()
+                .map(|r| r.range_start().expect("range"))
+                .collect();
+            starts.sort();
+            let want: Vec<u64> = (0..chunks).map(|i| (i * CHUNK) as u64).collect();
+            assert_eq!(starts, want, "{size}-byte blob");
+            let last = reqs
+                .iter()
+                .find(|r| r.range_start() == Some(((chunks - 1) * CHUNK) as u64))
+                .expect("last chunk");
+            assert_eq!(
+                last.range.as_deref(),
+                Some(format!("bytes={}-{}", (chunks - 1) * CHUNK, size - 1).as_str()),
+                "closed ranges"
+            );
+        }
+    }
+}
+
+#[test]
+fn many_layers_with_chunks_share_the_connections() {
+    let reg = Registry::start();
+    let sizes: Vec<usize> = (0..12).map(|i| CHUNK * (i % 4) + 1000 * i).collect();
+    let image = image_of(&sizes, 200);
+    push_image(&reg, "chunks/many", "v", &image);
+    let (_d, out) = dest();
+    let o = fastpull(
+        &format!("{}/chunks/many:v", reg.addr()),
+        &out,
+        &["-j", "3", "--connections-per-blob", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+}
+
+#[test]
+fn server_ignoring_range_gets_one_stream_per_blob() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    proxy.add(Rule::new("/blobs/", Fault::IgnoreRange));
+    let image = image_of(&[5 * CHUNK + 7, 3 * CHUNK], 300);
+    push_image(&reg, "chunks/norange", "v", &image);
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/norange:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    for layer in &image.layers {
+        let reqs = proxy.blob_requests(&layer.digest);
+        assert_eq!(
+            reqs.len(),
+            1,
+            "a 200 to the first range means one stream: {reqs:?}"
+        );
+    }
+}
+
+#[test]
+fn resets_and_truncation_mid_chunk_resume_from_the_byte_reached() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[6 * CHUNK + 99], 400);
+    push_image(&reg, "chunks/faults", "v", &image);
+    let layer = &image.layers[0];
+    let path = format!("/blobs/{}", layer.digest);
+    proxy.add(
+        Rule::new(&path, Fault::Reset { after: 1000 })
+            .range_start(2 * CHUNK as u64)
+            .times(1),
+    );
+    proxy.add(
+        Rule::new(&path, Fault::Truncate { after: 5000 })
+            .range_start(4 * CHUNK as u64)
+            .times(1),
+    );
+    proxy.add(
+        Rule::new(&path, Fault::Reset { after: 10 })
+            .range_start(0)
+            .times(1),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/faults:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+
+    let reqs = proxy.blob_requests(&layer.digest);
+    let starts: Vec<u64> = reqs.iter().filter_map(|r| r.range_start()).collect();
+    // The reset chunk resumes at (or before) the byte it reached, never from its start again.
+    let resumed_reset = starts
+        .iter()
+        .any(|&s| s > 2 * CHUNK as u64 && s <= 2 * CHUNK as u64 + 1000);
+    let resumed_trunc = starts
+        .iter()
+        .any(|&s| s > 4 * CHUNK as u64 && s <= 4 * CHUNK as u64 + 5000);
+    assert!(resumed_reset, "reset chunk resumed mid-range: {starts:?}");
+    assert!(
+        resumed_trunc,
+        "truncated chunk resumed mid-range: {starts:?}"
+    );
+    assert_eq!(
+        starts.iter().filter(|&&s| s == 2 * CHUNK as u64).count(),
+        1,
+        "the reset chunk is not fetched again from its start: {starts:?}"
+    );
+}
+
+#[test]
+fn stalled_connection_is_reissued() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[4 * CHUNK], 500);
+    push_image(&reg, "chunks/stall", "v", &image);
+    let layer = &image.layers[0];
+    proxy.add(
+        Rule::new(
+            &format!("/blobs/{}", layer.digest),
+            Fault::Stall {
+                after: 2000,
+                pause: Duration::from_secs(30),
+            },
+        )
+        .range_start(CHUNK as u64)
+        .times(1),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/stall:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    let starts: Vec<u64> = proxy
+        .blob_requests(&layer.digest)
+        .iter()
+        .filter_map(|r| r.range_start())
+        .collect();
+    assert!(
+        starts
+            .iter()
+            .any(|&s| s > CHUNK as u64 && s <= CHUNK as u64 + 2000),
+        "the stalled chunk was re-issued from where it stopped: {starts:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Retrying"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn server_errors_and_429_are_retried() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[3 * CHUNK], 600);
+    push_image(&reg, "chunks/status", "v", &image);
+    let path = format!("/blobs/{}", image.layers[0].digest);
+    proxy.add(
+        Rule::new(
+            &path,
+            Fault::Status {
+                code: 503,
+                retry_after: None,
+            },
+        )
+        .range_start(CHUNK as u64)
+        .times(2),
+    );
+    proxy.add(
+        Rule::new(
+            &path,
+            Fault::Status {
+                code: 429,
+                retry_after: Some(1),
+            },
+        )
+        .range_start(2 * CHUNK as u64)
+        .times(1),
+    );
+    proxy.add(
+        Rule::new(
+            "/manifests/",
+            Fault::Status {
+                code: 502,
+                retry_after: None,
+            },
+        )
+        .times(1),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/status:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    let faults: Vec<String> = proxy.seen().into_iter().filter_map(|s| s.fault).collect();
+    assert_eq!(
+        faults.iter().filter(|f| f.contains("503")).count(),
+        2,
+        "{faults:?}"
+    );
+    assert_eq!(
+        faults.iter().filter(|f| f.contains("429")).count(),
+        1,
+        "{faults:?}"
+    );
+    assert_eq!(
+        faults.iter().filter(|f| f.contains("502")).count(),
+        1,
+        "{faults:?}"
+    );
+}
+
+#[test]
+fn persistent_failure_gives_up_with_the_retry_count() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[3 * CHUNK], 700);
+    push_image(&reg, "chunks/dead", "v", &image);
+    proxy.add(
+        Rule::new(
+            &format!("/blobs/{}", image.layers[0].digest),
+            Fault::Reset { after: 0 },
+        )
+        .range_start(CHUNK as u64),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(
+        &format!("{}/chunks/dead:v", proxy.addr()),
+        &out,
+        &["--retries", "2"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("after 2 retries"), "{err}");
+    assert!(
+        err.contains(&image.layers[0].digest),
+        "names the blob: {err}"
+    );
+    assert!(!out
+        .join("blobs/sha256")
+        .join(hex(&image.layers[0].digest))
+        .exists());
+    assert_no_leftovers(&out);
+}
+
+#[test]
+fn corrupted_chunk_fails_verification_and_leaves_nothing() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[5 * CHUNK, 2 * CHUNK], 800);
+    push_image(&reg, "chunks/corrupt", "v", &image);
+    let bad = &image.layers[0];
+    proxy.add(
+        Rule::new(
+            &format!("/blobs/{}", bad.digest),
+            Fault::Corrupt { at: 777 },
+        )
+        .range_start(3 * CHUNK as u64),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/corrupt:v", proxy.addr()), &out, &[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("digest mismatch") && err.contains(&bad.digest),
+        "{err}"
+    );
+    assert!(!out.join("blobs/sha256").join(hex(&bad.digest)).exists());
+    assert!(!out.join("index.json").exists());
+    assert_no_leftovers(&out);
+}
+
+#[test]
+fn chunks_follow_the_redirect_and_never_send_authorization_to_the_cdn() {
+    let (reg, cdn) = registry_with_cdn(None);
+    // A token-protected front for the registry: fastpull must authenticate there...
+    let front = FaultProxy::start_with(
+        &reg.addr(),
+        Some(TokenFront {
+            token: "s3cret-token".into(),
+        }),
+    );
+    let image = image_of(&[7 * CHUNK + 5, 100], 900);
+    push_image(&reg, "chunks/cdn", "v", &image);
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/cdn:v", front.addr()), &out, &["-v"]);
+    assert!(
+        o.status.success(),
+        "{}\nCDN log:\n{}",
+        text(&o),
+        cdn.access_log()
+    );
+    assert_holds(&out, &image);
+
+    // ...and the registry saw the token, while the CDN (which answers 403 to any request
+    // with Authorization) served every chunk.
+    let seen = front.seen();
+    assert!(
+        seen.iter().any(|s| s.fault.as_deref() == Some("token")),
+        "a token was fetched"
+    );
+    let big = &image.layers[0];
+    let front_reqs = front.blob_requests(&big.digest);
+    assert!(front_reqs
+        .iter()
+        .all(|s| s.fault.as_deref() == Some("401") || s.authorization));
+    assert_eq!(
+        front_reqs.iter().filter(|s| s.authorization).count(),
+        1,
+        "only the probe asks the registry; later chunks reuse the CDN URL: {front_reqs:?}"
+    );
+    let log = cdn.access_log();
+    let cdn_hits = log.lines().filter(|l| l.contains(hex(&big.digest))).count();
+    assert_eq!(cdn_hits, 8, "every chunk from the CDN:\n{log}");
+    assert!(
+        !log.contains("\" 403 "),
+        "no request reached the CDN with Authorization:\n{log}"
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !stderr.contains("s3cret-token"),
+        "the token never shows in logs"
+    );
+}

@@ -1,0 +1,118 @@
+//! A CDN-like server: nginx on 127.0.0.2 serving the registry's storage root (the target of
+//! the registry's redirect middleware), refusing any request that carries `Authorization`,
+//! optionally capping each connection's rate as real CDNs do.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::Registry;
+
+/// nginx, stopped on drop.
+pub struct Cdn {
+    child: Child,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+/// A free port on 127.0.0.2.
+pub fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .expect("bind to find a free port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A registry whose blob GETs redirect to a CDN, and the CDN.
+pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
+    let port = free_port_on("127.0.0.2");
+    let reg = Registry::start_with_extra_config(&format!(
+        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
+    ));
+    let cdn = Cdn::start(reg.storage_root(), port, rate);
+    (reg, cdn)
+}
+
+impl Cdn {
+    /// Starts nginx on 127.0.0.2:`port` serving `root`.
+    pub fn start(root: &Path, port: u16, rate: Option<&str>) -> Cdn {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("nginx is required: run scripts/test, which installs it");
+        let dir = tempfile::tempdir().expect("nginx dir");
+        let p = dir.path();
+        for d in ["logs", "tmp"] {
+            std::fs::create_dir_all(p.join(d)).expect("mkdir");
+        }
+        let limit = rate.map(|r| format!("limit_rate {r};")).unwrap_or_default();
+        let conf = format!(
+            r#"daemon off;
+worker_processes 1;
+error_log {p}/logs/error.log warn;
+pid {p}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+  access_log {p}/logs/access.log;
+  client_body_temp_path {p}/tmp;
+  proxy_temp_path {p}/tmp;
+  fastcgi_temp_path {p}/tmp;
+  uwsgi_temp_path {p}/tmp;
+  scgi_temp_path {p}/tmp;
+  sendfile on;
+  server {{
+    listen 127.0.0.2:{port};
+    root {root};
+    {limit}
+    location / {{
+      if ($http_authorization) {{ return 403; }}
+    }}
+  }}
+}}
+"#,
+            p = p.display(),
+            root = root.display(),
+        );
+        let conf_path = p.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(p)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let addr = format!("127.0.0.2:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(p.join("logs/error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Cdn { child, addr, dir }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// nginx's access log: one line per request.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cdn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
