@@ -138,6 +138,7 @@ impl Auth {
         Error::Unauthorized {
             registry: self.registry.clone(),
             repository: self.repository.clone(),
+            code: None,
             message: message.to_string(),
         }
     }
@@ -163,7 +164,7 @@ impl Auth {
         }
         let sep = if realm.contains('?') { '&' } else { '?' };
         let url = format!("{realm}{sep}{}", query.join("&"));
-        tracing::debug!(realm = %realm, scope = %ours, "fetching bearer token");
+        tracing::debug!(realm = %crate::error::redact_url(realm), scope = %ours, "fetching bearer token");
         let resp = transport
             .send(Method::GET, &url, HeaderMap::new(), bytes::Bytes::new())
             .await?;
@@ -179,6 +180,7 @@ impl Auth {
                 code: None,
                 message: "token request failed".into(),
                 retry_after: None,
+                retries: 0,
             });
         }
         #[derive(serde::Deserialize)]

@@ -26,6 +26,7 @@ Output:
 
 Exit codes:
   0  success
+  1  internal error (a bug: please report it)
   130 interrupted (Ctrl-C): verified blobs are kept, partial files removed
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,

@@ -301,6 +301,14 @@ impl Client {
                 reason: "an index entry points to another index".into(),
             });
         };
+        tracing::info!(
+            reference = %reference,
+            digest = %top,
+            manifest = %image.digest,
+            media_type = %image.media_type,
+            platform = ?platform.as_ref().map(|p| p.to_string()),
+            "resolved"
+        );
         inner.reporter.report(&Event::Resolved {
             digest: top,
             manifest_digest: image.digest,
@@ -334,6 +342,13 @@ impl Client {
             });
         }
 
+        tracing::info!(
+            blobs = blobs.len(),
+            to_fetch = plan.fetch.len(),
+            bytes_to_fetch = plan.fetch_bytes(),
+            present = plan.present.len(),
+            "planned"
+        );
         let fetch_started = Instant::now();
         let fetcher = Fetcher {
             registry: &registry,
@@ -344,6 +359,12 @@ impl Client {
         };
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();
+        tracing::info!(
+            bytes = bytes_downloaded,
+            secs = fetch_time.as_secs_f64(),
+            mb_per_s = bytes_downloaded as f64 / 1e6 / fetch_time.as_secs_f64().max(1e-9),
+            "blobs fetched and verified"
+        );
 
         let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
         layout.commit(&ManifestRecord {

@@ -65,7 +65,8 @@ impl Console {
     /// The closing lines: digest, status, where the image is.
     pub fn finish(&self, report: &PullReport) {
         if self.quiet {
-            println!("{}", report.reference);
+            // A closed stdout (`| head`) is not a failed pull.
+            let _ = writeln!(std::io::stdout().lock(), "{}", report.reference);
             return;
         }
         let all_present = report.blobs.iter().all(|b| b.skipped);

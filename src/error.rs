@@ -42,8 +42,33 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// TLS failed: the server does not speak TLS, or its certificate is not trusted.
+    #[error("TLS error talking to {url}: {message}")]
+    Tls {
+        /// The URL, redacted.
+        url: String,
+        /// What went wrong.
+        message: String,
+        /// The server answered with something that is not TLS.
+        not_tls: bool,
+    },
+
+    /// An HTTP exchange that cannot succeed as it stands (bad redirect, redirect loop, a
+    /// server that breaks the protocol).
+    #[error("{message} ({url})")]
+    Protocol {
+        /// The URL, redacted.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A bug or an impossible state in fastpull itself.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// The registry answered with an error status (JSON `errors` decoded when present).
-    #[error("registry error from {url}: HTTP {status}{}{}", fmt_code(.code), fmt_message(.message))]
+    #[error("registry error from {url}: HTTP {status}{}{}{}", fmt_code(.code), fmt_message(.message), retries_suffix(*.retries))]
     Registry {
         /// The URL, redacted.
         url: String,
@@ -55,24 +80,30 @@ pub enum Error {
         message: String,
         /// The `Retry-After` the registry asked for (429/503), in seconds.
         retry_after: Option<u64>,
+        /// How many times it was retried.
+        retries: u32,
     },
 
-    /// The tag or digest does not exist in the repository.
-    #[error("manifest unknown: {reference} not found in {registry}")]
+    /// The tag, digest or repository does not exist.
+    #[error("{}: {reference} not found in {registry}", if .code.as_deref() == Some("NAME_UNKNOWN") { "repository unknown" } else { "manifest unknown" })]
     ManifestNotFound {
-        /// The reference asked for.
+        /// The reference asked for (`repo:tag` or `repo@digest`).
         reference: String,
         /// Registry host.
         registry: String,
+        /// The registry's error code (`MANIFEST_UNKNOWN`, `NAME_UNKNOWN`), if it sent one.
+        code: Option<String>,
     },
 
     /// The registry refused our credentials (or the lack of them).
-    #[error("unauthorized: {registry} denied access to repository {repository}{}", fmt_message(.message))]
+    #[error("unauthorized: {registry} denied access to repository {repository}{}{}", fmt_code(.code), fmt_message(.message))]
     Unauthorized {
         /// Registry host.
         registry: String,
         /// Repository path.
         repository: String,
+        /// The registry's error code (`UNAUTHORIZED`, `DENIED`), if it sent one.
+        code: Option<String>,
         /// The registry's message, if any.
         message: String,
     },
@@ -96,7 +127,7 @@ pub enum Error {
     },
 
     /// An image index with no manifest for the wanted platform.
-    #[error("no manifest for platform {wanted} in {reference}; available: {}", .available.join(", "))]
+    #[error("no manifest for platform {wanted} in {reference}; available: {}", if .available.is_empty() { "none".to_string() } else { .available.join(", ") })]
     NoMatchingPlatform {
         /// The platform asked for.
         wanted: String,
@@ -182,6 +213,8 @@ pub enum Category {
     Verification,
     /// Local filesystem: permissions, full disk, unusable destination (exit 5).
     Io,
+    /// A bug in fastpull (exit 1).
+    Internal,
 }
 
 impl Category {
@@ -192,6 +225,7 @@ impl Category {
             Category::Registry => 3,
             Category::Verification => 4,
             Category::Io => 5,
+            Category::Internal => 1,
         }
     }
 }
@@ -204,6 +238,8 @@ impl Error {
                 Category::Usage
             }
             Error::Network { .. }
+            | Error::Tls { .. }
+            | Error::Protocol { .. }
             | Error::Registry { .. }
             | Error::ManifestNotFound { .. }
             | Error::Unauthorized { .. }
@@ -212,6 +248,7 @@ impl Error {
             | Error::NoMatchingPlatform { .. } => Category::Registry,
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Category::Verification,
             Error::Io { .. } | Error::Destination { .. } => Category::Io,
+            Error::Internal(_) => Category::Internal,
         }
     }
 
@@ -243,8 +280,9 @@ impl Error {
 
     /// Records how many retries were spent before giving up.
     pub(crate) fn with_retries(mut self, n: u32) -> Self {
-        if let Error::Network { retries, .. } = &mut self {
-            *retries = n;
+        match &mut self {
+            Error::Network { retries, .. } | Error::Registry { retries, .. } => *retries = n,
+            _ => {}
         }
         self
     }
@@ -298,6 +336,7 @@ mod tests {
         let e = Error::ManifestNotFound {
             reference: "r".into(),
             registry: "h".into(),
+            code: None,
         };
         assert_eq!(e.category().exit_code(), 3);
         let e = Error::SizeMismatch {

@@ -176,6 +176,7 @@ impl Fetcher<'_> {
                 }
                 Some(result) = finishing.next() => {
                     let (digest, bytes) = result?;
+                    tracing::info!(blob = %digest, bytes, "verified and in place");
                     downloaded += bytes;
                     finished += 1;
                     self.reporter.report(&Event::BlobDone { digest });
@@ -344,6 +345,14 @@ impl Fetcher<'_> {
                 ))
             }
         };
+        tracing::debug!(
+            blob = %s.desc.digest,
+            url = %redact_url(&final_url),
+            range = ?range,
+            status = resp.status().as_u16(),
+            lane,
+            "response"
+        );
         let what = || format!("blob {} from {}", s.desc.digest, redact_url(&final_url));
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -353,6 +362,7 @@ impl Fetcher<'_> {
                     code: None,
                     message: "206 without a valid Content-Range".into(),
                     retry_after: None,
+                    retries: 0,
                 })?;
                 if total.is_some_and(|t| t != size) {
                     return Err(Error::SizeMismatch {
@@ -369,6 +379,7 @@ impl Fetcher<'_> {
                         code: None,
                         message: format!("asked for bytes {from}-{}, got {start}-{end}", r.end - 1),
                         retry_after: None,
+                        retries: 0,
                     });
                 }
                 from - start
@@ -383,9 +394,11 @@ impl Fetcher<'_> {
                 from
             }
         };
-        let whole = resp.status() == StatusCode::OK;
-        self.stream(s, writer, resp, skip, &final_url).await?;
-        Ok(if whole || single {
+        let full_body = resp.status() == StatusCode::OK;
+        self.stream(s, writer, resp, skip, full_body, &final_url)
+            .await?;
+        // Only a writer that owns every chunk may say the blob is done.
+        Ok(if writer.range() == (0..size) {
             Outcome::Whole
         } else {
             Outcome::Ranged(final_url)
@@ -393,12 +406,16 @@ impl Fetcher<'_> {
     }
 
     /// Streams a body into `writer`, dropping the first `skip` bytes (already written).
+    /// `full_body`: the body is the whole blob (a 200), so bytes past the writer's range
+    /// are expected and left unread.
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         &self,
         s: &Shared,
         writer: &mut ChunkWriter,
         resp: Response<Incoming>,
         mut skip: u64,
+        full_body: bool,
         url: &str,
     ) -> Result<()> {
         let mut body = resp.into_body();
@@ -448,6 +465,9 @@ impl Fetcher<'_> {
                 continue;
             }
             let room = range.end - range.start - writer.written();
+            if full_body && data.len() as u64 > room {
+                data.truncate(room as usize);
+            }
             if data.len() as u64 > room {
                 return Err(Error::SizeMismatch {
                     what: format!(
@@ -474,7 +494,11 @@ impl Fetcher<'_> {
                 });
             }
             if writer.is_complete() {
-                // Whatever else the server sends is not ours to read; a clean end is expected.
+                if full_body && range.end < s.desc.size {
+                    // The rest of a whole-blob body belongs to other chunks: drop it.
+                    return Ok(());
+                }
+                // A range response must end here.
                 return match tokio::time::timeout(self.options.stall_timeout, body.frame()).await {
                     Ok(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
                         Err(Error::SizeMismatch {

@@ -87,7 +87,10 @@ impl Transport {
             .method(method.clone())
             .uri(url)
             .body(Full::new(body))
-            .map_err(|e| Error::network("build request for", url, e))?;
+            .map_err(|e| Error::Protocol {
+                url: crate::error::redact_url(url),
+                message: format!("cannot build a request: {e}"),
+            })?;
         *req.headers_mut() = headers;
         req.headers_mut()
             .insert(http::header::USER_AGENT, self.user_agent.clone());
@@ -105,8 +108,7 @@ impl Transport {
         .await
         {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(Error::network(CONNECT, url, flatten(e))),
-            Ok(Err(e)) => Err(Error::network(what, url, flatten(e))),
+            Ok(Err(e)) => Err(classify(e, what, url)),
             Err(_) => Err(Error::network(
                 what,
                 url,
@@ -130,13 +132,60 @@ pub(crate) fn is_redirect(status: StatusCode) -> bool {
     matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
 
-/// Whether the failure happened before any HTTP was spoken (refused, TLS handshake, DNS):
-/// the case where docker falls back from HTTPS to HTTP for insecure registries.
-pub(crate) fn is_connect_error(err: &Error) -> bool {
-    matches!(err, Error::Network { what, .. } if *what == CONNECT)
+/// Whether HTTPS failed in a way that plain HTTP may fix: the server answered the TLS
+/// handshake with something that is not TLS, or nothing listens on the port. Certificate
+/// problems are not such a case.
+pub(crate) fn https_may_be_plain_http(err: &Error) -> bool {
+    match err {
+        Error::Tls { not_tls, .. } => *not_tls,
+        Error::Network { what, .. } => *what == CONNECT,
+        _ => false,
+    }
 }
 
 const CONNECT: &str = "connect to";
+
+/// Turns hyper's error into ours: TLS failures are their own (permanent) kind, connection
+/// set-up failures are marked, the rest is a transient network error.
+fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str) -> Error {
+    if let Some(tls) = find_rustls_error(&e) {
+        let not_tls = matches!(tls, rustls::Error::InvalidMessage(_));
+        let message = if not_tls {
+            "the server does not speak TLS (use --plain-http for a plain-HTTP registry)".to_string()
+        } else {
+            tls.to_string()
+        };
+        return Error::Tls {
+            url: crate::error::redact_url(url),
+            message,
+            not_tls,
+        };
+    }
+    if e.is_connect() {
+        Error::network(CONNECT, url, flatten(e))
+    } else {
+        Error::network(what, url, flatten(e))
+    }
+}
+
+/// rustls errors hide inside `io::Error`s, whose `source()` skips the wrapped error itself.
+fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(t);
+                }
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
 
 /// hyper-util's error hides its cause behind `source()`; keep the whole chain in the text.
 fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {

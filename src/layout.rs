@@ -4,14 +4,10 @@
 //! destination (one pull at a time, never over a directory of another kind) and writes the
 //! manifest and the layout's index last, atomically.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-
-use oci_spec::image::{
-    Descriptor, ImageIndex, ImageIndexBuilder, MediaType, Platform as OciPlatform,
-};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -78,23 +74,44 @@ pub(crate) struct Layout {
     format: Format,
     blobs: PathBuf,
     tmp: PathBuf,
+    /// The destination did not exist before this pull.
+    created: bool,
+    committed: AtomicBool,
+    /// An flock on the destination directory itself.
     _lock: File,
 }
 
+/// Tells partial files of one process (and of several pulls in it) apart.
+static PARTIAL_SEQ: AtomicU64 = AtomicU64::new(0);
+
 impl Layout {
-    /// Creates or reopens the destination. Refuses a non-empty directory that is not a
-    /// layout of `format`.
+    /// Creates or reopens the destination and locks it. Refuses a non-empty directory that
+    /// is not a layout of `format`.
     pub(crate) fn open(root: &Path, format: Format) -> Result<Layout> {
         let dest_err = |reason: &str| Error::Destination {
             path: root.to_path_buf(),
             reason: reason.to_string(),
         };
-        match std::fs::metadata(root) {
+        let created = match std::fs::metadata(root) {
             Ok(m) if !m.is_dir() => return Err(dest_err("exists and is not a directory")),
-            Ok(_) => check_existing(root, format)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(root)
+                    .map_err(|e| Error::io("create directory", root, e))?;
+                true
+            }
             Err(e) => return Err(Error::io("stat", root, e)),
+        };
+        // Lock first, then look: two pulls into one new directory must not race.
+        let lock = File::open(root).map_err(|e| Error::io("open", root, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(dest_err("is in use by another fastpull process"))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", root, e)),
         }
+        check_existing(root, format)?;
         let blobs = match format {
             Format::Oci => root.join("blobs").join("sha256"),
             Format::Dir => root.to_path_buf(),
@@ -102,15 +119,6 @@ impl Layout {
         let tmp = root.join(TMP_DIR);
         for dir in [&blobs, &tmp] {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-        }
-        let lock_path = tmp.join("lock");
-        let lock = File::create(&lock_path).map_err(|e| Error::io("create", &lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(dest_err("is in use by another fastpull process"))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
         }
         match format {
             Format::Oci => {
@@ -126,6 +134,8 @@ impl Layout {
             format,
             blobs,
             tmp,
+            created,
+            committed: AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -137,11 +147,17 @@ impl Layout {
 
     /// Where the blob is written while unverified.
     pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
-        self.tmp.join(format!("{}.partial", digest.hex()))
+        let seq = PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!(
+            "{}.{}-{seq}.partial",
+            digest.hex(),
+            std::process::id()
+        ))
     }
 
     /// Records the manifest: the last step, after every blob is in place.
     pub(crate) fn commit(&self, m: &ManifestRecord<'_>) -> Result<()> {
+        self.committed.store(true, Ordering::Release);
         match self.format {
             Format::Dir => {
                 write_atomic(&self.root.join("manifest.json"), m.bytes)?;
@@ -159,71 +175,61 @@ impl Layout {
         }
     }
 
+    /// Adds the manifest to `index.json`, keeping everything else the file holds (other
+    /// entries, annotations, fields we do not know).
     fn update_index(&self, m: &ManifestRecord<'_>) -> Result<()> {
         let path = self.root.join("index.json");
-        let mut entries: Vec<Descriptor> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<ImageIndex>(&bytes)
-                .map_err(|e| Error::Destination {
-                    path: path.clone(),
-                    reason: format!("is not a valid OCI index: {e}"),
-                })?
-                .manifests()
-                .clone(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let bad = |reason: String| Error::Destination {
+            path: path.clone(),
+            reason,
+        };
+        let mut index: serde_json::Value = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| bad(format!("is not valid JSON: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                serde_json::json!({ "schemaVersion": 2, "mediaType": crate::manifest::OCI_INDEX })
+            }
             Err(e) => return Err(Error::io("read", &path, e)),
         };
-        let tag = m.reference.tag().map(str::to_string);
-        let digest_str = m.digest.to_string();
+        let Some(obj) = index.as_object_mut() else {
+            return Err(bad("is not a JSON object".into()));
+        };
+        let entries = obj
+            .entry("manifests")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        let Some(entries) = entries.as_array_mut() else {
+            return Err(bad("has a \"manifests\" that is not an array".into()));
+        };
+        let tag = m.reference.tag();
+        let digest = m.digest.to_string();
         // One entry per tag; an untagged pull replaces only an untagged entry of the same digest.
         entries.retain(|d| {
-            let name = d
-                .annotations()
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_REF_NAME));
-            match (&tag, name) {
+            let name = d["annotations"][ANNOTATION_REF_NAME].as_str();
+            match (tag, name) {
                 (Some(t), Some(n)) => n != t,
-                (None, None) => d.digest().to_string() != digest_str,
+                (None, None) => d["digest"].as_str() != Some(digest.as_str()),
                 _ => true,
             }
         });
-        let mut annotations = HashMap::new();
-        if let Some(t) = &tag {
-            annotations.insert(ANNOTATION_REF_NAME.to_string(), t.clone());
+        let mut annotations = serde_json::Map::new();
+        if let Some(t) = tag {
+            annotations.insert(ANNOTATION_REF_NAME.into(), t.into());
         }
-        annotations.insert(ANNOTATION_IMAGE_NAME.to_string(), m.reference.to_string());
-        let oci_digest = oci_spec::image::Digest::from_str(&digest_str).map_err(|e| {
-            Error::io(
-                "write index for",
-                &path,
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        let mut desc = Descriptor::new(
-            MediaType::from(m.media_type),
-            m.bytes.len() as u64,
-            oci_digest,
-        );
-        desc.set_annotations(Some(annotations));
+        annotations.insert(ANNOTATION_IMAGE_NAME.into(), m.reference.to_string().into());
+        let mut entry = serde_json::json!({
+            "mediaType": m.media_type,
+            "digest": digest,
+            "size": m.bytes.len(),
+            "annotations": annotations,
+        });
         if let Some(p) = m.platform {
-            let mut op = OciPlatform::default();
-            op.set_os(p.os.as_str().into());
-            op.set_architecture(p.architecture.as_str().into());
-            op.set_variant(p.variant.clone());
-            desc.set_platform(Some(op));
+            let mut platform = serde_json::json!({ "architecture": p.architecture, "os": p.os });
+            if let Some(v) = &p.variant {
+                platform["variant"] = v.as_str().into();
+            }
+            entry["platform"] = platform;
         }
-        entries.push(desc);
-        let index = ImageIndexBuilder::default()
-            .schema_version(2u32)
-            .media_type(MediaType::ImageIndex)
-            .manifests(entries)
-            .build()
-            .map_err(|e| {
-                Error::io(
-                    "build index for",
-                    &path,
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+        entries.push(entry);
         let json = serde_json::to_vec(&index)
             .map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
         write_atomic(&path, &json)
@@ -237,11 +243,7 @@ impl Layout {
             .map_err(|e| Error::io("read directory", &self.root, e))?;
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_blob_name = name.len() == 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if is_blob_name && !keep.contains(&name) {
+            if is_blob_name(&name) && !keep.contains(&name) {
                 let p = entry.path();
                 std::fs::remove_file(&p).map_err(|e| Error::io("remove stale blob", &p, e))?;
             }
@@ -261,12 +263,35 @@ impl Layout {
 }
 
 impl Drop for Layout {
-    /// After a failed pull: remove the lock and the scratch directory if nothing else is in
-    /// it (partial files of blobs still being released keep it).
+    /// After a failed pull: a destination this pull created and put no verified blob in is
+    /// removed whole; otherwise the scratch directory goes if nothing is left in it
+    /// (verified blobs stay, for the next pull to reuse).
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.tmp.join("lock"));
+        if self.created && !self.committed.load(Ordering::Acquire) && !self.has_blobs() {
+            let _ = std::fs::remove_dir_all(&self.root);
+            return;
+        }
         let _ = std::fs::remove_dir(&self.tmp);
     }
+}
+
+impl Layout {
+    fn has_blobs(&self) -> bool {
+        std::fs::read_dir(&self.blobs)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .any(|e| is_blob_name(&e.file_name().to_string_lossy()))
+            })
+            .unwrap_or(true)
+    }
+}
+
+/// 64 lowercase hex digits: the file name of a blob.
+fn is_blob_name(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_existing(root: &Path, format: Format) -> Result<()> {
@@ -348,6 +373,48 @@ mod tests {
             .join("blobs/sha256")
             .join(Digest::of(b"{\"two\":2}").hex());
         assert_eq!(std::fs::read(blob).unwrap(), b"{\"two\":2}");
+    }
+
+    #[test]
+    fn index_keeps_what_others_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("oci-layout"), OCI_LAYOUT).unwrap();
+        std::fs::write(
+            root.join("index.json"),
+            r#"{"schemaVersion":2,"annotations":{"made.by":"skopeo"},"x-extra":[1],
+                "manifests":[{"mediaType":"m","digest":"sha256:00","size":1,"x-keep":true,
+                "annotations":{"org.opencontainers.image.ref.name":"other"}}]}"#,
+        )
+        .unwrap();
+        let r: Reference = "h:1/x:mine".parse().unwrap();
+        let l = Layout::open(root, Format::Oci).unwrap();
+        l.commit(&record(&r, b"{}")).unwrap();
+        l.finish().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("index.json")).unwrap()).unwrap();
+        assert_eq!(v["annotations"]["made.by"], "skopeo");
+        assert_eq!(v["x-extra"][0], 1);
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
+        assert_eq!(v["manifests"][0]["x-keep"], true);
+        assert_eq!(
+            v["manifests"][1]["annotations"][ANNOTATION_REF_NAME],
+            "mine"
+        );
+    }
+
+    #[test]
+    fn failed_pull_into_a_new_directory_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new");
+        drop(Layout::open(&root, Format::Oci).unwrap());
+        assert!(!root.exists());
+        // With a verified blob in it, the directory stays (for the next pull to reuse).
+        let l = Layout::open(&root, Format::Oci).unwrap();
+        std::fs::write(l.blob_path(&Digest::of(b"x")), b"x").unwrap();
+        drop(l);
+        assert!(root.join("oci-layout").exists());
+        assert!(!root.join(TMP_DIR).exists());
     }
 
     #[test]

@@ -96,10 +96,19 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, what: &str) -> Result<(St
     };
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
-    if value.get("schemaVersion").and_then(|v| v.as_u64()) == Some(1) {
-        return Err(invalid(
-            "Docker schema 1 manifests are deprecated and not supported".into(),
-        ));
+    match value.get("schemaVersion").and_then(|v| v.as_u64()) {
+        Some(2) => {}
+        Some(1) => {
+            return Err(invalid(
+                "Docker schema 1 manifests are deprecated and not supported".into(),
+            ))
+        }
+        Some(v) => {
+            return Err(invalid(format!(
+                "schemaVersion {v} is not supported (only 2)"
+            )))
+        }
+        None => return Err(invalid("no schemaVersion".into())),
     }
     let declared = value.get("mediaType").and_then(|v| v.as_str());
     let header = content_type
@@ -251,6 +260,41 @@ impl Platform {
         Platform::new(std::env::consts::OS, std::env::consts::ARCH, variant).normalized()
     }
 
+    /// Normalised platforms that run where `self` is wanted, best first: itself, then older
+    /// variants (`arm/v7` → `v6`, `v5`; `amd64/v3` → `v2`, plain `amd64`; `arm64/v9` → `arm64`).
+    pub fn compatible(&self) -> Vec<Platform> {
+        let me = self.normalized();
+        let mut out = vec![me.clone()];
+        let with = |v: Option<&str>| Platform {
+            os: me.os.clone(),
+            architecture: me.architecture.clone(),
+            variant: v.map(str::to_string),
+        };
+        let level = |v: &str| {
+            v.strip_prefix('v')
+                .and_then(|n| n.split('.').next()?.parse::<u32>().ok())
+        };
+        match (
+            me.architecture.as_str(),
+            me.variant.as_deref().and_then(level),
+        ) {
+            ("arm", Some(n)) => {
+                for k in (5..n).rev() {
+                    out.push(with(Some(&format!("v{k}"))));
+                }
+            }
+            ("amd64", Some(n)) => {
+                for k in (2..n).rev() {
+                    out.push(with(Some(&format!("v{k}"))));
+                }
+                out.push(with(None));
+            }
+            ("arm64", Some(_)) => out.push(with(None)),
+            _ => {}
+        }
+        out
+    }
+
     /// Whether an index entry for `candidate` can run where `self` is wanted.
     pub fn matches(&self, candidate: &Platform) -> bool {
         self.normalized() == candidate.normalized()
@@ -293,10 +337,18 @@ pub fn select<'a>(
     wanted: &Platform,
     reference: &str,
 ) -> Result<&'a IndexEntry> {
-    entries
+    let usable = || {
+        entries
+            .iter()
+            .filter(|e| is_manifest_type(&e.media_type) || e.media_type.is_empty())
+    };
+    // The exact platform first, then older variants that run there (containerd's order).
+    wanted
+        .compatible()
         .iter()
-        .filter(|e| is_manifest_type(&e.media_type) || e.media_type.is_empty())
-        .find(|e| e.platform.as_ref().is_some_and(|p| wanted.matches(p)))
+        .find_map(|want| {
+            usable().find(|e| e.platform.as_ref().is_some_and(|p| &p.normalized() == want))
+        })
         .ok_or_else(|| {
             let mut available: Vec<String> = entries
                 .iter()
@@ -373,6 +425,47 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("unknown"), "{msg}");
+    }
+
+    #[test]
+    fn falls_back_to_older_variants() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        let names = |v: Vec<Platform>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(p("linux/arm/v7").compatible()),
+            ["linux/arm/v7", "linux/arm/v6", "linux/arm/v5"]
+        );
+        assert_eq!(
+            names(p("linux/amd64/v3").compatible()),
+            ["linux/amd64/v3", "linux/amd64/v2", "linux/amd64"]
+        );
+        assert_eq!(names(p("linux/arm64").compatible()), ["linux/arm64"]);
+        let json = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{D1}","size":1,"platform":{{"architecture":"arm","os":"linux","variant":"v6"}}}},
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{D2}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        );
+        let (_, Document::Index(entries)) = parse(json.as_bytes(), None, "t").unwrap() else {
+            panic!("index")
+        };
+        assert_eq!(
+            select(&entries, &p("linux/arm/v7"), "r")
+                .unwrap()
+                .digest
+                .to_string(),
+            D1
+        );
+        assert_eq!(
+            select(&entries, &p("linux/amd64/v3"), "r")
+                .unwrap()
+                .digest
+                .to_string(),
+            D2
+        );
+        assert!(
+            select(&entries, &p("linux/arm/v5"), "r").is_err(),
+            "never a newer variant"
+        );
     }
 
     #[test]

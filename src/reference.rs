@@ -31,6 +31,12 @@ pub enum ReferenceError {
     /// Nothing to parse.
     #[error("image reference is empty")]
     Empty,
+    /// A tag or digest with no repository before it.
+    #[error("invalid reference {0:?}: no repository name")]
+    MissingName(String),
+    /// A repository named by 64 hex digits, which docker refuses (it reads as an image id).
+    #[error("invalid reference {0:?}: a repository name cannot be a 64-digit hexadecimal string")]
+    HexName(String),
     /// Upper case in the repository path.
     #[error("invalid reference {0:?}: repository name must be lowercase")]
     Uppercase(String),
@@ -181,7 +187,7 @@ fn parse(input: &str) -> Result<Reference, ReferenceError> {
         }
     }
     if name.is_empty() {
-        return Err(ReferenceError::Empty);
+        return Err(ReferenceError::MissingName(whole()));
     }
 
     let (registry, path) = split_domain(name);
@@ -206,6 +212,9 @@ fn parse(input: &str) -> Result<Reference, ReferenceError> {
     }
     if name.len() > NAME_MAX {
         return Err(ReferenceError::NameTooLong(whole()));
+    }
+    if path.len() == 64 && path.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ReferenceError::HexName(whole()));
     }
 
     let registry = match registry {
@@ -252,7 +261,10 @@ fn valid_domain(domain: &str) -> bool {
         let Some((v6, after)) = rest.split_once(']') else {
             return false;
         };
-        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+        // distribution's grammar: hex digits and colons only (no embedded IPv4).
+        if !v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+            || v6.parse::<std::net::Ipv6Addr>().is_err()
+        {
             return false;
         }
         match after {
@@ -269,7 +281,7 @@ fn valid_domain(domain: &str) -> bool {
         }
     };
     if let Some(port) = port {
-        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        if port.is_empty() || port.parse::<u16>().is_err() {
             return false;
         }
     }
@@ -451,7 +463,24 @@ mod tests {
         ));
         assert!(matches!(
             ":tag".parse::<Reference>(),
-            Err(ReferenceError::Empty)
+            Err(ReferenceError::MissingName(_))
+        ));
+        assert!(matches!(
+            format!("@{D}").parse::<Reference>(),
+            Err(ReferenceError::MissingName(_))
+        ));
+        assert!(matches!(
+            "a".repeat(64).parse::<Reference>(),
+            Err(ReferenceError::HexName(_))
+        ));
+        p(&format!("ns/{}", "a".repeat(64)));
+        assert!(matches!(
+            "host:99999/x".parse::<Reference>(),
+            Err(ReferenceError::BadHost { .. })
+        ));
+        assert!(matches!(
+            "[::ffff:1.2.3.4]/r".parse::<Reference>(),
+            Err(ReferenceError::BadHost { .. })
         ));
         let long = format!("{}/x", "a".repeat(256));
         assert!(matches!(

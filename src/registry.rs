@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use crate::auth::Auth;
 use crate::digest::Digest;
 use crate::error::{redact_url, Error, Result};
-use crate::http::{is_connect_error, is_redirect, read_body, Transport};
+use crate::http::{https_may_be_plain_http, is_redirect, read_body, Transport};
 use crate::manifest::{self, Document, ACCEPT, MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::retry::RetryPolicy;
@@ -69,7 +69,7 @@ impl Registry {
         // plain HTTP gets the retries.
         match reg.ping().await {
             Ok(()) => Ok(reg),
-            Err(e) if is_connect_error(&e) => {
+            Err(e) if https_may_be_plain_http(&e) => {
                 tracing::debug!(error = %e, "HTTPS failed on a loopback registry; trying plain HTTP");
                 reg.base = format!("http://{}", reg.host);
                 reg.retry.run("ping", || reg.ping()).await?;
@@ -238,7 +238,9 @@ impl Registry {
         let mut url = url.to_string();
         let mut authed_retry = false;
         for _ in 0..=MAX_REDIRECTS {
-            let same_host = host_of(&url) == Some(self.host.as_str());
+            // Credentials go only to the registry's own origin: same scheme, host and port
+            // (no token over a plain-HTTP downgrade, none to a CDN).
+            let same_host = origin_of(&url) == origin_of(&self.base);
             let mut h = headers.clone();
             let (generation, auth) = self.auth.header().await;
             if let (true, Some(v)) = (same_host, auth) {
@@ -260,18 +262,21 @@ impl Registry {
             }
             if is_redirect(status) {
                 let location = header_str(resp.headers(), header::LOCATION).ok_or_else(|| {
-                    Error::network("follow redirect from", &url, "redirect without a Location")
+                    Error::Protocol {
+                        url: redact_url(&url),
+                        message: format!("HTTP {} redirect without a Location", status.as_u16()),
+                    }
                 })?;
                 let next = resolve(&url, location);
-                if !(next.starts_with("https://") || next.starts_with("http://")) {
-                    return Err(Error::network(
-                        "follow redirect from",
-                        &url,
-                        format!(
-                            "refusing redirect to a non-http(s) URL {}",
+                let lower = next.to_ascii_lowercase();
+                if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+                    return Err(Error::Protocol {
+                        url: redact_url(&url),
+                        message: format!(
+                            "refusing a redirect to a non-http(s) URL {}",
                             redact_url(&next)
                         ),
-                    ));
+                    });
                 }
                 tracing::debug!(from = %redact_url(&url), to = %redact_url(&next), "redirect");
                 url = next;
@@ -279,11 +284,10 @@ impl Registry {
             }
             return Ok((resp, url));
         }
-        Err(Error::network(
-            "GET",
-            &url,
-            format!("more than {MAX_REDIRECTS} redirects"),
-        ))
+        Err(Error::Protocol {
+            url: redact_url(&url),
+            message: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     /// Turns an error response into a typed error, decoding the registry's JSON `errors`.
@@ -295,14 +299,24 @@ impl Registry {
             .await
             .unwrap_or_default();
         let (code, message) = decode_errors(&body);
+        if origin_of(url) != origin_of(&self.base) {
+            // A host the registry redirected to (a CDN, object storage): its answer says
+            // nothing about our registry credentials, and its body may echo signed URLs.
+            return Error::Registry {
+                url: redact_url(url),
+                status: status.as_u16(),
+                code,
+                message: "refused by the host the registry redirected to".into(),
+                retry_after,
+                retries: 0,
+            };
+        }
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized {
                 registry: self.host.clone(),
                 repository: self.repository.clone(),
-                message: match code {
-                    Some(c) => format!("{c}: {message}"),
-                    None => message,
-                },
+                code,
+                message,
             },
             StatusCode::NOT_FOUND
                 if is_manifest
@@ -311,13 +325,16 @@ impl Registry {
                         None | Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")
                     ) =>
             {
+                let wanted = url.rsplit('/').next().unwrap_or_default();
+                let sep = if wanted.starts_with("sha256:") {
+                    '@'
+                } else {
+                    ':'
+                };
                 Error::ManifestNotFound {
-                    reference: format!(
-                        "{}:{}",
-                        self.repository,
-                        url.rsplit('/').next().unwrap_or_default()
-                    ),
+                    reference: format!("{}{sep}{wanted}", self.repository),
                     registry: self.host.clone(),
+                    code,
                 }
             }
             _ => Error::Registry {
@@ -326,6 +343,7 @@ impl Registry {
                 code,
                 message,
                 retry_after,
+                retries: 0,
             },
         }
     }
@@ -380,9 +398,30 @@ fn host_of(url: &str) -> Option<&str> {
     Some(authority.rsplit('@').next().unwrap_or(authority))
 }
 
+/// `scheme://host[:port]`, lower-cased: what must match for credentials to be sent.
+fn origin_of(url: &str) -> Option<String> {
+    let scheme = url.split_once("://")?.0;
+    Some(format!("{}://{}", scheme, host_of(url)?).to_ascii_lowercase())
+}
+
+/// Whether a `Location` is absolute (`scheme:` before any `/`, `?` or `#`).
+fn has_scheme(location: &str) -> bool {
+    match location.find(':') {
+        Some(i) => {
+            let scheme = &location[..i];
+            !scheme.is_empty()
+                && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        }
+        None => false,
+    }
+}
+
 /// Resolves a `Location` against the URL it came from.
 fn resolve(base: &str, location: &str) -> String {
-    if location.contains("://") {
+    if has_scheme(location) {
         return location.to_string();
     }
     let Some((scheme, rest)) = base.split_once("://") else {
@@ -408,7 +447,7 @@ pub(crate) fn is_loopback(host: &str) -> bool {
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
-    if h == "localhost" {
+    if h.eq_ignore_ascii_case("localhost") {
         return true;
     }
     h.parse::<std::net::IpAddr>()
@@ -446,6 +485,12 @@ mod tests {
             "https://a/v2/x/blobs/z"
         );
         assert_eq!(resolve("https://a/v2/", "//b/c"), "https://b/c");
+        assert_eq!(
+            resolve("http://a/v2/x", "/cdn/x?next=http://y"),
+            "http://a/cdn/x?next=http://y",
+            "a relative Location with :// in its query"
+        );
+        assert_eq!(resolve("http://a/v2/x", "ftp://b/c"), "ftp://b/c");
     }
 
     #[test]
@@ -456,6 +501,12 @@ mod tests {
         assert!(is_loopback("127.8.9.1"));
         assert!(is_loopback("localhost:80"));
         assert!(is_loopback("[::1]:5000"));
+        assert!(is_loopback("LOCALHOST:5000"));
+        assert_eq!(
+            origin_of("HTTPS://Reg:5000/v2/x"),
+            Some("https://reg:5000".into())
+        );
+        assert_ne!(origin_of("http://reg/v2/"), origin_of("https://reg/v2/"));
         assert!(!is_loopback("10.0.0.1:5000"));
         assert!(!is_loopback("registry-1.docker.io"));
     }

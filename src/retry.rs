@@ -102,6 +102,7 @@ mod tests {
             code: None,
             message: String::new(),
             retry_after: Some(3),
+            retries: 0,
         };
         assert_eq!(p.delay(1, &e), Duration::from_secs(3));
         assert_eq!(p.delay(1, &transient()), Duration::from_millis(100));

@@ -449,3 +449,88 @@ fn chunks_follow_the_redirect_and_never_send_authorization_to_the_cdn() {
         "the token never shows in logs"
     );
 }
+
+/// Regression (review of the chunked engine): a server that honours `Range` for the first
+/// request but answers a later one with `200` and the whole blob.
+#[test]
+fn later_chunk_answered_with_the_whole_blob() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[5 * CHUNK + 11], 1000);
+    push_image(&reg, "chunks/late200", "v", &image);
+    let path = format!("/blobs/{}", image.layers[0].digest);
+    proxy.add(Rule::new(&path, Fault::IgnoreRange).range_start(2 * CHUNK as u64));
+    proxy.add(Rule::new(&path, Fault::IgnoreRange).range_start(5 * CHUNK as u64));
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/late200:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    let ignored = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.fault.as_deref() == Some("IgnoreRange"))
+        .count();
+    assert_eq!(ignored, 2);
+}
+
+#[test]
+fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[6 * CHUNK, 1000], 1100);
+    push_image(&reg, "chunks/interrupt", "v", &image);
+    let big = &image.layers[0];
+    proxy.add(Rule::new(
+        &format!("/blobs/{}", big.digest),
+        Fault::Stall {
+            after: 100,
+            pause: Duration::from_secs(60),
+        },
+    ));
+    let (_d, out) = dest();
+    let child = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+        .args(["--chunk-size", "64K", "--stall-timeout", "30"])
+        .arg(format!("{}/chunks/interrupt:v", proxy.addr()))
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fastpull");
+    // Wait until the big blob's partial file exists and its chunks are stalled.
+    let tmp = out.join(".fastpull-tmp");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let partials = std::fs::read_dir(&tmp)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(hex(&big.digest))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if partials > 0 && !proxy.blob_requests(&big.digest).is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pull never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    assert!(!out.join("blobs/sha256").join(hex(&big.digest)).exists());
+    assert!(!out.join("index.json").exists());
+    assert_no_leftovers(&out);
+}
