@@ -66,7 +66,19 @@ struct Shared {
     downloaded: AtomicU64,
     /// Where chunk requests go: the registry's blob URL until a probe learns the final URL.
     url: Mutex<String>,
+    /// Set by the probe once its `206` has delivered its first bytes: the URL that answered
+    /// and the rate one connection gets (bytes/s). The other chunks start then, not after
+    /// the probe's whole chunk.
+    early: Mutex<Option<(String, f64)>>,
 }
+
+/// A connection faster than this (bytes/s) is not capped the way CDNs cap: more parallel
+/// ranges of the same blob would only cost CPU on both ends.
+const FAST_CONNECTION: f64 = 150e6;
+/// Connections per blob when one connection is already fast.
+const FAST_BLOB_CONNECTIONS: usize = 2;
+/// Bytes the probe reads before it judges the connection's rate.
+const RATE_SAMPLE: u64 = 1 << 20;
 
 enum Mode {
     NotStarted,
@@ -83,6 +95,8 @@ struct BlobRun {
     next_chunk: usize,
     running: usize,
     done_chunks: usize,
+    /// Requests in flight allowed for this blob.
+    cap: usize,
 }
 
 enum Job {
@@ -123,8 +137,10 @@ impl Fetcher<'_> {
                 next_chunk: 0,
                 running: 0,
                 done_chunks: 0,
+                cap: self.options.connections_per_blob.max(1),
             })
             .collect();
+        let wake = tokio::sync::Notify::new();
         let mut jobs = FuturesUnordered::new();
         let mut finishing = FuturesUnordered::new();
         let mut finished = 0usize;
@@ -140,7 +156,7 @@ impl Fetcher<'_> {
                     .clone()
                     .ok_or_else(|| internal("blob scheduled before it was opened"))?;
                 lane += 1;
-                let fut = self.run_job(shared, job, chunk, lane);
+                let fut = self.run_job(shared, job, chunk, lane, &wake);
                 jobs.push(async move { (b, fut.await) });
             }
             if jobs.is_empty() && finishing.is_empty() {
@@ -157,7 +173,7 @@ impl Fetcher<'_> {
                             }
                             if matches!(run.mode, Mode::Probing) {
                                 run.mode = Mode::Ranged;
-                                run.next_chunk = 1;
+                                run.next_chunk = run.next_chunk.max(1);
                             }
                             run.done_chunks += 1;
                         }
@@ -174,6 +190,7 @@ impl Fetcher<'_> {
                         finishing.push(finish(shared, rx));
                     }
                 }
+                _ = wake.notified() => {}
                 Some(result) = finishing.next() => {
                     let (digest, bytes) = result?;
                     tracing::info!(blob = %digest, bytes, "verified and in place");
@@ -192,10 +209,23 @@ impl Fetcher<'_> {
     /// The next request to start: chunks of blobs already started (largest first), then the
     /// probe of the next blob.
     fn pick(&self, runs: &mut [BlobRun]) -> Result<Option<(usize, Job, usize)>> {
-        let per_blob = self.options.connections_per_blob.max(1);
+        for run in runs.iter_mut() {
+            if let (Mode::Probing, Some(s)) = (&run.mode, &run.shared) {
+                let early = s.early.lock().map_err(|_| internal("poisoned"))?.take();
+                if let Some((url, rate)) = early {
+                    *s.url.lock().map_err(|_| internal("poisoned"))? = url;
+                    run.mode = Mode::Ranged;
+                    run.next_chunk = 1;
+                    if rate > FAST_CONNECTION {
+                        run.cap = run.cap.min(FAST_BLOB_CONNECTIONS);
+                    }
+                    tracing::debug!(blob = %run.desc.digest, mb_per_s = rate / 1e6, cap = run.cap, "ranges work");
+                }
+            }
+        }
         for (i, run) in runs.iter_mut().enumerate() {
             if let (Mode::Ranged, Some(s)) = (&run.mode, &run.shared) {
-                if run.next_chunk < s.file.chunk_count() && run.running < per_blob {
+                if run.next_chunk < s.file.chunk_count() && run.running < run.cap {
                     let chunk = run.next_chunk;
                     run.next_chunk += 1;
                     run.running += 1;
@@ -230,6 +260,7 @@ impl Fetcher<'_> {
             hasher,
             downloaded: AtomicU64::new(0),
             url: Mutex::new(self.registry.blob_url(&d.digest)),
+            early: Mutex::new(None),
         }));
         run.digest_rx = Some(rx);
         Ok(())
@@ -242,19 +273,29 @@ impl Fetcher<'_> {
         job: Job,
         chunk: usize,
         lane: usize,
+        wake: &tokio::sync::Notify,
     ) -> Result<Outcome> {
         let mut writer = s
             .file
             .claim(chunk)
             .ok_or_else(|| internal("chunk claimed twice"))?;
         let single = s.file.chunk_count() == 1;
+        // Only a probe of a many-chunk blob reports early.
+        let signal = (matches!(job, Job::Probe) && !single).then_some(wake);
         let registry_url = self.registry.blob_url(&s.desc.digest);
         let mut url = s.url.lock().map_err(|_| internal("poisoned"))?.clone();
         let mut attempt = 0u32;
         let mut fell_back_to_registry = false;
         loop {
             let result = self
-                .transfer(&s, &mut writer, &url, single, lane + attempt as usize)
+                .transfer(
+                    &s,
+                    &mut writer,
+                    &url,
+                    single,
+                    lane + attempt as usize,
+                    signal,
+                )
                 .await;
             let err = match result {
                 Ok(outcome) if writer.is_complete() => return Ok(outcome),
@@ -310,6 +351,7 @@ impl Fetcher<'_> {
         url: &str,
         single: bool,
         lane: usize,
+        signal: Option<&tokio::sync::Notify>,
     ) -> Result<Outcome> {
         let r = writer.range();
         let from = r.start + writer.written();
@@ -395,7 +437,13 @@ impl Fetcher<'_> {
             }
         };
         let full_body = resp.status() == StatusCode::OK;
-        self.stream(s, writer, resp, skip, full_body, &final_url)
+        // A 206 to the probe: the other chunks may start once the rate is known.
+        let signal = if full_body {
+            None
+        } else {
+            signal.map(|w| (w, final_url.as_str()))
+        };
+        self.stream(s, writer, resp, skip, full_body, &final_url, signal)
             .await?;
         // Only a writer that owns every chunk may say the blob is done.
         Ok(if writer.range() == (0..size) {
@@ -417,10 +465,13 @@ impl Fetcher<'_> {
         mut skip: u64,
         full_body: bool,
         url: &str,
+        mut signal: Option<(&tokio::sync::Notify, &str)>,
     ) -> Result<()> {
         let mut body = resp.into_body();
         let range = writer.range();
         let mut since_poke = 0usize;
+        let started = std::time::Instant::now();
+        let mut received = 0u64;
         loop {
             let frame = match tokio::time::timeout(self.options.stall_timeout, body.frame()).await {
                 Err(_) => {
@@ -482,6 +533,15 @@ impl Fetcher<'_> {
                 });
             }
             writer.append(&data)?;
+            received += data.len() as u64;
+            if received >= RATE_SAMPLE || writer.is_complete() {
+                if let Some((wake, answered)) = signal.take() {
+                    let rate = received as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                    *s.early.lock().map_err(|_| internal("poisoned"))? =
+                        Some((answered.to_string(), rate));
+                    wake.notify_one();
+                }
+            }
             let total =
                 s.downloaded.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             since_poke += data.len();

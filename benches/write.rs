@@ -1,0 +1,132 @@
+//! The writer and the in-order hasher: mmap chunk writes against plain `pwrite`, and the
+//! in-order hasher fed chunks out of order (as range requests complete), on one blob and
+//! on several blobs at once (aggregate scaling across cores).
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fastpull::plan::Chunking;
+use fastpull::verify::{HashPool, InOrderHasher};
+use fastpull::write::BlobFile;
+
+const SIZE: usize = 128 << 20;
+const CHUNK: u64 = 8 << 20;
+/// hyper hands body data over in pieces of about this size.
+const FRAME: usize = 16 << 10;
+
+fn data() -> Vec<u8> {
+    (0..SIZE)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// Chunk order as a pull sees it: interleaved, the first chunk not first.
+fn shuffled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+fn writers(c: &mut Criterion) {
+    let buf = data();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ranges = Chunking { chunk_size: CHUNK }.ranges(SIZE as u64);
+    let order = shuffled(ranges.len());
+    let mut g = c.benchmark_group("write");
+    g.throughput(Throughput::Bytes(SIZE as u64));
+    g.sample_size(10);
+    g.bench_function("mmap-chunks", |b| {
+        b.iter(|| {
+            let blob = BlobFile::create(
+                &dir.path().join("m.partial"),
+                &dir.path().join("m"),
+                SIZE as u64,
+                &ranges,
+            )
+            .expect("create");
+            for &i in &order {
+                let mut w = blob.claim(i).expect("claim");
+                let r = w.range();
+                for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
+                    w.append(frame).expect("append");
+                }
+            }
+        })
+    });
+    g.bench_function("pwrite-chunks", |b| {
+        b.iter(|| {
+            let f = std::fs::File::create(dir.path().join("p")).expect("create");
+            f.set_len(SIZE as u64).expect("set_len");
+            for &i in &order {
+                let r = &ranges[i];
+                let mut off = r.start;
+                for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
+                    f.write_all_at(frame, off).expect("pwrite");
+                    off += frame.len() as u64;
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+fn in_order_hasher(c: &mut Criterion) {
+    let buf = data();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ranges = Chunking { chunk_size: CHUNK }.ranges(SIZE as u64);
+    let order = shuffled(ranges.len());
+    let mut g = c.benchmark_group("in-order-hasher");
+    g.sample_size(10);
+    for blobs in [1usize, 2, 4] {
+        let pool = Arc::new(HashPool::new(0).expect("pool"));
+        g.throughput(Throughput::Bytes((SIZE * blobs) as u64));
+        g.bench_with_input(
+            BenchmarkId::new("write+hash, blobs", blobs),
+            &blobs,
+            |b, &blobs| {
+                b.iter(|| {
+                    let files: Vec<_> = (0..blobs)
+                        .map(|k| {
+                            let blob = BlobFile::create(
+                                &dir.path().join(format!("{k}.partial")),
+                                &dir.path().join(format!("{k}")),
+                                SIZE as u64,
+                                &ranges,
+                            )
+                            .expect("create");
+                            let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
+                            (blob, h, rx)
+                        })
+                        .collect();
+                    // Interleave the blobs' chunks, out of order, as concurrent downloads would.
+                    for &i in &order {
+                        for (blob, h, _) in &files {
+                            let mut w = blob.claim(i).expect("claim");
+                            let r = w.range();
+                            for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
+                                w.append(frame).expect("append");
+                            }
+                            h.poke();
+                        }
+                    }
+                    for (_, _, rx) in files {
+                        futures::executor::block_on(rx)
+                            .expect("hasher")
+                            .expect("digest");
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, writers, in_order_hasher);
+criterion_main!(benches);
