@@ -37,7 +37,7 @@ fn shuffled(n: usize) -> Vec<usize> {
 fn writers(c: &mut Criterion) {
     let buf = data();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ranges = Chunking { chunk_size: CHUNK }.ranges(SIZE as u64);
+    let ranges = Chunking::fixed(CHUNK).ranges(SIZE as u64);
     let order = shuffled(ranges.len());
     let mut g = c.benchmark_group("write");
     g.throughput(Throughput::Bytes(SIZE as u64));
@@ -80,7 +80,7 @@ fn writers(c: &mut Criterion) {
 fn in_order_hasher(c: &mut Criterion) {
     let buf = data();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ranges = Chunking { chunk_size: CHUNK }.ranges(SIZE as u64);
+    let ranges = Chunking::fixed(CHUNK).ranges(SIZE as u64);
     let order = shuffled(ranges.len());
     let mut g = c.benchmark_group("in-order-hasher");
     g.sample_size(10);

@@ -227,7 +227,7 @@ mod tests {
             (3 << 20, 1 << 20),
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
-            let ranges = Chunking { chunk_size: chunk }.ranges(size);
+            let ranges = Chunking::fixed(chunk).ranges(size);
             let blob =
                 BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size, &ranges)
                     .unwrap();

@@ -357,7 +357,7 @@ mod tests {
     use crate::plan::Chunking;
 
     fn blob(dir: &Path, size: u64, chunk: u64) -> Arc<BlobFile> {
-        let ranges = Chunking { chunk_size: chunk }.ranges(size);
+        let ranges = Chunking::fixed(chunk).ranges(size);
         BlobFile::create(&dir.join("b.partial"), &dir.join("b"), size, &ranges).unwrap()
     }
 

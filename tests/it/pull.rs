@@ -55,10 +55,14 @@ fn hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").expect("sha256 digest")
 }
 
-/// Every file below `root`, as relative paths.
+/// Every file below `root`, as relative paths (none if `root` does not exist: a failed
+/// pull into a new directory removes it).
 fn tree(root: &Path) -> BTreeSet<String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-        for e in std::fs::read_dir(dir).expect("read dir") {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
             let p = e.expect("dir entry").path();
             if p.is_dir() {
                 walk(root, &p, out);
