@@ -534,3 +534,51 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
     assert!(!out.join("index.json").exists());
     assert_no_leftovers(&out);
 }
+
+/// Over HTTP/2 one connection would carry every range; each lane of the transport is its
+/// own connection, so a capped CDN still sees many.
+#[test]
+fn http2_cdn_gets_many_connections() {
+    let certs = tempfile::tempdir().expect("certs dir");
+    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
+    let (reg, cdn) = registry_with_tls_cdn(Some("4m"), &pki);
+    let image = image_of(&[24 * 256 * 1024 + 5], 1200);
+    push_image(&reg, "chunks/h2", "v", &image);
+    let (_d, out) = dest();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+        .args(["--chunk-size", "256K", "-j", "8"])
+        .arg(format!("{}/chunks/h2:v", reg.addr()))
+        .arg(&out)
+        .env("SSL_CERT_FILE", &pki.ca_cert)
+        .output()
+        .expect("run fastpull");
+    assert!(
+        o.status.success(),
+        "{}\nCDN log:\n{}",
+        text(&o),
+        cdn.access_log()
+    );
+    assert_holds(&out, &image);
+    let log = cdn.access_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(hex(&image.layers[0].digest)))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        25,
+        "one request per chunk (24 full, 5 bytes):\n{log}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains("proto=HTTP/2.0")),
+        "HTTP/2 by ALPN:\n{log}"
+    );
+    let conns: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.split("conn=").nth(1)?.split(' ').next())
+        .collect();
+    assert!(
+        conns.len() >= 4,
+        "ranges spread over connections, got {conns:?}:\n{log}"
+    );
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::Registry;
+use crate::support::{Registry, TestPki};
 
 /// nginx, stopped on drop.
 pub struct Cdn {
@@ -30,13 +30,24 @@ pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
     let reg = Registry::start_with_extra_config(&format!(
         "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
     ));
-    let cdn = Cdn::start(reg.storage_root(), port, rate);
+    let cdn = Cdn::start_with(reg.storage_root(), port, rate, None);
+    (reg, cdn)
+}
+
+/// As [`registry_with_cdn`], the CDN speaking HTTPS (HTTP/2 by ALPN) with a certificate of
+/// `pki`'s CA.
+pub fn registry_with_tls_cdn(rate: Option<&str>, pki: &TestPki) -> (Registry, Cdn) {
+    let port = free_port_on("127.0.0.2");
+    let reg = Registry::start_with_extra_config(&format!(
+        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: https://127.0.0.2:{port}/\n"
+    ));
+    let cdn = Cdn::start_with(reg.storage_root(), port, rate, Some(pki));
     (reg, cdn)
 }
 
 impl Cdn {
-    /// Starts nginx on 127.0.0.2:`port` serving `root`.
-    pub fn start(root: &Path, port: u16, rate: Option<&str>) -> Cdn {
+    /// Starts nginx on 127.0.0.2:`port` serving `root`, over HTTPS + HTTP/2 when `tls`.
+    pub fn start_with(root: &Path, port: u16, rate: Option<&str>, tls: Option<&TestPki>) -> Cdn {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .iter()
             .map(PathBuf::from)
@@ -48,6 +59,17 @@ impl Cdn {
             std::fs::create_dir_all(p.join(d)).expect("mkdir");
         }
         let limit = rate.map(|r| format!("limit_rate {r};")).unwrap_or_default();
+        let (listen, certs) = match tls {
+            Some(pki) => (
+                format!("listen 127.0.0.2:{port} ssl http2;"),
+                format!(
+                    "ssl_certificate {}; ssl_certificate_key {};",
+                    pki.server_cert.display(),
+                    pki.server_key.display()
+                ),
+            ),
+            None => (format!("listen 127.0.0.2:{port};"), String::new()),
+        };
         let conf = format!(
             r#"daemon off;
 worker_processes 1;
@@ -55,7 +77,8 @@ error_log {p}/logs/error.log warn;
 pid {p}/nginx.pid;
 events {{ worker_connections 256; }}
 http {{
-  access_log {p}/logs/access.log;
+  log_format conn '$remote_addr "$request" $status $body_bytes_sent conn=$connection proto=$server_protocol';
+  access_log {p}/logs/access.log conn;
   client_body_temp_path {p}/tmp;
   proxy_temp_path {p}/tmp;
   fastcgi_temp_path {p}/tmp;
@@ -63,7 +86,8 @@ http {{
   scgi_temp_path {p}/tmp;
   sendfile on;
   server {{
-    listen 127.0.0.2:{port};
+    {listen}
+    {certs}
     root {root};
     {limit}
     location / {{

@@ -8,12 +8,13 @@ pub mod image;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::time::Duration;
 
 pub use canned::{Canned, CannedServer};
-pub use cdn::registry_with_cdn;
+pub use cdn::{registry_with_cdn, registry_with_tls_cdn};
 #[allow(unused_imports)]
 pub use image::{
     build_index, empty_layer, gzip, random_layer, random_tar, sha256_digest, zero_byte_blob, Blob,
@@ -28,6 +29,7 @@ pub use push::{
     CHUNKED_THRESHOLD, CHUNK_SIZE,
 };
 pub use registry::Registry;
+pub use tls::TestPki;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
