@@ -2,19 +2,13 @@
 //! ignore `Range`, redirects to a CDN that refuses `Authorization`, and faults injected by
 //! our proxy (resets, truncation, stalls, 5xx, 429, corruption).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::support::*;
 
 const CHUNK: usize = 64 * 1024;
-
-fn dest() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("out");
-    (dir, out)
-}
 
 /// Runs the CLI with small chunks, fast retries and a short stall timeout.
 fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
@@ -25,19 +19,6 @@ fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
         .arg(out)
         .output()
         .expect("run fastpull")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn hex(d: &str) -> &str {
-    d.strip_prefix("sha256:").expect("sha256")
 }
 
 /// A layer of exactly `size` random bytes (content need not be a tar for a pull).

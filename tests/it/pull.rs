@@ -2,20 +2,13 @@
 //! and the ways a registry, a reference or a destination can be wrong.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use fastpull::{Client, Format, Reference};
 
 use crate::support::*;
-
-/// A fresh temp dir and the DEST path inside it (not yet created).
-fn dest() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("out");
-    (dir, out)
-}
 
 fn client(format: Format, platform: Option<&str>) -> Client {
     let mut b = Client::builder()
@@ -40,19 +33,6 @@ fn fastpull(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run fastpull")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").expect("sha256 digest")
 }
 
 /// Every file below `root`, as relative paths (none if `root` does not exist: a failed
