@@ -1,13 +1,15 @@
 //! Benchmark peer for fastpull: pull IMAGE into DEST with the `oci-client` crate, the way a
 //! typical user of that crate would.
 //!
-//!     oci-client-pull [--plain-http] IMAGE DEST
+//!     oci-client-pull [--plain-http] [--fsync] IMAGE DEST
 //!
 //! Anonymous auth; plain HTTP for every registry with `--plain-http`, otherwise HTTPS except
 //! for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
 //! every layer are streamed to `DEST/<hex digest>` with `pull_blob` (which verifies the digest
 //! while writing), `max_concurrent_download` blobs at once (the crate's default, 16).
-//! `DEST/manifest.json` holds the manifest as the crate parsed it.
+//! `DEST/manifest.json` holds the manifest as the crate parsed it. `--fsync` syncs each blob
+//! file once it is complete (a typical user would not; it is there to measure what durability
+//! costs, since fastpull fsyncs every blob).
 
 use anyhow::{bail, Context, Result};
 use futures_util::{stream, StreamExt, TryStreamExt};
@@ -18,14 +20,14 @@ use oci_client::{Client, Reference};
 use std::path::{Path, PathBuf};
 use tokio::io::BufWriter;
 
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let plain_http = args.iter().any(|a| a == "--plain-http");
-    args.retain(|a| a != "--plain-http");
+    let fsync = args.iter().any(|a| a == "--fsync");
+    args.retain(|a| a != "--plain-http" && a != "--fsync");
     let [image, dest] = args.as_slice() else {
-        bail!("usage: oci-client-pull [--plain-http] IMAGE DEST");
+        bail!("usage: oci-client-pull [--plain-http] [--fsync] IMAGE DEST");
     };
     let reference: Reference = image.parse().context("parsing IMAGE")?;
     let dest = PathBuf::from(dest);
@@ -54,12 +56,15 @@ async fn main() -> Result<()> {
         .chain(manifest.layers.iter())
         .collect();
     stream::iter(blobs)
-        .map(|desc| pull_to_file(&client, &reference, desc, &dest))
+        .map(|desc| pull_to_file(&client, &reference, desc, &dest, fsync))
         .buffer_unordered(concurrency)
         .try_collect::<Vec<()>>()
         .await?;
 
-    println!("{image}: {} blobs, manifest {digest}", manifest.layers.len() + 1);
+    println!(
+        "{image}: {} blobs, manifest {digest}",
+        manifest.layers.len() + 1
+    );
     Ok(())
 }
 
@@ -68,12 +73,20 @@ async fn pull_to_file(
     reference: &Reference,
     desc: &OciDescriptor,
     dest: &Path,
+    fsync: bool,
 ) -> Result<()> {
-    let name = desc.digest.split_once(':').map_or(&*desc.digest, |(_, hex)| hex);
+    let name = desc
+        .digest
+        .split_once(':')
+        .map_or(&*desc.digest, |(_, hex)| hex);
     let file = tokio::fs::File::create(dest.join(name)).await?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     client
         .pull_blob(reference, desc, &mut out)
         .await
-        .with_context(|| format!("pulling {}", desc.digest))
+        .with_context(|| format!("pulling {}", desc.digest))?;
+    if fsync {
+        out.into_inner().sync_all().await?;
+    }
+    Ok(())
 }

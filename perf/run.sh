@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# perf/run.sh: time fastpull against skopeo and an oci-client peer in the loopback world of
+# perf/world.sh, then write perf/RESULTS.md (perf/report.py).
+#
+#   perf/run.sh                           capped500 capped1g uncapped mem (the issue #3 set)
+#   perf/run.sh capped500 uncapped        only these scenarios (the report keeps the others'
+#                                         last results found in $OUT)
+#   perf/run.sh tune-capped500 tune-uncapped
+#                                         fastpull alone over -j x --chunk-size (TUNE_J, TUNE_CHUNK)
+#
+# Scenarios:
+#   capped500  perf/img500 (5 layers, 500 MiB) through the redirecting registry: blobs come from
+#              the nginx CDN capped at CDN_RATE (25 MiB/s) per connection
+#   capped1g   perf/img1g (one 1 GiB layer), same path
+#   uncapped   perf/img500 from the registry without redirect (it serves blobs itself, no cap)
+#   mem        peak RSS / RssAnon (sampled every 50 ms) of each tool pulling img1g: fastpull
+#              through the capped CDN and all three from the uncapped registry
+#   tune-capped500, tune-uncapped   fastpull -j {TUNE_J} x --chunk-size {TUNE_CHUNK}
+#
+# Environment:
+#   RUNS=5               hyperfine runs per command (TUNE_RUNS=3 for tune-*)
+#   FASTPULL_ARGS=""     extra fastpull flags, e.g. "-j 32 --chunk-size 16M"
+#   TOOLS="..."          the tools timed in every scenario, from: fastpull, skopeo
+#                        (`skopeo copy ... oci:DEST`, layers in parallel), skopeo-dir (`skopeo
+#                        copy ... dir:DEST`, which copies one layer at a time), oci-client (the
+#                        peer in perf/peers/oci-client-pull), oci-client-fsync (the same peer
+#                        fsyncing each blob, as fastpull does). Default: fastpull skopeo
+#                        skopeo-dir oci-client, plus oci-client-fsync for uncapped, without
+#                        skopeo-dir for capped1g (one layer: same as skopeo).
+#   WARMUP=N             hyperfine warm-up runs per tool (default 1 for uncapped, 0 otherwise:
+#                        a warm-up of the capped cases would cost a 40 s skopeo run)
+#   TUNE_J="8 16 32" TUNE_CHUNK="4M 8M 16M 32M"
+#   OUT=perf/results     hyperfine JSON, memory samples, metadata; the report goes to
+#                        perf/RESULTS.md, or to $OUT/RESULTS.md when OUT is set elsewhere
+#   DEST_ROOT=/tmp/fastpull-perf-dest   where the pulled images go (deleted before each run)
+#   KEEP_WORLD=1         leave the world running afterwards (perf/world.sh stop ends it)
+#   CDN_RATE=25m, ports, cache dirs: see perf/world.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+RUNS=${RUNS:-5}
+TUNE_RUNS=${TUNE_RUNS:-3}
+FASTPULL_ARGS=${FASTPULL_ARGS:-}
+TUNE_J=${TUNE_J:-8 16 32}
+TUNE_CHUNK=${TUNE_CHUNK:-4M 8M 16M 32M}
+OUT=${OUT:-$root/perf/results}
+DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
+BIN=${BIN:-/tmp/fastpull-perf-bin}
+
+if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped mem; fi
+for s in "$@"; do
+  case "$s" in capped500 | capped1g | uncapped | mem | tune-capped500 | tune-uncapped) ;;
+    *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "== $*" >&2; }
+
+# shellcheck source=perf/world.sh
+source "$root/perf/world.sh"
+if world_running; then
+  log "reusing the running world"
+  world_start
+else
+  [ "${KEEP_WORLD:-0}" = 1 ] || trap world_stop EXIT
+  world_start
+fi
+# shellcheck disable=SC1091
+source "$WORLD_DIR/env"
+
+# --- builds -------------------------------------------------------------------------------
+# fastpull's sources may be mid-edit by someone else: retry a failing build for a while, then
+# copy the binary out of target/ so a rebuild during the benchmark cannot swap it.
+mkdir -p "$BIN" "$OUT" "$DEST_ROOT"
+log "building fastpull (release)"
+for try in $(seq 1 20); do
+  if cargo build --release --quiet 2>"$BIN/build.log"; then break; fi
+  [ "$try" -lt 20 ] || { cat "$BIN/build.log" >&2; exit 1; }
+  log "fastpull build failed (attempt $try), retrying in 30 s"; sleep 30
+done
+cp -f "$root/target/release/fastpull" "$BIN/fastpull"
+fastpull_commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+  fastpull_commit="$fastpull_commit+uncommitted changes"
+fi
+log "building the oci-client peer (release)"
+cargo build --release --locked --quiet --manifest-path "$root/perf/peers/oci-client-pull/Cargo.toml" \
+  --target-dir "$root/perf/peers/oci-client-pull/target"
+cp -f "$root/perf/peers/oci-client-pull/target/release/oci-client-pull" "$BIN/oci-client-pull"
+oci_client_version=$(grep -A1 '^name = "oci-client"$' "$root/perf/peers/oci-client-pull/Cargo.lock" | sed -n 's/^version = "\(.*\)"$/\1/p')
+
+FP="$BIN/fastpull"
+PEER="$BIN/oci-client-pull"
+# shellcheck disable=SC2206
+fp_args=(-q --plain-http $FASTPULL_ARGS)
+
+tool_cmd() { # tool registry image dest
+  case "$1" in
+    fastpull) echo "$FP ${fp_args[*]} $2/$3:latest $4" ;;
+    skopeo) echo "skopeo copy -q --src-tls-verify=false --insecure-policy docker://$2/$3:latest oci:$4:latest" ;;
+    skopeo-dir) echo "skopeo copy -q --src-tls-verify=false --insecure-policy docker://$2/$3:latest dir:$4" ;;
+    oci-client) echo "$PEER --plain-http $2/$3:latest $4" ;;
+    oci-client-fsync) echo "$PEER --plain-http --fsync $2/$3:latest $4" ;;
+    *) echo "run.sh: unknown tool $1" >&2; return 1 ;;
+  esac
+}
+
+write_meta() { # scenario registry image [k=v...]
+  local s=$1 reg=$2 img=$3; shift 3
+  python3 "$root/perf/util.py" meta "$OUT/$s.meta.json" \
+    scenario="$s" registry="$reg" image="$img" image_info="$(tr -d '\n ' <"$WORLD_DIR/images/${img#perf/}.json")" \
+    runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
+    oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" "$@"
+}
+
+bench() { # scenario registry image default-tools default-warmup
+  local s=$1 reg=$2 img=$3 dest="$DEST_ROOT/$1" tool names=() preps=() cmds=()
+  local TOOLS=${TOOLS:-$4} warmup=${WARMUP:-$5}
+  rm -rf "$dest"; mkdir -p "$dest"
+  # hyperfine matches -n and --prepare to the commands by position.
+  for tool in $TOOLS; do
+    names+=(-n "$tool")
+    preps+=(--prepare "bash -c 'rm -rf $dest/$tool; sync'")
+    cmds+=("$(tool_cmd "$tool" "$reg" "$img" "$dest/$tool")")
+  done
+  log "$s: $img from $reg, $RUNS runs each (warm-up $warmup): $TOOLS"
+  hyperfine -N -r "$RUNS" -w "$warmup" --style basic --export-json "$OUT/$s.json" "${names[@]}" "${preps[@]}" "${cmds[@]}"
+  local cmdpairs=() i=0
+  for tool in $TOOLS; do cmdpairs+=("cmd_$tool=${cmds[i]}"); i=$((i + 1)); done
+  write_meta "$s" "$reg" "$img" tools="$TOOLS" warmup="$warmup" "${cmdpairs[@]}"
+  log "$s: checking every tool's output (sha256 of each blob file = its name)"
+  local fail=0
+  for tool in $TOOLS; do
+    python3 "$root/perf/util.py" verify "$WORLD_DIR/images/${img#perf/}.json" "$dest/$tool" || fail=1
+  done
+  rm -rf "$dest"
+  [ "$fail" -eq 0 ] || { log "$s: a tool's output is wrong"; exit 1; }
+}
+
+memory() {
+  local dest="$DEST_ROOT/mem" tool reg label
+  rm -f "$OUT/mem.json"
+  for spec in "fastpull $REG capped" "fastpull $DIRECT uncapped" "skopeo $DIRECT uncapped" "oci-client $DIRECT uncapped"; do
+    read -r tool reg label <<<"$spec"
+    rm -rf "$dest"; mkdir -p "$dest"; sync
+    log "mem: $tool pulling perf/img1g from $reg ($label)"
+    # shellcheck disable=SC2046
+    python3 "$root/perf/util.py" mem "$OUT/mem.json" "$tool $label" -- $(tool_cmd "$tool" "$reg" perf/img1g "$dest/$tool")
+    python3 "$root/perf/util.py" verify "$WORLD_DIR/images/img1g.json" "$dest/$tool"
+  done
+  rm -rf "$dest"
+  write_meta mem "$REG" perf/img1g
+}
+
+tune() { # scenario registry image
+  local s=$1 reg=$2 img=$3 dest="$DEST_ROOT/$1"
+  rm -rf "$dest"; mkdir -p "$dest"
+  log "$s: fastpull -j {${TUNE_J// /,}} x --chunk-size {${TUNE_CHUNK// /,}}, $TUNE_RUNS runs each"
+  hyperfine -N -r "$TUNE_RUNS" --style basic --export-json "$OUT/$s.json" \
+    -L j "${TUNE_J// /,}" -L chunk "${TUNE_CHUNK// /,}" \
+    --prepare "bash -c 'rm -rf $dest/fastpull; sync'" \
+    "$FP ${fp_args[*]} -j {j} --chunk-size {chunk} $reg/$img:latest $dest/fastpull"
+  python3 "$root/perf/util.py" verify "$WORLD_DIR/images/${img#perf/}.json" "$dest/fastpull"
+  rm -rf "$dest"
+  RUNS=$TUNE_RUNS write_meta "$s" "$reg" "$img" tools=fastpull \
+    "cmd_fastpull=$FP ${fp_args[*]} -j {j} --chunk-size {chunk} $reg/$img:latest DEST"
+}
+
+for s in "$@"; do
+  case "$s" in
+    capped500) bench capped500 "$REG" perf/img500 "fastpull skopeo skopeo-dir oci-client" 0 ;;
+    capped1g) bench capped1g "$REG" perf/img1g "fastpull skopeo oci-client" 0 ;;
+    uncapped) bench uncapped "$DIRECT" perf/img500 "fastpull skopeo skopeo-dir oci-client oci-client-fsync" 1 ;;
+    mem) memory ;;
+    tune-capped500) tune tune-capped500 "$REG" perf/img500 ;;
+    tune-uncapped) tune tune-uncapped "$DIRECT" perf/img500 ;;
+  esac
+done
+
+report="$root/perf/RESULTS.md"
+[ "$(realpath "$OUT")" = "$(realpath "$root/perf/results")" ] || report="$OUT/RESULTS.md"
+log "writing $report"
+python3 "$root/perf/report.py" "$OUT" "$report"

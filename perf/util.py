@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Helpers for perf/run.sh.
+
+  util.py verify IMAGE_JSON DIR          every file under DIR named by 64 hex digits hashes to
+                                         its name, and every blob of the image is there
+  util.py mem OUT_JSON LABEL -- CMD...   run CMD, sample /proc/PID/status every 50 ms, append
+                                         {label, wall_s, peak_rss_kib (VmHWM / ru_maxrss),
+                                         peak_rss_anon_kib, peak_rss_file_kib, ...} to OUT_JSON
+  util.py meta OUT_JSON KEY=VALUE...     machine and tool versions (+ the given pairs) as JSON
+"""
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def verify(image_json, root):
+    info = json.load(open(image_json))
+    found = {}
+    bad = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if not HEX64.match(name):
+                continue
+            path = os.path.join(dirpath, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(4 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != name:
+                bad.append(f"{path}: sha256 is {h.hexdigest()}")
+            found[name] = os.path.getsize(path)
+    for blob in info["blobs"]:
+        hexd = blob["digest"].split(":", 1)[1]
+        if hexd not in found:
+            bad.append(f"{root}: missing {blob['digest']}")
+        elif found[hexd] != blob["size"]:
+            bad.append(f"{root}: {blob['digest']} has {found[hexd]} bytes, want {blob['size']}")
+    if bad:
+        print("\n".join("  BAD " + b for b in bad))
+        return 1
+    print(f"  ok  {root}: {len(found)} files named by digest, all hashes match, all {len(info['blobs'])} blobs present")
+    return 0
+
+
+def _status(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(val.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def mem(out_json, label, cmd):
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    peak = {}
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        for k, v in _status(proc.pid).items():
+            peak[k] = max(peak.get(k, 0), v)
+        time.sleep(0.05)
+    wall = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    rec = {
+        "label": label,
+        "command": " ".join(cmd),
+        "exit": code,
+        "wall_s": round(wall, 3),
+        "user_s": rusage.ru_utime,
+        "sys_s": rusage.ru_stime,
+        # ru_maxrss is the kernel's exact peak RSS (KiB); VmHWM sampled is the same figure.
+        "peak_rss_kib": max(rusage.ru_maxrss, peak.get("VmHWM", 0)),
+        "peak_rss_anon_kib": peak.get("RssAnon", 0),
+        "peak_rss_file_kib": peak.get("RssFile", 0),
+        "peak_rss_shmem_kib": peak.get("RssShmem", 0),
+        "samples_every_s": 0.05,
+    }
+    recs = json.load(open(out_json)) if os.path.exists(out_json) else []
+    recs = [r for r in recs if r["label"] != label] + [rec]
+    json.dump(recs, open(out_json, "w"), indent=1)
+    print(f"  {label}: {wall:.2f} s, peak RSS {rec['peak_rss_kib'] / 1024:.1f} MiB, "
+          f"peak RssAnon {rec['peak_rss_anon_kib'] / 1024:.1f} MiB")
+    return code
+
+
+def _run(cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() or r.stderr.strip()
+    except Exception as e:  # a missing tool is reported, not fatal
+        return f"unavailable ({e})"
+
+
+def meta(out_json, pairs):
+    lscpu = _run(["lscpu"])
+    model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+    mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    flags = next((l for l in lscpu.splitlines() if l.startswith("Flags")), "")
+    os_name = next((l.split("=", 1)[1].strip().strip('"') for l in open("/etc/os-release")
+                    if l.startswith("PRETTY_NAME")), "?")
+    nginx = _run(["/usr/sbin/nginx", "-v"]) if os.path.exists("/usr/sbin/nginx") else _run(["nginx", "-v"])
+    m = {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "sha_ni": " sha_ni" in flags,
+        "mem_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": os_name,
+        "virtualization": next((l.split(":", 1)[1].strip() for l in lscpu.splitlines()
+                                if l.startswith("Hypervisor vendor")), "none"),
+        "versions": {
+            "skopeo": _run(["skopeo", "--version"]),
+            "docker-registry": _run(["docker-registry", "--version"]),
+            "nginx": nginx,
+            "hyperfine": _run(["hyperfine", "--version"]),
+            "rustc": _run(["rustc", "--version"]),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for p in pairs:
+        k, _, v = p.partition("=")
+        m[k] = v
+    json.dump(m, open(out_json, "w"), indent=1)
+    return 0
+
+
+def main(argv):
+    if len(argv) >= 3 and argv[0] == "verify":
+        return verify(argv[1], argv[2])
+    if len(argv) >= 5 and argv[0] == "mem" and argv[3] == "--":
+        return mem(argv[1], argv[2], argv[4:])
+    if len(argv) >= 2 and argv[0] == "meta":
+        return meta(argv[1], argv[2:])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
