@@ -45,5 +45,32 @@ fn hashing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing);
+/// Aggregate throughput with one blob per core hashed at once, as the hashing pool does.
+fn parallel(c: &mut Criterion) {
+    let buf = data();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("sha256-parallel");
+    g.sample_size(10);
+    for threads in [1, cores] {
+        g.throughput(Throughput::Bytes((TOTAL * threads) as u64));
+        g.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &threads| {
+            b.iter(|| {
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        s.spawn(|| {
+                            let mut h = fastpull::verify::Hasher::new();
+                            for part in buf.chunks(1 << 20) {
+                                h.update(black_box(part));
+                            }
+                            h.finish()
+                        });
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hashing, parallel);
 criterion_main!(benches);
