@@ -53,21 +53,25 @@ fn parallel(c: &mut Criterion) {
     g.sample_size(10);
     for threads in [1, cores] {
         g.throughput(Throughput::Bytes((TOTAL * threads) as u64));
-        g.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &threads| {
-            b.iter(|| {
-                std::thread::scope(|s| {
-                    for _ in 0..threads {
-                        s.spawn(|| {
-                            let mut h = fastpull::verify::Hasher::new();
-                            for part in buf.chunks(1 << 20) {
-                                h.update(black_box(part));
-                            }
-                            h.finish()
-                        });
-                    }
+        g.bench_with_input(
+            BenchmarkId::new("threads", threads),
+            &threads,
+            |b, &threads| {
+                b.iter(|| {
+                    std::thread::scope(|s| {
+                        for _ in 0..threads {
+                            s.spawn(|| {
+                                let mut h = fastpull::verify::Hasher::new();
+                                for part in buf.chunks(1 << 20) {
+                                    h.update(black_box(part));
+                                }
+                                h.finish()
+                            });
+                        }
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     g.finish();
 }
