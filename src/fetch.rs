@@ -13,7 +13,7 @@
 //! `Retry-After`) and resumes from the byte it reached: writers are append-only, so every
 //! byte is written once and the hash is of exactly what is on disk.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +70,8 @@ struct Shared {
     /// and the rate one connection gets (bytes/s). The other chunks start then, not after
     /// the probe's whole chunk.
     early: Mutex<Option<(String, f64)>>,
+    /// The probe has let other chunks start: from now on no writer may take over chunks.
+    early_sent: AtomicBool,
 }
 
 /// A connection faster than this (bytes/s) is not capped the way CDNs cap: more parallel
@@ -261,6 +263,7 @@ impl Fetcher<'_> {
             downloaded: AtomicU64::new(0),
             url: Mutex::new(self.registry.blob_url(&d.digest)),
             early: Mutex::new(None),
+            early_sent: AtomicBool::new(false),
         }));
         run.digest_rx = Some(rx);
         Ok(())
@@ -432,7 +435,12 @@ impl Fetcher<'_> {
                 if range.is_some() {
                     tracing::debug!(blob = %s.desc.digest, "server ignored Range; streaming the whole blob on one connection");
                 }
-                while writer.absorb_next() {}
+                // Only the probe of a blob whose other chunks were never let out (its first
+                // answer was this 200) streams the rest; any other writer takes its own range
+                // from the body and leaves the rest.
+                if signal.is_some() && !s.early_sent.load(Ordering::Acquire) {
+                    while writer.absorb_next() {}
+                }
                 from
             }
         };
@@ -536,6 +544,7 @@ impl Fetcher<'_> {
             received += data.len() as u64;
             if received >= RATE_SAMPLE || writer.is_complete() {
                 if let Some((wake, answered)) = signal.take() {
+                    s.early_sent.store(true, Ordering::Release);
                     let rate = received as f64 / started.elapsed().as_secs_f64().max(1e-6);
                     *s.early.lock().map_err(|_| internal("poisoned"))? =
                         Some((answered.to_string(), rate));
@@ -632,11 +641,7 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 }
 
 fn internal(what: &str) -> Error {
-    Error::io(
-        "fetch",
-        std::path::PathBuf::new(),
-        std::io::Error::other(what.to_string()),
-    )
+    Error::Internal(what.to_string())
 }
 
 #[cfg(test)]
