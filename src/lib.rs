@@ -6,10 +6,12 @@
 //! A pull follows the data through one module per step:
 //! [`reference`] (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
 //! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → [`plan`] (which
-//! blobs, largest first, skipping what is already verified on disk) → `fetch` (bounded
-//! concurrent downloads, retried on transient failures) → `write` + [`verify`] (partial
-//! files, sha256 on a blocking thread, durable rename) → `layout` (`index.json` or
-//! `manifest.json`, written last).
+//! blobs, largest first, skipping what is already verified on disk, and how each is cut into
+//! range chunks) → `fetch` (the only concurrent stage: range requests over many connections,
+//! each retried and resumed on its own) → [`write`] (preallocated, mmapped partial files,
+//! durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU threads,
+//! following the written prefix while later chunks still arrive) → `layout` (`index.json`
+//! or `manifest.json`, written last).
 //!
 //! A blob under its final name is always complete and verified; the manifest is stored
 //! exactly as the registry sent it, after its sha256 was checked against the pinned digest
