@@ -42,7 +42,7 @@ struct Slot {
     written: AtomicU64,
 }
 
-/// The right to write one chunk's bytes (and, after [`ChunkWriter::absorb`], the chunks
+/// The right to write one chunk's bytes (and, after [`ChunkWriter::absorb_next`], the chunks
 /// after it). There is never more than one for a given byte.
 pub struct ChunkWriter {
     blob: Arc<BlobFile>,
