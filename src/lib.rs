@@ -4,11 +4,11 @@
 //! an OCI image layout, or skopeo's `dir:` layout — having verified every byte.
 //!
 //! A pull follows the data through one module per step:
-//! [`reference`](crate::reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
+//! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
 //! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → [`plan`] (which
 //! blobs, largest first, skipping what is already verified on disk, and how each is cut into
 //! range chunks) → `fetch` (the only concurrent stage: range requests over many connections,
-//! each retried and resumed on its own) → [`write`](crate::write) (preallocated, mmapped partial files,
+//! each retried and resumed on its own) → [`write`](mod@write) (preallocated, mmapped partial files,
 //! durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU threads,
 //! following the written prefix while later chunks still arrive) → `layout` (`index.json`
 //! or `manifest.json`, written last).
