@@ -287,16 +287,21 @@ impl Fetcher<'_> {
         let signal = (matches!(job, Job::Probe) && !single).then_some(wake);
         let registry_url = self.registry.blob_url(&s.desc.digest);
         let mut url = s.url.lock().map_err(|_| internal("poisoned"))?.clone();
+        // `attempt` counts failures in a row that brought no new bytes (the retry budget);
+        // `retried` counts them all, and is capped too so a trickling server ends.
         let mut attempt = 0u32;
+        let mut retried = 0u32;
+        let max_retried = self.options.retry.retries.saturating_mul(10);
         let mut fell_back_to_registry = false;
         loop {
+            let before = writer.written();
             let result = self
                 .transfer(
                     &s,
                     &mut writer,
                     &url,
                     single,
-                    lane + attempt as usize,
+                    lane + retried as usize,
                     signal,
                 )
                 .await;
@@ -322,7 +327,7 @@ impl Fetcher<'_> {
                 && matches!(job, Job::Chunk)
             {
                 if let Error::Registry {
-                    status: 401 | 403 | 404 | 410,
+                    status: 400 | 401 | 403 | 404 | 410,
                     ..
                 } = err
                 {
@@ -332,13 +337,20 @@ impl Fetcher<'_> {
                     continue;
                 }
             }
-            if !err.is_transient() || attempt >= self.options.retry.retries {
-                return Err(err.with_retries(attempt));
+            if writer.written() > before {
+                attempt = 0;
+            }
+            if !err.is_transient()
+                || attempt >= self.options.retry.retries
+                || retried >= max_retried
+            {
+                return Err(err.with_retries(retried));
             }
             attempt += 1;
+            retried += 1;
             self.reporter.report(&Event::BlobRetrying {
                 digest: s.desc.digest,
-                attempt,
+                attempt: retried,
                 error: err.to_string(),
             });
             tracing::warn!(blob = %s.desc.digest, range = ?writer.range(), attempt, error = %err, "retrying");
@@ -446,7 +458,9 @@ impl Fetcher<'_> {
         };
         let full_body = resp.status() == StatusCode::OK;
         // A 206 to the probe: the other chunks may start once the rate is known.
-        let signal = if full_body {
+        // Only while the probe owns just its first chunk: a probe that took over the whole
+        // blob (an earlier 200) must not let the other chunks out.
+        let signal = if full_body || writer.range() != s.file.chunk_range(0) {
             None
         } else {
             signal.map(|w| (w, final_url.as_str()))

@@ -186,7 +186,9 @@ impl InOrderHasher {
             }
             let hashed = st.hasher.len();
             drop(st);
-            self.scheduled.store(false, Ordering::Release);
+            // A read-modify-write (not a plain store) so that it and a writer's swap in
+            // poke() are ordered: one of the two always sees the other.
+            self.scheduled.swap(false, Ordering::AcqRel);
             // A write that landed after our last look, whose poke saw `scheduled` still set.
             if self.blob.contiguous_prefix() > hashed
                 && !self.scheduled.swap(true, Ordering::AcqRel)

@@ -71,8 +71,17 @@ impl BlobFile {
             .open(partial)
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
-            preallocate(&file, size).map_err(|e| Error::io("preallocate", partial, e))?;
-            Some(MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e))?)
+            let mapped = preallocate(&file, size)
+                .map_err(|e| Error::io("preallocate", partial, e))
+                .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
+            match mapped {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    // A full disk must not keep what fallocate took.
+                    let _ = std::fs::remove_file(partial);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };

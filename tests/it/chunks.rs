@@ -563,3 +563,53 @@ fn http2_cdn_gets_many_connections() {
         "ranges spread over connections, got {conns:?}:\n{log}"
     );
 }
+
+/// Regression (review): the probe gets a 200 and takes over every chunk, the 200 is cut
+/// off, and the retry gets a 206: the other chunks must not be handed out again.
+#[test]
+fn probe_200_cut_off_then_206_on_retry() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[3 << 20], 1300);
+    push_image(&reg, "chunks/r200206", "v", &image);
+    let path = format!("/blobs/{}", image.layers[0].digest);
+    proxy.add(
+        Rule::new(&path, Fault::IgnoreRangeReset { after: 1000 })
+            .range_start(0)
+            .times(1),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/r200206:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+}
+
+/// Regression (review): retries that each make progress do not use up the budget; only
+/// attempts that bring nothing new count.
+#[test]
+fn progressing_truncations_do_not_exhaust_retries() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(&[CHUNK - 1], 1400);
+    push_image(&reg, "chunks/rprog", "v", &image);
+    let path = format!("/blobs/{}", image.layers[0].digest);
+    proxy.add(Rule::new(&path, Fault::Truncate { after: 5000 }).times(7));
+    let (_d, out) = dest();
+    let o = fastpull(
+        &format!("{}/chunks/rprog:v", proxy.addr()),
+        &out,
+        &["--retries", "5"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    let starts: Vec<u64> = proxy
+        .blob_requests(&image.layers[0].digest)
+        .iter()
+        .map(|r| r.range_start().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        starts,
+        vec![0, 5000, 10000, 15000, 20000, 25000, 30000, 35000],
+        "each retry resumed"
+    );
+}

@@ -23,6 +23,8 @@ pub enum Fault {
     Corrupt { at: usize },
     /// Drop the `Range` header before forwarding (the upstream answers 200 with everything).
     IgnoreRange,
+    /// Drop `Range`, then reset after this many body bytes (a 200 cut off).
+    IgnoreRangeReset { after: usize },
     /// Answer with this status (and `Retry-After`) without forwarding.
     Status { code: u16, retry_after: Option<u64> },
 }
@@ -290,7 +292,11 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
     let mut head = format!("{method} {path} HTTP/1.1\r\n");
     for (k, v) in &headers {
         if k.eq_ignore_ascii_case("connection")
-            || (k.eq_ignore_ascii_case("range") && matches!(fault, Some(Fault::IgnoreRange)))
+            || (k.eq_ignore_ascii_case("range")
+                && matches!(
+                    fault,
+                    Some(Fault::IgnoreRange) | Some(Fault::IgnoreRangeReset { .. })
+                ))
         {
             continue;
         }
@@ -330,6 +336,7 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
                 chunk[*at - sent] ^= 0x5a;
             }
             Some(Fault::Reset { after })
+            | Some(Fault::IgnoreRangeReset { after })
             | Some(Fault::Truncate { after })
             | Some(Fault::Stall { after, .. })
                 if sent + n > *after =>
@@ -338,7 +345,7 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
                 client.write_all(&chunk[..keep])?;
                 client.flush()?;
                 match &fault {
-                    Some(Fault::Reset { .. }) => {
+                    Some(Fault::Reset { .. }) | Some(Fault::IgnoreRangeReset { .. }) => {
                         // SO_LINGER 0: close sends RST.
                         set_linger_zero(&client);
                     }
