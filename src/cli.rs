@@ -67,8 +67,7 @@ pub struct Args {
     #[arg(short = 'j', long, default_value_t = fastpull::DEFAULT_CONNECTIONS, value_name = "N")]
     pub connections: usize,
 
-    /// HTTP requests in flight for one blob [default: same as --connections]. A blob whose
-    /// first connection is already fast (over 150 MB/s) gets 2.
+    /// HTTP requests in flight for one blob [default: same as --connections].
     #[arg(long, value_name = "N")]
     pub connections_per_blob: Option<usize>,
 
@@ -76,6 +75,11 @@ pub struct Args {
     /// fetched in one request; larger ones in at least two chunks per connection.
     #[arg(long, default_value = "8M", value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: u64,
+
+    /// A blob whose first connection brings more than this many MB/s is streamed on that
+    /// connection alone (no CDN-like cap to get around); 0: always use ranges.
+    #[arg(long, default_value_t = 150, value_name = "MB/S")]
+    pub fast_connection: u64,
 
     /// Retries of each request after a transient failure (reset, truncation, stall, 5xx,
     /// 429); a retried range resumes where it stopped.
@@ -112,6 +116,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .connections(args.connections)
         .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
         .chunk_size(args.chunk_size)
+        .fast_connection((args.fast_connection > 0).then(|| args.fast_connection as f64 * 1e6))
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .reporter(console.clone());

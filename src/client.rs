@@ -23,6 +23,8 @@ use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
 pub const DEFAULT_CONNECTIONS: usize = 32;
+/// Default [`ClientBuilder::fast_connection`] threshold, bytes/s.
+pub const DEFAULT_FAST_CONNECTION: f64 = 150e6;
 /// Default bytes per range request; see perf/RESULTS.md.
 pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 
@@ -53,6 +55,7 @@ pub struct ClientBuilder {
     connections_per_blob: usize,
     chunk_size: u64,
     hash_threads: usize,
+    fast_connection: Option<f64>,
     retries: u32,
     retry_delay: Duration,
     connect_timeout: Duration,
@@ -71,6 +74,7 @@ impl Default for ClientBuilder {
             connections_per_blob: DEFAULT_CONNECTIONS,
             chunk_size: DEFAULT_CHUNK_SIZE,
             hash_threads: 0,
+            fast_connection: Some(DEFAULT_FAST_CONNECTION),
             retries: 5,
             retry_delay: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(30),
@@ -108,8 +112,7 @@ impl ClientBuilder {
         self
     }
 
-    /// HTTP requests in flight for one blob (default 32). When the first connection to a
-    /// blob is already fast (over 150 MB/s, so not capped the way CDNs cap), the blob gets 2.
+    /// HTTP requests in flight for one blob (default 32).
     pub fn connections_per_blob(mut self, n: usize) -> Self {
         self.connections_per_blob = n;
         self
@@ -120,6 +123,14 @@ impl ClientBuilder {
     /// connections finish together (default 8 MiB).
     pub fn chunk_size(mut self, bytes: u64) -> Self {
         self.chunk_size = bytes;
+        self
+    }
+
+    /// A blob whose first connection brings more than this many bytes/s is streamed on that
+    /// connection alone (it is not capped the way CDNs cap each connection, and more ranges
+    /// would only cost CPU). `None`: always spread large blobs over ranges. Default 150 MB/s.
+    pub fn fast_connection(mut self, bytes_per_sec: Option<f64>) -> Self {
+        self.fast_connection = bytes_per_sec;
         self
     }
 
@@ -212,6 +223,7 @@ impl ClientBuilder {
                     },
                     retry,
                     stall_timeout: self.stall_timeout,
+                    fast_connection: self.fast_connection,
                 },
                 retry,
                 hash_pool: Arc::new(hash_pool),

@@ -47,6 +47,10 @@ pub(crate) struct FetchOptions {
     pub retry: RetryPolicy,
     /// No bytes for this long and the request is re-issued.
     pub stall_timeout: Duration,
+    /// A blob whose first connection is faster than this (bytes/s) is streamed on that
+    /// connection alone: it is not capped the way CDNs cap, and more ranges would only cost
+    /// CPU on both ends. `None`: always ranges.
+    pub fast_connection: Option<f64>,
 }
 
 /// What the fetch stage needs from the pull.
@@ -74,11 +78,6 @@ struct Shared {
     early_sent: AtomicBool,
 }
 
-/// A connection faster than this (bytes/s) is not capped the way CDNs cap: more parallel
-/// ranges of the same blob would only cost CPU on both ends.
-const FAST_CONNECTION: f64 = 150e6;
-/// Connections per blob when one connection is already fast.
-const FAST_BLOB_CONNECTIONS: usize = 2;
 /// Bytes the probe reads before it judges the connection's rate.
 const RATE_SAMPLE: u64 = 1 << 20;
 
@@ -218,10 +217,7 @@ impl Fetcher<'_> {
                     *s.url.lock().map_err(|_| internal("poisoned"))? = url;
                     run.mode = Mode::Ranged;
                     run.next_chunk = 1;
-                    if rate > FAST_CONNECTION {
-                        run.cap = run.cap.min(FAST_BLOB_CONNECTIONS);
-                    }
-                    tracing::debug!(blob = %run.desc.digest, mb_per_s = rate / 1e6, cap = run.cap, "ranges work");
+                    tracing::debug!(blob = %run.desc.digest, mb_per_s = rate / 1e6, "ranges work");
                 }
             }
         }
@@ -307,6 +303,10 @@ impl Fetcher<'_> {
                 .await;
             let err = match result {
                 Ok(outcome) if writer.is_complete() => return Ok(outcome),
+                // A range answered in full whose writer owns more (a fast probe took over
+                // the blob), or a body that ended early after bringing bytes: ask for the
+                // rest at once; that is no failure.
+                Ok(_) if writer.written() > before => continue,
                 Ok(_) => Error::network(
                     "read",
                     &url,
@@ -558,11 +558,18 @@ impl Fetcher<'_> {
             received += data.len() as u64;
             if received >= RATE_SAMPLE || writer.is_complete() {
                 if let Some((wake, answered)) = signal.take() {
-                    s.early_sent.store(true, Ordering::Release);
                     let rate = received as f64 / started.elapsed().as_secs_f64().max(1e-6);
-                    *s.early.lock().map_err(|_| internal("poisoned"))? =
-                        Some((answered.to_string(), rate));
-                    wake.notify_one();
+                    if self.options.fast_connection.is_some_and(|fast| rate > fast) {
+                        // Not capped like a CDN: this connection streams the whole blob (the
+                        // next request asks for the rest); more ranges would only cost CPU.
+                        while writer.absorb_next() {}
+                        tracing::debug!(blob = %s.desc.digest, mb_per_s = rate / 1e6, "fast connection: one stream");
+                    } else {
+                        s.early_sent.store(true, Ordering::Release);
+                        *s.early.lock().map_err(|_| internal("poisoned"))? =
+                            Some((answered.to_string(), rate));
+                        wake.notify_one();
+                    }
                 }
             }
             let total =

@@ -54,6 +54,7 @@ pub mod write;
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
     BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
+    DEFAULT_FAST_CONNECTION,
 };
 pub use digest::Digest;
 pub use error::{Category, Error, Result};

@@ -13,7 +13,15 @@ const CHUNK: usize = 64 * 1024;
 /// Runs the CLI with small chunks, fast retries and a short stall timeout.
 fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fastpull"))
-        .args(["--chunk-size", "64K", "--stall-timeout", "2"])
+        // Loopback is fast: force ranges, which is what these tests are about.
+        .args([
+            "--chunk-size",
+            "64K",
+            "--stall-timeout",
+            "2",
+            "--fast-connection",
+            "0",
+        ])
         .args(extra)
         .arg(image)
         .arg(out)
@@ -470,7 +478,14 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
     ));
     let (_d, out) = dest();
     let child = Command::new(env!("CARGO_BIN_EXE_fastpull"))
-        .args(["--chunk-size", "64K", "--stall-timeout", "30"])
+        .args([
+            "--chunk-size",
+            "64K",
+            "--stall-timeout",
+            "30",
+            "--fast-connection",
+            "0",
+        ])
         .arg(format!("{}/chunks/interrupt:v", proxy.addr()))
         .arg(&out)
         .stdout(std::process::Stdio::null())
@@ -527,7 +542,7 @@ fn http2_cdn_gets_many_connections() {
     push_image(&reg, "chunks/h2", "v", &image);
     let (_d, out) = dest();
     let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
-        .args(["--chunk-size", "256K", "-j", "8"])
+        .args(["--chunk-size", "256K", "-j", "8", "--fast-connection", "0"])
         .arg(format!("{}/chunks/h2:v", reg.addr()))
         .arg(&out)
         .env("SSL_CERT_FILE", &pki.ca_cert)
@@ -611,5 +626,42 @@ fn progressing_truncations_do_not_exhaust_retries() {
         starts,
         vec![0, 5000, 10000, 15000, 20000, 25000, 30000, 35000],
         "each retry resumed"
+    );
+}
+
+/// A connection that is not capped (faster than --fast-connection) streams the whole blob:
+/// the probe's range, then one request for the rest, no further ranges.
+#[test]
+fn fast_connection_streams_the_blob_on_one_connection() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let size = 6 * 1024 * 1024 + 3;
+    let image = image_of(&[size], 1500);
+    push_image(&reg, "chunks/fast", "v", &image);
+    let (_d, out) = dest();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+        .args(["--chunk-size", "1M", "--fast-connection", "1"])
+        .arg(format!("{}/chunks/fast:v", proxy.addr()))
+        .arg(&out)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("Retrying"),
+        "{}",
+        text(&o)
+    );
+    assert_holds(&out, &image);
+    let ranges: Vec<Option<String>> = proxy
+        .blob_requests(&image.layers[0].digest)
+        .into_iter()
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![
+            Some("bytes=0-1048575".to_string()),
+            Some(format!("bytes=1048576-{}", size - 1))
+        ]
     );
 }
