@@ -116,7 +116,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .connections(args.connections)
         .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
         .chunk_size(args.chunk_size)
-        .fast_connection((args.fast_connection > 0).then(|| args.fast_connection as f64 * 1e6))
+        .fast_connection((args.fast_connection > 0).then_some(args.fast_connection as f64 * 1e6))
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .reporter(console.clone());
