@@ -5,10 +5,24 @@ mod console;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    let long_version: &'static str = Box::leak(
+        format!(
+            "{}\nsha256: {}",
+            env!("CARGO_PKG_VERSION"),
+            fastpull::verify::sha256_backend()
+        )
+        .into_boxed_str(),
+    );
+    let matches = cli::Args::command()
+        .long_version(long_version)
+        .get_matches();
+    let args = match cli::Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     init_tracing(args.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -80,6 +80,29 @@ pub fn file_matches(path: &Path, digest: &Digest, size: u64) -> io::Result<bool>
     Ok(len == size && actual == *digest)
 }
 
+/// Which sha256 implementation runs on this CPU: `hardware (SHA-NI)` on x86_64 with the SHA
+/// extensions, `hardware (ARMv8 SHA2)` on aarch64 with them (sha2's `asm` feature, enabled
+/// for aarch64 in Cargo.toml), else `software`. sha2 makes the same run-time check.
+pub fn sha256_backend() -> &'static str {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("sha")
+            && std::arch::is_x86_feature_detected!("sse2")
+            && std::arch::is_x86_feature_detected!("ssse3")
+            && std::arch::is_x86_feature_detected!("sse4.1")
+        {
+            return "hardware (SHA-NI)";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("sha2") {
+            return "hardware (ARMv8 SHA2)";
+        }
+    }
+    "software"
+}
+
 /// CPU threads that hash blobs while the network runs (never the async runtime's threads).
 pub struct HashPool {
     pool: rayon::ThreadPool,

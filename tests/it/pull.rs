@@ -658,3 +658,32 @@ fn pulls_alpine_from_docker_hub() {
     assert!(r.blobs.len() >= 2);
     assert!(out.join("index.json").exists());
 }
+
+#[test]
+fn version_names_the_sha256_implementation() {
+    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+        .arg("--version")
+        .output()
+        .expect("run");
+    assert!(o.status.success());
+    let v = String::from_utf8_lossy(&o.stdout);
+    #[cfg(target_arch = "x86_64")]
+    let want = if std::arch::is_x86_feature_detected!("sha") {
+        "sha256: hardware (SHA-NI)"
+    } else {
+        "sha256: software"
+    };
+    #[cfg(target_arch = "aarch64")]
+    let want = if std::arch::is_aarch64_feature_detected!("sha2") {
+        "sha256: hardware (ARMv8 SHA2)"
+    } else {
+        "sha256: software"
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let want = "sha256: software";
+    assert!(v.contains(want), "{v}");
+    assert_eq!(
+        fastpull::verify::sha256_backend(),
+        want.trim_start_matches("sha256: ")
+    );
+}
