@@ -96,8 +96,6 @@ struct BlobRun {
     next_chunk: usize,
     running: usize,
     done_chunks: usize,
-    /// Requests in flight allowed for this blob.
-    cap: usize,
 }
 
 enum Job {
@@ -138,7 +136,6 @@ impl Fetcher<'_> {
                 next_chunk: 0,
                 running: 0,
                 done_chunks: 0,
-                cap: self.options.connections_per_blob.max(1),
             })
             .collect();
         let wake = tokio::sync::Notify::new();
@@ -223,7 +220,9 @@ impl Fetcher<'_> {
         }
         for (i, run) in runs.iter_mut().enumerate() {
             if let (Mode::Ranged, Some(s)) = (&run.mode, &run.shared) {
-                if run.next_chunk < s.file.chunk_count() && run.running < run.cap {
+                if run.next_chunk < s.file.chunk_count()
+                    && run.running < self.options.connections_per_blob.max(1)
+                {
                     let chunk = run.next_chunk;
                     run.next_chunk += 1;
                     run.running += 1;

@@ -26,7 +26,7 @@ pub(crate) struct Transport {
     lanes: Vec<Client<HttpsConnector<HttpConnector>, Body>>,
     user_agent: http::HeaderValue,
     /// How long a response (headers, or the next body bytes) may take before we give up.
-    pub(crate) stall_timeout: Duration,
+    stall_timeout: Duration,
 }
 
 impl Transport {

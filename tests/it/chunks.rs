@@ -53,6 +53,16 @@ fn image_of(sizes: &[usize], seed: u64) -> Image {
     b.build()
 }
 
+/// A registry holding an image of layers of `sizes` bytes as `repo:v`, and our fault proxy
+/// in front of it.
+fn proxied(repo: &str, sizes: &[usize], seed: u64) -> (Registry, FaultProxy, Image) {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let image = image_of(sizes, seed);
+    push_image(&reg, repo, "v", &image);
+    (reg, proxy, image)
+}
+
 fn assert_holds(out: &Path, image: &Image) {
     for b in image.blobs() {
         let p = out.join("blobs/sha256").join(hex(&b.digest));
@@ -178,10 +188,7 @@ fn server_ignoring_range_gets_one_stream_per_blob() {
 
 #[test]
 fn resets_and_truncation_mid_chunk_resume_from_the_byte_reached() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[6 * CHUNK + 99], 400);
-    push_image(&reg, "chunks/faults", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/faults", &[6 * CHUNK + 99], 400);
     let layer = &image.layers[0];
     let path = format!("/blobs/{}", layer.digest);
     proxy.add(
@@ -227,10 +234,7 @@ fn resets_and_truncation_mid_chunk_resume_from_the_byte_reached() {
 
 #[test]
 fn stalled_connection_is_reissued() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[4 * CHUNK], 500);
-    push_image(&reg, "chunks/stall", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/stall", &[4 * CHUNK], 500);
     let layer = &image.layers[0];
     proxy.add(
         Rule::new(
@@ -267,10 +271,7 @@ fn stalled_connection_is_reissued() {
 
 #[test]
 fn server_errors_and_429_are_retried() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[3 * CHUNK], 600);
-    push_image(&reg, "chunks/status", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/status", &[3 * CHUNK], 600);
     let path = format!("/blobs/{}", image.layers[0].digest);
     proxy.add(
         Rule::new(
@@ -328,10 +329,7 @@ fn server_errors_and_429_are_retried() {
 
 #[test]
 fn persistent_failure_gives_up_with_the_retry_count() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[3 * CHUNK], 700);
-    push_image(&reg, "chunks/dead", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/dead", &[3 * CHUNK], 700);
     proxy.add(
         Rule::new(
             &format!("/blobs/{}", image.layers[0].digest),
@@ -361,10 +359,7 @@ fn persistent_failure_gives_up_with_the_retry_count() {
 
 #[test]
 fn corrupted_chunk_fails_verification_and_leaves_nothing() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[5 * CHUNK, 2 * CHUNK], 800);
-    push_image(&reg, "chunks/corrupt", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/corrupt", &[5 * CHUNK, 2 * CHUNK], 800);
     let bad = &image.layers[0];
     proxy.add(
         Rule::new(
@@ -443,10 +438,7 @@ fn chunks_follow_the_redirect_and_never_send_authorization_to_the_cdn() {
 /// request but answers a later one with `200` and the whole blob.
 #[test]
 fn later_chunk_answered_with_the_whole_blob() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[5 * CHUNK + 11], 1000);
-    push_image(&reg, "chunks/late200", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/late200", &[5 * CHUNK + 11], 1000);
     let path = format!("/blobs/{}", image.layers[0].digest);
     proxy.add(Rule::new(&path, Fault::IgnoreRange).range_start(2 * CHUNK as u64));
     proxy.add(Rule::new(&path, Fault::IgnoreRange).range_start(5 * CHUNK as u64));
@@ -464,10 +456,7 @@ fn later_chunk_answered_with_the_whole_blob() {
 
 #[test]
 fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[6 * CHUNK, 1000], 1100);
-    push_image(&reg, "chunks/interrupt", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/interrupt", &[6 * CHUNK, 1000], 1100);
     let big = &image.layers[0];
     proxy.add(Rule::new(
         &format!("/blobs/{}", big.digest),
@@ -583,10 +572,7 @@ fn http2_cdn_gets_many_connections() {
 /// off, and the retry gets a 206: the other chunks must not be handed out again.
 #[test]
 fn probe_200_cut_off_then_206_on_retry() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[3 << 20], 1300);
-    push_image(&reg, "chunks/r200206", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/r200206", &[3 << 20], 1300);
     let path = format!("/blobs/{}", image.layers[0].digest);
     proxy.add(
         Rule::new(&path, Fault::IgnoreRangeReset { after: 1000 })
@@ -603,10 +589,7 @@ fn probe_200_cut_off_then_206_on_retry() {
 /// attempts that bring nothing new count.
 #[test]
 fn progressing_truncations_do_not_exhaust_retries() {
-    let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let image = image_of(&[CHUNK - 1], 1400);
-    push_image(&reg, "chunks/rprog", "v", &image);
+    let (_reg, proxy, image) = proxied("chunks/rprog", &[CHUNK - 1], 1400);
     let path = format!("/blobs/{}", image.layers[0].digest);
     proxy.add(Rule::new(&path, Fault::Truncate { after: 5000 }).times(7));
     let (_d, out) = dest();
