@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use fastpull::credentials::{Credential, CredentialStore, Secret};
 use fastpull::{Client, Error, Format, Platform, Reference};
 
 use crate::console::Console;
@@ -17,6 +18,8 @@ Examples:
   fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
+  echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
+  fastpull --ca-file corp-ca.pem --mirror mirror.corp:5000 ubuntu:24.04 ./ubuntu
 
 Output:
   oci (default)  OCI image layout: oci-layout, index.json (tag in the
@@ -35,8 +38,16 @@ Exit codes:
      (nothing is left under a final name)
   5  local I/O: destination unusable, permissions, disk full
 
+Credentials (first match wins): --username/--password-stdin; else --authfile; else
+  $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json (~/.docker/config.json),
+  $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, with their
+  credsStore / credHelpers (docker-credential-<name> on PATH).
+
 Environment:
-  FASTPULL_LOG   tracing filter (e.g. fastpull=debug), overrides -v";
+  FASTPULL_LOG   tracing filter (e.g. fastpull=debug), overrides -v
+  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (and lower case): proxies, with curl's
+                 rules (loopback too is proxied unless NO_PROXY names it)
+  SSL_CERT_FILE, SSL_CERT_DIR: the system's trusted roots";
 
 /// Pull a container image to a directory, verifying every byte.
 #[derive(Debug, Parser)]
@@ -90,6 +101,39 @@ pub struct Args {
     #[arg(long, default_value_t = 20, value_name = "SECS")]
     pub stall_timeout: u64,
 
+    /// Username for the image's registry; the password (or token) is read from stdin with
+    /// --password-stdin.
+    #[arg(long, value_name = "USER", requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the password or token for --username from stdin (one line).
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+
+    /// Read credentials only from this docker config.json / containers auth.json file.
+    #[arg(long, value_name = "PATH")]
+    pub authfile: Option<PathBuf>,
+
+    /// Also trust the CA certificates in this PEM file (repeatable).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Vec<PathBuf>,
+
+    /// Per-registry certificates: DIR/<host[:port]>/ with *.crt CA roots and a *.cert +
+    /// *.key client certificate (docker's certs.d; repeatable) [default:
+    /// /etc/containers/certs.d, /etc/docker/certs.d].
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Vec<PathBuf>,
+
+    /// Do not verify TLS certificates of this registry (HOST or HOST:PORT), and allow plain
+    /// HTTP to it (repeatable). Other hosts stay verified.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure: Vec<String>,
+
+    /// Try MIRROR (host[:port], or http://host[:port]) before REGISTRY (default docker.io);
+    /// a mirror that fails or lacks the image is left for the next source (repeatable).
+    #[arg(long, value_name = "[REGISTRY=]MIRROR")]
+    pub mirror: Vec<String>,
+
     /// Print only the image name when done (like `docker pull -q`).
     #[arg(short, long)]
     pub quiet: bool,
@@ -123,6 +167,34 @@ pub async fn run(args: Args) -> Result<(), Error> {
     if let Some(p) = platform {
         builder = builder.platform(p);
     }
+    let mut store = match &args.authfile {
+        Some(path) => CredentialStore::from_file(path),
+        None => CredentialStore::from_env(),
+    };
+    if let Some(username) = &args.username {
+        let password = read_password_stdin()?;
+        store = store.with(
+            reference.registry(),
+            Credential::Basic {
+                username: username.clone(),
+                password,
+            },
+        );
+    }
+    builder = builder.credentials(store);
+    for f in &args.ca_file {
+        builder = builder.ca_file(f);
+    }
+    for d in &args.cert_dir {
+        builder = builder.cert_dir(d);
+    }
+    for h in &args.insecure {
+        builder = builder.insecure_registry(h);
+    }
+    for m in &args.mirror {
+        let (registry, mirror) = m.split_once('=').unwrap_or(("docker.io", m));
+        builder = builder.mirror(registry, mirror);
+    }
     let client = builder.build()?;
     console.start(&reference);
     // Ctrl-C drops the pull: in-flight requests stop and partial files are removed.
@@ -138,6 +210,21 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let report = result?;
     console.finish(&report);
     Ok(())
+}
+
+/// The first line of stdin, without its line ending.
+fn read_password_stdin() -> Result<Secret, Error> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| Error::InvalidOption(format!("--password-stdin: cannot read stdin: {e}")))?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(Error::InvalidOption(
+            "--password-stdin: stdin held no password".into(),
+        ));
+    }
+    Ok(Secret::new(password))
 }
 
 /// `8M`, `512K`, `1G`, `1048576`.

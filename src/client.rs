@@ -11,13 +11,15 @@ use futures::StreamExt;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::http::Transport;
+use crate::auth::TokenCache;
+use crate::credentials::CredentialStore;
+use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Format, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::{Chunking, Plan};
 use crate::progress::{Event, NoReporter, Reporter};
 use crate::reference::Reference;
-use crate::registry::{FetchedManifest, Registry};
+use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
 use crate::retry::RetryPolicy;
 use crate::verify::{self, HashPool};
 
@@ -43,6 +45,10 @@ struct Inner {
     retry: RetryPolicy,
     hash_pool: Arc<HashPool>,
     reporter: Arc<dyn Reporter>,
+    credentials: CredentialStore,
+    tokens: Arc<TokenCache>,
+    /// Registry (`docker.io`, `host[:port]`) → its mirrors, in order.
+    mirrors: Vec<(String, Endpoint)>,
 }
 
 /// Options for a [`Client`].
@@ -62,6 +68,11 @@ pub struct ClientBuilder {
     stall_timeout: Duration,
     user_agent: String,
     reporter: Arc<dyn Reporter>,
+    credentials: CredentialStore,
+    tls: TlsOptions,
+    default_cert_dirs: bool,
+    proxy_from_env: bool,
+    mirrors: Vec<(String, String)>,
 }
 
 impl Default for ClientBuilder {
@@ -81,6 +92,11 @@ impl Default for ClientBuilder {
             stall_timeout: Duration::from_secs(20),
             user_agent: concat!("fastpull/", env!("CARGO_PKG_VERSION")).to_string(),
             reporter: Arc::new(NoReporter),
+            credentials: CredentialStore::from_env(),
+            tls: TlsOptions::default(),
+            default_cert_dirs: true,
+            proxy_from_env: true,
+            mirrors: Vec::new(),
         }
     }
 }
@@ -173,6 +189,55 @@ impl ClientBuilder {
         self
     }
 
+    /// Where registry credentials come from (default: [`CredentialStore::from_env`], the
+    /// files and helpers docker, podman and skopeo use).
+    pub fn credentials(mut self, store: CredentialStore) -> Self {
+        self.credentials = store;
+        self
+    }
+
+    /// Trusts the certificates of a PEM file for every host, beside the system's roots
+    /// (which honour `SSL_CERT_FILE`).
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_files.push(path.into());
+        self
+    }
+
+    /// Looks for per-registry certificates in `dir/<host[:port]>/` (docker's `certs.d`:
+    /// `*.crt` CA roots, `*.cert` + `*.key` client certificate) instead of the defaults,
+    /// [`DEFAULT_CERT_DIRS`]. Repeatable.
+    pub fn cert_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        if self.default_cert_dirs {
+            self.default_cert_dirs = false;
+            self.tls.cert_dirs.clear();
+        }
+        self.tls.cert_dirs.push(dir.into());
+        self
+    }
+
+    /// Does not verify TLS certificates of this registry (`host` for any port, or
+    /// `host:port`), and lets it fall back to plain HTTP, as docker's insecure registries.
+    /// Other hosts are verified as usual.
+    pub fn insecure_registry(mut self, host: impl Into<String>) -> Self {
+        self.tls.insecure.push(host.into());
+        self
+    }
+
+    /// Whether to use the proxies named by `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
+    /// `NO_PROXY` (curl's rules; default yes).
+    pub fn proxy_from_env(mut self, yes: bool) -> Self {
+        self.proxy_from_env = yes;
+        self
+    }
+
+    /// Tries `mirror` (`host[:port]`, or `http://host[:port]` for plain HTTP) before
+    /// `registry` (`docker.io`, `host[:port]`) itself; a mirror that fails or lacks the
+    /// image is left for the next one, and finally the registry. Repeatable, in order.
+    pub fn mirror(mut self, registry: impl Into<String>, mirror: impl Into<String>) -> Self {
+        self.mirrors.push((registry.into(), mirror.into()));
+        self
+    }
+
     /// Checks the options and builds the client.
     pub fn build(self) -> Result<Client> {
         if self.connections == 0 || self.connections > 1024 {
@@ -195,11 +260,21 @@ impl ClientBuilder {
         if self.stall_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(Error::InvalidOption("timeouts must be positive".into()));
         }
+        let mut mirrors = Vec::new();
+        for (registry, mirror) in &self.mirrors {
+            mirrors.push((normalize_registry(registry)?, parse_mirror(mirror)?));
+        }
+        let mut tls = self.tls.clone();
+        if self.default_cert_dirs {
+            tls.cert_dirs = DEFAULT_CERT_DIRS.iter().map(PathBuf::from).collect();
+        }
         let transport = Transport::new(
             &self.user_agent,
             self.connect_timeout,
             self.stall_timeout,
             self.connections,
+            tls,
+            self.proxy_from_env,
         )?;
         let hash_pool = HashPool::new(self.hash_threads)
             .map_err(|e| Error::InvalidOption(format!("cannot start hashing threads: {e}")))?;
@@ -228,6 +303,9 @@ impl ClientBuilder {
                 retry,
                 hash_pool: Arc::new(hash_pool),
                 reporter: self.reporter,
+                credentials: self.credentials,
+                tokens: Arc::new(TokenCache::default()),
+                mirrors,
             }),
         })
     }
@@ -301,12 +379,67 @@ impl Client {
         let started = Instant::now();
         let dest = dest.as_ref();
         let layout = Layout::open(dest, inner.format)?;
+        let endpoints = self.endpoints(reference);
+        let mut last = None;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match self.pull_from(endpoint, reference, &layout, started).await {
+                Ok(report) => {
+                    layout.finish()?;
+                    return Ok(report);
+                }
+                Err(e) if endpoint.mirror && e.may_try_elsewhere() => {
+                    // Blobs it verified stay; the next endpoint fetches only the rest.
+                    tracing::warn!(mirror = %endpoint.host, error = %e, "mirror failed; trying {}", endpoints.get(i + 1).map_or("nothing", |n| n.host.as_str()));
+                    inner.reporter.report(&Event::EndpointFailed {
+                        host: endpoint.host.clone(),
+                        error: e.to_string(),
+                    });
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Internal("no endpoint to pull from".into())))
+    }
 
+    /// The mirrors of the reference's registry, then the registry itself.
+    fn endpoints(&self, reference: &Reference) -> Vec<Endpoint> {
+        let inner = &*self.inner;
+        let mut out: Vec<Endpoint> = inner
+            .mirrors
+            .iter()
+            .filter(|(registry, _)| registry.eq_ignore_ascii_case(reference.registry()))
+            .map(|(_, m)| Endpoint {
+                plain_http: m.plain_http || inner.plain_http,
+                ..m.clone()
+            })
+            .collect();
+        out.push(Endpoint {
+            host: reference.api_host().to_string(),
+            plain_http: inner.plain_http,
+            mirror: false,
+        });
+        out
+    }
+
+    async fn pull_from(
+        &self,
+        endpoint: &Endpoint,
+        reference: &Reference,
+        layout: &Layout,
+        started: Instant,
+    ) -> Result<PullReport> {
+        let inner = &*self.inner;
+        let dest = layout.dir();
         let registry = Registry::connect(
-            inner.transport.clone(),
+            Access {
+                transport: inner.transport.clone(),
+                retry: inner.retry,
+                credentials: &inner.credentials,
+                tokens: inner.tokens.clone(),
+            },
+            endpoint,
             reference,
-            inner.plain_http,
-            inner.retry,
         )
         .await?;
         tracing::debug!(base = registry.base(), "registry ready");
@@ -335,7 +468,7 @@ impl Client {
         let all: Vec<BlobDescriptor> = std::iter::once(m.config.clone())
             .chain(m.layers.iter().cloned())
             .collect();
-        let present = verified_on_disk(&layout, &all).await?;
+        let present = verified_on_disk(layout, &all).await?;
         let plan = Plan::new(&all, &present);
         let mut seen = HashSet::new();
         let blobs: Vec<BlobReport> = all
@@ -368,7 +501,7 @@ impl Client {
         let fetch_started = Instant::now();
         let fetcher = Fetcher {
             registry: &registry,
-            layout: &layout,
+            layout,
             reporter: &*inner.reporter,
             hash_pool: &inner.hash_pool,
             options: inner.fetch,
@@ -391,7 +524,6 @@ impl Client {
             reference,
             platform: platform.as_ref(),
         })?;
-        layout.finish()?;
 
         Ok(PullReport {
             reference: reference.clone(),
@@ -458,4 +590,42 @@ async fn verified_on_disk(layout: &Layout, blobs: &[BlobDescriptor]) -> Result<H
         .into_iter()
         .collect::<Result<_>>()?;
     Ok(found.into_iter().flatten().collect())
+}
+
+/// `docker.io` for Docker Hub's other names; hosts lower-cased.
+fn normalize_registry(name: &str) -> Result<String> {
+    let n = name.trim().to_ascii_lowercase();
+    if n.is_empty() || n.contains('/') {
+        return Err(Error::InvalidOption(format!(
+            "mirror: {name:?} is not a registry host (docker.io, host[:port])"
+        )));
+    }
+    Ok(match n.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        _ => n,
+    })
+}
+
+/// `host[:port]`, `http://host[:port]` or `https://host[:port]` (a trailing `/` allowed).
+fn parse_mirror(spec: &str) -> Result<Endpoint> {
+    let (plain_http, rest) = if let Some(r) = spec.strip_prefix("http://") {
+        (true, r)
+    } else if let Some(r) = spec.strip_prefix("https://") {
+        (false, r)
+    } else {
+        (false, spec)
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        return Err(Error::InvalidOption(format!(
+            "mirror {spec:?}: expected host[:port], http://host[:port] or https://host[:port]"
+        )));
+    }
+    Ok(Endpoint {
+        host: host.to_ascii_lowercase(),
+        plain_http,
+        mirror: true,
+    })
 }

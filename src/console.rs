@@ -157,6 +157,16 @@ impl Reporter for Console {
                     bar.set_position(0);
                 }
             }
+            Event::EndpointFailed { host, error } => {
+                for (_, layer) in state.drain() {
+                    if let Some(bar) = layer.bar {
+                        bar.finish_and_clear();
+                    }
+                }
+                self.line(&format!(
+                    "Mirror {host} failed, trying the next source: {error}"
+                ));
+            }
             Event::BlobDone { digest } => match state.get(digest) {
                 Some(Layer { bar: Some(bar), .. }) => {
                     bar.set_position(bar.length().unwrap_or(0));

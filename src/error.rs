@@ -171,6 +171,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Stored registry credentials could not be read: a malformed auth file, or a credential
+    /// helper that is missing or failed. Never carries a secret.
+    #[error("credentials from {origin}: {message}")]
+    Credentials {
+        /// The auth file's path, or `credential helper docker-credential-NAME`.
+        origin: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// The destination exists and is not an image layout of the requested format.
     #[error("destination {} {reason}", .path.display())]
     Destination {
@@ -204,7 +214,7 @@ fn fmt_message(msg: &str) -> String {
 /// Broad classes of failure; each has a documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Category {
-    /// Bad arguments: reference, platform, options (exit 2).
+    /// Bad arguments or configuration: reference, platform, options, stored credentials (exit 2).
     Usage,
     /// Network or registry: unreachable, refused, not found, unauthorized, no such platform,
     /// unsupported manifest (exit 3).
@@ -234,9 +244,10 @@ impl Error {
     /// Which class of failure this is.
     pub fn category(&self) -> Category {
         match self {
-            Error::InvalidReference(_) | Error::InvalidPlatform(_) | Error::InvalidOption(_) => {
-                Category::Usage
-            }
+            Error::InvalidReference(_)
+            | Error::InvalidPlatform(_)
+            | Error::InvalidOption(_)
+            | Error::Credentials { .. } => Category::Usage,
             Error::Network { .. }
             | Error::Tls { .. }
             | Error::Protocol { .. }
@@ -259,6 +270,16 @@ impl Error {
             Error::Registry { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }
+    }
+
+    /// Whether another endpoint (the origin after a mirror) may do better: the registry or
+    /// network failed, or what it sent did not verify. Local and usage errors would fail
+    /// there too.
+    pub fn may_try_elsewhere(&self) -> bool {
+        matches!(
+            self.category(),
+            Category::Registry | Category::Verification
+        )
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -1,32 +1,80 @@
-//! The HTTP transport: one pooled hyper client (HTTP/1.1 and HTTP/2, rustls with the `ring`
-//! provider) shared by every request of a pull.
+//! The HTTP transport: pooled hyper clients (HTTP/1.1, and HTTP/2 by ALPN) over rustls with
+//! the `ring` provider, shared by every request of a pull.
+//!
+//! One connector serves every host: it picks each host's TLS settings (system roots plus
+//! `--ca-file`s; docker's `certs.d/<host>/` CA and client-certificate files; no verification
+//! for a host named by `--insecure`) and goes through the proxy the environment names
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, curl's rules): a CONNECT tunnel for
+//! https, absolute-form requests for plain http.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_rustls::{HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tower_service::Service;
 
 use crate::error::{BoxError, Error, Result};
 
 /// Request bodies are small (token POSTs) or empty.
 pub(crate) type Body = Full<Bytes>;
 
+/// Where docker, podman and containerd users keep per-registry certificates, in the order
+/// they are searched (`<dir>/<host[:port]>/`).
+pub const DEFAULT_CERT_DIRS: &[&str] = &["/etc/containers/certs.d", "/etc/docker/certs.d"];
+
+/// TLS settings beyond the system's roots.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TlsOptions {
+    /// Extra trusted roots (PEM files), for every host.
+    pub ca_files: Vec<PathBuf>,
+    /// Directories of per-host directories (`<host[:port]>/`) holding `*.crt` CA roots and
+    /// `*.cert` + `*.key` client certificate pairs, docker's `certs.d` convention.
+    pub cert_dirs: Vec<PathBuf>,
+    /// Hosts (`host` for any port, or `host:port`) whose certificates are not verified.
+    pub insecure: Vec<String>,
+}
+
+impl TlsOptions {
+    /// Whether `authority` (`host[:port]`) was named insecure.
+    pub(crate) fn is_insecure(&self, authority: &str) -> bool {
+        let authority = authority.to_ascii_lowercase();
+        let host = host_part(&authority);
+        self.insecure.iter().any(|i| {
+            let i = i.to_ascii_lowercase();
+            i == authority || (i == host && !has_port(&i))
+        })
+    }
+}
+
 /// Shared HTTP client. It has several *lanes*, each its own connection pool: over HTTP/2
 /// one pool multiplexes every request on one connection, and a CDN caps each connection,
 /// so chunk requests are spread over lanes to get as many connections as requests.
 #[derive(Clone)]
 pub(crate) struct Transport {
-    lanes: Vec<Client<HttpsConnector<HttpConnector>, Body>>,
+    lanes: Vec<Client<Connector, Body>>,
     user_agent: http::HeaderValue,
     /// How long a response (headers, or the next body bytes) may take before we give up.
     stall_timeout: Duration,
+    proxy: Arc<Matcher>,
+    tls: Arc<TlsProfiles>,
 }
 
 impl Transport {
@@ -35,23 +83,29 @@ impl Transport {
         connect_timeout: Duration,
         stall_timeout: Duration,
         lanes: usize,
+        tls: TlsOptions,
+        proxy_from_env: bool,
     ) -> Result<Self> {
-        let tls = tls_config()?;
+        let tls = Arc::new(TlsProfiles::new(tls)?);
+        let proxy = Arc::new(if proxy_from_env {
+            Matcher::from_env()
+        } else {
+            Matcher::builder().build()
+        });
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let connector = Connector {
+            http,
+            tls: tls.clone(),
+            proxy: proxy.clone(),
+        };
         let lanes = (0..lanes.max(1))
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
-                    .build(https.clone())
+                    .build(connector.clone())
             })
             .collect();
         let user_agent = http::HeaderValue::from_str(user_agent)
@@ -60,7 +114,15 @@ impl Transport {
             lanes,
             user_agent,
             stall_timeout,
+            proxy,
+            tls,
         })
+    }
+
+    /// Whether `authority` was named by `--insecure` (no certificate checks; plain HTTP
+    /// allowed as a fallback, as docker's insecure registries).
+    pub(crate) fn is_insecure(&self, authority: &str) -> bool {
+        self.tls.options.is_insecure(authority)
     }
 
     /// Sends one request on lane 0 (no redirects followed, no auth added).
@@ -94,6 +156,18 @@ impl Transport {
         *req.headers_mut() = headers;
         req.headers_mut()
             .insert(http::header::USER_AGENT, self.user_agent.clone());
+        if req.uri().scheme_str() == Some("http") {
+            // Plain http through a proxy is forwarded, not tunnelled: the proxy's
+            // credentials ride on the request itself.
+            if let Some(auth) = self
+                .proxy
+                .intercept(req.uri())
+                .and_then(|i| i.basic_auth().cloned())
+            {
+                req.headers_mut()
+                    .insert(http::header::PROXY_AUTHORIZATION, auth);
+            }
+        }
         let what = if method == Method::HEAD {
             "HEAD"
         } else if method == Method::POST {
@@ -116,6 +190,368 @@ impl Transport {
             )),
         }
     }
+}
+
+/// The TLS client configuration of each host: one default, and per-host ones built on
+/// first use for hosts with `certs.d` files or named insecure.
+struct TlsProfiles {
+    options: TlsOptions,
+    roots: Arc<RootCertStore>,
+    default: Arc<ClientConfig>,
+    per_host: Mutex<HashMap<String, Arc<ClientConfig>>>,
+}
+
+impl TlsProfiles {
+    fn new(options: TlsOptions) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        for file in &options.ca_files {
+            let added = add_pem_roots(&mut roots, file)
+                .map_err(|e| Error::InvalidOption(format!("--ca-file {}: {e}", file.display())))?;
+            if added == 0 {
+                return Err(Error::InvalidOption(format!(
+                    "--ca-file {}: no certificates in it",
+                    file.display()
+                )));
+            }
+        }
+        let roots = Arc::new(roots);
+        let default = Arc::new(verified_config(roots.clone(), None)?);
+        Ok(TlsProfiles {
+            options,
+            roots,
+            default,
+            per_host: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration for `authority` (`host[:port]` as in the URL).
+    fn for_authority(&self, authority: &str) -> std::result::Result<Arc<ClientConfig>, BoxError> {
+        let key = authority.to_ascii_lowercase();
+        let mut cache = self.per_host.lock().map_err(|_| "TLS settings lock poisoned")?;
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        let config = self.build_for(&key)?;
+        cache.insert(key, config.clone());
+        Ok(config)
+    }
+
+    fn build_for(&self, authority: &str) -> std::result::Result<Arc<ClientConfig>, BoxError> {
+        if self.options.is_insecure(authority) {
+            tracing::debug!(host = authority, "TLS certificate verification is off (--insecure)");
+            return Ok(Arc::new(insecure_config()?));
+        }
+        // docker: certs.d/<host:port>/ when a port is given, else certs.d/<host>/.
+        let dirs: Vec<PathBuf> = self
+            .options
+            .cert_dirs
+            .iter()
+            .map(|d| d.join(authority))
+            .filter(|d| d.is_dir())
+            .collect();
+        if dirs.is_empty() {
+            return Ok(self.default.clone());
+        }
+        let mut roots = (*self.roots).clone();
+        let mut client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> = None;
+        for dir in &dirs {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| format!("reading {}: {e}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for path in entries {
+                match path.extension().and_then(|e| e.to_str()) {
+                    Some("crt") => {
+                        add_pem_roots(&mut roots, &path)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                    }
+                    Some("cert") if client.is_none() => {
+                        let key_path = path.with_extension("key");
+                        let certs = CertificateDer::pem_file_iter(&path)
+                            .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+                            format!(
+                                "{}: {e} (a client certificate needs its key beside it)",
+                                key_path.display()
+                            )
+                        })?;
+                        tracing::debug!(cert = %path.display(), "client certificate");
+                        client = Some((certs, key));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Arc::new(
+            verified_config(Arc::new(roots), client).map_err(|e| e.to_string())?,
+        ))
+    }
+}
+
+/// Adds every certificate of a PEM file to `roots`; returns how many.
+fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> std::result::Result<usize, String> {
+    let mut n = 0;
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| e.to_string())? {
+        let cert = cert.map_err(|e| e.to_string())?;
+        roots.add(cert).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn verified_config(
+    roots: Arc<RootCertStore>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidOption(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| Error::InvalidOption(format!("client certificate: {e}"))),
+    }
+}
+
+fn insecure_config() -> Result<ClientConfig> {
+    let provider = provider();
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidOption(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
+        .with_no_client_auth())
+}
+
+/// `--insecure`: any certificate is accepted (the handshake's signatures are still checked,
+/// so the connection is encrypted to whoever holds the presented key).
+#[derive(Debug)]
+struct NoCertificateCheck(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoCertificateCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to any host: direct or through the environment's proxy, with that host's TLS
+/// settings.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    http: HttpConnector,
+    tls: Arc<TlsProfiles>,
+    proxy: Arc<Matcher>,
+}
+
+/// A connection: plain TCP or TLS; marked when it goes to a forwarding HTTP proxy (so
+/// requests on it carry absolute URIs).
+pub(crate) struct Conn {
+    inner: MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>,
+    forwarded: bool,
+}
+
+impl Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let intercept = this.proxy.intercept(&dst);
+            let via = intercept.as_ref().map(|i| i.uri().to_string());
+            let with_proxy = |e: BoxError| -> BoxError {
+                match &via {
+                    Some(p) => Box::new(ViaProxy {
+                        proxy: p.clone(),
+                        source: e,
+                    }),
+                    None => e,
+                }
+            };
+            if dst.scheme_str() != Some("https") {
+                let mut http = this.http.clone();
+                let (target, forwarded) = match &intercept {
+                    Some(i) => (i.uri().clone(), true),
+                    None => (dst, false),
+                };
+                let tcp = http.call(target).await.map_err(|e| with_proxy(e.into()))?;
+                return Ok(Conn {
+                    inner: MaybeHttpsStream::Http(tcp),
+                    forwarded,
+                });
+            }
+            let authority = dst
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or("URL without a host")?;
+            let config = this.tls.for_authority(&authority)?;
+            let builder = HttpsConnectorBuilder::new()
+                .with_tls_config((*config).clone())
+                .https_only()
+                .enable_http1()
+                .enable_http2();
+            let stream = match &intercept {
+                Some(i) => {
+                    let mut tunnel = Tunnel::new(i.uri().clone(), this.http.clone());
+                    if let Some(auth) = i.basic_auth() {
+                        tunnel = tunnel.with_auth(auth.clone());
+                    }
+                    builder
+                        .wrap_connector(tunnel)
+                        .call(dst)
+                        .await
+                        .map_err(with_proxy)?
+                }
+                None => builder.wrap_connector(this.http.clone()).call(dst).await?,
+            };
+            Ok(Conn {
+                inner: stream,
+                forwarded: false,
+            })
+        })
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let c = self.inner.connected();
+        if self.forwarded {
+            c.proxy(true)
+        } else {
+            c
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// A connection failure through a proxy: names the proxy, keeps the cause (a TLS error
+/// inside stays findable).
+#[derive(Debug)]
+struct ViaProxy {
+    proxy: String,
+    source: BoxError,
+}
+
+impl std::fmt::Display for ViaProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "via proxy {}", self.proxy)
+    }
+}
+
+impl std::error::Error for ViaProxy {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// `host` of `host[:port]` (IPv6 in brackets kept).
+fn host_part(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+fn has_port(authority: &str) -> bool {
+    host_part(authority).len() < authority.len()
 }
 
 /// Reads a whole (small) body, refusing more than `limit` bytes.
@@ -152,6 +588,11 @@ fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str)
         let not_tls = matches!(tls, rustls::Error::InvalidMessage(_));
         let message = if not_tls {
             "the server does not speak TLS (use --plain-http for a plain-HTTP registry)".to_string()
+        } else if matches!(tls, rustls::Error::InvalidCertificate(_)) {
+            format!(
+                "{tls} (trust its CA with --ca-file or certs.d/<host:port>/ca.crt, \
+                 or skip verification for this registry with --insecure HOST:PORT)"
+            )
         } else {
             tls.to_string()
         };
@@ -197,22 +638,4 @@ fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {
         src = s.source();
     }
     text.into()
-}
-
-fn tls_config() -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::InvalidOption(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
 }

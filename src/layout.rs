@@ -140,6 +140,11 @@ impl Layout {
         })
     }
 
+    /// The destination directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.root
+    }
+
     /// Where the verified blob lives.
     pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.blobs.join(digest.hex())

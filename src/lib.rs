@@ -37,6 +37,7 @@
 
 mod auth;
 mod client;
+pub mod credentials;
 pub mod digest;
 pub mod error;
 mod fetch;
@@ -56,8 +57,10 @@ pub use client::{
     BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
     DEFAULT_FAST_CONNECTION,
 };
+pub use credentials::{Credential, CredentialStore, Secret};
 pub use digest::Digest;
 pub use error::{Category, Error, Result};
+pub use http::DEFAULT_CERT_DIRS;
 pub use layout::{Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
 pub use manifest::{BlobKind, Platform};
 pub use progress::{Event, Reporter};

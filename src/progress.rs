@@ -45,6 +45,14 @@ pub enum Event {
         /// Why.
         error: String,
     },
+    /// A mirror failed; the pull goes on with the next mirror or the registry itself
+    /// (blobs already verified are kept).
+    EndpointFailed {
+        /// The mirror's `host[:port]`.
+        host: String,
+        /// Why.
+        error: String,
+    },
     /// The blob is verified and in place.
     BlobDone {
         /// Blob digest.

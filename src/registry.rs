@@ -4,11 +4,14 @@
 //! own host, answers a 401 through [`crate::auth`], and follows redirects — never carrying
 //! `Authorization` to another host.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, TokenCache};
+use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{redact_url, Error, Result};
 use crate::http::{https_may_be_plain_http, is_redirect, read_body, Transport};
@@ -32,6 +35,25 @@ pub(crate) struct FetchedManifest {
     pub document: Document,
 }
 
+/// Where a pull goes: a registry's API host, or one of its mirrors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    /// `host[:port]` that serves the API.
+    pub host: String,
+    /// Speak plain HTTP to it.
+    pub plain_http: bool,
+    /// A mirror (tried before the origin, abandoned on failure).
+    pub mirror: bool,
+}
+
+/// What a registry connection needs besides its endpoint.
+pub(crate) struct Access<'a> {
+    pub transport: Transport,
+    pub retry: RetryPolicy,
+    pub credentials: &'a CredentialStore,
+    pub tokens: Arc<TokenCache>,
+}
+
 /// One repository on one registry, for the length of a pull.
 pub(crate) struct Registry {
     transport: Transport,
@@ -43,24 +65,40 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// Picks the scheme (HTTPS, or plain HTTP when forced or when a loopback registry does
-    /// not speak TLS), pings `/v2/` and prepares authorization.
+    /// Picks the scheme (HTTPS; plain HTTP when asked for, or as the fallback for a loopback
+    /// or `--insecure` registry that does not speak TLS), pings `/v2/` and prepares
+    /// authorization. Credentials are those stored for the endpoint's host (for Docker
+    /// Hub's API host, those of `docker.io`).
     pub(crate) async fn connect(
-        transport: Transport,
+        access: Access<'_>,
+        endpoint: &Endpoint,
         reference: &Reference,
-        plain_http: bool,
-        retry: RetryPolicy,
     ) -> Result<Registry> {
-        let host = reference.api_host().to_string();
+        let host = endpoint.host.clone();
+        let credentials_for = if host == reference.api_host() {
+            reference.registry().to_string()
+        } else {
+            host.clone()
+        };
+        let may_fall_back = !endpoint.plain_http
+            && (is_loopback(&host) || access.transport.is_insecure(&host));
         let mut reg = Registry {
-            transport,
-            base: format!("{}://{host}", if plain_http { "http" } else { "https" }),
-            auth: Auth::new(reference.registry(), reference.repository()),
+            base: format!(
+                "{}://{host}",
+                if endpoint.plain_http { "http" } else { "https" }
+            ),
+            auth: Auth::new(
+                &credentials_for,
+                reference.repository(),
+                access.credentials.clone(),
+                access.tokens,
+                endpoint.plain_http || may_fall_back,
+            ),
+            transport: access.transport,
             host,
             repository: reference.repository().to_string(),
-            retry,
+            retry: access.retry,
         };
-        let may_fall_back = !plain_http && is_loopback(&reg.host);
         if !may_fall_back {
             reg.retry.run("ping", || reg.ping()).await?;
             return Ok(reg);
@@ -70,7 +108,7 @@ impl Registry {
         match reg.ping().await {
             Ok(()) => Ok(reg),
             Err(e) if https_may_be_plain_http(&e) => {
-                tracing::debug!(error = %e, "HTTPS failed on a loopback registry; trying plain HTTP");
+                tracing::debug!(error = %e, "HTTPS failed on a loopback or insecure registry; trying plain HTTP");
                 reg.base = format!("http://{}", reg.host);
                 reg.retry.run("ping", || reg.ping()).await?;
                 Ok(reg)
@@ -242,7 +280,7 @@ impl Registry {
             // (no token over a plain-HTTP downgrade, none to a CDN).
             let same_host = origin_of(&url) == origin_of(&self.base);
             let mut h = headers.clone();
-            let (generation, auth) = self.auth.header().await;
+            let (generation, auth) = self.auth.header(&self.transport).await?;
             if let (true, Some(v)) = (same_host, auth) {
                 h.insert(header::AUTHORIZATION, v);
             }
