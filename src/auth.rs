@@ -275,9 +275,10 @@ impl Auth {
                 let store = self.store.clone();
                 let registry = self.registry.clone();
                 let repository = self.repository.clone();
-                let found = tokio::task::spawn_blocking(move || store.lookup(&registry, &repository))
-                    .await
-                    .map_err(|e| Error::Internal(format!("credential lookup: {e}")))??;
+                let found =
+                    tokio::task::spawn_blocking(move || store.lookup(&registry, &repository))
+                        .await
+                        .map_err(|e| Error::Internal(format!("credential lookup: {e}")))??;
                 tracing::debug!(
                     registry = %self.registry,
                     found = match &found {
@@ -430,7 +431,12 @@ impl Auth {
         );
         let started = Instant::now();
         let resp = transport
-            .send(Method::POST, req.realm, headers, Bytes::from(form.join("&")))
+            .send(
+                Method::POST,
+                req.realm,
+                headers,
+                Bytes::from(form.join("&")),
+            )
             .await?;
         if matches!(resp.status().as_u16(), 404 | 405) {
             tracing::debug!("the token service has no OAuth2 endpoint; using GET");

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+use crate::auth::TokenCache;
+use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::auth::TokenCache;
-use crate::credentials::CredentialStore;
 use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Format, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};

@@ -276,10 +276,7 @@ impl Error {
     /// network failed, or what it sent did not verify. Local and usage errors would fail
     /// there too.
     pub fn may_try_elsewhere(&self) -> bool {
-        matches!(
-            self.category(),
-            Category::Registry | Category::Verification
-        )
+        matches!(self.category(), Category::Registry | Category::Verification)
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -234,7 +234,10 @@ impl TlsProfiles {
     /// The configuration for `authority` (`host[:port]` as in the URL).
     fn for_authority(&self, authority: &str) -> std::result::Result<Arc<ClientConfig>, BoxError> {
         let key = authority.to_ascii_lowercase();
-        let mut cache = self.per_host.lock().map_err(|_| "TLS settings lock poisoned")?;
+        let mut cache = self
+            .per_host
+            .lock()
+            .map_err(|_| "TLS settings lock poisoned")?;
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
@@ -245,7 +248,10 @@ impl TlsProfiles {
 
     fn build_for(&self, authority: &str) -> std::result::Result<Arc<ClientConfig>, BoxError> {
         if self.options.is_insecure(authority) {
-            tracing::debug!(host = authority, "TLS certificate verification is off (--insecure)");
+            tracing::debug!(
+                host = authority,
+                "TLS certificate verification is off (--insecure)"
+            );
             return Ok(Arc::new(insecure_config()?));
         }
         // docker: certs.d/<host:port>/ when a port is given, else certs.d/<host>/.

@@ -80,8 +80,8 @@ impl Registry {
         } else {
             host.clone()
         };
-        let may_fall_back = !endpoint.plain_http
-            && (is_loopback(&host) || access.transport.is_insecure(&host));
+        let may_fall_back =
+            !endpoint.plain_http && (is_loopback(&host) || access.transport.is_insecure(&host));
         let mut reg = Registry {
             base: format!(
                 "{}://{host}",
