@@ -505,6 +505,7 @@ impl Client {
             reporter: &*inner.reporter,
             hash_pool: &inner.hash_pool,
             options: inner.fetch,
+            fast_origins: Default::default(),
         };
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();

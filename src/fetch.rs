@@ -60,6 +60,8 @@ pub(crate) struct Fetcher<'a> {
     pub reporter: &'a dyn Reporter,
     pub hash_pool: &'a Arc<HashPool>,
     pub options: FetchOptions,
+    /// Origins (`scheme://host:port`) a connection has been fast to.
+    pub fast_origins: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What the futures of one blob share.
@@ -202,6 +204,25 @@ impl Fetcher<'_> {
             return Err(internal("fetch ended with blobs unfinished"));
         }
         Ok(downloaded)
+    }
+
+    /// Whether a blob whose probe got `rate` bytes/s from `url` should stream whole. A CDN
+    /// caps every connection alike, so once any connection to an origin has been faster
+    /// than the threshold, that origin is not capped: probes that measured less were only
+    /// sharing the machine with the other transfers.
+    fn is_fast(&self, url: &str, rate: f64) -> bool {
+        let Some(threshold) = self.options.fast_connection else {
+            return false;
+        };
+        let origin = crate::registry::origin_of(url).unwrap_or_default();
+        let Ok(mut fast) = self.fast_origins.lock() else {
+            return false;
+        };
+        if rate > threshold {
+            fast.insert(origin);
+            return true;
+        }
+        fast.contains(&origin)
     }
 
     /// The next request to start: chunks of blobs already started (largest first), then the
@@ -558,7 +579,7 @@ impl Fetcher<'_> {
             if received >= RATE_SAMPLE || writer.is_complete() {
                 if let Some((wake, answered)) = signal.take() {
                     let rate = received as f64 / started.elapsed().as_secs_f64().max(1e-6);
-                    if self.options.fast_connection.is_some_and(|fast| rate > fast) {
+                    if self.is_fast(answered, rate) {
                         // Not capped like a CDN: this connection streams the whole blob (the
                         // next request asks for the rest); more ranges would only cost CPU.
                         while writer.absorb_next() {}

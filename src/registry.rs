@@ -437,7 +437,7 @@ fn host_of(url: &str) -> Option<&str> {
 }
 
 /// `scheme://host[:port]`, lower-cased: what must match for credentials to be sent.
-fn origin_of(url: &str) -> Option<String> {
+pub(crate) fn origin_of(url: &str) -> Option<String> {
     let scheme = url.split_once("://")?.0;
     Some(format!("{}://{}", scheme, host_of(url)?).to_ascii_lowercase())
 }
