@@ -630,3 +630,54 @@ fn parse_mirror(spec: &str) -> Result<Endpoint> {
         mirror: true,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_specs() {
+        assert_eq!(
+            parse_mirror("Mirror.corp:5000").unwrap(),
+            Endpoint {
+                host: "mirror.corp:5000".into(),
+                plain_http: false,
+                mirror: true
+            }
+        );
+        assert!(parse_mirror("http://m:80/").unwrap().plain_http);
+        assert!(!parse_mirror("https://m").unwrap().plain_http);
+        for bad in ["", "m/path", "http://", "u@m", "m?x"] {
+            assert!(parse_mirror(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(normalize_registry("index.docker.io").unwrap(), "docker.io");
+        assert_eq!(normalize_registry("GHCR.io").unwrap(), "ghcr.io");
+        assert!(normalize_registry("ghcr.io/org").is_err());
+    }
+
+    #[test]
+    fn mirrors_go_first_and_only_for_their_registry() {
+        let client = Client::builder()
+            .mirror("docker.io", "m1:5000")
+            .mirror("registry-1.docker.io", "http://m2")
+            .mirror("ghcr.io", "m3")
+            .build()
+            .unwrap();
+        let hub: Reference = "alpine".parse().unwrap();
+        let hosts: Vec<(String, bool, bool)> = client
+            .endpoints(&hub)
+            .into_iter()
+            .map(|e| (e.host, e.plain_http, e.mirror))
+            .collect();
+        assert_eq!(
+            hosts,
+            vec![
+                ("m1:5000".into(), false, true),
+                ("m2".into(), true, true),
+                ("registry-1.docker.io".into(), false, false),
+            ]
+        );
+        let other: Reference = "quay.io/a/b".parse().unwrap();
+        assert_eq!(client.endpoints(&other).len(), 1);
+    }
+}

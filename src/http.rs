@@ -645,3 +645,53 @@ fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {
     }
     text.into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insecure_names_a_host_or_a_host_and_port() {
+        let o = TlsOptions {
+            insecure: vec![
+                "reg.lab".into(),
+                "127.0.0.1:5000".into(),
+                "[::1]:443".into(),
+            ],
+            ..Default::default()
+        };
+        assert!(o.is_insecure("reg.lab"));
+        assert!(
+            o.is_insecure("REG.lab:8443"),
+            "a bare host covers every port"
+        );
+        assert!(o.is_insecure("127.0.0.1:5000"));
+        assert!(
+            !o.is_insecure("127.0.0.1:5001"),
+            "a port names only that port"
+        );
+        assert!(!o.is_insecure("127.0.0.1"));
+        assert!(o.is_insecure("[::1]:443"));
+        assert!(!o.is_insecure("reg.lab.evil.com"));
+        assert!(!o.is_insecure("other"));
+    }
+
+    #[test]
+    fn ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = TlsProfiles::new(TlsOptions {
+            ca_files: vec![empty],
+            ..Default::default()
+        })
+        .err()
+        .expect("an empty CA file is refused");
+        assert!(err.to_string().contains("no certificates"), "{err}");
+        let missing = TlsProfiles::new(TlsOptions {
+            ca_files: vec![dir.path().join("missing.pem")],
+            ..Default::default()
+        });
+        assert!(missing.is_err());
+    }
+}
