@@ -615,21 +615,23 @@ fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str)
     }
 }
 
-/// rustls errors hide inside `io::Error`s, whose `source()` skips the wrapped error itself.
+/// rustls errors hide inside `io::Error`s (sometimes one inside another), whose `source()`
+/// skips the wrapped error itself: walk both ways down.
 fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
+    let mut todo: Vec<&(dyn std::error::Error + 'static)> = vec![e];
+    while let Some(err) = todo.pop() {
         if let Some(t) = err.downcast_ref::<rustls::Error>() {
             return Some(t);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(t);
-                }
-            }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            todo.push(inner);
         }
-        cur = err.source();
+        if let Some(s) = err.source() {
+            todo.push(s);
+        }
     }
     None
 }

@@ -1,5 +1,9 @@
+mod auth;
 mod chunks;
+mod harness_netauth;
 mod harness_selftest;
 mod interop;
+mod netpath;
 mod pull;
 mod support;
+mod tls;

@@ -135,7 +135,18 @@ http {{
 }
 
 impl Drop for Cdn {
+    /// SIGTERM: nginx's master stops its workers and then exits (a SIGKILL would leave the
+    /// workers running as orphans). SIGKILL only if it has not gone within 5 s.
     fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -4,11 +4,17 @@
 
 pub mod canned;
 pub mod cdn;
+pub mod cli;
+pub mod credhelper;
+pub mod htpasswd;
 pub mod image;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod throttle;
+pub mod tinyproxy;
 pub mod tls;
+pub mod token;
 
 use std::net::TcpListener;
 use std::time::Duration;

@@ -33,8 +33,81 @@ pub struct Registry {
     port: u16,
     storage_root: PathBuf,
     log_path: PathBuf,
+    tls: bool,
+    /// A stopped registry whose storage this one serves (see [`RegistryOptions::serve_storage_of`]).
+    seed: Option<Box<Registry>>,
     // Declared last so it is removed after the child has been killed in `Drop`.
     dir: TempDir,
+}
+
+/// HTTPS settings of a registry (`http.tls`).
+#[derive(Debug, Clone)]
+pub struct RegistryTls {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server key (PEM).
+    pub key: PathBuf,
+    /// Demand client certificates signed by this CA (PEM) (`http.tls.clientcas`).
+    pub client_ca: Option<PathBuf>,
+    /// Client certificate + key (PEM) the readiness probe presents when `client_ca` is set.
+    pub probe_client: Option<(PathBuf, PathBuf)>,
+}
+
+/// How to start a [`Registry`]: extra YAML, HTTPS, and whose storage to serve.
+#[derive(Default)]
+pub struct RegistryOptions {
+    extra: String,
+    tls: Option<RegistryTls>,
+    seed: Option<Registry>,
+}
+
+impl RegistryOptions {
+    /// Default options: plain HTTP, fresh storage, no extra config.
+    pub fn new() -> RegistryOptions {
+        RegistryOptions::default()
+    }
+
+    /// Top-level YAML appended to the config, as for [`Registry::start_with_extra_config`].
+    pub fn extra_config(mut self, yaml_fragment: &str) -> RegistryOptions {
+        self.extra = yaml_fragment.to_string();
+        self
+    }
+
+    /// Serve HTTPS with this certificate and key (PEM).
+    pub fn tls(mut self, cert: &Path, key: &Path) -> RegistryOptions {
+        self.tls = Some(RegistryTls {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: None,
+            probe_client: None,
+        });
+        self
+    }
+
+    /// With [`RegistryOptions::tls`]: require a client certificate signed by `ca`; the
+    /// readiness probe presents `probe_cert` + `probe_key`.
+    pub fn client_ca(mut self, ca: &Path, probe_cert: &Path, probe_key: &Path) -> RegistryOptions {
+        let tls = self
+            .tls
+            .as_mut()
+            .expect("RegistryOptions::client_ca needs RegistryOptions::tls first");
+        tls.client_ca = Some(ca.to_path_buf());
+        tls.probe_client = Some((probe_cert.to_path_buf(), probe_key.to_path_buf()));
+        self
+    }
+
+    /// Serve the storage of `seed` (typically a plain registry that images were pushed to):
+    /// `seed` is stopped and kept (with its temp dir) until the new registry is dropped. This
+    /// is how auth- or TLS-protected registries get their content.
+    pub fn serve_storage_of(mut self, seed: Registry) -> RegistryOptions {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Starts the registry.
+    pub fn start(self) -> Registry {
+        Registry::start_with(self)
+    }
 }
 
 impl Registry {
@@ -50,6 +123,17 @@ impl Registry {
     /// `storage` and `http`. When the fragment enables auth, a `401` on `GET /v2/` also counts as
     /// "ready".
     pub fn start_with_extra_config(yaml_fragment: &str) -> Registry {
+        RegistryOptions::new().extra_config(yaml_fragment).start()
+    }
+
+    /// Starts a registry as `opts` say (see [`RegistryOptions`]).
+    pub fn start_with(opts: RegistryOptions) -> Registry {
+        let RegistryOptions {
+            extra: yaml_fragment,
+            tls,
+            seed,
+        } = opts;
+        let yaml_fragment = yaml_fragment.as_str();
         // The registry silently lets a repeated top-level key replace ours, which would break
         // the readiness probe in confusing ways; refuse early instead.
         for key in ["version:", "log:", "storage:", "http:"] {
@@ -63,7 +147,14 @@ impl Registry {
             .prefix("fastpull-registry-")
             .tempdir()
             .expect("create temp dir for the test registry");
-        let storage_root = dir.path().join("storage");
+        let seed = seed.map(|mut seed| {
+            seed.stop();
+            Box::new(seed)
+        });
+        let storage_root = match &seed {
+            Some(seed) => seed.storage_root.clone(),
+            None => dir.path().join("storage"),
+        };
         fs::create_dir_all(&storage_root).expect("create registry storage dir");
         let config_path = dir.path().join("config.yml");
         let bin = std::env::var(REGISTRY_BIN_ENV).unwrap_or_else(|_| "docker-registry".to_string());
@@ -73,7 +164,7 @@ impl Registry {
             let port = free_port();
             let token = format!("{:016x}", rand::rng().next_u64());
             let log_path = dir.path().join(format!("registry-{attempt}.log"));
-            let config = render_config(&storage_root, port, &token, yaml_fragment);
+            let config = render_config(&storage_root, port, &token, tls.as_ref(), yaml_fragment);
             fs::write(&config_path, config).expect("write registry config");
 
             let log = File::create(&log_path).expect("create registry log file");
@@ -98,13 +189,15 @@ impl Registry {
                 ),
             };
 
-            match wait_ready(&mut child, port, &token) {
+            match wait_ready(&mut child, port, &token, tls.as_ref()) {
                 Ok(()) => {
                     return Registry {
                         child,
                         port,
                         storage_root,
                         log_path,
+                        tls: tls.is_some(),
+                        seed,
                         dir,
                     };
                 }
@@ -129,9 +222,16 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS)
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the process (the storage stays until drop).
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The listening port.
@@ -139,7 +239,7 @@ impl Registry {
         self.port
     }
 
-    /// Root directory of the filesystem storage driver.
+    /// Root directory of the filesystem storage driver (the seed's, when serving a seed's).
     pub fn storage_root(&self) -> &Path {
         &self.storage_root
     }
@@ -179,21 +279,75 @@ impl Drop for Registry {
 }
 
 /// Builds the registry config YAML.
-fn render_config(storage_root: &Path, port: u16, token: &str, extra: &str) -> String {
+fn render_config(
+    storage_root: &Path,
+    port: u16,
+    token: &str,
+    tls: Option<&RegistryTls>,
+    extra: &str,
+) -> String {
+    let tls = match tls {
+        None => String::new(),
+        Some(t) => {
+            let mut s = format!(
+                "  tls:\n    certificate: \"{}\"\n    key: \"{}\"\n",
+                t.cert.display(),
+                t.key.display()
+            );
+            if let Some(ca) = &t.client_ca {
+                s.push_str(&format!("    clientcas:\n      - \"{}\"\n", ca.display()));
+            }
+            s
+        }
+    };
     format!(
         "version: 0.1\n\
          log:\n  level: error\n\
          storage:\n  filesystem:\n    rootdirectory: \"{root}\"\n  delete:\n    enabled: true\n\
          http:\n  addr: 127.0.0.1:{port}\n  headers:\n    {ID_HEADER}: [\"{token}\"]\n\
+         {tls}\
          {extra}\n",
         root = storage_root.display(),
     )
 }
 
+/// A ureq agent for the readiness probe of an HTTPS registry: no verification (the probe
+/// only looks for our id header), presenting the probe client certificate if there is one.
+fn tls_probe_agent(tls: &RegistryTls) -> ureq::Agent {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, TlsConfig};
+    let client_cert = tls.probe_client.as_ref().map(|(cert, key)| {
+        let cert_pem = fs::read(cert).expect("read probe client certificate");
+        let key_pem = fs::read(key).expect("read probe client key");
+        let cert = Certificate::from_pem(&cert_pem).expect("parse probe client certificate");
+        let key = PrivateKey::from_pem(&key_pem).expect("parse probe client key");
+        ClientCert::new_with_certs(&[cert], key)
+    });
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
+        .tls_config(
+            TlsConfig::builder()
+                .disable_verification(true)
+                .client_cert(client_cert)
+                .build(),
+        )
+        .build()
+        .new_agent()
+}
+
 /// Polls `GET /v2/` until our instance answers (200, or 401 when auth is configured).
-fn wait_ready(child: &mut Child, port: u16, token: &str) -> Result<(), String> {
-    let agent = http_agent();
-    let url = format!("http://127.0.0.1:{port}/v2/");
+fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    token: &str,
+    tls: Option<&RegistryTls>,
+) -> Result<(), String> {
+    let (agent, scheme) = match tls {
+        Some(tls) => (tls_probe_agent(tls), "https"),
+        None => (http_agent(), "http"),
+    };
+    let url = format!("{scheme}://127.0.0.1:{port}/v2/");
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         let last;

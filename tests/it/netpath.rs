@@ -1,0 +1,373 @@
+//! The way to the registry: redirects of a token-protected registry to a CDN that refuses
+//! `Authorization`, forward proxies from the environment (tinyproxy: CONNECT for HTTPS,
+//! absolute-form for HTTP, `NO_PROXY`), and mirrors (`--mirror`) with fallback to the
+//! origin.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::support::cdn::free_port_on;
+use crate::support::cdn::Cdn;
+use crate::support::cli::*;
+use crate::support::registry::RegistryOptions;
+use crate::support::tinyproxy::Tinyproxy;
+use crate::support::token::*;
+use crate::support::*;
+
+const REPO: &str = "net/app";
+const CHUNKED: &[&str] = &["--fast-connection", "0", "--chunk-size", "1M"];
+
+/// A fresh destination in `sb`.
+fn out(sb: &Sandbox, name: &str) -> PathBuf {
+    sb.home().join(name)
+}
+
+/// A loopback address nothing listens on.
+fn closed_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+// ---- CDN ----
+
+#[test]
+fn token_registry_redirecting_blobs_to_a_cdn() {
+    let image = big_image(31);
+    let issuer = TokenIssuer::start(IssuerOptions::default());
+    let port = free_port_on("127.0.0.2");
+    let reg = token_registry(
+        &issuer,
+        seeded(&[(REPO, "v1", &image)]),
+        &format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
+        ),
+    );
+    let cdn = Cdn::start_with(reg.storage_root(), port, None, None);
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(CHUNKED, &[], &format!("{}/{REPO}:v1", reg.addr()), &dest);
+    assert_pulled(&dest, &image, &o);
+
+    let log = cdn.access_log();
+    let lines: Vec<&str> = log.lines().collect();
+    for b in image.blobs() {
+        assert!(
+            lines.iter().any(|l| l.contains(hex(&b.digest))),
+            "CDN did not serve {}:\n{log}",
+            b.digest
+        );
+    }
+    // nginx answers 403 to any request carrying Authorization.
+    assert!(
+        lines.iter().all(|l| !l.contains("\" 403 ")),
+        "Authorization sent to the CDN:\n{log}"
+    );
+    assert_eq!(issuer.count(), 1, "{}", issuer.describe());
+}
+
+// ---- proxies ----
+
+fn tls_registry(image: &Image) -> (Registry, TestPki, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(dir.path(), &["127.0.0.1", "localhost"]);
+    let reg = RegistryOptions::new()
+        .tls(&pki.server_cert, &pki.server_key)
+        .serve_storage_of(seeded(&[(REPO, "v1", image)]))
+        .start();
+    (reg, pki, dir)
+}
+
+fn through_proxy_to_tls(var: &str) {
+    let image = big_image(32);
+    let (reg, pki, _d) = tls_registry(&image);
+    let proxy = Tinyproxy::start();
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &["--ca-file", pki.ca_cert.to_str().unwrap()],
+        &[(var, &proxy.url())],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    let reqs = proxy.requests();
+    let connect = format!("CONNECT {} HTTP/1.1", reg.addr());
+    assert!(
+        reqs.contains(&connect),
+        "no {connect:?} in tinyproxy's log:\n{}",
+        proxy.log()
+    );
+    assert!(
+        reqs.iter().all(|r| r.starts_with("CONNECT ")),
+        "HTTPS sent as plain requests to the proxy: {reqs:?}"
+    );
+}
+
+#[test]
+fn https_proxy_tunnels_to_a_tls_registry() {
+    through_proxy_to_tls("HTTPS_PROXY");
+}
+
+#[test]
+fn lowercase_https_proxy_is_honoured() {
+    through_proxy_to_tls("https_proxy");
+}
+
+#[test]
+fn all_proxy_is_used_for_https() {
+    through_proxy_to_tls("ALL_PROXY");
+}
+
+/// `GET http://ADDR/v2/REPO/…` lines in tinyproxy's log.
+fn proxied_gets(proxy: &Tinyproxy, addr: &str, what: &str) -> Vec<String> {
+    let prefix = format!("GET http://{addr}/v2/{REPO}/{what}");
+    proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&prefix))
+        .collect()
+}
+
+#[test]
+fn http_proxy_forwards_requests_to_a_plain_registry() {
+    let image = big_image(33);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let proxy = Tinyproxy::start();
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        CHUNKED,
+        &[("HTTP_PROXY", &proxy.url())],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    assert!(
+        !proxied_gets(&proxy, &reg.addr(), "manifests/v1").is_empty(),
+        "manifest not fetched through the proxy:\n{}",
+        proxy.log()
+    );
+    for b in image.blobs() {
+        assert!(
+            !proxied_gets(&proxy, &reg.addr(), &format!("blobs/{}", b.digest)).is_empty(),
+            "blob {} not fetched through the proxy:\n{}",
+            b.digest,
+            proxy.log()
+        );
+    }
+}
+
+#[test]
+fn http_proxy_also_carries_token_requests() {
+    let image = big_image(34);
+    let issuer = TokenIssuer::start(IssuerOptions::default());
+    let reg = token_registry(&issuer, seeded(&[(REPO, "v1", &image)]), "");
+    let proxy = Tinyproxy::start();
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &[],
+        &[("http_proxy", &proxy.url())],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    let token_line = format!("GET {}?", issuer.realm());
+    assert!(
+        proxy.requests().iter().any(|r| r.starts_with(&token_line)),
+        "token request not proxied:\n{}",
+        proxy.log()
+    );
+    assert_eq!(issuer.count(), 1);
+}
+
+#[test]
+fn no_proxy_bypasses_a_dead_proxy() {
+    let image = big_image(35);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let dead = format!("http://{}", closed_addr());
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &[],
+        &[
+            ("HTTPS_PROXY", &dead),
+            ("HTTP_PROXY", &dead),
+            ("NO_PROXY", "localhost,127.0.0.1"),
+        ],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+}
+
+/// curl semantics: lowercase variables, a comma-separated `no_proxy` list of host names
+/// (curl ignores `host:port` entries, so none is used here).
+#[test]
+fn lowercase_no_proxy_list_bypasses_a_dead_proxy() {
+    let image = big_image(36);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let dead = format!("http://{}", closed_addr());
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &[],
+        &[
+            ("https_proxy", &dead),
+            ("http_proxy", &dead),
+            ("no_proxy", "registry.example, 127.0.0.1"),
+        ],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+}
+
+#[test]
+fn dead_proxy_without_no_proxy_fails() {
+    let image = big_image(37);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let dead = format!("http://{}", closed_addr());
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &["--retries", "0"],
+        &[("HTTPS_PROXY", &dead), ("HTTP_PROXY", &dead)],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_exit(&o, 3);
+}
+
+// ---- mirrors ----
+
+/// Pulls `ORIGIN/net/app:v1` with `--mirror ORIGIN=MIRROR` for each mirror.
+fn pull_with_mirrors(origin: &str, mirrors: &[&str], extra: &[&str], dest: &Path) -> Output {
+    let sb = Sandbox::new();
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for m in mirrors {
+        args.push("--mirror".into());
+        args.push(format!("{origin}={m}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    sb.pull(&args, &[], &format!("{origin}/{REPO}:v1"), dest)
+}
+
+#[test]
+fn mirror_serves_when_the_origin_is_down() {
+    let image = big_image(41);
+    let mirror = seeded(&[(REPO, "v1", &image)]);
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(&closed_addr(), &[&mirror.addr()], CHUNKED, &dest);
+    assert_pulled(&dest, &image, &o);
+}
+
+#[test]
+fn mirror_without_the_image_falls_back_to_the_origin() {
+    let image = big_image(42);
+    let origin = seeded(&[(REPO, "v1", &image)]);
+    let origin_front = FaultProxy::start(&origin.addr());
+    let mirror = Registry::start();
+    let mirror_front = FaultProxy::start(&mirror.addr());
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(origin_front.addr(), &[mirror_front.addr()], &[], &dest);
+    assert_pulled(&dest, &image, &o);
+    assert!(
+        mirror_front
+            .seen()
+            .iter()
+            .any(|r| r.path.contains(&format!("/v2/{REPO}/manifests/"))),
+        "mirror not asked first: {:?}",
+        mirror_front.seen()
+    );
+    for b in image.blobs() {
+        assert!(
+            !origin_front.blob_requests(&b.digest).is_empty(),
+            "origin did not serve {}",
+            b.digest
+        );
+    }
+}
+
+#[test]
+fn mirror_down_falls_back_to_the_origin() {
+    let image = big_image(43);
+    let origin = seeded(&[(REPO, "v1", &image)]);
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(
+        &origin.addr(),
+        &[&closed_addr()],
+        &["--retries", "1"],
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+}
+
+#[test]
+fn second_mirror_is_tried_after_the_first() {
+    let image = big_image(44);
+    let empty = Registry::start();
+    let good = seeded(&[(REPO, "v1", &image)]);
+    let good_front = FaultProxy::start(&good.addr());
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(
+        &closed_addr(),
+        &[&empty.addr(), good_front.addr()],
+        &[],
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    assert!(!good_front.blob_requests(&image.layers[0].digest).is_empty());
+}
+
+#[test]
+fn mirror_failing_mid_pull_is_abandoned_for_the_origin() {
+    let image = big_image(45);
+    let mirror = seeded(&[(REPO, "v1", &image)]);
+    let mirror_front = FaultProxy::start(&mirror.addr());
+    // Every blob body from the mirror is cut off after 1000 bytes.
+    mirror_front.add(Rule::new("/blobs/", Fault::Reset { after: 1000 }));
+    let origin = seeded(&[(REPO, "v1", &image)]);
+    let origin_front = FaultProxy::start(&origin.addr());
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(
+        origin_front.addr(),
+        &[mirror_front.addr()],
+        &["--retries", "1"],
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    assert!(
+        mirror_front.seen().iter().any(|r| r.fault.is_some()),
+        "mirror was not used first: {:?}",
+        mirror_front.seen()
+    );
+    assert!(
+        !origin_front
+            .blob_requests(&image.layers[0].digest)
+            .is_empty(),
+        "origin did not serve the big layer: {:?}",
+        origin_front.seen()
+    );
+}
+
+#[test]
+fn docker_hub_mirror_by_default() {
+    let image = big_image(46);
+    let mirror = seeded(&[(REPO, "v1", &image)]);
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    // Safety net: should anything try Docker Hub itself, it meets a dead loopback proxy
+    // rather than the internet.
+    let dead = format!("http://{}", closed_addr());
+    let o = sb.pull(
+        &["--mirror", &mirror.addr()],
+        &[
+            ("HTTPS_PROXY", &dead),
+            ("HTTP_PROXY", &dead),
+            ("NO_PROXY", "127.0.0.1"),
+        ],
+        &format!("{REPO}:v1"),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+}
