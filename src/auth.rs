@@ -1,6 +1,7 @@
 //! Registry authentication as a layer the rest of fastpull never sees: requests carry
 //! whatever `Authorization` this holds; a 401 hands its `WWW-Authenticate` here, and the
-//! request is sent again once.
+//! request is sent again once (twice when the refused token came from the shared cache).
+//! Requests refused together share one attempt to replace what they sent, failed or not.
 //!
 //! - Bearer (the docker token protocol, which Docker Hub, GHCR, ECR, Quay and Harbor use,
 //!   even for public pulls): a token for the repository's pull scope is fetched from the
@@ -16,6 +17,7 @@
 //! secret; header values are marked sensitive.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,6 +144,20 @@ struct State {
     renew_at: Option<Instant>,
     /// The bearer challenge the token answers, to renew it without waiting for a 401.
     challenge: Option<Challenge>,
+    /// The last generation whose token came from the client's shared cache rather than
+    /// from the token service: the registry may already have stopped taking it.
+    cached_generation: Option<u64>,
+}
+
+/// A failed attempt to replace an `Authorization`, kept for the requests that were waiting
+/// for that attempt, so they share its outcome instead of each asking the token service
+/// again (wrong or expired credentials would otherwise become a burst of failed logins).
+struct Failure {
+    /// Which attempt it was (see [`Auth::attempts`]).
+    attempt: u64,
+    /// The generation it was meant to replace.
+    generation: u64,
+    error: Error,
 }
 
 /// Authorization state for one repository on one registry.
@@ -156,7 +172,10 @@ pub(crate) struct Auth {
     /// or loopback).
     plain_http_ok: bool,
     state: RwLock<State>,
-    refresh: Mutex<()>,
+    /// Held while the `Authorization` is being replaced; holds the last failure.
+    refresh: Mutex<Option<Failure>>,
+    /// Attempts to replace the `Authorization` finished so far (bumped under `refresh`).
+    attempts: AtomicU64,
 }
 
 impl Auth {
@@ -175,7 +194,8 @@ impl Auth {
             tokens,
             plain_http_ok,
             state: RwLock::new(State::default()),
-            refresh: Mutex::new(()),
+            refresh: Mutex::new(None),
+            attempts: AtomicU64::new(0),
         }
     }
 
@@ -184,14 +204,21 @@ impl Auth {
     pub(crate) async fn header(&self, transport: &Transport) -> Result<(u64, Option<HeaderValue>)> {
         let st = self.state.read().await.clone();
         if st.renew_at.is_some_and(|at| Instant::now() >= at) {
-            let _guard = self.refresh.lock().await;
+            let arrived = self.attempts.load(Ordering::SeqCst);
+            let mut failure = self.refresh.lock().await;
             let cur = self.state.read().await.clone();
             if cur.generation == st.generation {
                 if let Some(c) = &cur.challenge {
+                    shared_failure(&failure, cur.generation, arrived)?;
                     tracing::debug!(registry = %self.registry, "bearer token about to expire; renewing");
-                    let token = self.bearer_token(transport, c, true).await?;
-                    self.set(Some(token.header), Some(token.renew_at), Some(c.clone()))
-                        .await;
+                    let renewed = async {
+                        let (token, _) = self.bearer_token(transport, c, true).await?;
+                        let (header, at) = (Some(token.header), Some(token.renew_at));
+                        self.set(header, at, Some(c.clone()), false).await;
+                        Ok(())
+                    }
+                    .await;
+                    self.finish_attempt(&mut failure, cur.generation, renewed)?;
                 }
             }
             let now = self.state.read().await;
@@ -205,12 +232,40 @@ impl Auth {
         header: Option<HeaderValue>,
         renew_at: Option<Instant>,
         challenge: Option<Challenge>,
+        from_cache: bool,
     ) {
         let mut st = self.state.write().await;
         st.generation += 1;
         st.header = header;
         st.renew_at = renew_at;
         st.challenge = challenge;
+        if from_cache {
+            st.cached_generation = Some(st.generation);
+        }
+    }
+
+    /// Records the end of an attempt to replace generation `generation`; a failure is kept
+    /// for the requests that waited for it.
+    fn finish_attempt(
+        &self,
+        failure: &mut Option<Failure>,
+        generation: u64,
+        result: Result<()>,
+    ) -> Result<()> {
+        let attempt = self.attempts.fetch_add(1, Ordering::SeqCst) + 1;
+        *failure = result.as_ref().err().map(|e| Failure {
+            attempt,
+            generation,
+            error: e.duplicate(),
+        });
+        result
+    }
+
+    /// Whether the header of generation `generation` was a token from the client's shared
+    /// cache that this registry had not yet accepted: when it is refused, a freshly fetched
+    /// token deserves a try.
+    pub(crate) async fn was_cached(&self, generation: u64) -> bool {
+        self.state.read().await.cached_generation == Some(generation)
     }
 
     /// Handles a 401 for a request sent with generation `seen`. Afterwards the caller sends
@@ -221,7 +276,8 @@ impl Auth {
         seen: u64,
         www_authenticate: Option<&str>,
     ) -> Result<()> {
-        let _guard = self.refresh.lock().await;
+        let arrived = self.attempts.load(Ordering::SeqCst);
+        let mut failure = self.refresh.lock().await;
         let (generation, had_header) = {
             let st = self.state.read().await;
             (st.generation, st.header.is_some())
@@ -229,12 +285,26 @@ impl Auth {
         if generation != seen {
             return Ok(()); // another request already renewed
         }
+        shared_failure(&failure, seen, arrived)?;
+        let result = self
+            .answer_challenge(transport, had_header, www_authenticate)
+            .await;
+        self.finish_attempt(&mut failure, seen, result)
+    }
+
+    /// Replaces the `Authorization` as the 401's challenges ask (called under `refresh`).
+    async fn answer_challenge(
+        &self,
+        transport: &Transport,
+        had_header: bool,
+        www_authenticate: Option<&str>,
+    ) -> Result<()> {
         let challenges = www_authenticate.map(parse_challenges).unwrap_or_default();
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             // What we sent was refused: never the cached token again.
-            let token = self.bearer_token(transport, c, had_header).await?;
-            self.set(Some(token.header), Some(token.renew_at), Some(c.clone()))
-                .await;
+            let (token, from_cache) = self.bearer_token(transport, c, had_header).await?;
+            let (header, at) = (Some(token.header), Some(token.renew_at));
+            self.set(header, at, Some(c.clone()), from_cache).await;
             return Ok(());
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
@@ -245,7 +315,7 @@ impl Auth {
                     }
                     let header = basic_header(&username, &password)
                         .ok_or_else(|| self.unauthorized("credentials unusable in a header"))?;
-                    self.set(Some(header), None, None).await;
+                    self.set(Some(header), None, None, false).await;
                     Ok(())
                 }
                 Some(Credential::IdentityToken { .. }) => Err(self.unauthorized(
@@ -295,12 +365,13 @@ impl Auth {
     }
 
     /// A token for the challenge: from the cache unless `fresh`, else from the token service.
+    /// `true` with it when it came from the cache.
     async fn bearer_token(
         &self,
         transport: &Transport,
         c: &Challenge,
         fresh: bool,
-    ) -> Result<CachedToken> {
+    ) -> Result<(CachedToken, bool)> {
         let realm = c
             .params
             .get("realm")
@@ -332,7 +403,7 @@ impl Auth {
         let cached = self.tokens.get(&key);
         if let Some(t) = &cached {
             if !fresh && Instant::now() < t.renew_at {
-                return Ok(t.clone());
+                return Ok((t.clone(), true));
             }
         }
         if credential.is_some() && lower.starts_with("http://") && !self.plain_http_ok {
@@ -363,7 +434,7 @@ impl Auth {
             None => self.get_token(transport, &req, credential.as_ref()).await?,
         };
         self.tokens.put(key, token.clone());
-        Ok(token)
+        Ok((token, false))
     }
 
     /// The docker token GET: anonymous, or `Basic` with a username and password.
@@ -381,7 +452,12 @@ impl Auth {
             query.push(format!("scope={}", encode(s)));
         }
         let mut headers = HeaderMap::new();
-        if let Some(Credential::Basic { username, password }) = credential {
+        // As docker: an empty username or password means ask anonymously.
+        let basic = credential.filter(|c| {
+            matches!(c, Credential::Basic { username, password }
+                if !username.is_empty() && !password.expose().is_empty())
+        });
+        if let Some(Credential::Basic { username, password }) = basic {
             query.push(format!("account={}", encode(username)));
             let h = basic_header(username, password)
                 .ok_or_else(|| self.unauthorized("credentials unusable in a header"))?;
@@ -392,14 +468,14 @@ impl Auth {
         tracing::debug!(
             realm = %crate::error::redact_url(req.realm),
             scope = %req.scopes.join(" "),
-            with_credentials = credential.is_some(),
+            with_credentials = basic.is_some(),
             "fetching bearer token"
         );
         let started = Instant::now();
         let resp = transport
             .send(Method::GET, &url, headers, Bytes::new())
             .await?;
-        self.token_reply(resp, &url, started, credential.is_some(), None)
+        self.token_reply(resp, &url, started, basic.is_some(), None)
             .await
     }
 
@@ -478,7 +554,9 @@ impl Auth {
         struct TokenReply {
             token: Option<String>,
             access_token: Option<String>,
-            expires_in: Option<i64>,
+            // Any JSON number: a value too large for an integer type must not make the whole
+            // reply unreadable.
+            expires_in: Option<f64>,
             refresh_token: Option<String>,
         }
         let reply: TokenReply = serde_json::from_slice(&body)
@@ -492,19 +570,47 @@ impl Auth {
         let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| self.unauthorized("token has characters not allowed in a header"))?;
         header.set_sensitive(true);
-        // The spec's default lifetime is 60 s. Renew a tenth early (at most 30 s), timed
-        // from when we asked, so clock skew cannot matter.
-        let lifetime = Duration::from_secs(reply.expires_in.unwrap_or(60).max(0) as u64);
-        let early = (lifetime / 10).min(Duration::from_secs(30));
         Ok(CachedToken {
             header,
-            renew_at: started + lifetime - early,
+            renew_at: renew_at(started, reply.expires_in),
             refresh_token: reply
                 .refresh_token
                 .filter(|t| !t.is_empty())
                 .map(Secret::new)
                 .or_else(|| refresh_token.cloned()),
         })
+    }
+}
+
+/// The spec's lifetime of a token whose reply gives none.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longer lifetimes are taken as this (it keeps the arithmetic far from overflowing).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// When to renew a token asked for at `started` whose reply said `expires_in` (seconds):
+/// a tenth early (at most 30 s), timed from when we asked, so clock skew cannot matter. A
+/// missing, zero, negative or non-finite `expires_in` is the spec's default of 60 s (taking
+/// zero literally would fetch a token before every request); a huge one is capped.
+fn renew_at(started: Instant, expires_in: Option<f64>) -> Instant {
+    let lifetime = match expires_in {
+        Some(secs) if secs.is_finite() && secs >= 1.0 => {
+            Duration::from_secs_f64(secs.min(MAX_TOKEN_LIFETIME.as_secs_f64()))
+        }
+        _ => DEFAULT_TOKEN_LIFETIME,
+    };
+    let early = (lifetime / 10).min(Duration::from_secs(30));
+    started + (lifetime - early)
+}
+
+/// The failure of an attempt that finished after a request arrived (its attempt count
+/// was `arrived`) to replace the generation it saw: that request shares it.
+fn shared_failure(failure: &Option<Failure>, generation: u64, arrived: u64) -> Result<()> {
+    match failure {
+        Some(f) if f.generation == generation && f.attempt > arrived => {
+            tracing::debug!("sharing the outcome of the token request this one waited for");
+            Err(f.error.duplicate())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -568,6 +674,156 @@ mod tests {
         assert_eq!(c[1].params["realm"], "https://h/t");
         assert_eq!(c[1].params["service"], "a,b");
         assert_eq!(c[1].params["scope"], "x y");
+    }
+
+    /// A token service on loopback answering every request, after `delay`, with `status`
+    /// (a token when 200); returns its realm and how many requests it got.
+    async fn token_service(
+        status: u16,
+        delay: Duration,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let body = if status == 200 {
+                        r#"{"token":"t0k3n","expires_in":300}"#
+                    } else {
+                        ""
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (realm, count)
+    }
+
+    fn transport() -> Transport {
+        let t = Duration::from_secs(10);
+        Transport::new("test", t, t, 1, Default::default(), false).unwrap()
+    }
+
+    fn auth_with_password() -> Arc<Auth> {
+        let store = CredentialStore::none().with(
+            "reg.test",
+            Credential::Basic {
+                username: "me".into(),
+                password: Secret::new("wrong"),
+            },
+        );
+        Arc::new(Auth::new(
+            "reg.test",
+            "team/app",
+            store,
+            Arc::default(),
+            false,
+        ))
+    }
+
+    /// Eight requests refused at once with the same token: one token request answers all
+    /// of them, even when it fails (wrong credentials must not become eight failed logins).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_401s_share_one_failed_token_request() {
+        let (realm, count) = token_service(401, Duration::from_millis(500)).await;
+        let transport = transport();
+        let auth = auth_with_password();
+        let challenge = format!(r#"Bearer realm="{realm}",service="svc""#);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (auth, transport, challenge) =
+                    (auth.clone(), transport.clone(), challenge.clone());
+                tokio::spawn(
+                    async move { auth.on_unauthorized(&transport, 0, Some(&challenge)).await },
+                )
+            })
+            .collect();
+        for t in tasks {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");
+        // A request refused later (a retry after its back-off) asks again.
+        let err = auth.on_unauthorized(&transport, 0, Some(&challenge)).await;
+        assert!(err.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 2, "token requests");
+    }
+
+    /// The same when a token runs out: the requests due to renew it share one attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_renewals_share_one_failed_token_request() {
+        let (realm, count) = token_service(503, Duration::from_millis(500)).await;
+        let transport = transport();
+        let auth = auth_with_password();
+        let challenge = parse_challenges(&format!(r#"Bearer realm="{realm}""#)).remove(0);
+        let expired = HeaderValue::from_static("Bearer old");
+        auth.set(Some(expired), Some(Instant::now()), Some(challenge), false)
+            .await;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (auth, transport) = (auth.clone(), transport.clone());
+                tokio::spawn(async move { auth.header(&transport).await })
+            })
+            .collect();
+        for t in tasks {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(err.is_transient(), "{err}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");
+    }
+
+    /// An HTTPS registry's credentials never go to a plain-HTTP token realm on another host.
+    #[tokio::test]
+    async fn credentials_stay_off_a_plain_http_realm() {
+        let auth = auth_with_password();
+        let challenge = r#"Bearer realm="http://auth.invalid/token",service="svc""#;
+        let err = auth
+            .on_unauthorized(&transport(), 0, Some(challenge))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unauthorized { message, .. } if message.contains("plain HTTP")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn renewal_time_from_expires_in() {
+        let t0 = Instant::now();
+        let secs = |e: Option<f64>| renew_at(t0, e).duration_since(t0).as_secs_f64();
+        assert_eq!(secs(Some(300.0)), 270.0);
+        assert_eq!(secs(Some(2.0)), 1.8, "short lifetimes are honoured");
+        for default in [
+            None,
+            Some(0.0),
+            Some(-5.0),
+            Some(0.5),
+            Some(f64::NAN),
+            Some(f64::INFINITY),
+        ] {
+            assert_eq!(secs(default), 54.0, "{default:?}");
+        }
+        for huge in [Some(i64::MAX as f64), Some(1e300)] {
+            assert_eq!(secs(huge), 24.0 * 3600.0 - 30.0, "{huge:?}");
+        }
     }
 
     #[test]

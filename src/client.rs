@@ -219,7 +219,14 @@ impl ClientBuilder {
     /// `host:port`), and lets it fall back to plain HTTP, as docker's insecure registries.
     /// Other hosts are verified as usual.
     pub fn insecure_registry(mut self, host: impl Into<String>) -> Self {
-        self.tls.insecure.push(host.into());
+        let host = host.into();
+        // `https://reg:5000/` names the same registry as `reg:5000`.
+        let bare = host
+            .split_once("://")
+            .map_or(host.as_str(), |(_, rest)| rest)
+            .trim_end_matches('/')
+            .to_string();
+        self.tls.insecure.push(bare);
         self
     }
 

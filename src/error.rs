@@ -296,6 +296,133 @@ impl Error {
         }
     }
 
+    /// A copy of this error, for handing one failure to several waiting requests. Wrapped
+    /// sources keep their text (and an I/O error its kind), not their type.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidReference(e) => Error::InvalidReference(e.clone()),
+            Error::InvalidPlatform(p) => Error::InvalidPlatform(p.clone()),
+            Error::InvalidOption(o) => Error::InvalidOption(o.clone()),
+            Error::Network {
+                what,
+                url,
+                retries,
+                source,
+            } => {
+                let mut text = source.to_string();
+                let mut cause = source.source();
+                while let Some(c) = cause {
+                    text.push_str(": ");
+                    text.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                Error::Network {
+                    what,
+                    url: url.clone(),
+                    retries: *retries,
+                    source: text.into(),
+                }
+            }
+            Error::Tls {
+                url,
+                message,
+                not_tls,
+            } => Error::Tls {
+                url: url.clone(),
+                message: message.clone(),
+                not_tls: *not_tls,
+            },
+            Error::Protocol { url, message } => Error::Protocol {
+                url: url.clone(),
+                message: message.clone(),
+            },
+            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Registry {
+                url,
+                status,
+                code,
+                message,
+                retry_after,
+                retries,
+            } => Error::Registry {
+                url: url.clone(),
+                status: *status,
+                code: code.clone(),
+                message: message.clone(),
+                retry_after: *retry_after,
+                retries: *retries,
+            },
+            Error::ManifestNotFound {
+                reference,
+                registry,
+                code,
+            } => Error::ManifestNotFound {
+                reference: reference.clone(),
+                registry: registry.clone(),
+                code: code.clone(),
+            },
+            Error::Unauthorized {
+                registry,
+                repository,
+                code,
+                message,
+            } => Error::Unauthorized {
+                registry: registry.clone(),
+                repository: repository.clone(),
+                code: code.clone(),
+                message: message.clone(),
+            },
+            Error::ManifestTooLarge { url, limit } => Error::ManifestTooLarge {
+                url: url.clone(),
+                limit: *limit,
+            },
+            Error::InvalidManifest { what, reason } => Error::InvalidManifest {
+                what: what.clone(),
+                reason: reason.clone(),
+            },
+            Error::NoMatchingPlatform {
+                wanted,
+                reference,
+                available,
+            } => Error::NoMatchingPlatform {
+                wanted: wanted.clone(),
+                reference: reference.clone(),
+                available: available.clone(),
+            },
+            Error::DigestMismatch {
+                what,
+                expected,
+                actual,
+            } => Error::DigestMismatch {
+                what: what.clone(),
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::SizeMismatch {
+                what,
+                expected,
+                actual,
+            } => Error::SizeMismatch {
+                what: what.clone(),
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::Io { op, path, source } => Error::Io {
+                op,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Credentials { origin, message } => Error::Credentials {
+                origin: origin.clone(),
+                message: message.clone(),
+            },
+            Error::Destination { path, reason } => Error::Destination {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+        }
+    }
+
     /// Records how many retries were spent before giving up.
     pub(crate) fn with_retries(mut self, n: u32) -> Self {
         match &mut self {
@@ -365,6 +492,35 @@ mod tests {
         assert_eq!(e.category().exit_code(), 4);
         let e = Error::io("open", "/x", std::io::Error::other("boom"));
         assert_eq!(e.category().exit_code(), 5);
+    }
+
+    #[test]
+    fn duplicates_keep_kind_and_text() {
+        let source: BoxError = Box::new(std::io::Error::other(Error::Internal("deep".into())));
+        let e = Error::Network {
+            what: "connect to",
+            url: "http://h/".into(),
+            retries: 2,
+            source,
+        };
+        let d = e.duplicate();
+        assert_eq!(d.to_string(), e.to_string());
+        assert!(d.is_transient());
+        assert!(matches!(
+            d,
+            Error::Network {
+                what: "connect to",
+                ..
+            }
+        ));
+        let e = Error::Unauthorized {
+            registry: "r".into(),
+            repository: "a/b".into(),
+            code: Some("DENIED".into()),
+            message: "no".into(),
+        };
+        assert_eq!(e.duplicate().to_string(), e.to_string());
+        assert_eq!(e.duplicate().category(), Category::Registry);
     }
 
     #[test]

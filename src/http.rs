@@ -241,7 +241,9 @@ impl TlsProfiles {
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let config = self.build_for(&key)?;
+        let config = self
+            .build_for(&key)
+            .map_err(|e| -> BoxError { Box::new(CertFilesError(e.to_string())) })?;
         cache.insert(key, config.clone());
         Ok(config)
     }
@@ -548,6 +550,19 @@ impl std::error::Error for ViaProxy {
     }
 }
 
+/// A host's `certs.d` files that cannot be used: a configuration problem, which neither a
+/// retry nor plain HTTP may paper over.
+#[derive(Debug)]
+struct CertFilesError(String);
+
+impl std::fmt::Display for CertFilesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unusable certificate files: {}", self.0)
+    }
+}
+
+impl std::error::Error for CertFilesError {}
+
 /// `host` of `host[:port]` (IPv6 in brackets kept).
 fn host_part(authority: &str) -> &str {
     if authority.starts_with('[') {
@@ -590,7 +605,14 @@ const CONNECT: &str = "connect to";
 /// Turns hyper's error into ours: TLS failures are their own (permanent) kind, connection
 /// set-up failures are marked, the rest is a transient network error.
 fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str) -> Error {
-    if let Some(tls) = find_rustls_error(&e) {
+    if let Some(files) = find_error::<CertFilesError>(&e) {
+        return Error::Tls {
+            url: crate::error::redact_url(url),
+            message: files.to_string(),
+            not_tls: false,
+        };
+    }
+    if let Some(tls) = find_error::<rustls::Error>(&e) {
         let not_tls = matches!(tls, rustls::Error::InvalidMessage(_));
         let message = if not_tls {
             "the server does not speak TLS (use --plain-http for a plain-HTTP registry)".to_string()
@@ -615,12 +637,14 @@ fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str)
     }
 }
 
-/// rustls errors hide inside `io::Error`s (sometimes one inside another), whose `source()`
-/// skips the wrapped error itself: walk both ways down.
-fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+/// An error of type `T` in the chain. rustls errors hide inside `io::Error`s (sometimes one
+/// inside another), whose `source()` skips the wrapped error itself: walk both ways down.
+fn find_error<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut todo: Vec<&(dyn std::error::Error + 'static)> = vec![e];
     while let Some(err) = todo.pop() {
-        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+        if let Some(t) = err.downcast_ref::<T>() {
             return Some(t);
         }
         if let Some(inner) = err

@@ -99,8 +99,19 @@ impl Registry {
             repository: reference.repository().to_string(),
             retry: access.retry,
         };
+        // A mirror that cannot answer its first ping is left for the next source at once,
+        // as docker and containerd do, rather than after every retry (minutes, when it
+        // drops packets).
+        let ping_retry = if endpoint.mirror {
+            RetryPolicy {
+                retries: 0,
+                ..reg.retry
+            }
+        } else {
+            reg.retry
+        };
         if !may_fall_back {
-            reg.retry.run("ping", || reg.ping()).await?;
+            ping_retry.run("ping", || reg.ping()).await?;
             return Ok(reg);
         }
         // One HTTPS attempt: a server that does not speak TLS fails at once, and then
@@ -110,10 +121,10 @@ impl Registry {
             Err(e) if https_may_be_plain_http(&e) => {
                 tracing::debug!(error = %e, "HTTPS failed on a loopback or insecure registry; trying plain HTTP");
                 reg.base = format!("http://{}", reg.host);
-                reg.retry.run("ping", || reg.ping()).await?;
+                ping_retry.run("ping", || reg.ping()).await?;
                 Ok(reg)
             }
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && !endpoint.mirror => {
                 reg.retry.run("ping", || reg.ping()).await?;
                 Ok(reg)
             }
@@ -255,7 +266,7 @@ impl Registry {
         }
     }
 
-    /// Sends a request: authorization for our host, one re-send after a 401, redirects
+    /// Sends a request: authorization for our host, a re-send after a 401, redirects
     /// followed (http/https only, at most [`MAX_REDIRECTS`], no credentials to other hosts).
     async fn send(
         &self,
@@ -274,7 +285,7 @@ impl Registry {
         headers: HeaderMap,
     ) -> Result<(Response<Incoming>, String)> {
         let mut url = url.to_string();
-        let mut authed_retry = false;
+        let mut auth_rounds = 0;
         for _ in 0..=MAX_REDIRECTS {
             // Credentials go only to the registry's own origin: same scheme, host and port
             // (no token over a plain-HTTP downgrade, none to a CDN).
@@ -289,10 +300,15 @@ impl Registry {
                 .send_on(lane, method.clone(), &url, h, Bytes::new())
                 .await?;
             let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && same_host && !authed_retry {
-                authed_retry = true;
-                let challenge =
-                    header_str(resp.headers(), header::WWW_AUTHENTICATE).map(str::to_string);
+            // A 401 gets one new `Authorization`; a second only when the refused one was a
+            // token from the client's cache that this registry had not accepted yet (it
+            // may have stopped taking it before the lifetime it was issued with).
+            if status == StatusCode::UNAUTHORIZED
+                && same_host
+                && (auth_rounds == 0 || auth_rounds == 1 && self.auth.was_cached(generation).await)
+            {
+                auth_rounds += 1;
+                let challenge = challenges(resp.headers());
                 self.auth
                     .on_unauthorized(&self.transport, generation, challenge.as_deref())
                     .await?;
@@ -421,6 +437,17 @@ fn decode_errors(body: &[u8]) -> (Option<String>, String) {
     (None, line)
 }
 
+/// Every `WWW-Authenticate` of a response as one list (a server may send one challenge per
+/// header: `Basic` in one, `Bearer` in the next).
+fn challenges(h: &HeaderMap) -> Option<String> {
+    let all: Vec<&str> = h
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!all.is_empty()).then(|| all.join(", "))
+}
+
 fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -529,6 +556,70 @@ mod tests {
             "a relative Location with :// in its query"
         );
         assert_eq!(resolve("http://a/v2/x", "ftp://b/c"), "ftp://b/c");
+    }
+
+    /// A registry on loopback that sends its `Basic` and `Bearer` challenges in two
+    /// `WWW-Authenticate` headers and serves `/token` itself. Pings with the token succeed.
+    #[tokio::test]
+    async fn challenges_in_several_headers_are_all_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let realm = format!("http://{addr}/token");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let realm = realm.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let (status, extra, body) = if head.starts_with("get /token") {
+                        ("200 OK", String::new(), r#"{"token":"abc"}"#)
+                    } else if head.contains("authorization: bearer abc\r\n") {
+                        ("200 OK", String::new(), "{}")
+                    } else {
+                        (
+                            "401 Unauthorized",
+                            format!(
+                                "WWW-Authenticate: Basic realm=\"r\"\r\n\
+                                 WWW-Authenticate: Bearer realm=\"{realm}\",service=\"s\"\r\n"
+                            ),
+                            "",
+                        )
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        let t = std::time::Duration::from_secs(10);
+        let transport = Transport::new("test", t, t, 1, Default::default(), false).unwrap();
+        let reference: Reference = format!("{addr}/team/app:v1").parse().unwrap();
+        let endpoint = Endpoint {
+            host: addr,
+            plain_http: true,
+            mirror: false,
+        };
+        let access = Access {
+            transport,
+            retry: RetryPolicy {
+                retries: 0,
+                base_delay: t,
+            },
+            credentials: &CredentialStore::none(),
+            tokens: Arc::default(),
+        };
+        let connected = Registry::connect(access, &endpoint, &reference).await;
+        assert!(connected.is_ok(), "{:?}", connected.err());
     }
 
     #[test]

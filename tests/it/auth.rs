@@ -586,3 +586,44 @@ fn username_without_password_stdin_is_a_usage_error() {
     assert_exit(&o, 2);
     assert_eq!(s.issuer.count(), 0, "{}", s.issuer.describe());
 }
+
+// ---- token lifetimes and the shared token cache ----
+
+#[test]
+fn zero_or_huge_expires_in_neither_hammers_the_issuer_nor_crashes() {
+    // `expires_in: 0` is no lifetime at all: treated as the spec's default, not as "renew
+    // before every request".
+    let s = Setup::token(IssuerOptions::default().expiry(Some(0), Duration::from_secs(300)));
+    s.assert_ok(&s.pull(CHUNKED, &[]));
+    assert_eq!(s.issuer.count(), 1, "{}", s.issuer.describe());
+    // An absurd lifetime must not overflow the renewal time.
+    s.issuer.set_options(
+        IssuerOptions::default().expiry(Some(i64::MAX as u64), Duration::from_secs(300)),
+    );
+    s.assert_ok(&s.pull(CHUNKED, &[]));
+    assert_eq!(s.issuer.count(), 2, "{}", s.issuer.describe());
+}
+
+#[test]
+fn reused_client_replaces_a_cached_token_the_registry_no_longer_takes() {
+    // Tokens claim 3600 s, but the registry takes each for 2 s only.
+    let s = Setup::token(IssuerOptions::default().expiry(Some(3600), Duration::from_secs(2)));
+    let client = fastpull::Client::builder()
+        .credentials(fastpull::credentials::CredentialStore::none())
+        .proxy_from_env(false)
+        .retries(1, Duration::from_millis(10))
+        .build()
+        .expect("client");
+    let reference: fastpull::Reference = s.image_ref().parse().expect("reference");
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let first = s.dest();
+    rt.block_on(client.pull(&reference, &first))
+        .expect("first pull");
+    std::thread::sleep(Duration::from_millis(3500));
+    // The second pull finds the first one's token in the client's cache; the registry
+    // refuses it, and a new one must be fetched rather than the pull failing.
+    let second = s.dest();
+    let r = rt.block_on(client.pull(&reference, &second));
+    assert!(r.is_ok(), "{:?}\n{}", r.err(), s.issuer.describe());
+    assert_eq!(s.issuer.count(), 2, "{}", s.issuer.describe());
+}

@@ -371,3 +371,50 @@ fn docker_hub_mirror_by_default() {
     );
     assert_pulled(&dest, &image, &o);
 }
+
+#[test]
+fn proxy_credentials_stay_out_of_errors_and_logs() {
+    let image = big_image(38);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let addr = closed_addr();
+    let secret = "Pr0xy-s3cret-77";
+    let proxy = format!("http://puser:{secret}@{addr}");
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &["-vvv", "--retries", "0"],
+        &[("HTTPS_PROXY", &proxy), ("HTTP_PROXY", &proxy)],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(err.contains(&addr), "the proxy is not named:\n{err}");
+    for leak in [secret.to_string(), basic_auth_value("puser", secret)] {
+        assert!(
+            !err.contains(&leak),
+            "proxy secret {leak:?} printed:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn failing_mirror_is_left_at_its_first_failure() {
+    let image = big_image(47);
+    let origin = seeded(&[(REPO, "v1", &image)]);
+    let mirror = Registry::start();
+    let mirror_front = FaultProxy::start(&mirror.addr());
+    mirror_front.add(Rule::new(
+        "/v2/",
+        Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+    ));
+    let (_d, dest) = dest();
+    // Default retries: the origin gets them, the mirror does not.
+    let o = pull_with_mirrors(&origin.addr(), &[mirror_front.addr()], &[], &dest);
+    assert_pulled(&dest, &image, &o);
+    let seen = mirror_front.seen();
+    assert_eq!(seen.len(), 1, "the mirror was retried: {seen:?}");
+}

@@ -192,3 +192,71 @@ fn basic_auth_over_tls() {
     assert_pulled(&dest, &image, &o);
     assert!(!stderr(&o).contains("tls-Pa55word"));
 }
+
+/// `--insecure` names the registry only: the CDN it redirects blobs to is still verified.
+#[test]
+fn insecure_registry_does_not_extend_to_its_cdn() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(pki_dir.path(), &["127.0.0.1", "127.0.0.2"]);
+    let image = big_image(23);
+    let port = crate::support::cdn::free_port_on("127.0.0.2");
+    let reg = RegistryOptions::new()
+        .tls(&pki.server_cert, &pki.server_key)
+        .serve_storage_of(seeded(&[(REPO, "v1", &image)]))
+        .extra_config(&format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: https://127.0.0.2:{port}/\n"
+        ))
+        .start();
+    let cdn = crate::support::cdn::Cdn::start_with(reg.storage_root(), port, None, Some(&pki));
+    let sb = Sandbox::new();
+    let image_ref = format!("{}/{REPO}:v1", reg.addr());
+
+    // The bare host covers every port of 127.0.0.1, and nothing of 127.0.0.2.
+    let (_d1, refused) = dest();
+    let o = sb.pull(
+        &["--retries", "0", "--insecure", "127.0.0.1"],
+        &[],
+        &image_ref,
+        &refused,
+    );
+    assert_cert_error(&o);
+    assert!(
+        stderr(&o).contains("127.0.0.2"),
+        "not the CDN's certificate that failed:\n{}",
+        text(&o)
+    );
+
+    // With the CA trusted, the same pull goes through the CDN.
+    let (_d2, pulled) = dest();
+    let o = sb.pull(
+        &["--insecure", "127.0.0.1", "--ca-file", s(&pki.ca_cert)],
+        &[],
+        &image_ref,
+        &pulled,
+    );
+    assert_pulled(&pulled, &image, &o);
+    let log = cdn.access_log();
+    assert!(log.contains(hex(&image.layers[0].digest)), "{log}");
+}
+
+/// A certs.d entry that cannot be used (a client certificate without its key) is reported
+/// as such, not retried, and never answered by falling back to plain HTTP.
+#[test]
+fn unusable_cert_dir_files_are_reported_not_bypassed() {
+    let t = Tls::start(false);
+    let root = t.cert_dir(&t.reg.addr(), false);
+    copy(
+        &t.pki.client_cert,
+        &root.join(t.reg.addr()).join("client.cert"),
+    );
+    let (o, _) = t.pull(&["--cert-dir", s(&root)], &[]);
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(err.contains("client.key"), "{}", text(&o));
+    assert!(!err.contains("retr"), "retried:\n{}", text(&o));
+    assert!(
+        !err.contains("http://"),
+        "fell back to plain HTTP:\n{}",
+        text(&o)
+    );
+}
