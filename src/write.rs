@@ -48,6 +48,8 @@ pub struct ChunkWriter {
     blob: Arc<BlobFile>,
     first: usize,
     last: usize,
+    /// Chunks up to this one have been prefaulted.
+    faulted: usize,
 }
 
 impl BlobFile {
@@ -75,7 +77,14 @@ impl BlobFile {
                 .map_err(|e| Error::io("preallocate", partial, e))
                 .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
             match mapped {
-                Ok(m) => Some(m),
+                Ok(m) => {
+                    // No readahead on faults: every page of a new blob is about to be
+                    // overwritten, and readahead "reads" unwritten extents by zeroing large
+                    // folios: on the 2-core VM of perf/RESULTS.md that memset was ~45% of
+                    // fastpull's CPU on an uncapped pull; with MADV_RANDOM it is ~4%.
+                    let _ = m.advise(memmap2::Advice::Random);
+                    Some(m)
+                }
                 Err(e) => {
                     // A full disk must not keep what fallocate took.
                     let _ = std::fs::remove_file(partial);
@@ -125,16 +134,22 @@ impl BlobFile {
 
     /// The writer for chunk `i`, once: `None` if it was already handed out.
     pub fn claim(self: &Arc<Self>, i: usize) -> Option<ChunkWriter> {
-        let slot = self.chunks.get(i)?;
-        if slot.claimed.swap(true, Ordering::AcqRel) {
+        if !self.claim_slot(i) {
             return None;
         }
-        self.prefault(&slot.range);
+        self.prefault(&self.chunks[i].range);
         Some(ChunkWriter {
             blob: self.clone(),
             first: i,
             last: i,
+            faulted: i,
         })
+    }
+
+    fn claim_slot(&self, i: usize) -> bool {
+        self.chunks
+            .get(i)
+            .is_some_and(|slot| !slot.claimed.swap(true, Ordering::AcqRel))
     }
 
     /// Faults a range's pages in, writable, in one call (MADV_POPULATE_WRITE), instead of one
@@ -240,14 +255,13 @@ impl ChunkWriter {
     /// from a server that ignored `Range`). Fails if that chunk is already claimed.
     pub fn absorb_next(&mut self) -> bool {
         let next = self.last + 1;
-        match self.blob.claim(next) {
-            Some(_) => {
-                // The claim is ours now; this writer covers it.
-                self.last = next;
-                true
-            }
-            None => false,
+        if !self.blob.claim_slot(next) {
+            return false;
         }
+        // The claim is ours now; this writer covers it. Its pages are faulted in when the
+        // writer gets near it (see `append`), not all at once here.
+        self.last = next;
+        true
     }
 
     /// Appends `bytes` at the current write position.
@@ -269,6 +283,14 @@ impl ChunkWriter {
         }
         if bytes.is_empty() {
             return Ok(());
+        }
+        // A writer that absorbed many chunks faults each in as it reaches the one before:
+        // the page zeroing is spread over the stream instead of stalling its start.
+        while self.faulted < self.last
+            && end + MIN_PREFAULT_LEAD > self.blob.chunks[self.faulted].range.end
+        {
+            self.faulted += 1;
+            self.blob.prefault(&self.blob.chunks[self.faulted].range);
         }
         let guard = self
             .blob
@@ -315,6 +337,10 @@ impl ChunkWriter {
         Ok(())
     }
 }
+
+/// How close (bytes) a streaming writer gets to the end of its faulted pages before it
+/// faults in the next chunk.
+const MIN_PREFAULT_LEAD: u64 = 1 << 20;
 
 fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
