@@ -77,14 +77,7 @@ impl BlobFile {
                 .map_err(|e| Error::io("preallocate", partial, e))
                 .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
             match mapped {
-                Ok(m) => {
-                    // No readahead on faults: every page of a new blob is about to be
-                    // overwritten, and readahead "reads" unwritten extents by zeroing large
-                    // folios: on the 2-core VM of perf/RESULTS.md that memset was ~45% of
-                    // fastpull's CPU on an uncapped pull; with MADV_RANDOM it is ~4%.
-                    let _ = m.advise(memmap2::Advice::Random);
-                    Some(m)
-                }
+                Ok(m) => Some(m),
                 Err(e) => {
                     // A full disk must not keep what fallocate took.
                     let _ = std::fs::remove_file(partial);
