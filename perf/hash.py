@@ -2,10 +2,11 @@
 """perf/hash.py: the hashing core against `openssl speed -evp sha256` on this machine.
 
 Runs `cargo bench --bench hash` (criterion), reads its estimates, runs openssl speed with the
-same buffer sizes, and writes perf/results/hash.json for perf/report.py.
+same buffer sizes, and writes perf/results/hash.json (or $OUT/hash.json) for perf/report.py.
 """
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -47,7 +48,9 @@ def main():
     }
     res["openssl_version"] = subprocess.run(["openssl", "version"], capture_output=True,
                                             text=True).stdout.strip()
-    out = os.path.join(ROOT, "perf", "results", "hash.json")
+    res["arch"] = platform.machine()
+    out = os.path.join(os.environ.get("OUT", os.path.join(ROOT, "perf", "results")), "hash.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))

@@ -60,8 +60,13 @@ def main(argv):
     v = m["versions"]
     w("## Machine")
     w("")
-    w(f"- CPU: {m['cpu_model']}, {m['cpus']} cores (virtualization: {m['virtualization']}; "
-      f"SHA-NI: {'yes' if m['sha_ni'] else 'no'})")
+    if m.get("arch"):
+        w(f"- CPU: {m['cpu_model']}, {m['cpus']} cores, {m['arch']} (virtualization: "
+          f"{m['virtualization']}; fastpull's sha256: {m.get('fastpull_sha256') or '?'})")
+    else:  # results written before run.sh recorded the architecture: x86_64
+        w(f"- CPU: {m['cpu_model']}, {m['cpus']} cores, x86_64 (virtualization: "
+          f"{m['virtualization']}; "
+          f"SHA-NI: {'yes' if m['sha_ni'] else 'no'})")
     w(f"- Memory: {m['mem_gib']} GiB; kernel {m['kernel']}; {m['os']}")
     commits = {}
     for name, x in metas.items():
@@ -218,9 +223,10 @@ def main(argv):
     if h:
         w("## Hashing core")
         w("")
+        arch = f", {h['arch']}" if h.get("arch") else ""
         w("`perf/hash.py`: criterion medians of `benches/hash.rs` (64 MiB hashed in blocks of "
           "the given size) beside `openssl speed -evp sha256 -bytes N -seconds 3` on the same "
-          f"machine ({h['openssl_version']}). GB = 10^9 bytes. Target (issue #3): at least 95% "
+          f"machine ({h['openssl_version']}{arch}). GB = 10^9 bytes. Target (issue #3): at least 95% "
           "of openssl per core; aggregate scales with cores.")
         w("")
         w("| block | fastpull (sha2) GB/s | ring GB/s | openssl GB/s | fastpull / openssl |")
@@ -240,6 +246,17 @@ def main(argv):
           "and ring matches it, so fastpull keeps sha2 (with `asm` on aarch64, where it is needed "
           "for the ARMv8 SHA2 instructions).")
         w("")
+
+    # ---- aarch64 -------------------------------------------------------------------------
+    w("## aarch64")
+    w("")
+    w("`scripts/test` also builds fastpull and its benches for aarch64 and runs the test suite "
+      "under qemu-user on x86_64. Times under emulation are not performance figures (qemu "
+      "translates every instruction and carries out the SHA2 ones in software): no number in "
+      "this file comes from qemu. For aarch64 figures, run `perf/run.sh`, `perf/hash.py` and "
+      "`cargo bench` on a real aarch64 Linux machine (perf/README.md); the Machine section "
+      "above names the architecture each run was made on.")
+    w("")
 
     open(out_md, "w").write("\n".join(L))
     print(f"report.py: wrote {out_md}")

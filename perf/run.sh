@@ -111,7 +111,8 @@ write_meta() { # scenario registry image [k=v...]
   python3 "$root/perf/util.py" meta "$OUT/$s.meta.json" \
     scenario="$s" registry="$reg" image="$img" image_info="$(tr -d '\n ' <"$WORLD_DIR/images/${img#perf/}.json")" \
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
-    oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" "$@"
+    oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
+    fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" "$@"
 }
 
 bench() { # scenario registry image default-tools default-warmup

@@ -115,6 +115,7 @@ def meta(out_json, pairs):
     nginx = _run(["/usr/sbin/nginx", "-v"]) if os.path.exists("/usr/sbin/nginx") else _run(["nginx", "-v"])
     m = {
         "cpu_model": model,
+        "arch": platform.machine(),
         "cpus": os.cpu_count(),
         "sha_ni": " sha_ni" in flags,
         "mem_gib": round(mem_kib / 1024 / 1024, 1),

@@ -3,7 +3,7 @@
 //! our proxy (resets, truncation, stalls, 5xx, 429, corruption).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use crate::support::*;
@@ -12,7 +12,7 @@ const CHUNK: usize = 64 * 1024;
 
 /// Runs the CLI with small chunks, fast retries and a short stall timeout.
 fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastpull"))
+    fastpull_command()
         // Loopback is fast: force ranges, which is what these tests are about.
         .args([
             "--chunk-size",
@@ -466,7 +466,7 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
         },
     ));
     let (_d, out) = dest();
-    let child = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+    let child = fastpull_command()
         .args([
             "--chunk-size",
             "64K",
@@ -530,7 +530,7 @@ fn http2_cdn_gets_many_connections() {
     let image = image_of(&[24 * 256 * 1024 + 5], 1200);
     push_image(&reg, "chunks/h2", "v", &image);
     let (_d, out) = dest();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+    let o = fastpull_command()
         .args(["--chunk-size", "256K", "-j", "8", "--fast-connection", "0"])
         .arg(format!("{}/chunks/h2:v", reg.addr()))
         .arg(&out)
@@ -622,7 +622,7 @@ fn fast_connection_streams_the_blob_on_one_connection() {
     let image = image_of(&[size], 1500);
     push_image(&reg, "chunks/fast", "v", &image);
     let (_d, out) = dest();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
+    let o = fastpull_command()
         .args(["--chunk-size", "1M", "--fast-connection", "1"])
         .arg(format!("{}/chunks/fast:v", proxy.addr()))
         .arg(&out)

@@ -50,7 +50,7 @@ fn show(program: &str, args: &[&OsStr]) -> String {
 
 /// Runs `program args…`, returning its output; a missing program fails with a hint.
 fn run(program: &str, args: &[&OsStr]) -> Output {
-    Command::new(program)
+    command_for(program)
         .args(args)
         .output()
         .unwrap_or_else(|e| {

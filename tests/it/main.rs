@@ -5,5 +5,6 @@ mod harness_selftest;
 mod interop;
 mod netpath;
 mod pull;
+mod sha256;
 mod support;
 mod tls;

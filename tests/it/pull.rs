@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use fastpull::{Client, Format, Reference};
@@ -28,7 +28,7 @@ fn pull(c: &Client, image: &str, dest: &Path) -> fastpull::Result<fastpull::Pull
 }
 
 fn fastpull(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastpull"))
+    fastpull_command()
         .args(["--retries", "1"])
         .args(args)
         .output()
@@ -564,10 +564,7 @@ fn unreachable_registry_is_a_network_error() {
 
 #[test]
 fn help_documents_exit_codes_and_examples() {
-    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
-        .arg("--help")
-        .output()
-        .expect("run");
+    let o = fastpull_command().arg("--help").output().expect("run");
     assert!(o.status.success());
     let help = String::from_utf8_lossy(&o.stdout);
     for needle in [
@@ -661,10 +658,7 @@ fn pulls_alpine_from_docker_hub() {
 
 #[test]
 fn version_names_the_sha256_implementation() {
-    let o = Command::new(env!("CARGO_BIN_EXE_fastpull"))
-        .arg("--version")
-        .output()
-        .expect("run");
+    let o = fastpull_command().arg("--version").output().expect("run");
     assert!(o.status.success());
     let v = String::from_utf8_lossy(&o.stdout);
     #[cfg(target_arch = "x86_64")]

@@ -42,7 +42,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 /// The fastpull binary with `HOME=home`, `bin_dir` (if any) first on `PATH`, and every
 /// variable of [`SCRUBBED_ENV`] removed. Stdin is null unless the caller changes it.
 pub fn fastpull_cmd(home: &Path, bin_dir: Option<&Path>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastpull"));
+    let mut cmd = super::runner::fastpull_command();
     cmd.env("HOME", home);
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);

@@ -11,6 +11,7 @@ pub mod image;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod runner;
 pub mod throttle;
 pub mod tinyproxy;
 pub mod tls;
@@ -35,6 +36,7 @@ pub use push::{
     CHUNKED_THRESHOLD, CHUNK_SIZE,
 };
 pub use registry::Registry;
+pub use runner::{command_for, fastpull_command};
 pub use tls::TestPki;
 
 /// A fresh temp dir and a DEST path inside it (not yet created).
