@@ -180,22 +180,32 @@ fn http_proxy_also_carries_token_requests() {
     assert_eq!(issuer.count(), 1);
 }
 
-#[test]
-fn no_proxy_bypasses_a_dead_proxy() {
-    let image = big_image(35);
+/// Pulls a fresh image (seed `seed`) from a plain registry with the proxy variables named in
+/// `proxy_vars` pointing at a closed port, plus `env`.
+fn pull_past_dead_proxy(
+    seed: u64,
+    proxy_vars: [&str; 2],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Image, PathBuf, Output, Sandbox) {
+    let image = big_image(seed);
     let reg = seeded(&[(REPO, "v1", &image)]);
     let dead = format!("http://{}", closed_addr());
     let sb = Sandbox::new();
     let dest = out(&sb, "out");
-    let o = sb.pull(
+    let mut all: Vec<(&str, &str)> = proxy_vars.iter().map(|v| (*v, dead.as_str())).collect();
+    all.extend_from_slice(env);
+    let o = sb.pull(args, &all, &format!("{}/{REPO}:v1", reg.addr()), &dest);
+    (image, dest, o, sb)
+}
+
+#[test]
+fn no_proxy_bypasses_a_dead_proxy() {
+    let (image, dest, o, _sb) = pull_past_dead_proxy(
+        35,
+        ["HTTPS_PROXY", "HTTP_PROXY"],
+        &[("NO_PROXY", "localhost,127.0.0.1")],
         &[],
-        &[
-            ("HTTPS_PROXY", &dead),
-            ("HTTP_PROXY", &dead),
-            ("NO_PROXY", "localhost,127.0.0.1"),
-        ],
-        &format!("{}/{REPO}:v1", reg.addr()),
-        &dest,
     );
     assert_pulled(&dest, &image, &o);
 }
@@ -204,37 +214,19 @@ fn no_proxy_bypasses_a_dead_proxy() {
 /// (curl ignores `host:port` entries, so none is used here).
 #[test]
 fn lowercase_no_proxy_list_bypasses_a_dead_proxy() {
-    let image = big_image(36);
-    let reg = seeded(&[(REPO, "v1", &image)]);
-    let dead = format!("http://{}", closed_addr());
-    let sb = Sandbox::new();
-    let dest = out(&sb, "out");
-    let o = sb.pull(
+    let (image, dest, o, _sb) = pull_past_dead_proxy(
+        36,
+        ["https_proxy", "http_proxy"],
+        &[("no_proxy", "registry.example, 127.0.0.1")],
         &[],
-        &[
-            ("https_proxy", &dead),
-            ("http_proxy", &dead),
-            ("no_proxy", "registry.example, 127.0.0.1"),
-        ],
-        &format!("{}/{REPO}:v1", reg.addr()),
-        &dest,
     );
     assert_pulled(&dest, &image, &o);
 }
 
 #[test]
 fn dead_proxy_without_no_proxy_fails() {
-    let image = big_image(37);
-    let reg = seeded(&[(REPO, "v1", &image)]);
-    let dead = format!("http://{}", closed_addr());
-    let sb = Sandbox::new();
-    let dest = out(&sb, "out");
-    let o = sb.pull(
-        &["--retries", "0"],
-        &[("HTTPS_PROXY", &dead), ("HTTP_PROXY", &dead)],
-        &format!("{}/{REPO}:v1", reg.addr()),
-        &dest,
-    );
+    let (_, _, o, _sb) =
+        pull_past_dead_proxy(37, ["HTTPS_PROXY", "HTTP_PROXY"], &[], &["--retries", "0"]);
     assert_exit(&o, 3);
 }
 
