@@ -418,19 +418,9 @@ fn throttle_proxy_paces_bodies_and_logs_statuses() {
 
 #[test]
 fn token_registry_redirects_blobs_to_the_cdn() {
-    use crate::support::cdn::free_port_on;
-    use crate::support::cdn::Cdn;
     let image = small_image(7);
     let issuer = TokenIssuer::start(IssuerOptions::default());
-    let port = free_port_on("127.0.0.2");
-    let reg = token_registry(
-        &issuer,
-        seeded(&[(REPO, "v1", &image)]),
-        &format!(
-            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
-        ),
-    );
-    let cdn = Cdn::start_with(reg.storage_root(), port, None, None);
+    let (reg, cdn) = token_registry_with_cdn(&issuer, seeded(&[(REPO, "v1", &image)]));
     let token = issuer.mint("x", &[(REPO, &["pull"])], Duration::from_secs(60));
     let url = format!("{}/v2/{REPO}/blobs/{}", reg.url(), image.config.digest);
     let resp = http_agent()

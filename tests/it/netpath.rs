@@ -6,8 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use crate::support::cdn::free_port_on;
-use crate::support::cdn::Cdn;
 use crate::support::cli::*;
 use crate::support::registry::RegistryOptions;
 use crate::support::tinyproxy::Tinyproxy;
@@ -33,15 +31,7 @@ fn closed_addr() -> String {
 fn token_registry_redirecting_blobs_to_a_cdn() {
     let image = big_image(31);
     let issuer = TokenIssuer::start(IssuerOptions::default());
-    let port = free_port_on("127.0.0.2");
-    let reg = token_registry(
-        &issuer,
-        seeded(&[(REPO, "v1", &image)]),
-        &format!(
-            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
-        ),
-    );
-    let cdn = Cdn::start_with(reg.storage_root(), port, None, None);
+    let (reg, cdn) = token_registry_with_cdn(&issuer, seeded(&[(REPO, "v1", &image)]));
     let sb = Sandbox::new();
     let dest = out(&sb, "out");
     let o = sb.pull(CHUNKED, &[], &format!("{}/{REPO}:v1", reg.addr()), &dest);

@@ -721,6 +721,24 @@ pub fn token_registry(issuer: &TokenIssuer, seed: Registry, extra: &str) -> Regi
         .start()
 }
 
+/// [`token_registry`] whose redirect middleware sends blob GETs to an nginx CDN on
+/// 127.0.0.2 (which refuses any request carrying `Authorization`).
+pub fn token_registry_with_cdn(
+    issuer: &TokenIssuer,
+    seed: Registry,
+) -> (Registry, super::cdn::Cdn) {
+    let port = super::cdn::free_port_on("127.0.0.2");
+    let reg = token_registry(
+        issuer,
+        seed,
+        &format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
+        ),
+    );
+    let cdn = super::cdn::Cdn::start_with(reg.storage_root(), port, None, None);
+    (reg, cdn)
+}
+
 /// The registry's `WWW-Authenticate` challenge for a request, parsed into its parameters
 /// (for self-tests).
 pub fn challenge_params(header: &str) -> HashMap<String, String> {
