@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::cli::sized_blob;
 use crate::support::*;
 
 const CHUNK: usize = 64 * 1024;
@@ -27,20 +28,6 @@ fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
         .arg(out)
         .output()
         .expect("run fastpull")
-}
-
-/// A layer of exactly `size` random bytes (content need not be a tar for a pull).
-fn sized_blob(seed: u64, size: usize) -> Blob {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let bytes = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    Blob::new("", bytes)
 }
 
 fn image_of(sizes: &[usize], seed: u64) -> Image {

@@ -306,22 +306,7 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
     upstream.write_all(head.as_bytes())?;
 
     let mut up = BufReader::new(upstream);
-    let mut resp_head = String::new();
-    loop {
-        let mut line = String::new();
-        if up.read_line(&mut line)? == 0 {
-            break;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if line.to_ascii_lowercase().starts_with("connection:") {
-            continue;
-        }
-        resp_head.push_str(&line);
-    }
-    resp_head.push_str("Connection: close\r\n\r\n");
-    client.write_all(resp_head.as_bytes())?;
+    relay_response_head(&mut up, &mut client, String::new())?;
 
     let mut sent = 0usize;
     let mut buf = vec![0u8; 16 * 1024];
@@ -363,6 +348,28 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
     }
     let _ = client.shutdown(Shutdown::Write);
     Ok(())
+}
+
+/// Reads the rest of an upstream response head (after `head`, which may already hold its
+/// status line) and sends it to the client with `Connection: close` instead of the
+/// upstream's own.
+pub fn relay_response_head(
+    up: &mut impl BufRead,
+    client: &mut impl Write,
+    mut head: String,
+) -> std::io::Result<()> {
+    loop {
+        let mut line = String::new();
+        if up.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        head.push_str(&line);
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    client.write_all(head.as_bytes())
 }
 
 fn set_linger_zero(s: &TcpStream) {

@@ -161,19 +161,7 @@ fn forward(
         status,
         at,
     });
-    let mut resp_head = status_line;
-    loop {
-        let mut line = String::new();
-        if up.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-        if line.to_ascii_lowercase().starts_with("connection:") {
-            continue;
-        }
-        resp_head.push_str(&line);
-    }
-    resp_head.push_str("Connection: close\r\n\r\n");
-    client.write_all(resp_head.as_bytes())?;
+    super::proxy::relay_response_head(&mut up, &mut client, status_line)?;
 
     let mut buf = vec![0u8; 16 * 1024];
     loop {
