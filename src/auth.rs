@@ -202,12 +202,16 @@ impl Auth {
     /// The header to send now, with its generation (to tell a stale token from a fresh one).
     /// A bearer token about to expire is renewed first.
     pub(crate) async fn header(&self, transport: &Transport) -> Result<(u64, Option<HeaderValue>)> {
-        let st = self.state.read().await.clone();
-        if st.renew_at.is_some_and(|at| Instant::now() >= at) {
+        // Every request comes here: copy only what it needs, not the challenge.
+        let (generation, header, renew_at) = {
+            let st = self.state.read().await;
+            (st.generation, st.header.clone(), st.renew_at)
+        };
+        if renew_at.is_some_and(|at| Instant::now() >= at) {
             let arrived = self.attempts.load(Ordering::SeqCst);
             let mut failure = self.refresh.lock().await;
             let cur = self.state.read().await.clone();
-            if cur.generation == st.generation {
+            if cur.generation == generation {
                 if let Some(c) = &cur.challenge {
                     shared_failure(&failure, cur.generation, arrived)?;
                     tracing::debug!(registry = %self.registry, "bearer token about to expire; renewing");
@@ -224,7 +228,7 @@ impl Auth {
             let now = self.state.read().await;
             return Ok((now.generation, now.header.clone()));
         }
-        Ok((st.generation, st.header))
+        Ok((generation, header))
     }
 
     async fn set(
