@@ -21,6 +21,11 @@ SCENARIOS = [
     ("uncapped", "Uncapped loopback, img500",
      "perf/img500 from the registry without redirect: it serves the blobs itself, no cap; "
      "registry and clients share the 2 cores"),
+    ("uncapped-cold", "Uncapped loopback, img500, cold memory",
+     "The same pull, but each run's preparation also waits {pause} s after the `sync`, long "
+     "enough for the guest's free page reporting to hand the memory freed by the previous run "
+     "back to the hypervisor: like a first pull on a VM that has been idle, not a pull into "
+     "memory freed a moment before. No target: this shows what the warm case hides"),
 ]
 # Issue #3 targets: fastpull's speedup (peer median / fastpull median) per scenario and peer.
 TARGETS = {
@@ -68,6 +73,8 @@ def main(argv):
           f"{m['virtualization']}; "
           f"SHA-NI: {'yes' if m['sha_ni'] else 'no'})")
     w(f"- Memory: {m['mem_gib']} GiB; kernel {m['kernel']}; {m['os']}")
+    if m.get("page_reporting"):
+        w(f"- Free page reporting: {m['page_reporting']}")
     commits = {}
     for name, x in metas.items():
         if x:
@@ -142,7 +149,7 @@ def main(argv):
         gb = info["bytes"] / 1e9
         w(f"### {title}")
         w("")
-        w(desc.format(rate=rate_txt) + f". {info['bytes'] / 2**20:.0f} MiB of blobs "
+        w(desc.format(rate=rate_txt, pause=meta.get("prepare_pause", "?")) + f". {info['bytes'] / 2**20:.0f} MiB of blobs "
           f"({len(info['layers'])} layer{'s' if len(info['layers']) > 1 else ''} + config); "
           f"{meta['runs']} runs per tool, warm-up {meta.get('warmup', '0')}"
           + (f"; FASTPULL_ARGS=`{meta['fastpull_args']}`" if meta["fastpull_args"] else "") + ".")

@@ -2,7 +2,7 @@
 # perf/run.sh: time fastpull against skopeo and an oci-client peer in the loopback world of
 # perf/world.sh, then write perf/RESULTS.md (perf/report.py).
 #
-#   perf/run.sh                           capped500 capped1g uncapped mem (the issue #3 set)
+#   perf/run.sh                           capped500 capped1g uncapped uncapped-cold mem
 #   perf/run.sh capped500 uncapped        only these scenarios (the report keeps the others'
 #                                         last results found in $OUT)
 #   perf/run.sh tune-capped500 tune-uncapped
@@ -13,12 +13,16 @@
 #              the nginx CDN capped at CDN_RATE (25 MiB/s) per connection
 #   capped1g   perf/img1g (one 1 GiB layer), same path
 #   uncapped   perf/img500 from the registry without redirect (it serves blobs itself, no cap)
+#   uncapped-cold  the same, but each run's preparation waits COLD_PAUSE (3 s) after its sync,
+#              so that a VM's free page reporting has handed the freed memory back to the
+#              hypervisor (a first pull on an idle VM; see perf/README.md)
 #   mem        peak RSS / RssAnon (sampled every 50 ms) of each tool pulling img1g: fastpull
 #              through the capped CDN and all three from the uncapped registry
 #   tune-capped500, tune-uncapped   fastpull -j {TUNE_J} x --chunk-size {TUNE_CHUNK}
 #
 # Environment:
 #   RUNS=5               hyperfine runs per command (TUNE_RUNS=3 for tune-*)
+#   COLD_PAUSE=3         seconds uncapped-cold waits after each preparation's sync
 #   FASTPULL_ARGS=""     extra fastpull flags, e.g. "-j 32 --chunk-size 16M"
 #   TOOLS="..."          the tools timed in every scenario, from: fastpull, skopeo
 #                        (`skopeo copy ... oci:DEST`, layers in parallel), skopeo-dir (`skopeo
@@ -40,6 +44,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 RUNS=${RUNS:-5}
+COLD_PAUSE=${COLD_PAUSE:-3}
 TUNE_RUNS=${TUNE_RUNS:-3}
 FASTPULL_ARGS=${FASTPULL_ARGS:-}
 TUNE_J=${TUNE_J:-8 16 32}
@@ -48,9 +53,9 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
-if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped mem; fi
+if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
 for s in "$@"; do
-  case "$s" in capped500 | capped1g | uncapped | mem | tune-capped500 | tune-uncapped) ;;
+  case "$s" in capped500 | capped1g | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -115,21 +120,21 @@ write_meta() { # scenario registry image [k=v...]
     fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" "$@"
 }
 
-bench() { # scenario registry image default-tools default-warmup
+bench() { # scenario registry image default-tools default-warmup [pause-after-sync]
   local s=$1 reg=$2 img=$3 dest="$DEST_ROOT/$1" tool names=() preps=() cmds=()
-  local TOOLS=${TOOLS:-$4} warmup=${WARMUP:-$5}
+  local TOOLS=${TOOLS:-$4} warmup=${WARMUP:-$5} pause=${6:-0}
   rm -rf "$dest"; mkdir -p "$dest"
   # hyperfine matches -n and --prepare to the commands by position.
   for tool in $TOOLS; do
     names+=(-n "$tool")
-    preps+=(--prepare "bash -c 'rm -rf $dest/$tool; sync'")
+    preps+=(--prepare "bash -c 'rm -rf $dest/$tool; sync; sleep $pause'")
     cmds+=("$(tool_cmd "$tool" "$reg" "$img" "$dest/$tool")")
   done
   log "$s: $img from $reg, $RUNS runs each (warm-up $warmup): $TOOLS"
   hyperfine -N -r "$RUNS" -w "$warmup" --style basic --export-json "$OUT/$s.json" "${names[@]}" "${preps[@]}" "${cmds[@]}"
   local cmdpairs=() i=0
   for tool in $TOOLS; do cmdpairs+=("cmd_$tool=${cmds[i]}"); i=$((i + 1)); done
-  write_meta "$s" "$reg" "$img" tools="$TOOLS" warmup="$warmup" "${cmdpairs[@]}"
+  write_meta "$s" "$reg" "$img" tools="$TOOLS" warmup="$warmup" prepare_pause="$pause" "${cmdpairs[@]}"
   log "$s: checking every tool's output (sha256 of each blob file = its name)"
   local fail=0
   for tool in $TOOLS; do
@@ -173,6 +178,7 @@ for s in "$@"; do
     capped500) bench capped500 "$REG" perf/img500 "fastpull skopeo skopeo-dir oci-client" 0 ;;
     capped1g) bench capped1g "$REG" perf/img1g "fastpull skopeo oci-client" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "fastpull skopeo skopeo-dir oci-client oci-client-fsync" 1 ;;
+    uncapped-cold) bench uncapped-cold "$DIRECT" perf/img500 "fastpull skopeo oci-client oci-client-fsync" 0 "$COLD_PAUSE" ;;
     mem) memory ;;
     tune-capped500) tune tune-capped500 "$REG" perf/img500 ;;
     tune-uncapped) tune tune-uncapped "$DIRECT" perf/img500 ;;

@@ -105,6 +105,22 @@ def _run(cmd):
         return f"unavailable ({e})"
 
 
+def _page_reporting():
+    """Whether the guest hands freed memory back to its hypervisor (virtio-balloon free page
+    reporting): then memory freed a few seconds ago costs host page faults when it is used
+    again, which makes the uncapped case bimodal (perf/README.md)."""
+    d = "/sys/module/page_reporting/parameters"
+    try:
+        order = open(os.path.join(d, "page_reporting_order")).read().strip()
+        kib = int(open(os.path.join(d, "reported_kib")).read().strip())
+    except (OSError, ValueError):
+        return ""
+    if kib == 0:
+        return f"available (order {order}), nothing reported so far"
+    return (f"active: free blocks of order >= {order} ({4 << int(order)} KiB) go back to the "
+            f"hypervisor ({kib / 2**20:.0f} GiB so far)")
+
+
 def meta(out_json, pairs):
     lscpu = _run(["lscpu"])
     model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
@@ -130,6 +146,7 @@ def meta(out_json, pairs):
             "hyperfine": _run(["hyperfine", "--version"]),
             "rustc": _run(["rustc", "--version"]),
         },
+        "page_reporting": _page_reporting(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     for p in pairs:
