@@ -73,8 +73,10 @@ def main(argv):
           f"{m['virtualization']}; "
           f"SHA-NI: {'yes' if m['sha_ni'] else 'no'})")
     w(f"- Memory: {m['mem_gib']} GiB; kernel {m['kernel']}; {m['os']}")
-    if m.get("page_reporting"):
-        w(f"- Free page reporting: {m['page_reporting']}")
+    reporting = next((x["page_reporting"] for x in metas.values()
+                      if x and x.get("page_reporting")), None)
+    if reporting:
+        w(f"- Free page reporting (virtio-balloon): {reporting}")
     commits = {}
     for name, x in metas.items():
         if x:
