@@ -46,7 +46,8 @@ Credentials (first match wins): --username/--password-stdin; else --authfile; el
 Environment:
   FASTPULL_LOG   tracing filter (e.g. fastpull=debug), overrides -v
   HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (and lower case): proxies, with curl's
-                 rules (loopback too is proxied unless NO_PROXY names it)
+                 rules (loopback too is proxied unless NO_PROXY names it): http://HOST:PORT,
+                 or socks5:// / socks5h:// (names resolved by the proxy), with USER:PASS@
   SSL_CERT_FILE, SSL_CERT_DIR: the system's trusted roots";
 
 /// Pull a container image to a directory, verifying every byte.

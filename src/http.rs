@@ -4,8 +4,9 @@
 //! One connector serves every host: it picks each host's TLS settings (system roots plus
 //! `--ca-file`s; docker's `certs.d/<host>/` CA and client-certificate files; no verification
 //! for a host named by `--insecure`) and goes through the proxy the environment names
-//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, curl's rules): a CONNECT tunnel for
-//! https, absolute-form requests for plain http.
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, curl's rules): for an HTTP proxy a
+//! CONNECT tunnel for https and absolute-form requests for plain http; for a SOCKS5 proxy
+//! (`socks5://`, `socks5h://`, as curl reads them) a tunnel for both.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +21,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnectorBuilder, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
@@ -87,6 +88,9 @@ impl Transport {
         proxy_from_env: bool,
     ) -> Result<Self> {
         let tls = Arc::new(TlsProfiles::new(tls)?);
+        if proxy_from_env {
+            refuse_socks4_from_env()?;
+        }
         let proxy = Arc::new(if proxy_from_env {
             Matcher::from_env()
         } else {
@@ -435,6 +439,33 @@ impl Service<Uri> for Connector {
                     None => e,
                 }
             };
+            let socks = intercept.as_ref().and_then(Socks::of);
+            if let Some(socks) = socks {
+                let tunnel = socks.connector(this.http.clone());
+                let inner = if dst.scheme_str() == Some("https") {
+                    let authority = dst
+                        .authority()
+                        .map(|a| a.as_str().to_string())
+                        .ok_or("URL without a host")?;
+                    let config = this.tls.for_authority(&authority)?;
+                    HttpsConnectorBuilder::new()
+                        .with_tls_config((*config).clone())
+                        .https_only()
+                        .enable_http1()
+                        .enable_http2()
+                        .wrap_connector(tunnel)
+                        .call(dst)
+                        .await
+                        .map_err(with_proxy)?
+                } else {
+                    let mut tunnel = tunnel;
+                    MaybeHttpsStream::Http(tunnel.call(dst).await.map_err(with_proxy)?)
+                };
+                return Ok(Conn {
+                    inner,
+                    forwarded: false,
+                });
+            }
             if dst.scheme_str() != Some("https") {
                 let mut http = this.http.clone();
                 let (target, forwarded) = match &intercept {
@@ -474,6 +505,156 @@ impl Service<Uri> for Connector {
             Ok(Conn {
                 inner: stream,
                 forwarded: false,
+            })
+        })
+    }
+}
+
+/// SOCKS4 has no authentication and is not tested here against a real server: a proxy
+/// variable naming one is refused up front rather than half supported.
+fn refuse_socks4_from_env() -> Result<()> {
+    for var in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
+        let Ok(value) = std::env::var(var) else {
+            continue;
+        };
+        let scheme = value
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .unwrap_or_default();
+        if scheme == "socks4" || scheme == "socks4a" {
+            return Err(Error::InvalidOption(format!(
+                "{var}: {scheme}:// proxies are not supported; use socks5:// (names resolved \
+                 here) or socks5h:// (names resolved by the proxy)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A SOCKS5 proxy from the environment, read as curl reads it: `socks5` resolves the
+/// registry's name here, `socks5h` lets the proxy resolve it; user and password from the URL;
+/// port 1080 when none is given.
+struct Socks {
+    proxy: Uri,
+    proxy_dns: bool,
+    auth: Option<(String, String)>,
+}
+
+impl Socks {
+    fn of(i: &hyper_util::client::proxy::matcher::Intercept) -> Option<Socks> {
+        let uri = i.uri();
+        // socks4 and socks4a are refused when the transport is made.
+        let proxy_dns = match uri.scheme_str()?.to_ascii_lowercase().as_str() {
+            "socks5" => false,
+            "socks5h" => true,
+            _ => return None,
+        };
+        let proxy = if uri.port().is_some() {
+            uri.clone()
+        } else {
+            let host = uri.host()?;
+            Uri::builder()
+                .scheme(uri.scheme_str()?)
+                .authority(format!("{host}:1080"))
+                .path_and_query("/")
+                .build()
+                .ok()?
+        };
+        let auth = i
+            .raw_auth()
+            .map(|(user, pass)| (user.to_string(), pass.to_string()));
+        Some(Socks {
+            proxy,
+            proxy_dns,
+            auth,
+        })
+    }
+
+    fn connector(self, http: HttpConnector) -> SocksConnector {
+        let failure = Arc::new(Mutex::new(None));
+        let to_proxy = ToProxy {
+            http,
+            failure: failure.clone(),
+        };
+        let mut handshake = SocksV5::new(self.proxy, to_proxy).local_dns(!self.proxy_dns);
+        if let Some((user, pass)) = self.auth {
+            handshake = handshake.with_auth(user, pass);
+        }
+        SocksConnector { handshake, failure }
+    }
+}
+
+/// A SOCKS tunnel to the destination: the plain TCP stream to the proxy, after the handshake.
+#[derive(Clone)]
+struct SocksConnector {
+    handshake: SocksV5<ToProxy>,
+    /// Why the proxy could not be reached, if that is what failed.
+    failure: Arc<Mutex<Option<BoxError>>>,
+}
+
+/// The TCP connection to the SOCKS proxy itself. hyper-util's SOCKS error does not keep its
+/// cause, so a failure to reach the proxy (e.g. "connection refused") is kept here for the
+/// message.
+#[derive(Clone)]
+struct ToProxy {
+    http: HttpConnector,
+    failure: Arc<Mutex<Option<BoxError>>>,
+}
+
+impl Service<Uri> for ToProxy {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        // HttpConnector is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, proxy: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let failure = self.failure.clone();
+        Box::pin(async move {
+            http.call(proxy).await.map_err(|e| {
+                if let Ok(mut slot) = failure.lock() {
+                    *slot = Some(Box::new(e));
+                }
+                BoxError::from("could not connect to the SOCKS proxy")
+            })
+        })
+    }
+}
+
+impl Service<Uri> for SocksConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        // Its ToProxy is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let handshake = self.handshake.call(dst);
+        let failure = self.failure.clone();
+        Box::pin(async move {
+            handshake.await.map_err(|e| {
+                let e = BoxError::from(e);
+                failure
+                    .lock()
+                    .ok()
+                    .and_then(|mut slot| slot.take())
+                    .unwrap_or(e)
             })
         })
     }

@@ -1,12 +1,13 @@
 //! The way to the registry: redirects of a token-protected registry to a CDN that refuses
 //! `Authorization`, forward proxies from the environment (tinyproxy: CONNECT for HTTPS,
-//! absolute-form for HTTP, `NO_PROXY`), and mirrors (`--mirror`) with fallback to the
-//! origin.
+//! absolute-form for HTTP, `NO_PROXY`; microsocks: SOCKS5 with and without a password), and
+//! mirrors (`--mirror`) with fallback to the origin.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use crate::support::cli::*;
+use crate::support::microsocks::Microsocks;
 use crate::support::registry::RegistryOptions;
 use crate::support::tinyproxy::Tinyproxy;
 use crate::support::token::*;
@@ -218,6 +219,130 @@ fn dead_proxy_without_no_proxy_fails() {
     let (_, _, o, _sb) =
         pull_past_dead_proxy(37, ["HTTPS_PROXY", "HTTP_PROXY"], &[], &["--retries", "0"]);
     assert_exit(&o, 3);
+}
+
+// ---- SOCKS ----
+
+#[test]
+fn socks5h_proxy_carries_a_chunked_pull() {
+    let image = big_image(41);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let socks = Microsocks::start(None);
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let proxy = format!("socks5h://{}", socks.addr());
+    let o = sb.pull(
+        CHUNKED,
+        &[("ALL_PROXY", &proxy)],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    // Ranges over several connections, each one a tunnel through the proxy.
+    let tunnels = socks.tunnels_to(&reg.addr());
+    assert!(
+        tunnels >= 2,
+        "{tunnels} tunnel(s) to {} in microsocks' log:\n{}",
+        reg.addr(),
+        socks.log()
+    );
+}
+
+#[test]
+fn socks5_with_a_password_tunnels_to_a_tls_registry() {
+    let image = big_image(42);
+    let (reg, pki, _d) = tls_registry(&image);
+    let socks = Microsocks::start(Some(("sockuser", "S0cks-pass-41")));
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let proxy = format!("socks5://sockuser:S0cks-pass-41@{}", socks.addr());
+    let o = sb.pull(
+        &["--ca-file", pki.ca_cert.to_str().unwrap()],
+        &[("HTTPS_PROXY", &proxy)],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    assert!(
+        socks.tunnels_to(&reg.addr()) >= 1,
+        "no tunnel to {} in microsocks' log:\n{}",
+        reg.addr(),
+        socks.log()
+    );
+}
+
+#[test]
+fn socks5_refusing_the_password_fails_clearly() {
+    let image = big_image(43);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let socks = Microsocks::start(Some(("sockuser", "right-pass")));
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let secret = "Wr0ng-socks-pass";
+    let proxy = format!("socks5://sockuser:{secret}@{}", socks.addr());
+    let o = sb.pull(
+        &["-vvv", "--retries", "0"],
+        &[("ALL_PROXY", &proxy)],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("via proxy socks5://{}", socks.addr()))
+            && err.contains("credentials not accepted"),
+        "the refusal does not name the proxy and the reason:\n{err}"
+    );
+    assert!(!err.contains(secret), "SOCKS password printed:\n{err}");
+    assert_eq!(socks.tunnels_to(&reg.addr()), 0, "{}", socks.log());
+    assert!(!dest.join("index.json").exists());
+}
+
+#[test]
+fn dead_socks_proxy_names_the_proxy_and_the_cause() {
+    let image = big_image(44);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let dead = closed_addr();
+    let sb = Sandbox::new();
+    let dest = out(&sb, "out");
+    let o = sb.pull(
+        &["--retries", "0"],
+        &[("ALL_PROXY", &format!("socks5h://{dead}"))],
+        &format!("{}/{REPO}:v1", reg.addr()),
+        &dest,
+    );
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("via proxy socks5h://{dead}")) && err.contains("refused"),
+        "the failure does not name the proxy and the cause:\n{err}"
+    );
+}
+
+#[test]
+fn socks4_proxies_are_refused_up_front() {
+    let image = big_image(45);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let sb = Sandbox::new();
+    for (var, scheme) in [("ALL_PROXY", "socks4"), ("https_proxy", "SOCKS4A")] {
+        let dest = out(&sb, scheme);
+        let o = sb.pull(
+            &[],
+            &[(var, &format!("{scheme}://{}", closed_addr()))],
+            &format!("{}/{REPO}:v1", reg.addr()),
+            &dest,
+        );
+        assert_exit(&o, 2);
+        let err = stderr(&o);
+        assert!(
+            err.contains(&format!(
+                "{var}: {}:// proxies are not supported",
+                scheme.to_ascii_lowercase()
+            )) && err.contains("socks5h://"),
+            "{err}"
+        );
+        assert!(!dest.exists(), "{} created", dest.display());
+    }
 }
 
 // ---- mirrors ----

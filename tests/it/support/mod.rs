@@ -8,6 +8,7 @@ pub mod cli;
 pub mod credhelper;
 pub mod htpasswd;
 pub mod image;
+pub mod microsocks;
 pub mod proxy;
 pub mod push;
 pub mod registry;
