@@ -558,9 +558,10 @@ impl Auth {
         struct TokenReply {
             token: Option<String>,
             access_token: Option<String>,
-            // Any JSON number: a value too large for an integer type must not make the whole
-            // reply unreadable.
-            expires_in: Option<f64>,
+            // Any JSON number (a value too large for an integer type must not make the whole
+            // reply unreadable), or a number in a string, as some token services send it;
+            // anything else counts as absent.
+            expires_in: Option<serde_json::Value>,
             refresh_token: Option<String>,
         }
         let reply: TokenReply = serde_json::from_slice(&body)
@@ -576,13 +577,22 @@ impl Auth {
         header.set_sensitive(true);
         Ok(CachedToken {
             header,
-            renew_at: renew_at(started, reply.expires_in),
+            renew_at: renew_at(started, reply.expires_in.as_ref().and_then(seconds)),
             refresh_token: reply
                 .refresh_token
                 .filter(|t| !t.is_empty())
                 .map(Secret::new)
                 .or_else(|| refresh_token.cloned()),
         })
+    }
+}
+
+/// `expires_in` as seconds: a JSON number, or a string holding one.
+fn seconds(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
     }
 }
 
@@ -827,6 +837,18 @@ mod tests {
         }
         for huge in [Some(i64::MAX as f64), Some(1e300)] {
             assert_eq!(secs(huge), 24.0 * 3600.0 - 30.0, "{huge:?}");
+        }
+    }
+
+    #[test]
+    fn expires_in_as_number_or_string() {
+        let v = |j: &str| seconds(&serde_json::from_str::<serde_json::Value>(j).unwrap());
+        assert_eq!(v("300"), Some(300.0));
+        assert_eq!(v("1e30"), Some(1e30));
+        assert_eq!(v(r#""300""#), Some(300.0));
+        assert_eq!(v(r#"" 42 ""#), Some(42.0));
+        for absent in [r#""soon""#, "null", "true", "[1]", "{}"] {
+            assert_eq!(v(absent), None, "{absent}");
         }
     }
 

@@ -410,10 +410,9 @@ fn slow_pull(s: &Setup) -> (ThrottleProxy, Output, PathBuf) {
     (slow, o, dest)
 }
 
-#[test]
-fn token_is_refreshed_before_an_honest_expires_in_runs_out() {
-    // Reported expires_in 2 s; the registry accepts each token for 3 s.
-    let s = Setup::token(IssuerOptions::default().expiry(Some(2), Duration::from_secs(3)));
+/// Reported `expires_in` 2 s (`opts` may say how); the registry accepts each token for 3 s.
+fn refreshed_before_expires_in_runs_out(opts: IssuerOptions) {
+    let s = Setup::token(opts.expiry(Some(2), Duration::from_secs(3)));
     let (slow, o, dest) = slow_pull(&s);
     assert_pulled(&dest, &s.image, &o);
     let n = s.issuer.count();
@@ -429,6 +428,17 @@ fn token_is_refreshed_before_an_honest_expires_in_runs_out() {
         slow.describe(),
         s.issuer.describe()
     );
+}
+
+#[test]
+fn token_is_refreshed_before_an_honest_expires_in_runs_out() {
+    refreshed_before_expires_in_runs_out(IssuerOptions::default());
+}
+
+/// `"expires_in": "2"`: a number in a string is read as one.
+#[test]
+fn expires_in_given_as_a_string_is_honoured() {
+    refreshed_before_expires_in_runs_out(IssuerOptions::default().expires_in_as_string());
 }
 
 #[test]

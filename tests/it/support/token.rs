@@ -80,6 +80,8 @@ pub struct IssuerOptions {
     pub field: TokenField,
     /// `expires_in` reported in replies (`None`: field left out).
     pub expires_in: Option<u64>,
+    /// Send `expires_in` as a JSON string (`"300"`), as some token services do.
+    pub expires_in_as_string: bool,
     /// How long the registry really accepts an issued token (whole seconds; at least this
     /// long, less than a second more).
     pub lifetime: Duration,
@@ -96,6 +98,7 @@ impl Default for IssuerOptions {
             refresh_tokens: Vec::new(),
             field: TokenField::Token,
             expires_in: Some(300),
+            expires_in_as_string: false,
             lifetime: Duration::from_secs(300),
             reply_refresh_token: None,
         }
@@ -122,6 +125,12 @@ impl IssuerOptions {
     pub fn expiry(mut self, expires_in: Option<u64>, lifetime: Duration) -> IssuerOptions {
         self.expires_in = expires_in;
         self.lifetime = lifetime;
+        self
+    }
+
+    /// `expires_in` as a JSON string.
+    pub fn expires_in_as_string(mut self) -> IssuerOptions {
+        self.expires_in_as_string = true;
         self
     }
 
@@ -556,7 +565,12 @@ fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         reply.insert("access_token".into(), token.clone().into());
     }
     if let Some(e) = opts.expires_in {
-        reply.insert("expires_in".into(), e.into());
+        let v: serde_json::Value = if opts.expires_in_as_string {
+            e.to_string().into()
+        } else {
+            e.into()
+        };
+        reply.insert("expires_in".into(), v);
     }
     reply.insert("issued_at".into(), rfc3339_now().into());
     if let (Some(rt), false) = (&opts.reply_refresh_token, auth == TokenAuth::Anonymous) {
