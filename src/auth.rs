@@ -28,7 +28,7 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::credentials::{Credential, CredentialStore, Secret};
 use crate::error::{Error, Result};
-use crate::http::{read_body, Transport};
+use crate::http::{is_redirect, read_body, Transport};
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -476,8 +476,8 @@ impl Auth {
             "fetching bearer token"
         );
         let started = Instant::now();
-        let resp = transport
-            .send(Method::GET, &url, headers, Bytes::new())
+        let (resp, url) = self
+            .send_following(transport, Method::GET, &url, headers, Bytes::new())
             .await?;
         self.token_reply(resp, &url, started, basic.is_some(), None)
             .await
@@ -510,8 +510,9 @@ impl Auth {
             "fetching bearer token with a refresh token (OAuth2)"
         );
         let started = Instant::now();
-        let resp = transport
-            .send(
+        let (resp, url) = self
+            .send_following(
+                transport,
                 Method::POST,
                 req.realm,
                 headers,
@@ -522,9 +523,80 @@ impl Auth {
             tracing::debug!("the token service has no OAuth2 endpoint; using GET");
             return Ok(None);
         }
-        self.token_reply(resp, req.realm, started, true, Some(refresh_token))
+        self.token_reply(resp, &url, started, true, Some(refresh_token))
             .await
             .map(Some)
+    }
+
+    /// Sends a token request and follows the realm's redirects as docker's and skopeo's HTTP
+    /// client does: at most [`MAX_REDIRECTS`] hops, http(s) only; after a 301, 302 or 303 a
+    /// POST becomes a bodiless GET, after a 307 or 308 it is sent again as it was. Credentials
+    /// (`Authorization`, a refresh token in a POST body) go only to the realm's own scheme,
+    /// host and port: a GET loses its `Authorization` on the way to another origin, and a
+    /// POST to another origin is refused. Returns the response and the URL that gave it.
+    async fn send_following(
+        &self,
+        transport: &Transport,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(Response<Incoming>, String)> {
+        use crate::error::redact_url;
+        use crate::registry::{origin_of, resolve, MAX_REDIRECTS};
+        let realm_origin = origin_of(url);
+        let (mut method, mut url, mut headers, mut body) = (method, url.to_string(), headers, body);
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = transport
+                .send(method.clone(), &url, headers.clone(), body.clone())
+                .await?;
+            let status = resp.status();
+            if !is_redirect(status) {
+                return Ok((resp, url));
+            }
+            let protocol = |message: String| Error::Protocol {
+                url: redact_url(&url),
+                message,
+            };
+            let location = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    protocol(format!(
+                        "token service: HTTP {} redirect without a Location",
+                        status.as_u16()
+                    ))
+                })?;
+            let next = resolve(&url, location);
+            let lower = next.to_ascii_lowercase();
+            if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+                return Err(protocol(format!(
+                    "token service: refusing a redirect to a non-http(s) URL {}",
+                    redact_url(&next)
+                )));
+            }
+            if method == Method::POST && matches!(status.as_u16(), 301..=303) {
+                method = Method::GET;
+                body = Bytes::new();
+                headers.remove(http::header::CONTENT_TYPE);
+            }
+            if origin_of(&next) != realm_origin {
+                if method == Method::POST {
+                    return Err(self.unauthorized(&format!(
+                        "the token service redirected a request carrying credentials to another host ({})",
+                        redact_url(&next)
+                    )));
+                }
+                headers.remove(http::header::AUTHORIZATION);
+            }
+            tracing::debug!(from = %redact_url(&url), to = %redact_url(&next), "token service redirect");
+            url = next;
+        }
+        Err(Error::Protocol {
+            url: redact_url(&url),
+            message: format!("token service: more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     async fn token_reply(

@@ -19,7 +19,7 @@ use crate::manifest::{self, Document, ACCEPT, MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::retry::RetryPolicy;
 
-const MAX_REDIRECTS: usize = 10;
+pub(crate) const MAX_REDIRECTS: usize = 10;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// A manifest as received, checked against every digest we know for it.
@@ -485,7 +485,7 @@ fn has_scheme(location: &str) -> bool {
 }
 
 /// Resolves a `Location` against the URL it came from.
-fn resolve(base: &str, location: &str) -> String {
+pub(crate) fn resolve(base: &str, location: &str) -> String {
     if has_scheme(location) {
         return location.to_string();
     }

@@ -34,9 +34,19 @@ struct Setup {
 
 impl Setup {
     fn token(opts: IssuerOptions) -> Setup {
+        Setup::token_at(opts, |issuer| issuer.realm())
+    }
+
+    /// [`Setup::token`] whose registry sends clients to the realm `realm` gives for its issuer.
+    fn token_at(opts: IssuerOptions, realm: impl Fn(&TokenIssuer) -> String) -> Setup {
         let image = big_image(11);
         let issuer = TokenIssuer::start(opts);
-        let reg = token_registry(&issuer, seeded(&[(REPO, "v1", &image)]), "");
+        let reg = token_registry_with_realm(
+            &issuer,
+            seeded(&[(REPO, "v1", &image)]),
+            &realm(&issuer),
+            "",
+        );
         Setup {
             issuer,
             reg,
@@ -257,6 +267,95 @@ fn identity_token_uses_the_refresh_token_grant() {
     s.assert_ok(&s.pull(CHUNKED, &[]));
     s.assert_refresh_grant();
     assert_eq!(s.issuer.count(), 1, "{}", s.issuer.describe());
+}
+
+// ---- a token realm that redirects ----
+
+#[test]
+fn anonymous_token_request_follows_realm_redirects() {
+    for status in [307, 302] {
+        let s = Setup::token_at(IssuerOptions::default(), |i| {
+            i.redirecting_realm(status, false)
+        });
+        s.assert_ok(&s.pull(CHUNKED, &[]));
+        assert!(
+            s.issuer.redirects() >= 1,
+            "HTTP {status}: no redirect answered"
+        );
+        assert_eq!(
+            s.issuer.count(),
+            1,
+            "HTTP {status}: {}",
+            s.issuer.describe()
+        );
+    }
+}
+
+#[test]
+fn credentials_follow_a_realm_redirect_on_the_same_origin() {
+    let s = Setup::token_at(IssuerOptions::private(USER, PASSWORD), |i| {
+        i.redirecting_realm(302, false)
+    });
+    s.assert_ok(&s.pull_stdin(
+        &["--username", USER, "--password-stdin"],
+        &[],
+        &format!("{PASSWORD}\n"),
+    ));
+    assert!(s.issuer.redirects() >= 1);
+    s.assert_basic_user();
+}
+
+/// `127.0.0.1:PORT` redirecting to `localhost:PORT`: the same server, another origin, so the
+/// password does not go along, and the anonymous request is refused.
+#[test]
+fn credentials_do_not_follow_a_realm_redirect_to_another_origin() {
+    let s = Setup::token_at(IssuerOptions::private(USER, PASSWORD), |i| {
+        i.redirecting_realm(307, true)
+    });
+    let (o, _) = s.pull_stdin(
+        &["--username", USER, "--password-stdin"],
+        &[],
+        &format!("{PASSWORD}\n"),
+    );
+    s.assert_unauthorized(&o);
+    assert!(s.issuer.redirects() >= 1);
+    let reqs = s.issuer.requests();
+    assert!(!reqs.is_empty(), "the redirect was not followed");
+    assert!(
+        reqs.iter().all(|r| r.auth == TokenAuth::Anonymous),
+        "credentials went to another origin:\n{}",
+        s.issuer.describe()
+    );
+}
+
+#[test]
+fn identity_token_post_follows_a_307_and_is_not_sent_to_another_origin() {
+    let config = |s: &Setup| {
+        s.sb.docker_config(&serde_json::json!({
+            "auths": {s.addr(): {"identitytoken": IDENTITY_TOKEN}}
+        }));
+    };
+    let opts = || IssuerOptions::private(USER, PASSWORD).refresh_token(IDENTITY_TOKEN);
+    // Same origin: the POST (with its refresh token) is sent again where 307 says.
+    let s = Setup::token_at(opts(), |i| i.redirecting_realm(307, false));
+    config(&s);
+    s.assert_ok(&s.pull(CHUNKED, &[]));
+    s.assert_refresh_grant();
+    // Another origin: refused before the refresh token leaves.
+    let s = Setup::token_at(opts(), |i| i.redirecting_realm(307, true));
+    config(&s);
+    let (o, _) = s.pull(&[], &[]);
+    assert_exit(&o, 3);
+    assert!(
+        stderr(&o).contains("redirected a request carrying credentials to another host"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        s.issuer.requests().iter().all(|r| r.method != "POST"),
+        "{}",
+        s.issuer.describe()
+    );
 }
 
 #[test]

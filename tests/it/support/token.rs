@@ -205,6 +205,10 @@ pub struct TokenIssuer {
 }
 
 struct State {
+    /// `127.0.0.1:PORT`.
+    addr: String,
+    /// Redirects answered (see [`TokenIssuer::redirecting_realm`]).
+    redirects: AtomicU64,
     opts: Mutex<IssuerOptions>,
     key: EcdsaKeyPair,
     cert_der: Vec<u8>,
@@ -233,7 +237,11 @@ impl TokenIssuer {
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der(), &rng)
                 .expect("ring accepts rcgen's PKCS#8 P-256 key");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind token issuer");
+        let addr = listener.local_addr().expect("issuer addr").to_string();
         let state = Arc::new(State {
+            addr: addr.clone(),
+            redirects: AtomicU64::new(0),
             opts: Mutex::new(opts),
             key: signing,
             cert_der: cert.der().to_vec(),
@@ -241,8 +249,6 @@ impl TokenIssuer {
             serial: AtomicU64::new(0),
             log: log.clone(),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind token issuer");
-        let addr = listener.local_addr().expect("issuer addr").to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, state2) = (stop.clone(), state.clone());
         std::thread::spawn(move || {
@@ -277,6 +283,20 @@ impl TokenIssuer {
         format!("http://{}/token", self.addr)
     }
 
+    /// A realm on this issuer that answers `status` (301, 302, 303, 307, 308) with a
+    /// `Location` to its `/token` endpoint, keeping the query: a relative one (same origin),
+    /// or with `other_origin` the absolute `http://localhost:PORT/token?…` (same server,
+    /// another origin: credentials must not follow).
+    pub fn redirecting_realm(&self, status: u16, other_origin: bool) -> String {
+        let kind = if other_origin { "other" } else { "same" };
+        format!("http://{}/redirect/{status}/{kind}/token", self.addr)
+    }
+
+    /// How many redirects the issuer has answered.
+    pub fn redirects(&self) -> u64 {
+        self.state.redirects.load(Ordering::SeqCst)
+    }
+
     /// PEM of the signing certificate (the registry's `rootcertbundle`).
     pub fn root_pem(&self) -> &Path {
         &self.root_pem
@@ -284,9 +304,13 @@ impl TokenIssuer {
 
     /// The registry's `auth:` section trusting this issuer.
     pub fn auth_yaml(&self) -> String {
+        self.auth_yaml_with_realm(&self.realm())
+    }
+
+    /// [`TokenIssuer::auth_yaml`] sending clients to `realm` (e.g. a redirecting one).
+    pub fn auth_yaml_with_realm(&self, realm: &str) -> String {
         format!(
-            "auth:\n  token:\n    realm: \"{}\"\n    service: \"{SERVICE}\"\n    issuer: \"{ISSUER}\"\n    rootcertbundle: \"{}\"\n",
-            self.realm(),
+            "auth:\n  token:\n    realm: \"{realm}\"\n    service: \"{SERVICE}\"\n    issuer: \"{ISSUER}\"\n    rootcertbundle: \"{}\"\n",
             self.root_pem.display()
         )
     }
@@ -441,6 +465,28 @@ fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
     reader.read_exact(&mut body)?;
 
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    if let Some(rest) = path.strip_prefix("/redirect/") {
+        let mut it = rest.split('/');
+        let (Some(code), Some(kind)) = (it.next(), it.next()) else {
+            return respond(&mut conn, 404, br#"{"errors":"not found"}"#);
+        };
+        let code: u16 = code.parse().unwrap_or(307);
+        let location = match kind {
+            "other" => format!(
+                "http://localhost:{}/token?{query}",
+                state.addr.rsplit(':').next().unwrap_or("")
+            ),
+            _ => format!("/token?{query}"),
+        };
+        state.redirects.fetch_add(1, Ordering::SeqCst);
+        let head = format!(
+            "HTTP/1.1 {code} Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes())?;
+        conn.flush()?;
+        let _ = conn.shutdown(Shutdown::Write);
+        return Ok(());
+    }
     if path != "/token" {
         return respond(&mut conn, 404, br#"{"errors":"not found"}"#);
     }
@@ -729,8 +775,19 @@ pub fn basic_auth_value(user: &str, password: &str) -> String {
 /// [`RegistryOptions::serve_storage_of`]); `extra` is appended to the config (e.g. a
 /// `middleware:` section).
 pub fn token_registry(issuer: &TokenIssuer, seed: Registry, extra: &str) -> Registry {
+    token_registry_with_realm(issuer, seed, &issuer.realm(), extra)
+}
+
+/// [`token_registry`] whose challenges name `realm` (e.g.
+/// [`TokenIssuer::redirecting_realm`]) instead of the issuer's own endpoint.
+pub fn token_registry_with_realm(
+    issuer: &TokenIssuer,
+    seed: Registry,
+    realm: &str,
+    extra: &str,
+) -> Registry {
     RegistryOptions::new()
-        .extra_config(&format!("{}{extra}", issuer.auth_yaml()))
+        .extra_config(&format!("{}{extra}", issuer.auth_yaml_with_realm(realm)))
         .serve_storage_of(seed)
         .start()
 }
