@@ -278,11 +278,28 @@ impl Drop for Layout {
             let _ = std::fs::remove_dir_all(&self.root);
             return;
         }
+        self.remove_own_partials();
         let _ = std::fs::remove_dir(&self.tmp);
     }
 }
 
 impl Layout {
+    /// Removes the partial files this process made. A pull dropped midway (Ctrl-C) may leave
+    /// a hashing thread holding one, which would otherwise remove it only when it lets go,
+    /// possibly after the process has exited; the thread keeps reading the unlinked file.
+    fn remove_own_partials(&self) {
+        let suffix = format!(".{}-", std::process::id());
+        let Ok(rd) = std::fs::read_dir(&self.tmp) else {
+            return;
+        };
+        for entry in rd.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".partial") && name.contains(&suffix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn has_blobs(&self) -> bool {
         std::fs::read_dir(&self.blobs)
             .map(|rd| {
@@ -437,6 +454,29 @@ mod tests {
         drop(l);
         assert!(root.join("oci-layout").exists());
         assert!(!root.join(TMP_DIR).exists());
+    }
+
+    /// A pull dropped midway (Ctrl-C) while a hashing thread still holds a partial file:
+    /// the layout removes this process's partial files itself, and no one else's.
+    #[test]
+    fn dropped_pull_removes_its_partial_files_even_if_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("img");
+        let l = Layout::open(&root, Format::Oci).unwrap();
+        std::fs::write(l.blob_path(&Digest::of(b"x")), b"x").unwrap();
+        let ours = l.partial_path(&Digest::of(b"y"));
+        let held = std::fs::File::create(&ours).unwrap();
+        let foreign = root
+            .join(TMP_DIR)
+            .join(format!("{}.999999999-1.partial", Digest::of(b"z").hex()));
+        std::fs::write(&foreign, b"z").unwrap();
+        drop(l);
+        assert!(!ours.exists(), "{} left", ours.display());
+        assert!(
+            foreign.exists(),
+            "another process's partial file was removed"
+        );
+        drop(held);
     }
 
     #[test]
