@@ -441,7 +441,7 @@ impl Service<Uri> for Connector {
             };
             let socks = intercept.as_ref().and_then(Socks::of);
             if let Some(socks) = socks {
-                let tunnel = socks.connector(this.http.clone());
+                let (mut tunnel, failure) = socks.connector(this.http.clone());
                 let inner = if dst.scheme_str() == Some("https") {
                     let authority = dst
                         .authority()
@@ -456,10 +456,13 @@ impl Service<Uri> for Connector {
                         .wrap_connector(tunnel)
                         .call(dst)
                         .await
-                        .map_err(with_proxy)?
+                        .map_err(|e| with_proxy(failure.explain(e)))?
                 } else {
-                    let mut tunnel = tunnel;
-                    MaybeHttpsStream::Http(tunnel.call(dst).await.map_err(with_proxy)?)
+                    let tcp = tunnel
+                        .call(dst)
+                        .await
+                        .map_err(|e| with_proxy(failure.explain(e.into())))?;
+                    MaybeHttpsStream::Http(tcp)
                 };
                 return Ok(Conn {
                     inner,
@@ -577,26 +580,20 @@ impl Socks {
         })
     }
 
-    fn connector(self, http: HttpConnector) -> SocksConnector {
-        let failure = Arc::new(Mutex::new(None));
+    /// The connector that tunnels through the proxy, and the slot where it leaves the
+    /// error of a failed connection to the proxy itself.
+    fn connector(self, http: HttpConnector) -> (SocksV5<ToProxy>, FailureSlot) {
+        let failure = FailureSlot::default();
         let to_proxy = ToProxy {
             http,
             failure: failure.clone(),
         };
-        let mut handshake = SocksV5::new(self.proxy, to_proxy).local_dns(!self.proxy_dns);
+        let mut tunnel = SocksV5::new(self.proxy, to_proxy).local_dns(!self.proxy_dns);
         if let Some((user, pass)) = self.auth {
-            handshake = handshake.with_auth(user, pass);
+            tunnel = tunnel.with_auth(user, pass);
         }
-        SocksConnector { handshake, failure }
+        (tunnel, failure)
     }
-}
-
-/// A SOCKS tunnel to the destination: the plain TCP stream to the proxy, after the handshake.
-#[derive(Clone)]
-struct SocksConnector {
-    handshake: SocksV5<ToProxy>,
-    /// Why the proxy could not be reached, if that is what failed.
-    failure: Arc<Mutex<Option<BoxError>>>,
 }
 
 /// The TCP connection to the SOCKS proxy itself. hyper-util's SOCKS error does not keep its
@@ -605,7 +602,24 @@ struct SocksConnector {
 #[derive(Clone)]
 struct ToProxy {
     http: HttpConnector,
-    failure: Arc<Mutex<Option<BoxError>>>,
+    failure: FailureSlot,
+}
+
+/// Where [`ToProxy`] leaves why it could not reach the proxy.
+#[derive(Clone, Default)]
+struct FailureSlot(Arc<Mutex<Option<BoxError>>>);
+
+impl FailureSlot {
+    fn set(&self, e: BoxError) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(e);
+        }
+    }
+
+    /// The proxy connection's own error if that is what failed, else `e`.
+    fn explain(&self, e: BoxError) -> BoxError {
+        self.0.lock().ok().and_then(|mut s| s.take()).unwrap_or(e)
+    }
 }
 
 impl Service<Uri> for ToProxy {
@@ -624,37 +638,8 @@ impl Service<Uri> for ToProxy {
         let failure = self.failure.clone();
         Box::pin(async move {
             http.call(proxy).await.map_err(|e| {
-                if let Ok(mut slot) = failure.lock() {
-                    *slot = Some(Box::new(e));
-                }
+                failure.set(Box::new(e));
                 BoxError::from("could not connect to the SOCKS proxy")
-            })
-        })
-    }
-}
-
-impl Service<Uri> for SocksConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
-    type Error = BoxError;
-    type Future =
-        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
-        // Its ToProxy is always ready.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let handshake = self.handshake.call(dst);
-        let failure = self.failure.clone();
-        Box::pin(async move {
-            handshake.await.map_err(|e| {
-                let e = BoxError::from(e);
-                failure
-                    .lock()
-                    .ok()
-                    .and_then(|mut slot| slot.take())
-                    .unwrap_or(e)
             })
         })
     }

@@ -5,11 +5,11 @@
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::free_port;
+use super::start_on_free_port;
 
 /// A running microsocks; killed (and reaped) on drop.
 pub struct Microsocks {
@@ -32,57 +32,39 @@ impl Microsocks {
             .prefix("fastpull-microsocks-")
             .tempdir()
             .expect("microsocks temp dir");
-        let mut failures = Vec::new();
-        for attempt in 1..=5 {
-            let port = free_port();
-            let log = dir.path().join(format!("microsocks-{attempt}.log"));
-            let out = std::fs::File::create(&log).expect("microsocks log file");
-            let mut cmd = Command::new(&bin);
-            cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
-            if let Some((user, pass)) = auth {
-                cmd.args(["-u", user, "-P", pass]);
-            }
-            let mut child = cmd
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("dup log file"))
-                .stderr(out)
-                .spawn()
-                .expect("spawn microsocks");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    failures.push(format!(
-                        "attempt {attempt} on port {port}: exited {status}: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    ));
-                    break;
+        let (child, port, log) = start_on_free_port(
+            "microsocks",
+            |port, attempt| {
+                let log = dir.path().join(format!("microsocks-{attempt}.log"));
+                let out = std::fs::File::create(&log).expect("microsocks log file");
+                let mut cmd = Command::new(&bin);
+                cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
+                if let Some((user, pass)) = auth {
+                    cmd.args(["-u", user, "-P", pass]);
                 }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    // Still alive after a connection: it is ours listening, not a bind
-                    // failure on a port another server took.
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(out.try_clone().expect("dup log file"))
+                    .stderr(out)
+                    .spawn()
+                    .expect("spawn microsocks");
+                (child, log)
+            },
+            // It logs nothing at start: listening, and still alive a moment after (a bind
+            // failure on a port another server took ends it).
+            |port, _, child| {
+                TcpStream::connect(("127.0.0.1", port)).is_ok() && {
                     std::thread::sleep(Duration::from_millis(50));
-                    if let Ok(None) = child.try_wait() {
-                        return Microsocks {
-                            child,
-                            port,
-                            log,
-                            _dir: dir,
-                        };
-                    }
-                    continue;
+                    matches!(child.try_wait(), Ok(None))
                 }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failures.push(format!(
-                        "attempt {attempt} on port {port}: not ready in 10 s"
-                    ));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            },
+        );
+        Microsocks {
+            child,
+            port,
+            log,
+            _dir: dir,
         }
-        panic!("microsocks did not start:\n{}", failures.join("\n"));
     }
 
     /// `127.0.0.1:PORT`, for `SCHEME://[USER:PASS@]` + this.

@@ -71,6 +71,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A helper server started on a free 127.0.0.1 port: [`start_on_free_port`] tries up to five
+/// ports. `spawn(port, attempt)` starts it and returns the child and its log file;
+/// `ready(port, log, child)` says it is up and is ours (not another server that took the
+/// port).
+/// Returns the child, the port and the log; panics with every attempt's story.
+pub fn start_on_free_port(
+    what: &str,
+    mut spawn: impl FnMut(u16, u32) -> (std::process::Child, std::path::PathBuf),
+    ready: impl Fn(u16, &std::path::Path, &mut std::process::Child) -> bool,
+) -> (std::process::Child, u16, std::path::PathBuf) {
+    let mut failures = Vec::new();
+    for attempt in 1..=5 {
+        let port = free_port();
+        let (mut child, log) = spawn(port, attempt);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                failures.push(format!(
+                    "attempt {attempt} on port {port}: exited {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+                break;
+            }
+            if ready(port, &log, &mut child) {
+                return (child, port, log);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                failures.push(format!(
+                    "attempt {attempt} on port {port}: not ready in 10 s"
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("{what} did not start:\n{}", failures.join("\n"));
+}
+
 /// A ureq agent for talking to the test registry: HTTP status codes are returned rather than
 /// turned into errors, no proxy from the environment, no redirects, no transparent
 /// decompression, 60 s overall timeout per request.

@@ -6,11 +6,10 @@
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::free_port;
+use super::start_on_free_port;
 
 /// A running tinyproxy; killed (and reaped) on drop.
 pub struct Tinyproxy {
@@ -32,63 +31,46 @@ impl Tinyproxy {
             .prefix("fastpull-tinyproxy-")
             .tempdir()
             .expect("tinyproxy temp dir");
-        let mut failures = Vec::new();
-        for attempt in 1..=5 {
-            let port = free_port();
-            let log = dir.path().join(format!("tinyproxy-{attempt}.log"));
-            let conf = dir.path().join("tinyproxy.conf");
-            // No ConnectPort line: CONNECT to every port is allowed.
-            std::fs::write(
-                &conf,
-                format!(
-                    "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Info\n\
-                     MaxClients 200\nAllow 127.0.0.1\nDisableViaHeader Yes\n",
-                    log.display()
-                ),
-            )
-            .expect("write tinyproxy.conf");
-            let mut child = Command::new(&bin)
-                .arg("-d")
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn tinyproxy");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    failures.push(format!(
-                        "attempt {attempt} on port {port}: exited {status}: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    ));
-                    break;
-                }
-                // Listening and logged its start: ours, not another server on the port.
-                let started = std::fs::read_to_string(&log)
+        let (child, port, log) = start_on_free_port(
+            "tinyproxy",
+            |port, attempt| {
+                let log = dir.path().join(format!("tinyproxy-{attempt}.log"));
+                let conf = dir.path().join("tinyproxy.conf");
+                // No ConnectPort line: CONNECT to every port is allowed.
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Info\n\
+                         MaxClients 200\nAllow 127.0.0.1\nDisableViaHeader Yes\n",
+                        log.display()
+                    ),
+                )
+                .expect("write tinyproxy.conf");
+                let child = Command::new(&bin)
+                    .arg("-d")
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn tinyproxy");
+                (child, log)
+            },
+            // Listening and logged its start: ours, not another server on the port.
+            |port, log, _| {
+                std::fs::read_to_string(log)
                     .unwrap_or_default()
-                    .contains("Accepting connections");
-                if started && TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Tinyproxy {
-                        child,
-                        port,
-                        log,
-                        _dir: dir,
-                    };
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failures.push(format!(
-                        "attempt {attempt} on port {port}: not ready in 10 s"
-                    ));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                    .contains("Accepting connections")
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
+        Tinyproxy {
+            child,
+            port,
+            log,
+            _dir: dir,
         }
-        panic!("tinyproxy did not start:\n{}", failures.join("\n"));
     }
 
     /// `http://127.0.0.1:PORT` (for `HTTPS_PROXY` and friends).
