@@ -88,11 +88,8 @@ impl Transport {
         proxy_from_env: bool,
     ) -> Result<Self> {
         let tls = Arc::new(TlsProfiles::new(tls)?);
-        if proxy_from_env {
-            refuse_socks4_from_env()?;
-        }
         let proxy = Arc::new(if proxy_from_env {
-            Matcher::from_env()
+            proxy_matcher_from_env()?
         } else {
             Matcher::builder().build()
         });
@@ -419,7 +416,7 @@ pub(crate) struct Conn {
 impl Service<Uri> for Connector {
     type Response = Conn;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = std::result::Result<Conn, BoxError>> + Send>>;
+    type Future = ConnectFuture<Conn>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -429,7 +426,15 @@ impl Service<Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let intercept = this.proxy.intercept(&dst);
-            let via = intercept.as_ref().map(|i| i.uri().to_string());
+            // Only scheme, host and port: never what a malformed user or password left in it.
+            let via = intercept.as_ref().map(|i| {
+                let u = i.uri();
+                let host = u.host().unwrap_or("?");
+                match u.port_u16() {
+                    Some(port) => format!("{}://{host}:{port}", u.scheme_str().unwrap_or("http")),
+                    None => format!("{}://{host}", u.scheme_str().unwrap_or("http")),
+                }
+            });
             let with_proxy = |e: BoxError| -> BoxError {
                 match &via {
                     Some(p) => Box::new(ViaProxy {
@@ -441,7 +446,7 @@ impl Service<Uri> for Connector {
             };
             let socks = intercept.as_ref().and_then(Socks::of);
             if let Some(socks) = socks {
-                let (mut tunnel, failure) = socks.connector(this.http.clone());
+                let mut tunnel = socks.connector(this.http.clone());
                 let inner = if dst.scheme_str() == Some("https") {
                     let authority = dst
                         .authority()
@@ -456,13 +461,9 @@ impl Service<Uri> for Connector {
                         .wrap_connector(tunnel)
                         .call(dst)
                         .await
-                        .map_err(|e| with_proxy(failure.explain(e)))?
+                        .map_err(with_proxy)?
                 } else {
-                    let tcp = tunnel
-                        .call(dst)
-                        .await
-                        .map_err(|e| with_proxy(failure.explain(e.into())))?;
-                    MaybeHttpsStream::Http(tcp)
+                    MaybeHttpsStream::Http(tunnel.call(dst).await.map_err(with_proxy)?)
                 };
                 return Ok(Conn {
                     inner,
@@ -513,32 +514,76 @@ impl Service<Uri> for Connector {
     }
 }
 
-/// SOCKS4 has no authentication and is not tested here against a real server: a proxy
-/// variable naming one is refused up front rather than half supported.
-fn refuse_socks4_from_env() -> Result<()> {
-    for var in [
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-    ] {
-        let Ok(value) = std::env::var(var) else {
-            continue;
-        };
-        let scheme = value
-            .split_once("://")
-            .map(|(s, _)| s.to_ascii_lowercase())
-            .unwrap_or_default();
-        if scheme == "socks4" || scheme == "socks4a" {
-            return Err(Error::InvalidOption(format!(
-                "{var}: {scheme}:// proxies are not supported; use socks5:// (names resolved \
-                 here) or socks5h:// (names resolved by the proxy)"
-            )));
+/// The proxies the environment names, read as curl reads them (`ALL_PROXY`, `HTTPS_PROXY`,
+/// `HTTP_PROXY`, `NO_PROXY`, upper case first, then lower case; none at all in a CGI
+/// program, as hyper-util decides). hyper-util's matcher silently skips a value it cannot
+/// use, which would send the pull past the proxy: such values are refused here instead,
+/// naming the variable and never its value.
+fn proxy_matcher_from_env() -> Result<Matcher> {
+    if std::env::var_os("REQUEST_METHOD").is_some() {
+        return Ok(Matcher::builder().build());
+    }
+    fn first(names: [&'static str; 2]) -> Option<(&'static str, String)> {
+        names
+            .into_iter()
+            .find_map(|n| std::env::var(n).ok().map(|v| (n, v)))
+    }
+    let proxy = |names: [&'static str; 2]| -> Result<String> {
+        match first(names) {
+            Some((var, value)) => usable_proxy(var, &value),
+            None => Ok(String::new()),
+        }
+    };
+    Ok(Matcher::builder()
+        .all(proxy(["ALL_PROXY", "all_proxy"])?)
+        .http(proxy(["HTTP_PROXY", "http_proxy"])?)
+        .https(proxy(["HTTPS_PROXY", "https_proxy"])?)
+        .no(first(["NO_PROXY", "no_proxy"]).map_or(String::new(), |(_, v)| v))
+        .build())
+}
+
+/// The proxy URL in `var`, its scheme lower-cased (curl reads `SOCKS5H://` too), or why it
+/// cannot be used. SOCKS4 (`socks4`, `socks4a`, and curl's `socks`) has no authentication
+/// and is not tested here against a real server, so it is refused rather than half
+/// supported.
+fn usable_proxy(var: &str, value: &str) -> Result<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = |why: String| Err(Error::InvalidOption(format!("{var}: {why}")));
+    let (scheme, rest) = match value.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        // curl: no scheme means http.
+        None => ("http".to_string(), value),
+    };
+    match scheme.as_str() {
+        "http" | "https" | "socks5" | "socks5h" => {}
+        "socks4" | "socks4a" | "socks" => {
+            return bad(format!(
+                "{scheme}:// proxies are not supported; use socks5:// (names resolved here) \
+                 or socks5h:// (names resolved by the proxy)"
+            ))
+        }
+        _ => {
+            return bad(format!(
+                "unsupported proxy scheme {scheme}:// (use http://, socks5:// or socks5h://)"
+            ))
         }
     }
-    Ok(())
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.matches('@').count() > 1 {
+        return bad("the proxy's user or password holds an '@': write it as %40".into());
+    }
+    let url = format!("{scheme}://{rest}");
+    match url.parse::<Uri>() {
+        Ok(u) if u.host().is_some_and(|h| !h.is_empty()) && !rest.contains('#') => Ok(url),
+        _ => bad(
+            "not a proxy URL fastpull can use (characters such as # / ? @ : in a user or \
+             password must be %-encoded)"
+                .into(),
+        ),
+    }
 }
 
 /// A SOCKS5 proxy from the environment, read as curl reads it: `socks5` resolves the
@@ -580,19 +625,106 @@ impl Socks {
         })
     }
 
-    /// The connector that tunnels through the proxy, and the slot where it leaves the
-    /// error of a failed connection to the proxy itself.
-    fn connector(self, http: HttpConnector) -> (SocksV5<ToProxy>, FailureSlot) {
+    /// The connector that tunnels through the proxy.
+    fn connector(self, http: HttpConnector) -> SocksConnector {
         let failure = FailureSlot::default();
         let to_proxy = ToProxy {
             http,
             failure: failure.clone(),
         };
-        let mut tunnel = SocksV5::new(self.proxy, to_proxy).local_dns(!self.proxy_dns);
+        // Names are resolved in `SocksConnector` for `socks5` (hyper-util's own lookup would
+        // block the runtime and use only the first address); with `socks5h` they go to the
+        // proxy as they are.
+        let mut tunnel = SocksV5::new(self.proxy, to_proxy).local_dns(false);
         if let Some((user, pass)) = self.auth {
             tunnel = tunnel.with_auth(user, pass);
         }
-        (tunnel, failure)
+        SocksConnector {
+            tunnel,
+            resolve_here: !self.proxy_dns,
+            failure,
+        }
+    }
+}
+
+/// A tunnel through a SOCKS5 proxy to a destination: the plain TCP stream to the proxy, after
+/// the handshake. A destination without a port gets its scheme's (80 or 443; hyper-util
+/// would use 443 for both). With `resolve_here` the name is looked up here, without
+/// blocking, and each address tried in turn.
+#[derive(Clone)]
+struct SocksConnector {
+    tunnel: SocksV5<ToProxy>,
+    resolve_here: bool,
+    failure: FailureSlot,
+}
+
+/// Scheme, host (without IPv6 brackets) and port of a destination, the port defaulting to
+/// the scheme's.
+fn socks_destination(dst: &Uri) -> std::result::Result<(String, String, u16), BoxError> {
+    let scheme = dst.scheme_str().unwrap_or("http").to_ascii_lowercase();
+    let host = dst
+        .host()
+        .ok_or("URL without a host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = dst
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Ok((scheme, host, port))
+}
+
+type ConnectFuture<T> = Pin<Box<dyn Future<Output = std::result::Result<T, BoxError>> + Send>>;
+
+impl Service<Uri> for SocksConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = ConnectFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        // Its ToProxy is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let mut tunnel = self.tunnel.clone();
+        let resolve_here = self.resolve_here;
+        let failure = self.failure.clone();
+        Box::pin(async move {
+            let (scheme, host, port) = socks_destination(&dst)?;
+            let targets: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
+                Err(_) if resolve_here => tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let authorities: Vec<String> = if targets.is_empty() && !resolve_here {
+                vec![format!("{host}:{port}")]
+            } else {
+                targets.iter().map(|a| a.to_string()).collect()
+            };
+            let mut last: Option<BoxError> = None;
+            for authority in authorities {
+                let uri = Uri::builder()
+                    .scheme(scheme.as_str())
+                    .authority(authority.as_str())
+                    .path_and_query("/")
+                    .build()?;
+                match tunnel.call(uri).await {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) => {
+                        // The proxy itself unreachable: no other address will do better.
+                        if let Some(cause) = failure.take() {
+                            return Err(cause);
+                        }
+                        last = Some(e.into());
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| format!("{host} has no address").into()))
+        })
     }
 }
 
@@ -616,17 +748,16 @@ impl FailureSlot {
         }
     }
 
-    /// The proxy connection's own error if that is what failed, else `e`.
-    fn explain(&self, e: BoxError) -> BoxError {
-        self.0.lock().ok().and_then(|mut s| s.take()).unwrap_or(e)
+    /// The proxy connection's own error, if that is what failed.
+    fn take(&self) -> Option<BoxError> {
+        self.0.lock().ok().and_then(|mut s| s.take())
     }
 }
 
 impl Service<Uri> for ToProxy {
     type Response = TokioIo<tokio::net::TcpStream>;
     type Error = BoxError;
-    type Future =
-        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
+    type Future = ConnectFuture<Self::Response>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         // HttpConnector is always ready.
@@ -841,6 +972,70 @@ fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socks_proxy_read_as_curl_reads_it() {
+        let dst: Uri = "https://registry.example/v2/".parse().unwrap();
+        let socks = |value: &str| {
+            let m = Matcher::builder().all(value).build();
+            m.intercept(&dst).as_ref().and_then(Socks::of)
+        };
+        let s = socks("socks5://proxy.example").unwrap();
+        assert_eq!(s.proxy.port_u16(), Some(1080), "curl's default port");
+        assert!(!s.proxy_dns);
+        assert!(s.auth.is_none());
+        let s = socks("socks5h://u%40x:p%23w@proxy.example:9050").unwrap();
+        assert_eq!(s.proxy.port_u16(), Some(9050));
+        assert!(s.proxy_dns);
+        assert_eq!(s.auth, Some(("u@x".to_string(), "p#w".to_string())));
+        assert!(socks("http://proxy.example:3128").is_none(), "not SOCKS");
+    }
+
+    #[test]
+    fn socks_destinations_get_their_scheme_port() {
+        let d = |u: &str| socks_destination(&u.parse().unwrap()).unwrap();
+        assert_eq!(
+            d("http://reg.example/v2/"),
+            ("http".into(), "reg.example".into(), 80)
+        );
+        assert_eq!(
+            d("https://reg.example/"),
+            ("https".into(), "reg.example".into(), 443)
+        );
+        assert_eq!(d("http://[::1]:5000/"), ("http".into(), "::1".into(), 5000));
+    }
+
+    #[test]
+    fn proxy_values_that_would_be_skipped_are_refused() {
+        assert_eq!(usable_proxy("ALL_PROXY", "").unwrap(), "");
+        assert_eq!(
+            usable_proxy("ALL_PROXY", "SOCKS5H://127.0.0.1:1080").unwrap(),
+            "socks5h://127.0.0.1:1080"
+        );
+        assert_eq!(
+            usable_proxy("HTTP_PROXY", "proxy.lan:3128").unwrap(),
+            "http://proxy.lan:3128"
+        );
+        assert_eq!(
+            usable_proxy("HTTPS_PROXY", "http://u:p%40ss@proxy.lan:3128").unwrap(),
+            "http://u:p%40ss@proxy.lan:3128"
+        );
+        for (value, why) in [
+            ("socks4://h:1080", "socks4:// proxies are not supported"),
+            ("socks://h:1080", "socks:// proxies are not supported"),
+            ("ftp://h:21", "unsupported proxy scheme ftp://"),
+            ("http://u:p@ss@h:3128", "write it as %40"),
+            ("socks5h://u:p#ss@h:1080", "must be %-encoded"),
+            ("http://:3128", "must be %-encoded"),
+        ] {
+            let e = usable_proxy("ALL_PROXY", value).unwrap_err().to_string();
+            assert!(e.contains("ALL_PROXY: ") && e.contains(why), "{value}: {e}");
+            assert!(
+                !e.contains("ss@") && !e.contains("#ss"),
+                "{value}: secret in {e}"
+            );
+        }
+    }
 
     #[test]
     fn insecure_names_a_host_or_a_host_and_port() {

@@ -258,14 +258,17 @@ impl Layout {
         Ok(())
     }
 
-    /// Removes the scratch directory after a successful pull.
+    /// Removes the scratch directory after a successful pull, while the destination is
+    /// still locked (once the lock goes, the next pull may be using a new one).
     pub(crate) fn finish(self) -> Result<()> {
-        let tmp = self.tmp.clone();
-        drop(self);
-        match std::fs::remove_dir_all(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", &tmp, e)),
+        let result = match std::fs::remove_dir_all(&self.tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("remove", &self.tmp, e))
+            }
             _ => Ok(()),
-        }
+        };
+        drop(self);
+        result
     }
 }
 

@@ -319,27 +319,93 @@ fn dead_socks_proxy_names_the_proxy_and_the_cause() {
     );
 }
 
+/// `socks5` resolves the registry's name here and sends the proxy an address; `socks5h`
+/// (here written in upper case, which curl accepts) sends the name.
 #[test]
-fn socks4_proxies_are_refused_up_front() {
+fn socks5_resolves_names_here_and_socks5h_at_the_proxy() {
     let image = big_image(45);
     let reg = seeded(&[(REPO, "v1", &image)]);
+    let port = reg.addr().rsplit(':').next().unwrap().to_string();
+    let by_name = format!("localhost:{port}");
+    let by_address = format!("127.0.0.1:{port}");
     let sb = Sandbox::new();
-    for (var, scheme) in [("ALL_PROXY", "socks4"), ("https_proxy", "SOCKS4A")] {
+    for (scheme, asked) in [("SOCKS5H", &by_name), ("socks5", &by_address)] {
+        let socks = Microsocks::start(None);
         let dest = out(&sb, scheme);
         let o = sb.pull(
             &[],
-            &[(var, &format!("{scheme}://{}", closed_addr()))],
+            &[("ALL_PROXY", &format!("{scheme}://{}", socks.addr()))],
+            &format!("{by_name}/{REPO}:v1"),
+            &dest,
+        );
+        assert_pulled(&dest, &image, &o);
+        assert!(
+            socks.tunnels_to(asked) >= 1,
+            "{scheme}: no tunnel to {asked}:\n{}",
+            socks.log()
+        );
+        let other = if asked == &by_name {
+            &by_address
+        } else {
+            &by_name
+        };
+        assert_eq!(socks.tunnels_to(other), 0, "{scheme}:\n{}", socks.log());
+    }
+}
+
+/// Proxy settings hyper-util's matcher would skip without a word (so the pull would go
+/// around the proxy) are refused before anything is sent, naming the variable, not the
+/// secret.
+#[test]
+fn unusable_proxy_settings_are_refused_up_front() {
+    let image = big_image(46);
+    let reg = seeded(&[(REPO, "v1", &image)]);
+    let sb = Sandbox::new();
+    let dead = closed_addr();
+    let cases = [
+        (
+            "ALL_PROXY",
+            format!("socks4://{dead}"),
+            "socks4:// proxies are not supported",
+        ),
+        (
+            "https_proxy",
+            format!("SOCKS4A://{dead}"),
+            "socks4a:// proxies are not supported",
+        ),
+        (
+            "ALL_PROXY",
+            format!("ftp://{dead}"),
+            "unsupported proxy scheme ftp://",
+        ),
+        (
+            "HTTP_PROXY",
+            format!("http://u:p#ss-1@{dead}"),
+            "must be %-encoded",
+        ),
+        (
+            "ALL_PROXY",
+            format!("socks5h://u:p@ss-2@{dead}"),
+            "write it as %40",
+        ),
+    ];
+    for (i, (var, value, why)) in cases.iter().enumerate() {
+        let dest = out(&sb, &format!("out-{i}"));
+        let o = sb.pull(
+            &[],
+            &[(var, value.as_str())],
             &format!("{}/{REPO}:v1", reg.addr()),
             &dest,
         );
         assert_exit(&o, 2);
         let err = stderr(&o);
         assert!(
-            err.contains(&format!(
-                "{var}: {}:// proxies are not supported",
-                scheme.to_ascii_lowercase()
-            )) && err.contains("socks5h://"),
-            "{err}"
+            err.contains(&format!("{var}: ")) && err.contains(why),
+            "{value}: {err}"
+        );
+        assert!(
+            !err.contains("ss-1") && !err.contains("ss-2"),
+            "secret printed: {err}"
         );
         assert!(!dest.exists(), "{} created", dest.display());
     }
