@@ -519,8 +519,13 @@ impl Auth {
                 Bytes::from(form.join("&")),
             )
             .await?;
-        if matches!(resp.status().as_u16(), 404 | 405) {
-            tracing::debug!("the token service has no OAuth2 endpoint; using GET");
+        // Token services without the OAuth2 endpoint answer 404 (GCR), 401 (Artifactory),
+        // 400 (ACR) or 405, as containerd notes; the GET still works there.
+        if matches!(resp.status().as_u16(), 400 | 401 | 404 | 405) {
+            tracing::debug!(
+                status = resp.status().as_u16(),
+                "the token service refused the OAuth2 POST; using GET"
+            );
             return Ok(None);
         }
         self.token_reply(resp, &url, started, true, Some(refresh_token))

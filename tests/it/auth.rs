@@ -358,6 +358,31 @@ fn identity_token_post_follows_a_307_and_is_not_sent_to_another_origin() {
     );
 }
 
+/// Token services without the OAuth2 endpoint refuse the POST in their own ways (GCR 404,
+/// Artifactory 401, ACR 400, others 405); the docker GET is asked then, as containerd does.
+#[test]
+fn refused_oauth_post_falls_back_to_get() {
+    for status in [400, 401, 404, 405] {
+        let s = Setup::token(
+            IssuerOptions::default()
+                .refresh_token(IDENTITY_TOKEN)
+                .no_oauth_post(status),
+        );
+        s.sb.docker_config(&serde_json::json!({
+            "auths": {s.addr(): {"identitytoken": IDENTITY_TOKEN}}
+        }));
+        s.assert_ok(&s.pull(&[], &[]));
+        let reqs = s.issuer.requests();
+        let seen: Vec<(String, u16)> = reqs.iter().map(|r| (r.method.clone(), r.status)).collect();
+        assert_eq!(
+            seen,
+            vec![("POST".to_string(), status), ("GET".to_string(), 200)],
+            "{}",
+            s.issuer.describe()
+        );
+    }
+}
+
 #[test]
 fn creds_store_helper() {
     let s = Setup::private();

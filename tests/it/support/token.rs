@@ -87,6 +87,9 @@ pub struct IssuerOptions {
     pub lifetime: Duration,
     /// `refresh_token` to include in replies to authenticated requests, if any.
     pub reply_refresh_token: Option<String>,
+    /// Answer every POST with this status, as token services without the OAuth2 endpoint
+    /// do (GCR 404, Artifactory 401, ACR 400, others 405).
+    pub post_status: Option<u16>,
 }
 
 impl Default for IssuerOptions {
@@ -101,6 +104,7 @@ impl Default for IssuerOptions {
             expires_in_as_string: false,
             lifetime: Duration::from_secs(300),
             reply_refresh_token: None,
+            post_status: None,
         }
     }
 }
@@ -131,6 +135,12 @@ impl IssuerOptions {
     /// `expires_in` as a JSON string.
     pub fn expires_in_as_string(mut self) -> IssuerOptions {
         self.expires_in_as_string = true;
+        self
+    }
+
+    /// Every POST answered with `status`.
+    pub fn no_oauth_post(mut self, status: u16) -> IssuerOptions {
+        self.post_status = Some(status);
         self
     }
 
@@ -569,6 +579,14 @@ fn serve(mut conn: TcpStream, state: &State) -> std::io::Result<()> {
         token,
         at: Instant::now(),
     };
+    if let (Some(status), "POST") = (opts.post_status, method.as_str()) {
+        state
+            .log
+            .lock()
+            .expect("issuer log")
+            .push(record(status, None));
+        return respond(&mut conn, status, br#"{"error":"unsupported"}"#);
+    }
     if allowed == ["<deny>"] {
         state
             .log
