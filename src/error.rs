@@ -433,9 +433,11 @@ impl Error {
     }
 }
 
-/// A URL fit for logs and errors: the query string (presigned signatures, tokens) and any
-/// user-info are dropped.
+/// A URL fit for logs and errors: the query string (presigned signatures, tokens), any
+/// fragment and any user-info are dropped.
 pub fn redact_url(url: &str) -> String {
+    // A fragment never goes over the wire, and may hold what a query would.
+    let url = url.split_once('#').map_or(url, |(u, _)| u);
     let (base, had_query) = match url.split_once('?') {
         Some((b, _)) => (b, true),
         None => (url, false),
@@ -472,6 +474,11 @@ mod tests {
             "https://host:5000/v2/"
         );
         assert_eq!(redact_url("http://h/v2/a"), "http://h/v2/a");
+        assert_eq!(redact_url("https://h/cb#access_token=s3"), "https://h/cb");
+        assert_eq!(
+            redact_url("https://h/cb?x=1#t=s3"),
+            "https://h/cb?<redacted>"
+        );
     }
 
     #[test]
