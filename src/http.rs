@@ -558,7 +558,15 @@ fn usable_proxy(var: &str, value: &str) -> Result<String> {
         None => ("http".to_string(), value),
     };
     match scheme.as_str() {
-        "http" | "https" | "socks5" | "socks5h" => {}
+        "http" | "socks5" | "socks5h" => {}
+        // hyper-util would speak plain HTTP to it, and fail in ways that name no cause.
+        "https" => {
+            return bad(
+                "https:// proxies (TLS to the proxy itself) are not supported; use http:// \
+                 (https registries still get TLS end to end through its CONNECT tunnel)"
+                    .into(),
+            )
+        }
         "socks4" | "socks4a" | "socks" => {
             return bad(format!(
                 "{scheme}:// proxies are not supported; use socks5:// (names resolved here) \
@@ -1024,6 +1032,10 @@ mod tests {
             ("socks4://h:1080", "socks4:// proxies are not supported"),
             ("socks://h:1080", "socks:// proxies are not supported"),
             ("ftp://h:21", "unsupported proxy scheme ftp://"),
+            (
+                "HTTPS://h:3128",
+                "https:// proxies (TLS to the proxy itself) are not supported",
+            ),
             ("http://u:p@ss@h:3128", "write it as %40"),
             ("socks5h://u:p#ss@h:1080", "must be %-encoded"),
             ("http://:3128", "must be %-encoded"),

@@ -379,6 +379,11 @@ fn unusable_proxy_settings_are_refused_up_front() {
             "unsupported proxy scheme ftp://",
         ),
         (
+            "HTTPS_PROXY",
+            format!("https://{dead}"),
+            "https:// proxies (TLS to the proxy itself) are not supported",
+        ),
+        (
             "HTTP_PROXY",
             format!("http://u:p#ss-1@{dead}"),
             "must be %-encoded",
