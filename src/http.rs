@@ -606,7 +606,7 @@ struct Socks {
 impl Socks {
     fn of(i: &hyper_util::client::proxy::matcher::Intercept) -> Option<Socks> {
         let uri = i.uri();
-        // socks4 and socks4a are refused when the transport is made.
+        // Other SOCKS schemes are refused when the transport is made.
         let proxy_dns = match uri.scheme_str()?.to_ascii_lowercase().as_str() {
             "socks5" => false,
             "socks5h" => true,
@@ -700,18 +700,15 @@ impl Service<Uri> for SocksConnector {
         let failure = self.failure.clone();
         Box::pin(async move {
             let (scheme, host, port) = socks_destination(&dst)?;
-            let targets: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
+            let authorities: Vec<String> = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => vec![std::net::SocketAddr::new(ip, port).to_string()],
                 Err(_) if resolve_here => tokio::net::lookup_host((host.as_str(), port))
                     .await
                     .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                    .map(|a| a.to_string())
                     .collect(),
-                Err(_) => Vec::new(),
-            };
-            let authorities: Vec<String> = if targets.is_empty() && !resolve_here {
-                vec![format!("{host}:{port}")]
-            } else {
-                targets.iter().map(|a| a.to_string()).collect()
+                // socks5h: the proxy resolves the name.
+                Err(_) => vec![format!("{host}:{port}")],
             };
             let mut last: Option<BoxError> = None;
             for authority in authorities {
