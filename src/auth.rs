@@ -548,7 +548,7 @@ impl Auth {
         body: Bytes,
     ) -> Result<(Response<Incoming>, String)> {
         use crate::error::redact_url;
-        use crate::registry::{origin_of, resolve, MAX_REDIRECTS};
+        use crate::registry::{origin_of, redirect_target, MAX_REDIRECTS};
         let realm_origin = origin_of(url);
         let (mut method, mut url, mut headers, mut body) = (method, url.to_string(), headers, body);
         for _ in 0..=MAX_REDIRECTS {
@@ -559,28 +559,7 @@ impl Auth {
             if !is_redirect(status) {
                 return Ok((resp, url));
             }
-            let protocol = |message: String| Error::Protocol {
-                url: redact_url(&url),
-                message,
-            };
-            let location = resp
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| {
-                    protocol(format!(
-                        "token service: HTTP {} redirect without a Location",
-                        status.as_u16()
-                    ))
-                })?;
-            let next = resolve(&url, location);
-            let lower = next.to_ascii_lowercase();
-            if !(lower.starts_with("https://") || lower.starts_with("http://")) {
-                return Err(protocol(format!(
-                    "token service: refusing a redirect to a non-http(s) URL {}",
-                    redact_url(&next)
-                )));
-            }
+            let next = redirect_target(&url, &resp)?;
             if method == Method::POST && matches!(status.as_u16(), 301..=303) {
                 method = Method::GET;
                 body = Bytes::new();

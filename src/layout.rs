@@ -156,9 +156,9 @@ impl Layout {
     pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
         let seq = PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed);
         self.tmp.join(format!(
-            "{}.{}-{seq}.partial",
+            "{}{}{seq}.partial",
             digest.hex(),
-            std::process::id()
+            own_partial_tag()
         ))
     }
 
@@ -291,13 +291,13 @@ impl Layout {
     /// a hashing thread holding one, which would otherwise remove it only when it lets go,
     /// possibly after the process has exited; the thread keeps reading the unlinked file.
     fn remove_own_partials(&self) {
-        let suffix = format!(".{}-", std::process::id());
+        let tag = own_partial_tag();
         let Ok(rd) = std::fs::read_dir(&self.tmp) else {
             return;
         };
         for entry in rd.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".partial") && name.contains(&suffix) {
+            if name.ends_with(".partial") && name.contains(&tag) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -319,6 +319,11 @@ fn is_blob_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// What marks this process's partial files (`<hex>.<pid>-<seq>.partial`): `.<pid>-`.
+fn own_partial_tag() -> String {
+    format!(".{}-", std::process::id())
 }
 
 /// Takes the destination's flock, retrying for [`LOCK_GRACE`]; `false` if it stays held.

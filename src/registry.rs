@@ -315,23 +315,7 @@ impl Registry {
                 continue;
             }
             if is_redirect(status) {
-                let location = header_str(resp.headers(), header::LOCATION).ok_or_else(|| {
-                    Error::Protocol {
-                        url: redact_url(&url),
-                        message: format!("HTTP {} redirect without a Location", status.as_u16()),
-                    }
-                })?;
-                let next = resolve(&url, location);
-                let lower = next.to_ascii_lowercase();
-                if !(lower.starts_with("https://") || lower.starts_with("http://")) {
-                    return Err(Error::Protocol {
-                        url: redact_url(&url),
-                        message: format!(
-                            "refusing a redirect to a non-http(s) URL {}",
-                            redact_url(&next)
-                        ),
-                    });
-                }
+                let next = redirect_target(&url, &resp)?;
                 tracing::debug!(from = %redact_url(&url), to = %redact_url(&next), "redirect");
                 url = next;
                 continue;
@@ -469,6 +453,30 @@ pub(crate) fn origin_of(url: &str) -> Option<String> {
     Some(format!("{}://{}", scheme, host_of(url)?).to_ascii_lowercase())
 }
 
+/// Where the redirect `resp` (to a request for `url`) sends us: its `Location` resolved
+/// against `url`, refused unless http(s).
+pub(crate) fn redirect_target(url: &str, resp: &Response<Incoming>) -> Result<String> {
+    let location = header_str(resp.headers(), header::LOCATION).ok_or_else(|| Error::Protocol {
+        url: redact_url(url),
+        message: format!(
+            "HTTP {} redirect without a Location",
+            resp.status().as_u16()
+        ),
+    })?;
+    let next = resolve(url, location);
+    let lower = next.to_ascii_lowercase();
+    if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+        return Err(Error::Protocol {
+            url: redact_url(url),
+            message: format!(
+                "refusing a redirect to a non-http(s) URL {}",
+                redact_url(&next)
+            ),
+        });
+    }
+    Ok(next)
+}
+
 /// Whether a `Location` is absolute (`scheme:` before any `/`, `?` or `#`).
 fn has_scheme(location: &str) -> bool {
     match location.find(':') {
@@ -485,7 +493,7 @@ fn has_scheme(location: &str) -> bool {
 }
 
 /// Resolves a `Location` against the URL it came from.
-pub(crate) fn resolve(base: &str, location: &str) -> String {
+fn resolve(base: &str, location: &str) -> String {
     if has_scheme(location) {
         return location.to_string();
     }
