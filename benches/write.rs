@@ -6,9 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fastpull::plan::Chunking;
 use fastpull::verify::{HashPool, InOrderHasher};
-use fastpull::write::BlobFile;
+use fastpull::write::{BlobFile, SpanWriter};
 
 const SIZE: usize = 128 << 20;
 const CHUNK: u64 = 8 << 20;
@@ -34,10 +33,24 @@ fn shuffled(n: usize) -> Vec<usize> {
     order
 }
 
+/// The blob cut into CHUNK-sized spans, as a fanned-out pull leaves it: one writer each.
+fn cut(blob: &Arc<BlobFile>) -> Vec<SpanWriter> {
+    let first = blob.writer().expect("writer");
+    let mut upper: Vec<SpanWriter> = (1..SIZE as u64 / CHUNK)
+        .rev()
+        .map(|i| blob.split(&first.span(), i * CHUNK).expect("split"))
+        .collect();
+    upper.push(first);
+    upper.reverse();
+    upper
+}
+
 fn writers(c: &mut Criterion) {
     let buf = data();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ranges = Chunking::fixed(CHUNK).ranges(SIZE as u64);
+    let ranges: Vec<std::ops::Range<u64>> = (0..SIZE as u64 / CHUNK)
+        .map(|i| i * CHUNK..(i + 1) * CHUNK)
+        .collect();
     let order = shuffled(ranges.len());
     let mut g = c.benchmark_group("write");
     g.throughput(Throughput::Bytes(SIZE as u64));
@@ -48,11 +61,11 @@ fn writers(c: &mut Criterion) {
                 &dir.path().join("m.partial"),
                 &dir.path().join("m"),
                 SIZE as u64,
-                &ranges,
             )
             .expect("create");
+            let mut spans: Vec<Option<SpanWriter>> = cut(&blob).into_iter().map(Some).collect();
             for &i in &order {
-                let mut w = blob.claim(i).expect("claim");
+                let mut w = spans[i].take().expect("span");
                 let r = w.range();
                 for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
                     w.append(frame).expect("append");
@@ -80,8 +93,7 @@ fn writers(c: &mut Criterion) {
 fn in_order_hasher(c: &mut Criterion) {
     let buf = data();
     let dir = tempfile::tempdir().expect("temp dir");
-    let ranges = Chunking::fixed(CHUNK).ranges(SIZE as u64);
-    let order = shuffled(ranges.len());
+    let order = shuffled(SIZE / CHUNK as usize);
     let mut g = c.benchmark_group("in-order-hasher");
     g.sample_size(10);
     for blobs in [1usize, 2, 4] {
@@ -98,17 +110,18 @@ fn in_order_hasher(c: &mut Criterion) {
                                 &dir.path().join(format!("{k}.partial")),
                                 &dir.path().join(format!("{k}")),
                                 SIZE as u64,
-                                &ranges,
                             )
                             .expect("create");
                             let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
-                            (blob, h, rx)
+                            let spans: Vec<Option<SpanWriter>> =
+                                cut(&blob).into_iter().map(Some).collect();
+                            (std::cell::RefCell::new(spans), h, rx)
                         })
                         .collect();
                     // Interleave the blobs' chunks, out of order, as concurrent downloads would.
                     for &i in &order {
-                        for (blob, h, _) in &files {
-                            let mut w = blob.claim(i).expect("claim");
+                        for (spans, h, _) in &files {
+                            let mut w = spans.borrow_mut()[i].take().expect("span");
                             let r = w.range();
                             for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
                                 w.append(frame).expect("append");

@@ -83,15 +83,17 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub connections_per_blob: Option<usize>,
 
-    /// Most bytes per range request (suffixes K, M, G = KiB, MiB, GiB). Smaller blobs are
-    /// fetched in one request; larger ones in at least two chunks per connection.
-    #[arg(long, default_value = "8M", value_name = "SIZE", value_parser = parse_size)]
+    /// The smallest piece a blob's range is cut into when another connection takes over
+    /// part of it (suffixes K, M, G = KiB, MiB, GiB); blobs under twice this size are
+    /// fetched in one request.
+    #[arg(long, default_value = "4M", value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: u64,
 
-    /// A blob whose first connection brings more than this many MB/s is streamed on that
-    /// connection alone (no CDN-like cap to get around); 0: always use ranges.
-    #[arg(long, default_value_t = 150, value_name = "MB/S")]
-    pub fast_connection: u64,
+    /// How blobs are spread over connections: `auto` adds connections to a server while
+    /// the total rate keeps rising; `max` uses every allowed connection at once (for
+    /// servers known to cap each connection).
+    #[arg(long, default_value = "auto", value_name = "MODE", value_parser = parse_fan_out)]
+    pub fan_out: fastpull::FanOut,
 
     /// Retries of each request after a transient failure (reset, truncation, stall, 5xx,
     /// 429); a retried range resumes where it stopped.
@@ -161,7 +163,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .connections(args.connections)
         .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
         .chunk_size(args.chunk_size)
-        .fast_connection((args.fast_connection > 0).then_some(args.fast_connection as f64 * 1e6))
+        .fan_out(args.fan_out)
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .reporter(console.clone());
@@ -229,6 +231,14 @@ fn read_password_stdin() -> Result<Secret, Error> {
 }
 
 /// `8M`, `512K`, `1G`, `1048576`.
+fn parse_fan_out(s: &str) -> Result<fastpull::FanOut, String> {
+    match s {
+        "auto" => Ok(fastpull::FanOut::Auto),
+        "max" => Ok(fastpull::FanOut::Max),
+        _ => Err(format!("expected auto or max, not {s:?}")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {

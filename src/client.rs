@@ -12,11 +12,11 @@ use crate::auth::TokenCache;
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::fetch::{FetchOptions, Fetcher};
+use crate::fetch::{FanOut, FetchOptions, Fetcher};
 use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Format, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
-use crate::plan::{Chunking, Plan};
+use crate::plan::Plan;
 use crate::progress::{Event, NoReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
@@ -25,10 +25,8 @@ use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
 pub const DEFAULT_CONNECTIONS: usize = 32;
-/// Default [`ClientBuilder::fast_connection`] threshold, bytes/s.
-pub const DEFAULT_FAST_CONNECTION: f64 = 150e6;
-/// Default bytes per range request; see perf/RESULTS.md.
-pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+/// Default smallest piece a blob is cut into ([`ClientBuilder::chunk_size`]).
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
 /// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
 #[derive(Clone)]
@@ -61,7 +59,7 @@ pub struct ClientBuilder {
     connections_per_blob: usize,
     chunk_size: u64,
     hash_threads: usize,
-    fast_connection: Option<f64>,
+    fan_out: FanOut,
     retries: u32,
     retry_delay: Duration,
     connect_timeout: Duration,
@@ -85,7 +83,7 @@ impl Default for ClientBuilder {
             connections_per_blob: DEFAULT_CONNECTIONS,
             chunk_size: DEFAULT_CHUNK_SIZE,
             hash_threads: 0,
-            fast_connection: Some(DEFAULT_FAST_CONNECTION),
+            fan_out: FanOut::Auto,
             retries: 5,
             retry_delay: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(30),
@@ -134,19 +132,18 @@ impl ClientBuilder {
         self
     }
 
-    /// Most bytes per range request; blobs up to this size are fetched in one request, and
-    /// larger ones are cut into at least two chunks per connection (down to 1 MiB), so the
-    /// connections finish together (default 8 MiB).
+    /// The smallest piece a blob's range is cut into when a connection takes over part of
+    /// it; blobs under twice this size are fetched in one request (default 4 MiB).
     pub fn chunk_size(mut self, bytes: u64) -> Self {
         self.chunk_size = bytes;
         self
     }
 
-    /// A blob whose first connection brings more than this many bytes/s is streamed on that
-    /// connection alone (it is not capped the way CDNs cap each connection, and more ranges
-    /// would only cost CPU). `None`: always spread large blobs over ranges. Default 150 MB/s.
-    pub fn fast_connection(mut self, bytes_per_sec: Option<f64>) -> Self {
-        self.fast_connection = bytes_per_sec;
+    /// How eagerly blobs are spread over connections: [`FanOut::Auto`] (default) adds
+    /// connections to an origin while its aggregate goodput keeps rising; [`FanOut::Max`]
+    /// uses every allowed connection at once.
+    pub fn fan_out(mut self, fan_out: FanOut) -> Self {
+        self.fan_out = fan_out;
         self
     }
 
@@ -298,14 +295,10 @@ impl ClientBuilder {
                 fetch: FetchOptions {
                     connections: self.connections,
                     connections_per_blob: self.connections_per_blob,
-                    chunking: Chunking {
-                        chunk_size: self.chunk_size,
-                        // Two chunks per connection: work for all, and an even finish.
-                        min_chunks: 2 * self.connections_per_blob.min(self.connections) as u64,
-                    },
+                    min_piece: self.chunk_size,
+                    fan_out: self.fan_out,
                     retry,
                     stall_timeout: self.stall_timeout,
-                    fast_connection: self.fast_connection,
                 },
                 retry,
                 hash_pool: Arc::new(hash_pool),
@@ -447,9 +440,7 @@ impl Client {
             },
             endpoint,
             reference,
-        )
-        .await?;
-        tracing::debug!(base = registry.base(), "registry ready");
+        );
         let (top, image, platform) = self.resolve(&registry, reference).await?;
         let Document::Image(m) = &image.document else {
             return Err(Error::InvalidManifest {
@@ -463,6 +454,8 @@ impl Client {
             manifest = %image.digest,
             media_type = %image.media_type,
             platform = ?platform.as_ref().map(|p| p.to_string()),
+            base = %registry.base(),
+            round_trips = %registry.round_trips(),
             "resolved"
         );
         inner.reporter.report(&Event::Resolved {
@@ -512,7 +505,6 @@ impl Client {
             reporter: &*inner.reporter,
             hash_pool: &inner.hash_pool,
             options: inner.fetch,
-            fast_origins: Default::default(),
         };
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();

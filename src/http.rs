@@ -71,6 +71,7 @@ impl TlsOptions {
 #[derive(Clone)]
 pub(crate) struct Transport {
     lanes: Vec<Client<Connector, Body>>,
+    counters: Arc<Counters>,
     user_agent: http::HeaderValue,
     /// How long a response (headers, or the next body bytes) may take before we give up.
     stall_timeout: Duration,
@@ -97,10 +98,12 @@ impl Transport {
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
+        let counters = Arc::new(Counters::default());
         let connector = Connector {
             http,
             tls: tls.clone(),
             proxy: proxy.clone(),
+            counters: counters.clone(),
         };
         let lanes = (0..lanes.max(1))
             .map(|_| {
@@ -113,6 +116,7 @@ impl Transport {
             .map_err(|_| Error::InvalidOption(format!("bad user agent {user_agent:?}")))?;
         Ok(Transport {
             lanes,
+            counters,
             user_agent,
             stall_timeout,
             proxy,
@@ -124,6 +128,16 @@ impl Transport {
     /// allowed as a fallback, as docker's insecure registries).
     pub(crate) fn is_insecure(&self, authority: &str) -> bool {
         self.tls.options.is_insecure(authority)
+    }
+
+    /// Round trips taken so far by this transport (all pulls of its client).
+    pub(crate) fn round_trips(&self) -> RoundTrips {
+        use std::sync::atomic::Ordering::Relaxed;
+        RoundTrips {
+            requests: self.counters.requests.load(Relaxed),
+            connections: self.counters.connections.load(Relaxed),
+            tls: self.counters.tls.load(Relaxed),
+        }
     }
 
     /// Sends one request on lane 0 (no redirects followed, no auth added).
@@ -169,6 +183,9 @@ impl Transport {
                     .insert(http::header::PROXY_AUTHORIZATION, auth);
             }
         }
+        self.counters
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let what = if method == Method::HEAD {
             "HEAD"
         } else if method == Method::POST {
@@ -404,6 +421,56 @@ pub(crate) struct Connector {
     http: HttpConnector,
     tls: Arc<TlsProfiles>,
     proxy: Arc<Matcher>,
+    counters: Arc<Counters>,
+}
+
+/// Round trips the transport has taken: requests sent, connections opened (TCP, and TLS
+/// handshakes on top), for the log.
+#[derive(Default)]
+pub(crate) struct Counters {
+    requests: std::sync::atomic::AtomicU64,
+    connections: std::sync::atomic::AtomicU64,
+    tls: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RoundTrips {
+    /// Requests sent (each waits a round trip for its response).
+    pub requests: u64,
+    /// Connections opened (a round trip each for TCP).
+    pub connections: u64,
+    /// TLS handshakes (a round trip each, with TLS 1.3).
+    pub tls: u64,
+}
+
+impl RoundTrips {
+    /// Round trips in all.
+    pub(crate) fn total(&self) -> u64 {
+        self.requests + self.connections + self.tls
+    }
+
+    /// What happened since `earlier`.
+    pub(crate) fn since(&self, earlier: RoundTrips) -> RoundTrips {
+        RoundTrips {
+            requests: self.requests - earlier.requests,
+            connections: self.connections - earlier.connections,
+            tls: self.tls - earlier.tls,
+        }
+    }
+}
+
+impl std::fmt::Display for RoundTrips {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} requests, {} connections, {} TLS handshakes)",
+            self.total(),
+            self.requests,
+            self.connections,
+            self.tls
+        )
+    }
 }
 
 /// A connection: plain TCP or TLS; marked when it goes to a forwarding HTTP proxy (so
@@ -424,6 +491,14 @@ impl Service<Uri> for Connector {
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let this = self.clone();
+        this.counters
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if dst.scheme_str() == Some("https") {
+            this.counters
+                .tls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Box::pin(async move {
             let intercept = this.proxy.intercept(&dst);
             // Only scheme, host and port: never what a malformed user or password left in it.

@@ -55,11 +55,11 @@ pub mod write;
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
     BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
-    DEFAULT_FAST_CONNECTION,
 };
 pub use credentials::{Credential, CredentialStore, Secret};
 pub use digest::Digest;
 pub use error::{Category, Error, Result};
+pub use fetch::FanOut;
 pub use http::DEFAULT_CERT_DIRS;
 pub use layout::{Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
 pub use manifest::{BlobKind, Platform};

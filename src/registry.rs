@@ -4,6 +4,7 @@
 //! own host, answers a 401 through [`crate::auth`], and follows redirects — never carrying
 //! `Authorization` to another host.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use crate::auth::{Auth, TokenCache};
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{redact_url, Error, Result};
-use crate::http::{https_may_be_plain_http, is_redirect, read_body, Transport};
+use crate::http::{https_may_be_plain_http, is_redirect, read_body, RoundTrips, Transport};
 use crate::manifest::{self, Document, ACCEPT, MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::retry::RetryPolicy;
@@ -33,6 +34,35 @@ pub(crate) struct FetchedManifest {
     pub digest: Digest,
     /// What it is.
     pub document: Document,
+}
+
+/// What a blob GET answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlobBody {
+    /// `200`: the whole blob from byte 0 (the server was not asked for, or ignored, a range).
+    Whole {
+        /// Its `Content-Length`, if sent.
+        length: Option<u64>,
+    },
+    /// `206`: bytes `start..=end` of a blob of `total` bytes (`None`: `*`).
+    Partial {
+        /// First byte.
+        start: u64,
+        /// Last byte (inclusive).
+        end: u64,
+        /// The blob's size, as the server says.
+        total: Option<u64>,
+    },
+}
+
+/// A blob response whose body is still to be read.
+pub(crate) struct BlobResponse {
+    /// What the body holds.
+    pub body: BlobBody,
+    /// The response (headers read, body not).
+    pub response: Response<Incoming>,
+    /// The URL that answered (after redirects).
+    pub url: String,
 }
 
 /// Where a pull goes: a registry's API host, or one of its mirrors.
@@ -57,23 +87,34 @@ pub(crate) struct Access<'a> {
 /// One repository on one registry, for the length of a pull.
 pub(crate) struct Registry {
     transport: Transport,
-    base: String,
+    /// `scheme://host[:port]`; the scheme may fall back to plain HTTP at the first request.
+    base: std::sync::RwLock<String>,
     host: String,
     repository: String,
     auth: Auth,
     retry: RetryPolicy,
+    /// HTTPS first, plain HTTP if the server does not speak TLS (loopback, `--insecure`).
+    may_fall_back: bool,
+    /// A mirror: a failed first request is not retried (the next source is tried instead).
+    mirror: bool,
+    /// The first request has been answered: the scheme is settled.
+    contacted: AtomicBool,
+    /// The transport's round trips when this registry was opened.
+    opened: RoundTrips,
 }
 
 impl Registry {
-    /// Picks the scheme (HTTPS; plain HTTP when asked for, or as the fallback for a loopback
-    /// or `--insecure` registry that does not speak TLS), pings `/v2/` and prepares
-    /// authorization. Credentials are those stored for the endpoint's host (for Docker
-    /// Hub's API host, those of `docker.io`).
-    pub(crate) async fn connect(
+    /// Prepares a repository on an endpoint: scheme (HTTPS; plain HTTP when asked for, or as
+    /// the fallback, decided at the first request, for a loopback or `--insecure` registry
+    /// that does not speak TLS) and authorization with the credentials stored for the
+    /// endpoint's host (for Docker Hub's API host, those of `docker.io`). No request is sent:
+    /// the first one is the manifest's, and its 401 (if any) says how to authenticate, so no
+    /// separate `/v2/` ping costs a round trip.
+    pub(crate) fn connect(
         access: Access<'_>,
         endpoint: &Endpoint,
         reference: &Reference,
-    ) -> Result<Registry> {
+    ) -> Registry {
         let host = endpoint.host.clone();
         let credentials_for = if host == reference.api_host() {
             reference.registry().to_string()
@@ -82,11 +123,11 @@ impl Registry {
         };
         let may_fall_back =
             !endpoint.plain_http && (is_loopback(&host) || access.transport.is_insecure(&host));
-        let mut reg = Registry {
-            base: format!(
+        Registry {
+            base: std::sync::RwLock::new(format!(
                 "{}://{host}",
                 if endpoint.plain_http { "http" } else { "https" }
-            ),
+            )),
             auth: Auth::new(
                 &credentials_for,
                 reference.repository(),
@@ -94,58 +135,71 @@ impl Registry {
                 access.tokens,
                 endpoint.plain_http || may_fall_back,
             ),
+            opened: access.transport.round_trips(),
             transport: access.transport,
             host,
             repository: reference.repository().to_string(),
             retry: access.retry,
-        };
-        // A mirror that cannot answer its first ping is left for the next source at once,
-        // as docker and containerd do, rather than after every retry (minutes, when it
-        // drops packets).
-        let ping_retry = if endpoint.mirror {
-            RetryPolicy {
-                retries: 0,
-                ..reg.retry
-            }
-        } else {
-            reg.retry
-        };
-        if !may_fall_back {
-            ping_retry.run("ping", || reg.ping()).await?;
-            return Ok(reg);
-        }
-        // One HTTPS attempt: a server that does not speak TLS fails at once, and then
-        // plain HTTP gets the retries.
-        match reg.ping().await {
-            Ok(()) => Ok(reg),
-            Err(e) if https_may_be_plain_http(&e) => {
-                tracing::debug!(error = %e, "HTTPS failed on a loopback or insecure registry; trying plain HTTP");
-                reg.base = format!("http://{}", reg.host);
-                ping_retry.run("ping", || reg.ping()).await?;
-                Ok(reg)
-            }
-            Err(e) if e.is_transient() && !endpoint.mirror => {
-                reg.retry.run("ping", || reg.ping()).await?;
-                Ok(reg)
-            }
-            Err(e) => Err(e),
+            may_fall_back,
+            mirror: endpoint.mirror,
+            contacted: AtomicBool::new(false),
         }
     }
 
     /// The URL scheme and host in use (`http://127.0.0.1:5000`).
-    pub(crate) fn base(&self) -> &str {
-        &self.base
+    pub(crate) fn base(&self) -> String {
+        self.base.read().map(|b| b.clone()).unwrap_or_default()
     }
 
-    async fn ping(&self) -> Result<()> {
-        let url = format!("{}/v2/", self.base);
-        let (resp, url) = self.send(Method::GET, &url, HeaderMap::new()).await?;
-        let status = resp.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(self.error_for(resp, &url, false).await)
+    /// Round trips taken since this registry was opened (by every pull sharing the client's
+    /// transport meanwhile).
+    pub(crate) fn round_trips(&self) -> RoundTrips {
+        self.transport.round_trips().since(self.opened)
+    }
+
+    /// Runs `op` with retries. Until a first answer has come, HTTPS that meets a server not
+    /// speaking TLS falls back to plain HTTP where allowed, and a mirror gets no retries, as
+    /// docker and containerd leave a mirror that cannot answer for the next source at once
+    /// (rather than after every retry: minutes, when it drops packets).
+    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        if self.contacted.load(Ordering::Acquire) {
+            return self.retry.run(what, op).await;
         }
+        if self.may_fall_back {
+            // One HTTPS attempt: a server that does not speak TLS fails at once, and then
+            // plain HTTP gets the retries.
+            match op().await {
+                Ok(v) => {
+                    self.contacted.store(true, Ordering::Release);
+                    return Ok(v);
+                }
+                Err(e) if https_may_be_plain_http(&e) => {
+                    tracing::debug!(error = %e, "HTTPS failed on a loopback or insecure registry; trying plain HTTP");
+                    if let Ok(mut b) = self.base.write() {
+                        *b = format!("http://{}", self.host);
+                    }
+                }
+                Err(e) if e.is_transient() && !self.mirror => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let policy = if self.mirror {
+            RetryPolicy {
+                retries: 0,
+                ..self.retry
+            }
+        } else {
+            self.retry
+        };
+        let result = policy.run(what, op).await;
+        if result.is_ok() {
+            self.contacted.store(true, Ordering::Release);
+        }
+        result
     }
 
     /// Fetches a manifest by tag or digest. The sha256 of the exact bytes must equal
@@ -156,11 +210,10 @@ impl Registry {
         expected: Option<&Digest>,
         expected_size: Option<u64>,
     ) -> Result<FetchedManifest> {
-        self.retry
-            .run("manifest", || {
-                self.manifest_once(reference, expected, expected_size)
-            })
-            .await
+        self.call("manifest", || {
+            self.manifest_once(reference, expected, expected_size)
+        })
+        .await
     }
 
     async fn manifest_once(
@@ -169,7 +222,11 @@ impl Registry {
         expected: Option<&Digest>,
         expected_size: Option<u64>,
     ) -> Result<FetchedManifest> {
-        let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
+        let url = format!(
+            "{}/v2/{}/manifests/{reference}",
+            self.base(),
+            self.repository
+        );
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
         let (resp, url) = self.send(Method::GET, &url, headers).await?;
@@ -241,18 +298,19 @@ impl Registry {
 
     /// The registry's URL for a blob.
     pub(crate) fn blob_url(&self, digest: &Digest) -> String {
-        format!("{}/v2/{}/blobs/{digest}", self.base, self.repository)
+        format!("{}/v2/{}/blobs/{digest}", self.base(), self.repository)
     }
 
     /// GETs (part of) a blob from `url` — the registry's blob URL or where it redirected
     /// to — on connection lane `lane`, with `Range: bytes=from-to` (inclusive) when given.
-    /// Returns any 200 or 206 with the URL that answered; other statuses become errors.
+    /// A `206` must name the bytes it holds in a valid `Content-Range`; other statuses than
+    /// 200 and 206 become errors.
     pub(crate) async fn get_blob(
         &self,
         url: &str,
         range: Option<(u64, u64)>,
         lane: usize,
-    ) -> Result<(Response<Incoming>, String)> {
+    ) -> Result<BlobResponse> {
         let mut headers = HeaderMap::new();
         if let Some((from, to)) = range {
             let v = HeaderValue::from_str(&format!("bytes={from}-{to}"))
@@ -260,10 +318,32 @@ impl Registry {
             headers.insert(header::RANGE, v);
         }
         let (resp, final_url) = self.send_on(lane, Method::GET, url, headers).await?;
-        match resp.status() {
-            StatusCode::OK | StatusCode::PARTIAL_CONTENT => Ok((resp, final_url)),
-            _ => Err(self.error_for(resp, &final_url, false).await),
-        }
+        let body = match resp.status() {
+            StatusCode::OK => BlobBody::Whole {
+                length: content_length(resp.headers()),
+            },
+            StatusCode::PARTIAL_CONTENT => {
+                let parsed =
+                    header_str(resp.headers(), header::CONTENT_RANGE).and_then(parse_content_range);
+                let Some((start, end, total)) = parsed.filter(|(s, e, _)| s <= e) else {
+                    return Err(Error::Registry {
+                        url: redact_url(&final_url),
+                        status: 206,
+                        code: None,
+                        message: "206 without a valid Content-Range".into(),
+                        retry_after: None,
+                        retries: 0,
+                    });
+                };
+                BlobBody::Partial { start, end, total }
+            }
+            _ => return Err(self.error_for(resp, &final_url, false).await),
+        };
+        Ok(BlobResponse {
+            body,
+            response: resp,
+            url: final_url,
+        })
     }
 
     /// Sends a request: authorization for our host, a re-send after a 401, redirects
@@ -286,10 +366,11 @@ impl Registry {
     ) -> Result<(Response<Incoming>, String)> {
         let mut url = url.to_string();
         let mut auth_rounds = 0;
+        let base_origin = origin_of(&self.base());
         for _ in 0..=MAX_REDIRECTS {
             // Credentials go only to the registry's own origin: same scheme, host and port
             // (no token over a plain-HTTP downgrade, none to a CDN).
-            let same_host = origin_of(&url) == origin_of(&self.base);
+            let same_host = origin_of(&url) == base_origin;
             let mut h = headers.clone();
             let (generation, auth) = self.auth.header(&self.transport).await?;
             if let (true, Some(v)) = (same_host, auth) {
@@ -337,7 +418,7 @@ impl Registry {
             .await
             .unwrap_or_default();
         let (code, message) = decode_errors(&body);
-        if origin_of(url) != origin_of(&self.base) {
+        if origin_of(url) != origin_of(&self.base()) {
             // A host the registry redirected to (a CDN, object storage): its answer says
             // nothing about our registry credentials, and its body may echo signed URLs.
             return Error::Registry {
@@ -438,6 +519,18 @@ fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+/// `bytes start-end/total` (total may be `*`).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
 }
 
 /// The `host[:port]` of an absolute URL.
@@ -544,6 +637,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_content_range() {
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((0, 99, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
     fn resolves_locations() {
         assert_eq!(
             resolve("http://a:1/v2/x/blobs/y", "/other"),
@@ -570,6 +674,7 @@ mod tests {
     /// `WWW-Authenticate` headers and serves `/token` itself. Pings with the token succeed.
     #[tokio::test]
     async fn challenges_in_several_headers_are_all_read() {
+        const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -590,7 +695,12 @@ mod tests {
                     let (status, extra, body) = if head.starts_with("get /token") {
                         ("200 OK", String::new(), r#"{"token":"abc"}"#)
                     } else if head.contains("authorization: bearer abc\r\n") {
-                        ("200 OK", String::new(), "{}")
+                        (
+                            "200 OK",
+                            "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+                                .to_string(),
+                            MANIFEST,
+                        )
                     } else {
                         (
                             "401 Unauthorized",
@@ -626,8 +736,11 @@ mod tests {
             credentials: &CredentialStore::none(),
             tokens: Arc::default(),
         };
-        let connected = Registry::connect(access, &endpoint, &reference).await;
-        assert!(connected.is_ok(), "{:?}", connected.err());
+        let registry = Registry::connect(access, &endpoint, &reference);
+        let fetched = registry.manifest("v1", None, None).await;
+        assert!(fetched.is_ok(), "{:?}", fetched.err());
+        // No ping: the manifest request, its 401, the token, the manifest again.
+        assert_eq!(registry.round_trips().requests, 3);
     }
 
     #[test]

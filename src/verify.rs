@@ -239,11 +239,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn in_order_hasher_follows_out_of_order_chunks() {
-        use crate::plan::Chunking;
+    async fn in_order_hasher_follows_out_of_order_spans() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Arc::new(HashPool::new(2).unwrap());
-        for (size, chunk) in [
+        for (size, piece) in [
             (0u64, 10u64),
             (1, 10),
             (10, 10),
@@ -252,23 +251,28 @@ mod tests {
             (3 << 20, 1 << 20),
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
-            let ranges = Chunking::fixed(chunk).ranges(size);
             let blob =
-                BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size, &ranges)
-                    .unwrap();
+                BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size).unwrap();
             let (h, rx) = InOrderHasher::new(blob.clone(), pool.clone());
-            let order: Vec<usize> = (0..ranges.len()).rev().collect();
-            for i in order {
-                let mut w = blob.claim(i).unwrap();
+            // Cut the blob into pieces (from the top down), then write the last piece first.
+            let first = blob.writer().unwrap();
+            let mut writers = vec![];
+            let mut at = size.div_ceil(piece).saturating_sub(1) * piece;
+            while at > 0 {
+                writers.push(blob.split(&first.span(), at).unwrap());
+                at -= piece;
+            }
+            writers.push(first);
+            for mut w in writers {
                 let r = w.range();
                 for part in data[r.start as usize..r.end as usize].chunks(7) {
-                    w.append(part).unwrap();
+                    assert_eq!(w.append(part).unwrap(), part.len());
                     h.poke();
                 }
             }
             h.poke();
             let digest = rx.await.unwrap().unwrap();
-            assert_eq!(digest, Digest::of(&data), "size {size} chunk {chunk}");
+            assert_eq!(digest, Digest::of(&data), "size {size} piece {piece}");
         }
     }
 

@@ -1,14 +1,17 @@
-//! Writing a blob: a preallocated partial file, mapped into memory, that range chunks write
-//! into at their own offsets; the verified file is flushed and only then renamed to its final
+//! Writing a blob: a preallocated partial file, mapped into memory, that range writers fill
+//! at their own offsets; the verified file is flushed and only then renamed to its final
 //! name.
 //!
 //! A blob under its final name is therefore always whole and correct, even after a crash:
 //! the data is flushed (msync + fsync) before the rename, and the directory after it.
 //!
-//! Each chunk's bytes can only be written through the one [`ChunkWriter`] handed out for
-//! that chunk, so concurrent writers never touch the same bytes. Readers (the hasher) use
-//! `pread` on the file, which sees what the map wrote (one page cache) without making any
-//! Rust reference into the map.
+//! The file knows nothing of how a pull cuts it: it holds *spans* that tile `0..size`, each
+//! written from its start by the one [`SpanWriter`] that owns it. The fetch scheduler decides
+//! where to cut; [`BlobFile::split`] carries a cut out safely while the span's writer is
+//! still copying: a span's end is only ever lowered to a point its writer has not reserved
+//! yet, so two writers never touch the same byte and every byte is written once. Readers
+//! (the hasher) use `pread` on the file, which sees what the map wrote (one page cache)
+//! without making any Rust reference into the map.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,7 +19,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use memmap2::MmapRaw;
 
@@ -30,41 +33,100 @@ pub struct BlobFile {
     /// shootdown per page, a quarter of the CPU of a pull).
     map: RwLock<Option<MmapRaw>>,
     size: u64,
-    chunks: Vec<Slot>,
+    spans: Mutex<Spans>,
     partial: PathBuf,
     final_path: PathBuf,
     persisted: AtomicBool,
 }
 
-struct Slot {
-    range: Range<u64>,
-    claimed: AtomicBool,
-    written: AtomicU64,
+/// The spans handed out so far, by start: they tile `0..free_from`, and whole spans at the
+/// front are folded into `prefix`. Bytes from `free_from` on belong to nobody yet.
+struct Spans {
+    prefix: u64,
+    list: Vec<Arc<Span>>,
+    free_from: u64,
+    /// A 0-byte blob's one (empty) span has been handed out.
+    empty_taken: bool,
 }
 
-/// The right to write one chunk's bytes (and, after [`ChunkWriter::absorb_next`], the chunks
-/// after it). There is never more than one for a given byte.
-pub struct ChunkWriter {
+/// Bytes `start..end` of the blob, written in order from `start`.
+struct Span {
+    start: u64,
+    /// Bytes written from `start` (published with Release after the copy).
+    written: AtomicU64,
+    /// The current end (a split lowers it); mirrors `bounds.end` for lock-free readers.
+    end: AtomicU64,
+    bounds: Mutex<Bounds>,
+}
+
+struct Bounds {
+    end: u64,
+    /// The writer may be copying up to here: a split never cuts below it.
+    reserved: u64,
+}
+
+impl Span {
+    fn new(start: u64, end: u64) -> Arc<Span> {
+        Arc::new(Span {
+            start,
+            written: AtomicU64::new(0),
+            end: AtomicU64::new(end),
+            bounds: Mutex::new(Bounds {
+                end,
+                reserved: start,
+            }),
+        })
+    }
+
+    fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    fn position(&self) -> u64 {
+        self.start + self.written.load(Ordering::Acquire)
+    }
+}
+
+/// A look at a span another task is writing: where it is and where it ends now. The
+/// scheduler keeps these to choose what to split.
+#[derive(Clone)]
+pub struct SpanRef(Arc<Span>);
+
+impl SpanRef {
+    /// The first byte of the span.
+    pub fn start(&self) -> u64 {
+        self.0.start
+    }
+
+    /// The next byte its writer will write.
+    pub fn position(&self) -> u64 {
+        self.0.position()
+    }
+
+    /// Its current end (exclusive).
+    pub fn end(&self) -> u64 {
+        self.0.end()
+    }
+
+    /// Bytes still to write.
+    pub fn remaining(&self) -> u64 {
+        self.end().saturating_sub(self.position())
+    }
+}
+
+/// The right to write one span's bytes, in order. There is never more than one for a
+/// given byte.
+pub struct SpanWriter {
     blob: Arc<BlobFile>,
-    first: usize,
-    last: usize,
-    /// Chunks up to this one have been prefaulted.
-    faulted: usize,
+    span: Arc<Span>,
+    /// Bytes up to here have been faulted in.
+    faulted: u64,
 }
 
 impl BlobFile {
     /// Creates `partial`, preallocates `size` bytes (so a full disk is an error now, not a
-    /// SIGBUS later), and maps it. `chunks` are the byte ranges writers will claim.
-    pub fn create(
-        partial: &Path,
-        final_path: &Path,
-        size: u64,
-        chunks: &[Range<u64>],
-    ) -> Result<Arc<BlobFile>> {
-        debug_assert!(
-            chunks.first().map(|r| r.start) == Some(0)
-                && chunks.last().map(|r| r.end) == Some(size)
-        );
+    /// SIGBUS later), and maps it. The blob starts as one span, `0..size`.
+    pub fn create(partial: &Path, final_path: &Path, size: u64) -> Result<Arc<BlobFile>> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -91,14 +153,12 @@ impl BlobFile {
             file,
             map: RwLock::new(map),
             size,
-            chunks: chunks
-                .iter()
-                .map(|r| Slot {
-                    range: r.clone(),
-                    claimed: AtomicBool::new(false),
-                    written: AtomicU64::new(0),
-                })
-                .collect(),
+            spans: Mutex::new(Spans {
+                prefix: 0,
+                list: Vec::new(),
+                free_from: 0,
+                empty_taken: false,
+            }),
             partial: partial.to_path_buf(),
             final_path: final_path.to_path_buf(),
             persisted: AtomicBool::new(false),
@@ -110,47 +170,74 @@ impl BlobFile {
         self.size
     }
 
-    /// How many chunks the blob has.
-    pub fn chunk_count(&self) -> usize {
-        self.chunks.len()
+    /// The writer of everything not handed out yet: the whole blob, the first time.
+    pub fn writer(self: &Arc<Self>) -> Option<SpanWriter> {
+        self.take(u64::MAX)
     }
 
-    /// The byte range of chunk `i`.
-    pub fn chunk_range(&self, i: usize) -> Range<u64> {
-        self.chunks[i].range.clone()
-    }
-
-    /// Bytes written into chunk `i` so far (a retry resumes from here).
-    pub fn chunk_written(&self, i: usize) -> u64 {
-        self.chunks[i].written.load(Ordering::Acquire)
-    }
-
-    /// The writer for chunk `i`, once: `None` if it was already handed out.
-    pub fn claim(self: &Arc<Self>, i: usize) -> Option<ChunkWriter> {
-        if !self.claim_slot(i) {
-            return None;
+    /// The writer of the next `len` bytes nobody has yet (fewer at the end of the blob);
+    /// `None` when every byte is handed out. A 0-byte blob hands out one empty span.
+    pub fn take(self: &Arc<Self>, len: u64) -> Option<SpanWriter> {
+        let mut spans = self.spans.lock().ok()?;
+        let start = spans.free_from;
+        if start >= self.size {
+            if self.size > 0 || spans.empty_taken {
+                return None;
+            }
+            spans.empty_taken = true;
         }
-        self.prefault(&self.chunks[i].range);
-        Some(ChunkWriter {
+        let end = start.saturating_add(len.max(1)).min(self.size);
+        let span = Span::new(start, end);
+        spans.list.push(span.clone());
+        spans.free_from = end;
+        Some(SpanWriter {
             blob: self.clone(),
-            first: i,
-            last: i,
-            faulted: i,
+            faulted: start,
+            span,
         })
     }
 
-    fn claim_slot(&self, i: usize) -> bool {
-        self.chunks
-            .get(i)
-            .is_some_and(|slot| !slot.claimed.swap(true, Ordering::AcqRel))
+    /// Bytes nobody has been handed yet.
+    pub fn unassigned(&self) -> u64 {
+        self.spans
+            .lock()
+            .map_or(0, |s| self.size.saturating_sub(s.free_from))
+    }
+
+    /// Cuts `span` at `at`: its writer stops there, and the returned writer owns
+    /// `at..end`. `None` when the cut is not possible any more: `at` is not inside the
+    /// span, or its writer has already reserved bytes at or past `at`.
+    pub fn split(self: &Arc<Self>, span: &SpanRef, at: u64) -> Option<SpanWriter> {
+        let mut spans = self.spans.lock().ok()?;
+        let new = {
+            let mut b = span.0.bounds.lock().ok()?;
+            if at <= b.reserved || at >= b.end {
+                return None;
+            }
+            let new = Span::new(at, b.end);
+            b.end = at;
+            span.0.end.store(at, Ordering::Release);
+            new
+        };
+        let i = spans
+            .list
+            .iter()
+            .position(|s| s.start > span.0.start)
+            .unwrap_or(spans.list.len());
+        spans.list.insert(i, new.clone());
+        Some(SpanWriter {
+            blob: self.clone(),
+            faulted: at,
+            span: new,
+        })
     }
 
     /// Faults a range's pages in, writable, in one call (MADV_POPULATE_WRITE), instead of one
     /// page fault per 4 KiB as the bytes arrive. Best effort: older kernels say no.
-    fn prefault(&self, range: &Range<u64>) {
+    fn prefault(&self, range: Range<u64>) {
         if let Ok(guard) = self.map.read() {
             if let Some(map) = guard.as_ref() {
-                let len = (range.end - range.start) as usize;
+                let len = range.end.saturating_sub(range.start) as usize;
                 if len > 0 {
                     let _ =
                         map.advise_range(memmap2::Advice::PopulateWrite, range.start as usize, len);
@@ -161,13 +248,28 @@ impl BlobFile {
 
     /// How many bytes from the start are written without a gap: what can be hashed.
     pub fn contiguous_prefix(&self) -> u64 {
-        let mut prefix = 0;
-        for slot in &self.chunks {
-            let w = slot.written.load(Ordering::Acquire);
-            prefix = slot.range.start + w;
-            if w < slot.range.end - slot.range.start {
+        let Ok(mut spans) = self.spans.lock() else {
+            return 0;
+        };
+        let mut whole = 0;
+        let mut prefix = spans.prefix;
+        if spans.list.first().is_some_and(|s| s.start > prefix) {
+            return prefix;
+        }
+        for s in &spans.list {
+            let end = s.end();
+            prefix = s.position();
+            if prefix < end {
                 break;
             }
+            whole += 1;
+        }
+        // Whole spans at the front are done with: fold them in (keep the last, so the list
+        // is never empty while the blob is being written).
+        let fold = whole.min(spans.list.len().saturating_sub(1));
+        if fold > 0 {
+            spans.prefix = spans.list[fold - 1].end();
+            spans.list.drain(..fold);
         }
         prefix
     }
@@ -200,9 +302,7 @@ impl BlobFile {
     pub fn final_path(&self) -> &Path {
         &self.final_path
     }
-}
 
-impl BlobFile {
     /// Removes the partial file now (a failed pull), unless it was persisted. Readers that
     /// still hold the file keep reading the unlinked inode.
     pub fn discard(&self) {
@@ -218,72 +318,83 @@ impl Drop for BlobFile {
     }
 }
 
-impl ChunkWriter {
-    /// The byte range this writer owns.
+impl SpanWriter {
+    /// The byte range this writer owns now (a split may shorten it).
     pub fn range(&self) -> Range<u64> {
-        self.blob.chunks[self.first].range.start..self.blob.chunks[self.last].range.end
+        self.span.start..self.span.end()
     }
 
-    /// Bytes written so far, counted from the start of [`ChunkWriter::range`].
+    /// The next byte to write.
+    pub fn position(&self) -> u64 {
+        self.span.position()
+    }
+
+    /// Bytes written so far, counted from the start of the span.
     pub fn written(&self) -> u64 {
-        let base = self.range().start;
-        let mut n = 0;
-        for slot in &self.blob.chunks[self.first..=self.last] {
-            let w = slot.written.load(Ordering::Acquire);
-            n = slot.range.start - base + w;
-            if w < slot.range.end - slot.range.start {
-                break;
-            }
-        }
-        n
+        self.span.written.load(Ordering::Acquire)
     }
 
-    /// Whether every byte of the range is written.
+    /// Whether every byte of the (current) range is written.
     pub fn is_complete(&self) -> bool {
-        let r = self.range();
-        self.written() == r.end - r.start
+        self.position() >= self.span.end()
     }
 
-    /// Takes over the chunk right after this writer's range (to stream the rest of a blob
-    /// from a server that ignored `Range`). Fails if that chunk is already claimed.
-    pub fn absorb_next(&mut self) -> bool {
-        let next = self.last + 1;
-        if !self.blob.claim_slot(next) {
+    /// Extends the span over every byte nobody has been handed yet, if they start where it
+    /// ends (for a server that sends the whole blob whatever range was asked: this writer
+    /// then takes all it can from the one body). Returns whether it did.
+    pub fn absorb_rest(&mut self) -> bool {
+        let Ok(mut spans) = self.blob.spans.lock() else {
+            return false;
+        };
+        let Ok(mut b) = self.span.bounds.lock() else {
+            return false;
+        };
+        if b.end != spans.free_from || b.end >= self.blob.size {
             return false;
         }
-        // The claim is ours now; this writer covers it. Its pages are faulted in when the
-        // writer gets near it (see `append`), not all at once here.
-        self.last = next;
+        b.end = self.blob.size;
+        self.span.end.store(self.blob.size, Ordering::Release);
+        spans.free_from = self.blob.size;
         true
     }
 
-    /// Appends `bytes` at the current write position.
-    pub fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        let r = self.range();
-        let offset = r.start + self.written();
-        let end = offset + bytes.len() as u64;
-        if end > r.end {
-            return Err(Error::SizeMismatch {
-                what: format!(
-                    "range {}-{} of {}",
-                    r.start,
-                    r.end.saturating_sub(1),
-                    self.blob.partial.display()
-                ),
-                expected: r.end - r.start,
-                actual: end - r.start,
-            });
-        }
+    /// A handle the scheduler can look at and split.
+    pub fn span(&self) -> SpanRef {
+        SpanRef(self.span.clone())
+    }
+
+    /// Appends the start of `bytes` at the current position: as much as the span still has
+    /// room for. Returns how many bytes were taken; fewer than offered means the span is
+    /// now complete (it ended, or a split took the rest).
+    pub fn append(&mut self, bytes: &[u8]) -> Result<usize> {
         if bytes.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        // A writer that absorbed many chunks faults each in as it reaches the one before:
-        // the page zeroing is spread over the stream instead of stalling its start.
-        while self.faulted < self.last
-            && end + MIN_PREFAULT_LEAD > self.blob.chunks[self.faulted].range.end
-        {
-            self.faulted += 1;
-            self.blob.prefault(&self.blob.chunks[self.faulted].range);
+        let (offset, n) = {
+            let mut b = self
+                .span
+                .bounds
+                .lock()
+                .map_err(|_| Error::Internal("span lock poisoned".into()))?;
+            let offset = self.span.position();
+            let n = (b.end.saturating_sub(offset)).min(bytes.len() as u64);
+            b.reserved = offset + n;
+            (offset, n)
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        let end = offset + n;
+        // Fault the pages in a step ahead of the copy: the page zeroing is spread over the
+        // stream instead of stalling its start.
+        if end + PREFAULT_LEAD > self.faulted {
+            let limit = self.span.end();
+            let from = self.faulted.max(offset);
+            let to = (end + PREFAULT_STEP).min(limit);
+            if to > from {
+                self.blob.prefault(from..to);
+                self.faulted = to;
+            }
         }
         let guard = self
             .blob
@@ -297,43 +408,35 @@ impl ChunkWriter {
             )));
         };
         // SAFETY: `map` is a live shared mapping of `self.blob.file` (the read guard keeps
-        // `persist` from unmapping it during the copy), created with the file's
-        // full preallocated length (`size`) and kept alive by the `Arc<BlobFile>` we hold; the
+        // `persist` from unmapping it during the copy), created with the file's full
+        // preallocated length (`size`) and kept alive by the `Arc<BlobFile>` we hold; the
         // file is only ever truncated by `File::create` before the mapping exists, and it
         // stays under a private partial name that no other fastpull writer uses (the layout
         // is locked), so the pages are there (no SIGBUS). `offset..end` lies within this
-        // writer's range (checked above), ranges of distinct writers are disjoint, and a
-        // range's writer is unique (`claim` hands it out once; `absorb_next` claims before
-        // extending), so no other thread writes these bytes concurrently. Nothing creates a
-        // Rust reference into the map; readers use pread.
+        // span (`end` ≤ the span's end, read under its lock), spans tile the blob without
+        // overlap, a span has one writer, and `split` never moves a span's end below what
+        // its writer reserved (`reserved`, set under the same lock before this copy), so no
+        // other thread writes these bytes concurrently. Nothing creates a Rust reference
+        // into the map; readers use pread.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
                 map.as_mut_ptr().add(offset as usize),
-                bytes.len(),
+                n as usize,
             );
         }
-        // Publish the new length per chunk, in order (Release pairs with the hasher's Acquire).
-        let mut pos = offset;
-        for slot in &self.blob.chunks[self.first..=self.last] {
-            if pos >= end {
-                break;
-            }
-            if end <= slot.range.start || pos >= slot.range.end {
-                continue;
-            }
-            let upto = end.min(slot.range.end);
-            slot.written
-                .store(upto - slot.range.start, Ordering::Release);
-            pos = upto;
-        }
-        Ok(())
+        // Publish (Release pairs with the hasher's Acquire).
+        self.span
+            .written
+            .store(end - self.span.start, Ordering::Release);
+        Ok(n as usize)
     }
 }
 
-/// How close (bytes) a streaming writer gets to the end of its faulted pages before it
-/// faults in the next chunk.
-const MIN_PREFAULT_LEAD: u64 = 1 << 20;
+/// How close (bytes) a writer gets to the end of its faulted pages before it faults in more.
+const PREFAULT_LEAD: u64 = 1 << 20;
+/// How much it faults in at once.
+const PREFAULT_STEP: u64 = 8 << 20;
 
 fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
@@ -382,38 +485,46 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Chunking;
 
-    fn blob(dir: &Path, size: u64, chunk: u64) -> Arc<BlobFile> {
-        let ranges = Chunking::fixed(chunk).ranges(size);
-        BlobFile::create(&dir.join("b.partial"), &dir.join("b"), size, &ranges).unwrap()
+    fn blob(dir: &Path, size: u64) -> Arc<BlobFile> {
+        BlobFile::create(&dir.join("b.partial"), &dir.join("b"), size).unwrap()
+    }
+
+    /// Writes `data[w.range()]` through `w` in pieces of `step`.
+    fn fill(w: &mut SpanWriter, data: &[u8], step: usize) {
+        while !w.is_complete() {
+            let at = w.position() as usize;
+            let end = (at + step).min(w.range().end as usize);
+            assert_eq!(w.append(&data[at..end]).unwrap(), end - at);
+        }
     }
 
     #[test]
-    fn out_of_order_chunks_land_at_their_offsets() {
+    fn splits_land_at_their_offsets_and_every_byte_once() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-        let b = blob(dir.path(), 1000, 300);
-        assert_eq!(b.chunk_count(), 4);
-        let mut writers: Vec<ChunkWriter> = (0..4).map(|i| b.claim(i).unwrap()).collect();
-        assert!(b.claim(2).is_none(), "a chunk is handed out once");
-        for i in [3usize, 1, 2] {
-            let r = writers[i].range();
-            writers[i]
-                .append(&data[r.start as usize..r.start as usize + 50])
-                .unwrap();
-            writers[i]
-                .append(&data[r.start as usize + 50..r.end as usize])
-                .unwrap();
-            assert!(writers[i].is_complete());
-        }
-        assert_eq!(b.contiguous_prefix(), 0);
-        writers[0].append(&data[..100]).unwrap();
+        let b = blob(dir.path(), 1000);
+        let mut first = b.writer().unwrap();
+        assert!(b.writer().is_none(), "the whole blob is handed out once");
+        assert_eq!(first.append(&data[..100]).unwrap(), 100);
+        // Not below what the writer has written, not at or past the end.
+        assert!(b.split(&first.span(), 100).is_none());
+        assert!(b.split(&first.span(), 50).is_none());
+        assert!(b.split(&first.span(), 1000).is_none());
+        let mut upper = b.split(&first.span(), 600).unwrap();
+        let mut middle = b.split(&first.span(), 300).unwrap();
+        assert_eq!(first.range(), 0..300);
+        assert_eq!(middle.range(), 300..600);
+        assert_eq!(upper.range(), 600..1000);
+        fill(&mut upper, &data, 64);
         assert_eq!(b.contiguous_prefix(), 100);
-        writers[0].append(&data[100..300]).unwrap();
+        // A writer offered more than its span holds takes only its part.
+        assert_eq!(first.append(&data[100..400]).unwrap(), 200);
+        assert!(first.is_complete());
+        assert_eq!(first.append(&data[300..301]).unwrap(), 0);
+        assert_eq!(b.contiguous_prefix(), 300);
+        fill(&mut middle, &data, 7);
         assert_eq!(b.contiguous_prefix(), 1000);
-        let err = writers[0].append(b"x").unwrap_err();
-        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
         let mut back = vec![0u8; 1000];
         b.read_at(&mut back, 0).unwrap();
         assert_eq!(back, data);
@@ -423,25 +534,72 @@ mod tests {
     }
 
     #[test]
-    fn absorbing_writer_streams_the_whole_blob() {
+    fn pieces_are_handed_out_in_order_and_the_prefix_follows() {
         let dir = tempfile::tempdir().unwrap();
-        let b = blob(dir.path(), 25, 10);
-        let mut w = b.claim(0).unwrap();
-        while w.absorb_next() {}
-        assert_eq!(w.range(), 0..25);
-        w.append(&[7u8; 12]).unwrap();
-        assert_eq!(b.chunk_written(0), 10);
-        assert_eq!(b.chunk_written(1), 2);
-        w.append(&[7u8; 13]).unwrap();
-        assert!(w.is_complete());
-        assert_eq!(b.contiguous_prefix(), 25);
-        assert!(b.claim(1).is_none());
+        let data: Vec<u8> = (0..100u32).map(|i| i as u8).collect();
+        let b = blob(dir.path(), 100);
+        let mut p1 = b.take(30).unwrap();
+        let mut p2 = b.take(30).unwrap();
+        assert_eq!((p1.range(), p2.range()), (0..30, 30..60));
+        assert_eq!(b.unassigned(), 40);
+        fill(&mut p2, &data, 9);
+        assert_eq!(b.contiguous_prefix(), 0);
+        fill(&mut p1, &data, 9);
+        assert_eq!(b.contiguous_prefix(), 60, "not past what is handed out");
+        let mut rest = b.take(20).unwrap();
+        assert_eq!(rest.range(), 60..80);
+        assert!(rest.absorb_rest(), "the last piece takes what nobody has");
+        assert_eq!(rest.range(), 60..100);
+        assert!(!p1.absorb_rest());
+        assert!(b.take(1).is_none());
+        fill(&mut rest, &data, 100);
+        assert_eq!(b.contiguous_prefix(), 100);
+    }
+
+    #[test]
+    fn a_split_racing_the_writer_never_overlaps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8u64 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 253) as u8).collect();
+        let b = blob(dir.path(), size);
+        let mut w = b.writer().unwrap();
+        let span = w.span();
+        let data2 = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut taken = 0usize;
+            while !w.is_complete() {
+                let at = w.position() as usize;
+                taken += w.append(&data2[at..(at + 4096).min(data2.len())]).unwrap();
+            }
+            taken
+        });
+        // Cut repeatedly while the writer runs; every cut gets its own writer.
+        let mut others = Vec::new();
+        let mut at = size - 4096;
+        while at > 4096 {
+            if let Some(o) = b.split(&span, at) {
+                others.push(o);
+            }
+            at = at.saturating_sub(512 * 1024 + 4096);
+        }
+        let first_took = writer.join().unwrap();
+        let mut total = first_took as u64;
+        for o in &mut others {
+            let r = o.range();
+            total += r.end - r.start;
+            fill(o, &data, 1000);
+        }
+        assert_eq!(total, size, "the spans tile the blob");
+        assert_eq!(b.contiguous_prefix(), size);
+        let mut back = vec![0u8; size as usize];
+        b.read_at(&mut back, 0).unwrap();
+        assert!(back == data);
     }
 
     #[test]
     fn unpersisted_partial_is_removed_and_empty_blobs_work() {
         let dir = tempfile::tempdir().unwrap();
-        let b = blob(dir.path(), 100, 10);
+        let b = blob(dir.path(), 100);
         assert!(dir.path().join("b.partial").exists());
         assert_eq!(
             std::fs::metadata(dir.path().join("b.partial"))
@@ -452,8 +610,9 @@ mod tests {
         drop(b);
         assert!(!dir.path().join("b.partial").exists());
 
-        let e = blob(dir.path(), 0, 10);
-        assert_eq!(e.chunk_count(), 1);
+        let e = blob(dir.path(), 0);
+        let w = e.writer().unwrap();
+        assert!(w.is_complete());
         assert_eq!(e.contiguous_prefix(), 0);
         e.persist().unwrap();
         assert_eq!(std::fs::metadata(dir.path().join("b")).unwrap().len(), 0);

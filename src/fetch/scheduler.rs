@@ -1,0 +1,734 @@
+//! The range policy, in one place: how many connections each origin gets, which running
+//! transfer gives up part of its span to an idle connection, and where it is cut.
+//!
+//! Why this shape. A puller cannot know up front whether an origin caps each connection (a
+//! CDN's per-connection limiter), caps the sum (a saturated link, a busy CPU), or lets a burst
+//! through first (token buckets, nginx's send chunks, `limit_rate_after`, TCP buffers). Any
+//! decision taken from one short sample and kept for the pull will meet the world that fools
+//! it. So nothing here is decided once:
+//!
+//! - **Pieces sized by the rate, then work stealing.** A blob's first request asks for a
+//!   few minimum pieces; after that a connection asks for the next piece nobody has, sized
+//!   to take about [`PIECE_TIME`] at the rate connections to that origin get now (a piece
+//!   of an uncapped origin is tens of MB, of a capped one a few), so requests stay few
+//!   where the link is fast and pieces arrive nearly in order, which lets the in-order
+//!   hasher follow close behind. When a blob has no unassigned bytes left, a free
+//!   connection cuts the running transfer that would finish *last* (remaining bytes over
+//!   its measured rate) where both should finish together, and takes the upper part (work
+//!   stealing in the manner of aria2 and axel; closed ranges; never below the minimum
+//!   piece). Blobs under two pieces are one request; a server that answers a range with
+//!   the whole blob is never cut.
+//! - **Connections only while they pay.** Each origin has a controller that measures its
+//!   aggregate goodput over windows of a few round trips. It starts at [`INITIAL_LIMIT`]
+//!   connections, grows (×4 below four, then ×2) after each window in which the added
+//!   connections raised the goodput by at least [`MIN_GAIN`] of what the connections already
+//!   there delivered each, and falls back to the level before the last step when they did
+//!   not. After a fall back it holds for a while and then probes again, so a limiter whose
+//!   burst ran out, or a link that freed up, is noticed. On a per-connection cap every added
+//!   connection adds its share and the pull fans out fully; on an uncapped origin the goodput
+//!   stays flat and the pull keeps a few long requests.
+//! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
+//!   whose tail would still take much longer than a fresh connection needs for it gives the
+//!   tail away: the cut is put just past where it will be when the new request's first byte
+//!   arrives.
+//!
+//! The scheduler only decides; `fetch` carries its decisions out (and [`crate::write`] makes
+//! a cut safe while the victim is still writing).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::write::SpanRef;
+
+/// Connections an origin gets before any measurement.
+pub(crate) const INITIAL_LIMIT: usize = 4;
+/// Share of the per-connection goodput that each added connection must add for the
+/// controller to keep growing.
+pub(crate) const MIN_GAIN: f64 = 0.3;
+/// Cuts land on multiples of this.
+const ALIGN: u64 = 64 << 10;
+/// A tail shorter than this is not raced.
+const MIN_RACE: u64 = 256 << 10;
+/// How long a piece should take at the rate transfers get.
+const PIECE_TIME: Duration = Duration::from_millis(250);
+/// A blob's first request, before any rate is known, asks for this many minimum pieces.
+pub(crate) const FIRST_PIECES: u64 = 4;
+/// Rate samples (ticks) a transfer needs before it can be called a straggler.
+const RACE_SAMPLES: u32 = 6;
+
+/// How eagerly blobs are split over connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FanOut {
+    /// Add connections to an origin while its aggregate goodput keeps rising (default).
+    #[default]
+    Auto,
+    /// Every allowed connection at once, without measuring (for networks known to cap each
+    /// connection).
+    Max,
+}
+
+/// What the scheduler knows of one running transfer.
+#[derive(Clone, Copy)]
+pub(crate) struct FlowInfo<'a> {
+    /// Its id (stable for its life).
+    pub id: u64,
+    /// Which blob.
+    pub blob: usize,
+    /// Its span.
+    pub span: &'a SpanRef,
+    /// `scheme://host:port` it is reading from, once known.
+    pub origin: Option<&'a str>,
+    /// Bytes it has received so far.
+    pub bytes: u64,
+    /// When its first byte came (None: still waiting).
+    pub first_byte: Option<Instant>,
+    /// Whether it may be cut (its server answered a range with a range).
+    pub splittable: bool,
+}
+
+/// What the scheduler knows of one blob that has started.
+#[derive(Clone, Copy)]
+pub(crate) struct BlobInfo<'a> {
+    /// Which blob.
+    pub blob: usize,
+    /// Bytes no transfer has been handed yet.
+    pub unassigned: u64,
+    /// Transfers running for it.
+    pub running: usize,
+    /// The origin its bytes come from, once its first response said.
+    pub origin: Option<&'a str>,
+}
+
+/// What a free connection should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Fetch the next `len` unassigned bytes of `blob`.
+    Piece { blob: usize, len: u64 },
+    /// Take over part of a running transfer.
+    Cut(Cut),
+}
+
+/// A decision: cut flow `victim` at `at`; the new connection fetches from `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cut {
+    pub victim: u64,
+    pub at: u64,
+    pub race: bool,
+}
+
+/// Per-flow measurements.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    last_bytes: u64,
+    last_at: Instant,
+    /// bytes/s, smoothed; None until a full tick of data.
+    rate: Option<f64>,
+    /// Samples taken.
+    samples: u32,
+    raced: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Measuring where we stand.
+    Baseline,
+    /// Waiting for the connections just added to get going.
+    Settling { until: Instant },
+    /// Measuring the step just taken against `base`.
+    Measuring,
+    /// Growth did not pay; measuring only, until `until`.
+    Holding { until: Instant },
+}
+
+/// One origin's connection controller.
+#[derive(Debug, Clone)]
+struct Controller {
+    limit: usize,
+    phase: Phase,
+    /// Goodput (bytes/s) and mean connections of the window before the last step.
+    base: Option<(f64, f64)>,
+    win_start: Instant,
+    win_bytes: u64,
+    win_n: f64,
+    win_ticks: u32,
+    /// Smallest time to first byte seen: a round trip and the server's think time.
+    rtt: Option<Duration>,
+    /// Steps taken and fallen back (for the log).
+    grew: u32,
+    fell: u32,
+}
+
+impl Controller {
+    fn new(now: Instant) -> Controller {
+        Controller {
+            limit: INITIAL_LIMIT,
+            phase: Phase::Baseline,
+            base: None,
+            win_start: now,
+            win_bytes: 0,
+            win_n: 0.0,
+            win_ticks: 0,
+            rtt: None,
+            grew: 0,
+            fell: 0,
+        }
+    }
+
+    fn rtt(&self) -> Duration {
+        self.rtt.unwrap_or(Duration::from_millis(20))
+    }
+
+    /// A measurement window: a few round trips, at least 100 ms (bursts of send chunks
+    /// and scheduler noise average out), at most 1 s.
+    fn window(&self) -> Duration {
+        (self.rtt() * 3).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    fn settle(&self) -> Duration {
+        (self.rtt() * 2).clamp(Duration::from_millis(30), Duration::from_millis(500))
+    }
+
+    fn hold(&self) -> Duration {
+        (self.window() * 6).max(Duration::from_millis(800))
+    }
+
+    fn restart_window(&mut self, now: Instant) {
+        self.win_start = now;
+        self.win_bytes = 0;
+        self.win_n = 0.0;
+        self.win_ticks = 0;
+    }
+
+    fn grow(&mut self, max: usize, n: f64) {
+        let n = n.round().max(1.0) as usize;
+        let to = if n < 4 { n * 4 } else { n * 2 };
+        self.limit = to.max(self.limit).min(max).max(1);
+    }
+
+    /// One tick's worth: `bytes` received by `n` connections that were delivering.
+    fn tick(&mut self, now: Instant, bytes: u64, n: usize, max: usize, origin: &str) {
+        if let Phase::Settling { until } = self.phase {
+            if now >= until {
+                self.phase = Phase::Measuring;
+                self.restart_window(now);
+            }
+            return;
+        }
+        self.win_bytes += bytes;
+        self.win_n += n as f64;
+        self.win_ticks += 1;
+        let elapsed = now.duration_since(self.win_start);
+        if elapsed < self.window() || self.win_ticks < 2 {
+            return;
+        }
+        let g = self.win_bytes as f64 / elapsed.as_secs_f64();
+        let n_avg = self.win_n / self.win_ticks as f64;
+        self.restart_window(now);
+        if n_avg < 0.5 {
+            return; // nothing was flowing: no information
+        }
+        match self.phase {
+            Phase::Baseline => {
+                self.base = Some((g, n_avg));
+                if self.limit < max {
+                    self.grow(max, n_avg.max(self.limit as f64));
+                    self.grew += 1;
+                    self.phase = Phase::Settling {
+                        until: now + self.settle(),
+                    };
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, limit = self.limit, "fan-out: probing more connections");
+                }
+            }
+            Phase::Measuring => {
+                let Some((g0, n0)) = self.base else {
+                    self.phase = Phase::Baseline;
+                    return;
+                };
+                if n_avg < n0 + 0.5 {
+                    // The step did not happen (no work worth cutting, or blobs ended):
+                    // no verdict; this is the new reference.
+                    self.base = Some((g, n_avg));
+                    return;
+                }
+                let per = g0 / n0.max(1.0);
+                let marginal = (g - g0) / (n_avg - n0);
+                if marginal >= MIN_GAIN * per {
+                    self.base = Some((g, n_avg));
+                    if self.limit < max {
+                        self.grow(max, n_avg);
+                        self.grew += 1;
+                        self.phase = Phase::Settling {
+                            until: now + self.settle(),
+                        };
+                    }
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, limit = self.limit, "fan-out: more connections paid; growing");
+                } else {
+                    self.limit = (n0.round() as usize).max(1);
+                    self.fell += 1;
+                    self.base = Some((g, n_avg));
+                    self.phase = Phase::Holding {
+                        until: now + self.hold(),
+                    };
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, before_mb_per_s = g0 / 1e6, connections = n_avg, limit = self.limit, "fan-out: more connections did not pay; holding");
+                }
+            }
+            Phase::Holding { until } => {
+                self.base = Some((g, n_avg));
+                if now >= until && self.limit < max {
+                    // Probe again: the world may have changed (a burst ran out, other
+                    // transfers ended, the link freed up).
+                    let n = n_avg.round().max(1.0) as usize;
+                    self.limit = (n + (n / 2).max(2)).min(max);
+                    self.grew += 1;
+                    self.phase = Phase::Settling {
+                        until: now + self.settle(),
+                    };
+                }
+            }
+            Phase::Settling { .. } => {}
+        }
+    }
+}
+
+/// The scheduler of one pull.
+pub(crate) struct Scheduler {
+    fan_out: FanOut,
+    max_connections: usize,
+    max_per_blob: usize,
+    min_piece: u64,
+    origins: HashMap<String, Controller>,
+    rates: HashMap<u64, Rate>,
+}
+
+impl Scheduler {
+    /// `max_connections`: requests in flight overall; `max_per_blob`: per blob;
+    /// `min_piece`: no cut leaves a piece smaller than this (tails raced excepted).
+    pub(crate) fn new(
+        fan_out: FanOut,
+        max_connections: usize,
+        max_per_blob: usize,
+        min_piece: u64,
+    ) -> Scheduler {
+        Scheduler {
+            fan_out,
+            max_connections: max_connections.max(1),
+            max_per_blob: max_per_blob.max(1),
+            min_piece: min_piece.max(ALIGN),
+            origins: HashMap::new(),
+            rates: HashMap::new(),
+        }
+    }
+
+    /// Whether a blob of `size` bytes is fetched in one request without `Range`: it is never
+    /// worth cutting.
+    pub(crate) fn whole_request(&self, size: u64) -> bool {
+        size < 2 * self.min_piece
+    }
+
+    /// How many connections `origin` may have now.
+    pub(crate) fn limit(&self, origin: &str) -> usize {
+        match self.fan_out {
+            FanOut::Max => self.max_connections,
+            FanOut::Auto => self
+                .origins
+                .get(origin)
+                .map_or(INITIAL_LIMIT, |c| c.limit)
+                .min(self.max_connections),
+        }
+    }
+
+    /// Notes a flow's time to first byte (the origin's round trip estimate).
+    pub(crate) fn first_byte(&mut self, origin: &str, ttfb: Duration, now: Instant) {
+        let c = self
+            .origins
+            .entry(origin.to_string())
+            .or_insert_with(|| Controller::new(now));
+        c.rtt = Some(c.rtt.map_or(ttfb, |r| r.min(ttfb)));
+    }
+
+    /// Measures: every flow's rate, every origin's goodput; the controllers decide.
+    pub(crate) fn tick<'a>(&mut self, now: Instant, flows: impl Iterator<Item = FlowInfo<'a>>) {
+        let mut per_origin: HashMap<&str, (u64, usize)> = HashMap::new();
+        let mut live = Vec::new();
+        for f in flows {
+            live.push(f.id);
+            let Some(first) = f.first_byte else { continue };
+            let r = self.rates.entry(f.id).or_insert(Rate {
+                last_bytes: 0,
+                last_at: first,
+                rate: None,
+                samples: 0,
+                raced: false,
+            });
+            let delta = f.bytes.saturating_sub(r.last_bytes);
+            let dt = now.duration_since(r.last_at).as_secs_f64();
+            if dt >= 0.02 {
+                let sample = delta as f64 / dt;
+                r.rate = Some(match r.rate {
+                    None => sample,
+                    Some(old) => 0.6 * old + 0.4 * sample,
+                });
+                r.last_bytes = f.bytes;
+                r.last_at = now;
+                r.samples += 1;
+            }
+            if let Some(o) = f.origin {
+                let e = per_origin.entry(o).or_default();
+                e.0 += delta;
+                e.1 += 1;
+            }
+        }
+        self.rates.retain(|id, _| live.contains(id));
+        if self.fan_out == FanOut::Max {
+            return;
+        }
+        let max = self.max_connections;
+        for (origin, c) in self.origins.iter_mut() {
+            let (bytes, n) = per_origin.get(origin.as_str()).copied().unwrap_or((0, 0));
+            c.tick(now, bytes, n, max, origin);
+        }
+    }
+
+    /// Bytes a flow received since the last tick, when it ends (so the window counts them).
+    pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64) {
+        if let (Some(r), Some(o)) = (self.rates.remove(&id), origin) {
+            if let Some(c) = self.origins.get_mut(o) {
+                c.win_bytes += bytes.saturating_sub(r.last_bytes);
+            }
+        }
+    }
+
+    /// How many bytes a new transfer on `origin` asks for: about [`PIECE_TIME`] (or four
+    /// round trips, if longer) at the rate its transfers get now, so that the request's
+    /// round trip is a small part of it, the pieces of a blob arrive roughly in order (the
+    /// hasher follows close behind) and the last ones finish together. Before any rate is
+    /// known: [`FIRST_PIECES`] minimum pieces.
+    pub(crate) fn piece_len(&self, origin: Option<&str>, flows: &[FlowInfo<'_>]) -> u64 {
+        let on_origin: Vec<FlowInfo<'_>> = flows
+            .iter()
+            .filter(|f| origin.is_none() || f.origin == origin)
+            .copied()
+            .collect();
+        let rate = self
+            .typical_rate(&on_origin)
+            .or_else(|| self.typical_rate(flows));
+        let rtt = origin
+            .and_then(|o| self.origins.get(o))
+            .map_or(Duration::from_millis(20), |c| c.rtt());
+        match rate {
+            Some(r) => {
+                let t = PIECE_TIME.max(rtt * 4).as_secs_f64();
+                ((r * t) as u64).max(self.min_piece)
+            }
+            None => FIRST_PIECES * self.min_piece,
+        }
+    }
+
+    /// The length of a piece of `len` asked from a blob with `unassigned` bytes left: no
+    /// remainder smaller than a minimum piece is left behind.
+    pub(crate) fn fit(&self, len: u64, unassigned: u64) -> u64 {
+        if unassigned < len.saturating_add(self.min_piece) {
+            unassigned
+        } else {
+            align(len)
+        }
+    }
+
+    /// What a free connection should do, if anything. Blobs that have started and have
+    /// bytes nobody fetches yet come first (the one with the most); then the transfer that
+    /// would finish last is cut, or a straggler's tail is raced. `on_origin(origin)` counts
+    /// the flows in flight to an origin.
+    pub(crate) fn pick<'a>(
+        &mut self,
+        flows: &[FlowInfo<'a>],
+        blobs: &[BlobInfo<'a>],
+        on_origin: impl Fn(&str) -> usize,
+    ) -> Option<Decision> {
+        let running = |b: usize| blobs.iter().find(|x| x.blob == b).map_or(0, |x| x.running);
+        let mut piece: Option<(u64, usize, u64)> = None;
+        for b in blobs {
+            let Some(origin) = b.origin else { continue };
+            if b.unassigned == 0
+                || b.running >= self.max_per_blob
+                || on_origin(origin) >= self.limit(origin)
+            {
+                continue;
+            }
+            if piece.is_none_or(|(u, _, _)| b.unassigned > u) {
+                let len = self.fit(self.piece_len(Some(origin), flows), b.unassigned);
+                piece = Some((b.unassigned, b.blob, len));
+            }
+        }
+        if let Some((_, blob, len)) = piece {
+            return Some(Decision::Piece { blob, len });
+        }
+        let typical = self.typical_rate(flows);
+        let mut best: Option<(f64, Cut)> = None;
+        let mut best_race: Option<(f64, Cut)> = None;
+        for f in flows {
+            if !f.splittable || running(f.blob) >= self.max_per_blob {
+                continue;
+            }
+            // Bytes nobody has are handed out as pieces (above), not cut from others.
+            if blobs.iter().any(|b| b.blob == f.blob && b.unassigned > 0) {
+                continue;
+            }
+            let Some(origin) = f.origin else { continue };
+            let pos = f.span.position();
+            let end = f.span.end();
+            let remaining = end.saturating_sub(pos);
+            let rate = self.rates.get(&f.id).and_then(|r| r.rate);
+            let rtt = self
+                .origins
+                .get(origin)
+                .map_or(Duration::from_millis(20), |c| c.rtt())
+                .as_secs_f64();
+            let fresh = typical.unwrap_or(1e6).max(1.0);
+            let own = rate.unwrap_or(fresh).max(1.0);
+            let left = remaining as f64 / own;
+            if remaining >= 2 * self.min_piece && on_origin(origin) < self.limit(origin) {
+                // Both finish together: the victim goes on at `own`, the new connection
+                // starts after a round trip at the typical rate.
+                let t = (remaining as f64 + fresh * rtt) / (own + fresh);
+                let at = pos as f64 + own * t;
+                let at = align(at as u64).clamp(pos + self.min_piece, end - self.min_piece);
+                let at = align_down(at).max(pos + self.min_piece);
+                if at + self.min_piece <= end && best.is_none_or(|(l, _)| left > l) {
+                    best = Some((
+                        left,
+                        Cut {
+                            victim: f.id,
+                            at,
+                            race: false,
+                        },
+                    ));
+                }
+            } else if remaining < 2 * self.min_piece
+                && remaining >= MIN_RACE
+                && self
+                    .rates
+                    .get(&f.id)
+                    .is_some_and(|r| !r.raced && r.samples >= RACE_SAMPLES)
+            {
+                // A straggler: its tail takes much longer than a new connection would.
+                let fresh_time = rtt + remaining as f64 / fresh;
+                if left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
+                    let at = align(pos + (own * 2.0 * rtt) as u64 + ALIGN);
+                    if at + ALIGN <= end && best_race.is_none_or(|(l, _)| left > l) {
+                        best_race = Some((
+                            left,
+                            Cut {
+                                victim: f.id,
+                                at,
+                                race: true,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        let cut = best.or(best_race).map(|(_, c)| c)?;
+        if cut.race {
+            if let Some(r) = self.rates.get_mut(&cut.victim) {
+                r.raced = true;
+            }
+        }
+        Some(Decision::Cut(cut))
+    }
+
+    /// The median measured rate of the flows (what a new connection can expect).
+    fn typical_rate(&self, flows: &[FlowInfo<'_>]) -> Option<f64> {
+        let mut rates: Vec<f64> = flows
+            .iter()
+            .filter_map(|f| self.rates.get(&f.id).and_then(|r| r.rate))
+            .collect();
+        if rates.is_empty() {
+            return None;
+        }
+        rates.sort_by(f64::total_cmp);
+        Some(rates[rates.len() / 2])
+    }
+
+    /// A line for the log: per origin, the limit reached and the steps taken.
+    pub(crate) fn summary(&self) -> String {
+        let mut parts: Vec<String> = self
+            .origins
+            .iter()
+            .map(|(o, c)| {
+                format!(
+                    "{o}: limit {} (grew {}, fell back {}, rtt {:?})",
+                    c.limit,
+                    c.grew,
+                    c.fell,
+                    c.rtt.unwrap_or_default()
+                )
+            })
+            .collect();
+        parts.sort();
+        parts.join("; ")
+    }
+}
+
+fn align(x: u64) -> u64 {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+fn align_down(x: u64) -> u64 {
+    x / ALIGN * ALIGN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Drives a controller with `n` connections each bringing `per_conn(n)` bytes/s.
+    fn drive(per_conn: impl Fn(usize) -> f64, max: usize, secs: f64) -> (usize, Controller) {
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let mut n = 1usize;
+        let mut t = t0;
+        let tick = Duration::from_millis(25);
+        while t.duration_since(t0).as_secs_f64() < secs {
+            t += tick;
+            let bytes = (per_conn(n) * n as f64 * tick.as_secs_f64()) as u64;
+            c.tick(t, bytes, n, max, "o");
+            // Connections follow the limit at once (there is always work to cut).
+            n = c.limit;
+        }
+        (n, c)
+    }
+
+    #[test]
+    fn capped_connections_fan_out_fully() {
+        // 25 MB/s per connection, whatever the count.
+        let (n, _) = drive(|_| 25e6, 32, 1.0);
+        assert_eq!(n, 32);
+    }
+
+    #[test]
+    fn a_shared_bottleneck_does_not_fan_out() {
+        // 700 MB/s in all, however many connections share it.
+        let (n, c) = drive(|n| 700e6 / n as f64, 32, 3.0);
+        assert!(n <= 4 * 4, "limit {n}");
+        assert!(c.fell >= 1);
+    }
+
+    #[test]
+    fn a_cap_that_appears_later_is_noticed() {
+        // Uncapped (shared 700 MB/s) for the first second, then 10 MB/s per connection.
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let mut n = 1usize;
+        let mut t = t0;
+        let tick = Duration::from_millis(25);
+        while t.duration_since(t0) < Duration::from_secs(4) {
+            t += tick;
+            let per = if t.duration_since(t0) < Duration::from_secs(1) {
+                700e6 / n as f64
+            } else {
+                10e6
+            };
+            c.tick(t, (per * n as f64 * 0.025) as u64, n, 32, "o");
+            n = c.limit;
+        }
+        assert_eq!(n, 32);
+    }
+
+    #[test]
+    fn cuts_go_to_the_transfer_that_would_finish_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str, size: u64| {
+            crate::write::BlobFile::create(&dir.path().join(name), &dir.path().join("f"), size)
+                .unwrap()
+        };
+        let a = mk("a", 64 << 20);
+        let b = mk("b", 16 << 20);
+        let wa = a.writer().unwrap();
+        let wb = b.writer().unwrap();
+        let (sa, sb) = (wa.span(), wb.span());
+        let now = Instant::now();
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, now);
+        let flows = |bytes: [u64; 2]| {
+            vec![
+                FlowInfo {
+                    id: 1,
+                    blob: 0,
+                    span: &sa,
+                    origin: Some("o"),
+                    bytes: bytes[0],
+                    first_byte: Some(now),
+                    splittable: true,
+                },
+                FlowInfo {
+                    id: 2,
+                    blob: 1,
+                    span: &sb,
+                    origin: Some("o"),
+                    bytes: bytes[1],
+                    first_byte: Some(now),
+                    splittable: true,
+                },
+            ]
+        };
+        // b is 10x slower: its 16 MiB take longer than a's 64 MiB.
+        let blobs = [
+            BlobInfo {
+                blob: 0,
+                unassigned: 0,
+                running: 1,
+                origin: Some("o"),
+            },
+            BlobInfo {
+                blob: 1,
+                unassigned: 0,
+                running: 1,
+                origin: Some("o"),
+            },
+        ];
+        s.tick(now + 100 * MS, flows([0, 0]).into_iter());
+        s.tick(now + 200 * MS, flows([10_000_000, 100_000]).into_iter());
+        let Some(Decision::Cut(cut)) = s.pick(&flows([0, 0]), &blobs, |_| 2) else {
+            panic!("no cut");
+        };
+        assert_eq!(cut.victim, 2);
+        assert!(!cut.race);
+        // The slow victim keeps little: the fast newcomer takes most of the span.
+        assert!(cut.at < 4 << 20, "cut at {}", cut.at);
+        assert_eq!(cut.at % ALIGN, 0);
+        // No cut beyond the origin's limit, or the blob's.
+        let mut fresh = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        assert!(fresh
+            .pick(&flows([0, 0]), &blobs, |_| INITIAL_LIMIT)
+            .is_none());
+        assert!(fresh.pick(&flows([0, 0]), &blobs, |_| 1).is_some());
+        let mut per_blob = Scheduler::new(FanOut::Max, 32, 1, 1 << 20);
+        assert!(per_blob.pick(&flows([0, 0]), &blobs, |_| 2).is_none());
+        // Unassigned bytes go out as a piece before anything is cut, to the blob with most.
+        let more = [
+            BlobInfo {
+                unassigned: 8 << 20,
+                ..blobs[0]
+            },
+            BlobInfo {
+                unassigned: 16 << 20,
+                ..blobs[1]
+            },
+        ];
+        assert!(matches!(
+            s.pick(&flows([0, 0]), &more, |_| 2),
+            Some(Decision::Piece { blob: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn small_blobs_are_one_request() {
+        let s = Scheduler::new(FanOut::Auto, 32, 32, 4 << 20);
+        assert!(s.whole_request((8 << 20) - 1));
+        assert!(!s.whole_request(8 << 20));
+    }
+}

@@ -1,0 +1,364 @@
+//! One transfer: the requests that fill one span of one blob, each retried on its own and
+//! resumed from the byte it reached. Which span, and when it is cut, is the scheduler's
+//! business; a cut simply makes the span end sooner, and the transfer stops there.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+
+use super::Fetcher;
+use crate::error::{redact_url, Error, Result};
+use crate::manifest::BlobDescriptor;
+use crate::progress::Event;
+use crate::registry::{origin_of, BlobBody, BlobResponse};
+use crate::verify::InOrderHasher;
+use crate::write::{BlobFile, SpanWriter};
+
+/// What the transfers of one blob share.
+pub(super) struct BlobState {
+    pub desc: BlobDescriptor,
+    pub file: Arc<BlobFile>,
+    pub hasher: Arc<InOrderHasher>,
+    /// Where cut-off spans are fetched from: the URL that answered the blob's first
+    /// request (after redirects), the registry's blob URL until then.
+    pub url: Mutex<String>,
+    /// Bytes received for this blob (all its transfers).
+    pub downloaded: AtomicU64,
+    /// HTTP exchanges for this blob, redirects and auth rounds included.
+    pub requests: AtomicU32,
+    /// The blob is small enough to be asked for without `Range`.
+    pub whole_request: bool,
+    /// The blob's first response has come: `url` is where its bytes are.
+    pub answered: AtomicBool,
+}
+
+/// What one transfer shows the scheduler while it runs.
+pub(super) struct FlowStats {
+    /// Bytes received.
+    pub bytes: AtomicU64,
+    /// `scheme://host:port` of the server sending the bytes.
+    pub origin: OnceLock<String>,
+    /// When the first response arrived, and how long after its request.
+    pub first_response: OnceLock<(Instant, Duration)>,
+    /// The server answers ranges with ranges: this transfer may be cut.
+    pub splittable: AtomicBool,
+}
+
+impl FlowStats {
+    pub(super) fn new(origin: Option<String>) -> FlowStats {
+        let o = OnceLock::new();
+        if let Some(origin) = origin {
+            let _ = o.set(origin);
+        }
+        FlowStats {
+            bytes: AtomicU64::new(0),
+            origin: o,
+            first_response: OnceLock::new(),
+            splittable: AtomicBool::new(false),
+        }
+    }
+}
+
+/// How a transfer's request goes out.
+pub(super) struct Flow<'a> {
+    pub blob: &'a BlobState,
+    pub stats: &'a FlowStats,
+    /// The blob's first transfer (it learns the URL the others use).
+    pub first: bool,
+    pub lane: usize,
+}
+
+impl Fetcher<'_> {
+    /// Fills `writer`'s span: requests, retries and resumes until every byte of it (as the
+    /// scheduler may shorten it) is written.
+    pub(super) async fn transfer(&self, flow: Flow<'_>, mut writer: SpanWriter) -> Result<()> {
+        let s = flow.blob;
+        let registry_url = self.registry.blob_url(&s.desc.digest);
+        let mut url = if flow.first {
+            registry_url.clone()
+        } else {
+            s.url.lock().map_err(|_| internal("poisoned"))?.clone()
+        };
+        // `attempt` counts failures in a row that brought no new bytes (the retry budget);
+        // `retried` counts them all, and is capped too so a trickling server ends.
+        let mut attempt = 0u32;
+        let mut retried = 0u32;
+        let max_retried = self.options.retry.retries.saturating_mul(10);
+        let mut fell_back_to_registry = false;
+        loop {
+            let before = writer.position();
+            let result = self
+                .exchange(&flow, &mut writer, &url, flow.lane + retried as usize)
+                .await;
+            let err = match result {
+                Ok(()) if writer.is_complete() => return Ok(()),
+                // A body that ended early after bringing bytes: ask for the rest at once.
+                Ok(()) if writer.position() > before => continue,
+                Ok(()) => Error::network(
+                    "read",
+                    &url,
+                    format!(
+                        "blob {}: body ended at byte {} of range {}-{}",
+                        s.desc.digest,
+                        writer.position(),
+                        writer.range().start,
+                        writer.range().end.saturating_sub(1)
+                    ),
+                ),
+                Err(e) => e,
+            };
+            // A URL the registry redirected us to may expire (presigned): ask the registry again.
+            if !err.is_transient() && url != registry_url && !fell_back_to_registry {
+                if let Error::Registry {
+                    status: 400 | 401 | 403 | 404 | 410,
+                    ..
+                } = err
+                {
+                    tracing::debug!(url = %redact_url(&url), "redirect target refused; asking the registry again");
+                    fell_back_to_registry = true;
+                    url = registry_url.clone();
+                    continue;
+                }
+            }
+            if writer.position() > before {
+                attempt = 0;
+            }
+            if !err.is_transient()
+                || attempt >= self.options.retry.retries
+                || retried >= max_retried
+            {
+                return Err(err.with_retries(retried));
+            }
+            attempt += 1;
+            retried += 1;
+            self.reporter.report(&Event::BlobRetrying {
+                digest: s.desc.digest,
+                attempt: retried,
+                error: err.to_string(),
+            });
+            tracing::warn!(blob = %s.desc.digest, range = ?writer.range(), attempt, error = %err, "retrying");
+            tokio::time::sleep(self.options.retry.delay(attempt, &err)).await;
+        }
+    }
+
+    /// One HTTP exchange: asks for what `writer` still lacks and appends what comes.
+    async fn exchange(
+        &self,
+        flow: &Flow<'_>,
+        writer: &mut SpanWriter,
+        url: &str,
+        lane: usize,
+    ) -> Result<()> {
+        let s = flow.blob;
+        let size = s.desc.size;
+        let from = writer.position();
+        let end = writer.range().end;
+        if from >= end && size > 0 {
+            return Ok(()); // cut to nothing while waiting for a retry
+        }
+        // A small blob is asked for whole (no Range) unless resuming; everything else as a
+        // closed range, so a cut never leaves the server sending bytes nobody wants for long.
+        let range = if (flow.first && from == 0 && s.whole_request) || size == 0 {
+            None
+        } else {
+            Some((from, end - 1))
+        };
+        let asked = std::time::Instant::now();
+        let resp = match tokio::time::timeout(
+            self.options.stall_timeout,
+            self.registry.get_blob(url, range, lane),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::network(
+                    "GET",
+                    url,
+                    format!("no response in {}s", self.options.stall_timeout.as_secs()),
+                ))
+            }
+        };
+        let BlobResponse {
+            body: kind,
+            response,
+            url: final_url,
+        } = resp;
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            blob = %s.desc.digest,
+            url = %redact_url(&final_url),
+            range = ?range,
+            status = response.status().as_u16(),
+            lane,
+            "response"
+        );
+        if flow.first {
+            *s.url.lock().map_err(|_| internal("poisoned"))? = final_url.clone();
+        }
+        if let Some(origin) = origin_of(&final_url) {
+            let _ = flow.stats.origin.set(origin);
+        }
+        let _ = flow
+            .stats
+            .first_response
+            .set((Instant::now(), asked.elapsed()));
+        let what = || format!("blob {} from {}", s.desc.digest, redact_url(&final_url));
+        let (skip, body_len) = match kind {
+            BlobBody::Partial {
+                start,
+                end: last,
+                total,
+            } => {
+                if total.is_some_and(|t| t != size) {
+                    return Err(Error::SizeMismatch {
+                        what: format!("{} (Content-Range)", what()),
+                        expected: size,
+                        actual: total.unwrap_or(0),
+                    });
+                }
+                let to = range.map_or(size.saturating_sub(1), |r| r.1);
+                // Fewer bytes than asked are fine (the retry resumes); other bytes are not.
+                if start > from || last < from || last > to {
+                    return Err(Error::Registry {
+                        url: redact_url(&final_url),
+                        status: 206,
+                        code: None,
+                        message: format!("asked for bytes {from}-{to}, got {start}-{last}"),
+                        retry_after: None,
+                        retries: 0,
+                    });
+                }
+                flow.stats.splittable.store(true, Ordering::Release);
+                (from - start, last - start + 1)
+            }
+            BlobBody::Whole { length } => {
+                if let Some(n) = length.filter(|&n| n != size) {
+                    return Err(Error::SizeMismatch {
+                        what: format!("{} (Content-Length)", what()),
+                        expected: size,
+                        actual: n,
+                    });
+                }
+                if range.is_some() {
+                    // The whole body comes anyway: take from it all that nobody has yet.
+                    let absorbed = writer.absorb_rest();
+                    tracing::debug!(blob = %s.desc.digest, absorbed, "server ignored Range; this transfer reads the whole body");
+                }
+                (from, size)
+            }
+        };
+        if flow.first {
+            s.answered.store(true, Ordering::Release);
+        }
+        self.stream(flow, writer, response, skip, body_len, &final_url)
+            .await
+    }
+
+    /// Streams a body of `body_len` bytes into `writer`, dropping the first `skip` (already
+    /// written, or another span's). Stops when the span is complete: at its end, or where a
+    /// cut put it (the rest of the body is left unread and the connection closed).
+    async fn stream(
+        &self,
+        flow: &Flow<'_>,
+        writer: &mut SpanWriter,
+        resp: http::Response<hyper::body::Incoming>,
+        mut skip: u64,
+        body_len: u64,
+        url: &str,
+    ) -> Result<()> {
+        let s = flow.blob;
+        let mut body = resp.into_body();
+        let mut since_poke = 0usize;
+        let mut consumed = 0u64;
+        let stall = self.options.stall_timeout;
+        loop {
+            let frame = match tokio::time::timeout(stall, body.frame()).await {
+                Err(_) => {
+                    return Err(Error::network(
+                        "read",
+                        url,
+                        format!(
+                            "blob {} range {}-{}: no data for {}s at byte {}",
+                            s.desc.digest,
+                            writer.range().start,
+                            writer.range().end.saturating_sub(1),
+                            stall.as_secs(),
+                            writer.position()
+                        ),
+                    ))
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => {
+                    return Err(Error::network(
+                        "read",
+                        url,
+                        format!(
+                            "blob {} range {}-{}: body failed at byte {}: {e}",
+                            s.desc.digest,
+                            writer.range().start,
+                            writer.range().end.saturating_sub(1),
+                            writer.position()
+                        ),
+                    ))
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            consumed += data.len() as u64;
+            if consumed > body_len {
+                return Err(Error::SizeMismatch {
+                    what: format!("blob {} from {}", s.desc.digest, redact_url(url)),
+                    expected: body_len,
+                    actual: consumed,
+                });
+            }
+            if skip > 0 {
+                let n = (skip as usize).min(data.len());
+                let _ = data.split_to(n);
+                skip -= n as u64;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let taken = writer.append(&data)?;
+            flow.stats.bytes.fetch_add(taken as u64, Ordering::Relaxed);
+            let total = s.downloaded.fetch_add(taken as u64, Ordering::Relaxed) + taken as u64;
+            since_poke += taken;
+            let complete = writer.is_complete();
+            if since_poke >= 1 << 20 || complete {
+                since_poke = 0;
+                s.hasher.poke();
+                self.reporter.report(&Event::BlobProgress {
+                    digest: s.desc.digest,
+                    downloaded: total,
+                });
+            }
+            if complete {
+                if consumed < body_len {
+                    // The rest belongs to other spans (a cut, or a whole-blob body).
+                    return Ok(());
+                }
+                // The body must end here: reading its end also lets the connection be reused.
+                return match tokio::time::timeout(stall, body.frame()).await {
+                    Ok(Some(Ok(f))) if f.data_ref().is_some_and(|d| !d.is_empty()) => {
+                        Err(Error::SizeMismatch {
+                            what: format!("blob {} from {}", s.desc.digest, redact_url(url)),
+                            expected: body_len,
+                            actual: body_len + f.data_ref().map_or(0, |d| d.len() as u64),
+                        })
+                    }
+                    _ => Ok(()),
+                };
+            }
+        }
+    }
+}
+
+pub(super) fn internal(what: &str) -> Error {
+    Error::Internal(what.to_string())
+}
