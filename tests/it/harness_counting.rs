@@ -22,7 +22,8 @@ impl Raw {
             use std::os::fd::AsFd;
             rustix::net::sockopt::set_socket_recv_buffer_size(s.as_fd(), n).expect("SO_RCVBUF");
         }
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         Raw {
             r: BufReader::new(s.try_clone().expect("clone")),
             w: s,
@@ -88,7 +89,11 @@ fn counting_proxy_keeps_connections_alive() {
     assert_eq!(log.connections_opened(), 1, "{}", log.describe());
     assert_eq!(log.reqs.len(), 2, "{}", log.describe());
     assert_eq!(log.reqs[1].nth_on_conn, 2);
-    assert!(log.reqs.iter().all(|r| r.complete && !r.cut), "{}", log.describe());
+    assert!(
+        log.reqs.iter().all(|r| r.complete && !r.cut),
+        "{}",
+        log.describe()
+    );
     assert_eq!(log.peak(), 1);
     assert_eq!(log.body_gets(&blob.digest).len(), 1);
     assert!(log.coverage(&blob.digest, blob.size()).problems.is_empty());
@@ -124,9 +129,18 @@ fn counting_proxy_sees_a_split_transfer() {
     drop(a);
     let log = proxy.settle();
     let cov = log.coverage(&blob.digest, blob.size());
-    assert!(cov.problems.is_empty(), "{:?}\n{}", cov.problems, log.describe());
+    assert!(
+        cov.problems.is_empty(),
+        "{:?}\n{}",
+        cov.problems,
+        log.describe()
+    );
     assert_eq!(cov.cuts, 1, "{}", log.describe());
-    assert!(log.reqs[0].cut && !log.reqs[0].complete, "{}", log.describe());
+    assert!(
+        log.reqs[0].cut && !log.reqs[0].complete,
+        "{}",
+        log.describe()
+    );
     assert!(cov.overrun < 1 << 20, "{}", log.describe());
     assert_eq!(log.peak_for_blob(&blob.digest), 2, "{}", log.describe());
     assert_eq!(log.connections_opened(), 2);
@@ -165,7 +179,9 @@ fn counting_proxy_flags_bytes_fetched_twice_and_holes() {
     let log = proxy.settle();
     let cov = log.coverage(&blob.digest, blob.size());
     assert!(
-        cov.problems.iter().any(|p| p.contains("hole [100, 1000000)")),
+        cov.problems
+            .iter()
+            .any(|p| p.contains("hole [100, 1000000)")),
         "{:?}",
         cov.problems
     );

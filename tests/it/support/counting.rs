@@ -60,7 +60,8 @@ impl Cap {
 /// Which connections or responses a [`Cap`] applies to.
 #[derive(Debug, Clone)]
 pub enum Which {
-    /// Every connection.
+    /// Every response (not sticky: a later [`Which::FirstRequestFor`] may still pick the
+    /// connection).
     All,
     /// The Nth connection accepted (1-based), for its whole life.
     Nth(usize),
@@ -385,7 +386,9 @@ impl Log {
         let mut at = 0;
         for &(a, b, i) in &useful {
             if a < at {
-                problems.push(format!("#{i} [{a}, {b}) overlaps bytes already fetched up to {at}"));
+                problems.push(format!(
+                    "#{i} [{a}, {b}) overlaps bytes already fetched up to {at}"
+                ));
             } else if a > at {
                 problems.push(format!("hole [{at}, {a})"));
             }
@@ -631,10 +634,7 @@ fn serve(client: TcpStream, id: usize, st: &State) -> std::io::Result<()> {
             if cap.is_none() {
                 for (which, c) in &caps {
                     let hit = match which {
-                        Which::All => {
-                            conn.cap = Some(*c);
-                            true
-                        }
+                        Which::All => true,
                         Which::Nth(n) => {
                             if *n == id {
                                 conn.cap = Some(*c);
@@ -642,8 +642,8 @@ fn serve(client: TcpStream, id: usize, st: &State) -> std::io::Result<()> {
                             *n == id
                         }
                         Which::FirstRequestFor(s) => {
-                            let first =
-                                path.contains(s.as_str()) && !reqs.iter().any(|r| r.path.contains(s.as_str()));
+                            let first = path.contains(s.as_str())
+                                && !reqs.iter().any(|r| r.path.contains(s.as_str()));
                             if first {
                                 conn.cap = Some(*c);
                             }
@@ -680,7 +680,14 @@ fn serve(client: TcpStream, id: usize, st: &State) -> std::io::Result<()> {
         };
 
         let result = relay_one(
-            st, idx, &head, &body, &method, cap, &mut upstream, &mut client_w,
+            st,
+            idx,
+            &head,
+            &body,
+            &method,
+            cap,
+            &mut upstream,
+            &mut client_w,
         );
         let keep = match result {
             Ok(keep) => keep,
@@ -750,7 +757,11 @@ fn relay_one(
         .unwrap_or(0);
     let content_length: Option<u64> = resp.get("content-length").and_then(|v| v.parse().ok());
     let content_range = resp.get("content-range").and_then(|v| {
-        let (a, b) = v.strip_prefix("bytes ")?.split('/').next()?.split_once('-')?;
+        let (a, b) = v
+            .strip_prefix("bytes ")?
+            .split('/')
+            .next()?
+            .split_once('-')?;
         Some((a.parse().ok()?, b.parse().ok()?))
     });
     let chunked = resp.has_token("transfer-encoding", "chunked");
