@@ -6,6 +6,7 @@ mod harness_selftest;
 mod interop;
 mod netpath;
 mod pull;
+mod sched;
 mod sha256;
 mod support;
 mod tls;
