@@ -20,7 +20,7 @@ const PASSWORD: &str = "s3cret-Pa55word";
 const IDENTITY_TOKEN: &str = "idtok-9f8e7d6c5b4a";
 
 /// Chunked pulls (1 MiB ranges even on fast loopback).
-const CHUNKED: &[&str] = &["--fast-connection", "0", "--chunk-size", "1M"];
+const CHUNKED: &[&str] = &["--fan-out", "max", "--chunk-size", "1M"];
 
 /// A token-protected registry holding [`big_image`] as `team/app:v1`, and a sandbox to run
 /// fastpull in.

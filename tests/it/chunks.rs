@@ -20,8 +20,8 @@ fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
             "64K",
             "--stall-timeout",
             "2",
-            "--fast-connection",
-            "0",
+            "--fan-out",
+            "max",
         ])
         .args(extra)
         .arg(image)
@@ -459,8 +459,8 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
             "64K",
             "--stall-timeout",
             "30",
-            "--fast-connection",
-            "0",
+            "--fan-out",
+            "max",
         ])
         .arg(format!("{}/chunks/interrupt:v", proxy.addr()))
         .arg(&out)
@@ -518,7 +518,7 @@ fn http2_cdn_gets_many_connections() {
     push_image(&reg, "chunks/h2", "v", &image);
     let (_d, out) = dest();
     let o = fastpull_command()
-        .args(["--chunk-size", "256K", "-j", "8", "--fast-connection", "0"])
+        .args(["--chunk-size", "256K", "-j", "8", "--fan-out", "max"])
         .arg(format!("{}/chunks/h2:v", reg.addr()))
         .arg(&out)
         .env("SSL_CERT_FILE", &pki.ca_cert)
@@ -599,39 +599,38 @@ fn progressing_truncations_do_not_exhaust_retries() {
     );
 }
 
-/// A connection that is not capped (faster than --fast-connection) streams the whole blob:
-/// the probe's range, then one request for the rest, no further ranges.
+/// The default on an uncapped registry: a 64 MiB blob is fetched with few requests (at most
+/// 4 GETs of its body), not flooded with small ranges, and no byte is fetched twice.
 #[test]
-fn fast_connection_streams_the_blob_on_one_connection() {
+fn default_on_an_uncapped_registry_uses_few_requests() {
+    let image = image_of(&[64 * 1024 * 1024 + 3], 1500);
     let reg = Registry::start();
-    let proxy = FaultProxy::start(&reg.addr());
-    let size = 6 * 1024 * 1024 + 3;
-    let image = image_of(&[size], 1500);
-    push_image(&reg, "chunks/fast", "v", &image);
+    push_image(&reg, "chunks/uncapped", "v", &image);
+    let proxy = CountingProxy::start(&reg.addr());
     let (_d, out) = dest();
-    let o = fastpull_command()
-        .args(["--chunk-size", "1M", "--fast-connection", "1"])
-        .arg(format!("{}/chunks/fast:v", proxy.addr()))
-        .arg(&out)
-        .output()
-        .expect("run fastpull");
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        !String::from_utf8_lossy(&o.stdout).contains("Retrying"),
-        "{}",
-        text(&o)
+    let sb = crate::support::cli::Sandbox::new();
+    let o = sb.pull(
+        &[],
+        &[],
+        &format!("{}/chunks/uncapped:v", proxy.addr()),
+        &out,
     );
+    let log = proxy.settle();
+    assert!(o.status.success(), "{}", text(&o));
     assert_holds(&out, &image);
-    let ranges: Vec<Option<String>> = proxy
-        .blob_requests(&image.layers[0].digest)
-        .into_iter()
-        .map(|r| r.range)
-        .collect();
-    assert_eq!(
-        ranges,
-        vec![
-            Some("bytes=0-1048575".to_string()),
-            Some(format!("bytes=1048576-{}", size - 1))
-        ]
+    let big = &image.layers[0];
+    let gets = log.body_gets(&big.digest);
+    assert!(
+        !gets.is_empty() && gets.len() <= 4,
+        "{} requests for the 64 MiB blob:\n{}",
+        gets.len(),
+        log.describe()
+    );
+    let cov = log.coverage(&big.digest, big.size());
+    assert!(
+        cov.problems.is_empty(),
+        "{:?}\n{}",
+        cov.problems,
+        log.describe()
     );
 }

@@ -1,10 +1,12 @@
 mod auth;
 mod chunks;
+mod harness_counting;
 mod harness_netauth;
 mod harness_selftest;
 mod interop;
 mod netpath;
 mod pull;
+mod sched;
 mod sha256;
 mod support;
 mod tls;

@@ -14,7 +14,7 @@ use crate::support::token::*;
 use crate::support::*;
 
 const REPO: &str = "net/app";
-const CHUNKED: &[&str] = &["--fast-connection", "0", "--chunk-size", "1M"];
+const CHUNKED: &[&str] = &["--fan-out", "max", "--chunk-size", "1M"];
 
 /// A fresh destination in `sb`.
 fn out(sb: &Sandbox, name: &str) -> PathBuf {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::counting::CountingProxy;
 use crate::support::{Registry, TestPki};
 
 /// nginx, stopped on drop.
@@ -34,6 +35,21 @@ pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
     (reg, cdn)
 }
 
+/// A registry whose blob GETs redirect to a [`CountingProxy`] on 127.0.0.3 (its `baseurl`),
+/// which relays to nginx on 127.0.0.2 with `directives` in its `server` block (e.g.
+/// `limit_rate 4m;`, `limit_rate_after 2m;`, `max_ranges 0;`): the CDN's connections and
+/// requests as the proxy counts them.
+pub fn registry_with_counted_cdn(directives: &str) -> (Registry, Cdn, CountingProxy) {
+    let port = free_port_on("127.0.0.2");
+    let proxy = CountingProxy::start_on("127.0.0.3", &format!("127.0.0.2:{port}"));
+    let reg = Registry::start_with_extra_config(&format!(
+        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://{}/\n",
+        proxy.addr()
+    ));
+    let cdn = Cdn::start_conf(reg.storage_root(), port, directives, None);
+    (reg, cdn, proxy)
+}
+
 /// As [`registry_with_cdn`], the CDN speaking HTTPS (HTTP/2 by ALPN) with a certificate of
 /// `pki`'s CA.
 pub fn registry_with_tls_cdn(rate: Option<&str>, pki: &TestPki) -> (Registry, Cdn) {
@@ -48,6 +64,12 @@ pub fn registry_with_tls_cdn(rate: Option<&str>, pki: &TestPki) -> (Registry, Cd
 impl Cdn {
     /// Starts nginx on 127.0.0.2:`port` serving `root`, over HTTPS + HTTP/2 when `tls`.
     pub fn start_with(root: &Path, port: u16, rate: Option<&str>, tls: Option<&TestPki>) -> Cdn {
+        let limit = rate.map(|r| format!("limit_rate {r};")).unwrap_or_default();
+        Cdn::start_conf(root, port, &limit, tls)
+    }
+
+    /// As [`Cdn::start_with`], with `limit` (any nginx directives) in the `server` block.
+    pub fn start_conf(root: &Path, port: u16, limit: &str, tls: Option<&TestPki>) -> Cdn {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .iter()
             .map(PathBuf::from)
@@ -58,7 +80,6 @@ impl Cdn {
         for d in ["logs", "tmp"] {
             std::fs::create_dir_all(p.join(d)).expect("mkdir");
         }
-        let limit = rate.map(|r| format!("limit_rate {r};")).unwrap_or_default();
         let (listen, certs) = match tls {
             Some(pki) => (
                 format!("listen 127.0.0.2:{port} ssl http2;"),

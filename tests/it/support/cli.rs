@@ -140,7 +140,12 @@ impl Sandbox {
 }
 
 /// Runs `cmd` to completion, feeding `stdin` if given, killing it after [`RUN_TIMEOUT`].
-pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
+pub fn run(cmd: Command, stdin: Option<&[u8]>) -> Output {
+    run_for(cmd, stdin, RUN_TIMEOUT)
+}
+
+/// As [`run`], killing it (and failing) after `timeout`.
+pub fn run_for(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
     if stdin.is_some() {
         cmd.stdin(Stdio::piped());
     }
@@ -153,7 +158,7 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
         let _ = pipe.write_all(input);
         // Dropping `pipe` closes the child's stdin.
     }
-    let deadline = Instant::now() + RUN_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait().expect("poll fastpull") {
             Some(status) => break status,
@@ -162,7 +167,7 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
                 let _ = child.wait();
                 let (stdout, stderr) = collect(out);
                 panic!(
-                    "fastpull still running after {RUN_TIMEOUT:?}; killed.\nstdout:\n{}\nstderr:\n{}",
+                    "fastpull still running after {timeout:?}; killed.\nstdout:\n{}\nstderr:\n{}",
                     String::from_utf8_lossy(&stdout),
                     String::from_utf8_lossy(&stderr)
                 );

@@ -5,6 +5,7 @@
 pub mod canned;
 pub mod cdn;
 pub mod cli;
+pub mod counting;
 pub mod credhelper;
 pub mod htpasswd;
 pub mod image;
@@ -22,7 +23,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 pub use canned::{Canned, CannedServer};
-pub use cdn::{registry_with_cdn, registry_with_tls_cdn};
+pub use cdn::{registry_with_cdn, registry_with_counted_cdn, registry_with_tls_cdn};
+pub use counting::{Cap, CountingProxy, Which};
 #[allow(unused_imports)]
 pub use image::{
     build_index, empty_layer, gzip, random_layer, random_tar, sha256_digest, zero_byte_blob, Blob,

@@ -1,0 +1,379 @@
+//! The fetch scheduler observed from the server side: a [`CountingProxy`] between fastpull
+//! and the real registry (or nginx playing a CDN the registry redirects to) counts requests in
+//! flight, connections and requests per connection, and how the ranges of each blob were cut.
+//! Default flags unless a test is about a flag. No assertion depends on timing: in-flight
+//! intervals are ordered by the proxy's event stamps (see `support/counting.rs`), and a
+//! measured peak is never above fastpull's real one.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use crate::support::cli::{assert_pulled, image_of, run_for, Sandbox};
+use crate::support::counting::Log;
+use crate::support::*;
+
+const MIB: usize = 1 << 20;
+
+/// The engine's default `--chunk-size`: blobs larger than twice this are fetched in ranges.
+const DEFAULT_CHUNK: usize = 4 * MIB;
+
+/// Bytes a response cut short by fastpull may carry past the point where it stopped reading
+/// (what the sockets between fastpull and the proxy buffer at the caps used here).
+const CUT_SLACK: u64 = 2 << 20;
+
+/// `fastpull ARGS… IMAGE DEST` in a scrubbed environment, killed after `timeout`.
+fn pull(args: &[&str], image: &str, out: &Path, timeout: Duration) -> Output {
+    let sb = Sandbox::new();
+    let mut cmd = sb.cmd();
+    cmd.args(args).arg(image).arg(out);
+    run_for(cmd, None, timeout)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A registry holding `image` as `repo:v` behind a counting proxy.
+fn registry_behind_proxy(repo: &str, image: &Image) -> (Registry, CountingProxy) {
+    let reg = Registry::start();
+    push_image(&reg, repo, "v", image);
+    let proxy = CountingProxy::start(&reg.addr());
+    (reg, proxy)
+}
+
+fn body_requests(log: &Log, image: &Image) -> usize {
+    image.blobs().map(|b| log.body_gets(&b.digest).len()).sum()
+}
+
+/// `-j 3` bounds the requests in flight for the whole pull. Responses are capped at 1 MB/s so
+/// that requests overlap whenever the engine lets them (checked red with `-j 32`: peak 13).
+#[test]
+fn jobs_bound_requests_in_flight() {
+    let image = image_of(2100, &[256 << 10; 12]);
+    let (_reg, proxy) = registry_behind_proxy("sched/jobs", &image);
+    proxy.cap(Which::All, Cap::smooth(1_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &["-j", "3"],
+        &format!("{}/sched/jobs:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let blobs = body_requests(&log, &image);
+    assert!(
+        blobs > 3,
+        "the pull needed more than 3 requests:\n{}",
+        log.describe()
+    );
+    let peak = log.peak();
+    assert!(
+        peak <= 3,
+        "peak in flight {peak} > -j 3:\n{}",
+        log.describe()
+    );
+}
+
+/// `--connections-per-blob 2` bounds one blob's requests in flight, and the blob did fan out
+/// (peak > 1) on a server capping each connection at 4 MB/s.
+#[test]
+fn connections_per_blob_bound_one_blob() {
+    let image = image_of(2200, &[24 * MIB + 11]);
+    let (_reg, proxy) = registry_behind_proxy("sched/perblob", &image);
+    proxy.cap(Which::All, Cap::smooth(4_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &["--connections-per-blob", "2"],
+        &format!("{}/sched/perblob:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let peak = log.peak_for_blob(&image.layers[0].digest);
+    assert!(
+        peak <= 2,
+        "peak {peak} for one blob > --connections-per-blob 2:\n{}",
+        log.describe()
+    );
+    assert!(peak > 1, "the blob never fanned out:\n{}", log.describe());
+}
+
+/// Many small blobs (more than the default 32 requests in flight): connections are kept alive
+/// and carry more than one blob each, rather than one connection per request.
+#[test]
+fn connections_are_reused_across_blobs() {
+    let sizes: Vec<usize> = (0..40).map(|i| 10_000 + 97 * i).collect();
+    let image = image_of(2300, &sizes);
+    let (_reg, proxy) = registry_behind_proxy("sched/reuse", &image);
+    let (_d, out) = dest();
+    let o = pull(
+        &[],
+        &format!("{}/sched/reuse:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let blobs_per_conn = {
+        let mut m = std::collections::BTreeMap::<usize, usize>::new();
+        for r in log
+            .reqs
+            .iter()
+            .filter(|r| r.hex().is_some() && r.is_body_get())
+        {
+            *m.entry(r.conn).or_default() += 1;
+        }
+        m
+    };
+    assert!(
+        blobs_per_conn.values().any(|&n| n > 1),
+        "no connection carried two blobs: {blobs_per_conn:?}\n{}",
+        log.describe()
+    );
+    assert!(
+        log.connections_opened() < log.reqs.len(),
+        "{} connections for {} requests:\n{}",
+        log.connections_opened(),
+        log.reqs.len(),
+        log.describe()
+    );
+}
+
+/// A capped CDN with default flags: the big blob fans out to at least 8 requests in flight.
+fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
+    let (reg, cdn, proxy) = registry_with_counted_cdn(directives);
+    let image = image_of(seed, &[48 * MIB + 5, 3000]);
+    push_image(&reg, repo, "v", &image);
+    let (_d, out) = dest();
+    let o = pull(&[], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
+    let log = proxy.settle();
+    assert!(
+        o.status.success(),
+        "{}\nCDN log:\n{}",
+        text(&o),
+        cdn.access_log()
+    );
+    assert_pulled(&out, &image, &o);
+    let big = &image.layers[0];
+    let peak = log.peak_for_blob(&big.digest);
+    assert!(
+        peak >= 8,
+        "default flags on a capped CDN ({directives}): peak {peak} requests in flight for the \
+         48 MiB blob, want >= 8:\n{}",
+        log.describe()
+    );
+    let cov = log.coverage(&big.digest, big.size());
+    assert!(
+        cov.problems.is_empty(),
+        "{:?}\n{}",
+        cov.problems,
+        log.describe()
+    );
+}
+
+/// Smooth cap: nginx `limit_rate 4m` on every response.
+#[test]
+fn default_fans_out_on_a_smoothly_capped_cdn() {
+    fans_out_on_capped_cdn("limit_rate 4m;", "sched/smooth", 2400);
+}
+
+/// Bursty cap: the first 2 MiB of each response at full speed, then 4 MB/s (a first sample
+/// reads as "uncapped").
+#[test]
+fn default_fans_out_on_a_bursty_capped_cdn() {
+    fans_out_on_capped_cdn("limit_rate_after 2m; limit_rate 4m;", "sched/bursty", 2500);
+}
+
+/// The first body GET of `digest` that a later GET of the same blob took over from a byte
+/// strictly inside its span while it was still being relayed: (victim, thief) indices.
+fn steals(log: &Log, digest: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (i, a) in log.reqs.iter().enumerate() {
+        if !(a.is_for(digest) && a.is_body_get()) {
+            continue;
+        }
+        let Some((a0, a1)) = a.span() else { continue };
+        let last_write = a.writes.last().map_or(a.head_stamp, |w| w.1);
+        for (j, b) in log.reqs.iter().enumerate() {
+            if !(b.is_for(digest) && b.is_body_get()) || b.start <= a.start {
+                continue;
+            }
+            let Some((b0, _)) = b.span() else { continue };
+            // Ahead of where the victim was when the thief's request arrived.
+            let pos = a0
+                + a.writes
+                    .iter()
+                    .take_while(|w| w.1 < b.start)
+                    .last()
+                    .map_or(0, |w| w.0);
+            if b0 > a0 && b0 < a1 && b0 > pos && b.start < last_write {
+                out.push((i, j));
+            }
+        }
+    }
+    out
+}
+
+fn assert_fetched_once(log: &Log, blob: &Blob) {
+    let cov = log.coverage(&blob.digest, blob.size());
+    assert!(
+        cov.problems.is_empty(),
+        "blob {}: {:?}\n{}",
+        blob.digest,
+        cov.problems,
+        log.describe()
+    );
+    assert!(
+        cov.relayed <= blob.size() + cov.cuts as u64 * CUT_SLACK,
+        "blob {} ({} bytes): {} bytes served in {} requests, {} cut ({} past their cut)\n{}",
+        blob.digest,
+        blob.size(),
+        cov.relayed,
+        cov.pieces.len(),
+        cov.cuts,
+        cov.overrun,
+        log.describe()
+    );
+}
+
+/// Work stealing: on a server capping each connection at 8 MB/s, a connection that joins
+/// takes over the upper part of a transfer still running (a range starting strictly inside
+/// it, ahead of where it is); every byte is fetched once (the cut transfer stops where the
+/// thief starts, give or take what the sockets held), the blob is right.
+#[test]
+fn work_stealing_splits_a_running_transfer() {
+    let image = image_of(2600, &[40 * MIB + 3]);
+    let (_reg, proxy) = registry_behind_proxy("sched/steal", &image);
+    proxy.cap(Which::All, Cap::smooth(8_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &["-v"],
+        &format!("{}/sched/steal:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let big = &image.layers[0];
+    let s = steals(&log, &big.digest);
+    assert!(
+        !s.is_empty(),
+        "no request took over part of a running transfer:\n{}",
+        log.describe()
+    );
+    let first = &log.body_gets(&big.digest)[0];
+    assert_eq!(
+        first.range.as_deref(),
+        Some(format!("bytes=0-{}", big.size() - 1).as_str()),
+        "the first request asks for the whole blob as a closed range:\n{}",
+        log.describe()
+    );
+    assert_fetched_once(&log, big);
+}
+
+/// A CDN that ignores `Range` (nginx `max_ranges 0`: 200 with everything): the blob is
+/// streamed by one GET with default flags.
+#[test]
+fn cdn_refusing_ranges_still_works() {
+    let (reg, cdn, proxy) = registry_with_counted_cdn("max_ranges 0; limit_rate 16m;");
+    let image = image_of(2700, &[20 * MIB + 9, 500]);
+    push_image(&reg, "sched/norange", "v", &image);
+    let (_d, out) = dest();
+    let o = pull(
+        &[],
+        &format!("{}/sched/norange:v", reg.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert!(
+        o.status.success(),
+        "{}\nCDN log:\n{}",
+        text(&o),
+        cdn.access_log()
+    );
+    assert_pulled(&out, &image, &o);
+    let big = &image.layers[0];
+    let gets: Vec<_> = log
+        .for_blob(&big.digest)
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 1, "one GET for the body:\n{}", log.describe());
+    assert_eq!(gets[0].status, 200, "{}", log.describe());
+    assert!(gets[0].complete, "{}", log.describe());
+}
+
+/// A straggler near the end is raced: the connection carrying the blob's first request is
+/// served at 8 KiB/s, every other one 2000 times faster (16 MB/s: capped only so that what
+/// a cut-short response carries past its cut stays within the slack). Without racing its tail the pull would
+/// wait on it for at least one piece of the default chunk size (4 MiB: over 8 minutes), past
+/// the harness timeout; with racing it completes, a later request's range starts inside the
+/// straggler's range ahead of where it was, and every byte is fetched once.
+#[test]
+fn straggler_near_the_end_is_raced() {
+    let image = image_of(2800, &[4 * DEFAULT_CHUNK + 1]);
+    let big = &image.layers[0];
+    let (_reg, proxy) = registry_behind_proxy("sched/straggler", &image);
+    proxy.cap(
+        Which::FirstRequestFor(hex(&big.digest).to_string()),
+        Cap::smooth(8 * 1024),
+    );
+    proxy.cap(Which::All, Cap::smooth(16_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &["-v"],
+        &format!("{}/sched/straggler:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let slow: Vec<usize> = log
+        .reqs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.cap.is_some() && r.is_for(&big.digest))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        !slow.is_empty(),
+        "the throttle never applied:\n{}",
+        log.describe()
+    );
+    let raced = steals(&log, &big.digest)
+        .into_iter()
+        .any(|(victim, _)| slow.contains(&victim));
+    assert!(
+        raced,
+        "no request took over the straggler's range:\n{}",
+        log.describe()
+    );
+    assert_fetched_once(&log, big);
+}
+
+/// From the server side, across blobs of several sizes on a bursty-capped server: no two
+/// responses relayed in full cover the same byte, a response is cut only where a later one
+/// took over, and the useful parts cover each blob exactly.
+#[test]
+fn no_byte_is_fetched_twice() {
+    let image = image_of(
+        2900,
+        &[9 * MIB + 1, 20 * MIB, 33 * MIB + 5, 2 * MIB, 8 * MIB],
+    );
+    let (_reg, proxy) = registry_behind_proxy("sched/once", &image);
+    proxy.cap(Which::All, Cap::bursty(1 << 20, 6_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &[],
+        &format!("{}/sched/once:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    for b in image.blobs() {
+        assert_fetched_once(&log, b);
+    }
+}
