@@ -3,8 +3,8 @@
 //!
 //!     oci-client-pull [--plain-http] [--fsync] [--ca-file PEM] IMAGE DEST
 //!
-//! Anonymous auth; plain HTTP for every registry with `--plain-http`, otherwise HTTPS except
-//! for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
+//! Anonymous auth; plain HTTP for every registry with `--plain-http`, HTTPS for every registry
+//! with `--ca-file`, otherwise HTTPS except for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
 //! every layer are streamed to `DEST/<hex digest>` with `pull_blob` (which verifies the digest
 //! while writing), `max_concurrent_download` blobs at once (the crate's default, 16).
 //! `DEST/manifest.json` holds the manifest as the crate parsed it. `--fsync` syncs each blob
@@ -46,6 +46,9 @@ async fn main() -> Result<()> {
     let registry = reference.resolve_registry().to_string();
     let protocol = if plain_http {
         ClientProtocol::Http
+    } else if !ca_files.is_empty() {
+        // A private CA is given: the registry speaks HTTPS, loopback or not.
+        ClientProtocol::Https
     } else {
         let loopback = ["127.", "localhost", "[::1]"];
         let except = loopback.iter().any(|p| registry.starts_with(p));
