@@ -3,6 +3,11 @@
 # perf/world.sh, then write perf/RESULTS.md (perf/report.py).
 #
 #   perf/run.sh                           capped500 capped1g uncapped uncapped-cold mem
+#   perf/run.sh matrix                    the world matrix of issue #10 (every world below but
+#                                         uncapped-cold/mem/tune-*): fastpull's DEFAULT flags
+#                                         (FASTPULL_ARGS must be empty), skopeo and oci-client in
+#                                         one hyperfine run per world, then one sampled run per
+#                                         tool for peak RssAnon
 #   perf/run.sh capped500 uncapped        only these scenarios (the report keeps the others'
 #                                         last results found in $OUT)
 #   perf/run.sh tune-capped500 tune-uncapped
@@ -12,6 +17,17 @@
 #   capped500  perf/img500 (5 layers, 500 MiB) through the redirecting registry: blobs come from
 #              the nginx CDN capped at CDN_RATE (25 MiB/s) per connection
 #   capped1g   perf/img1g (one 1 GiB layer), same path
+#              (capped500/capped1g are the matrix's smooth-cap worlds, (a))
+#   burst500, burst1g   (b1) the CDN with nginx's default sendfile_max_chunk: each response
+#              starts with a burst, then the cap
+#   after500, after1g   (b2) the CDN with `limit_rate_after 4m`: the first 4 MiB of each
+#              response uncapped
+#   tail500    (e) slow tail: every 4th connection to the CDN gets 5m instead of 25m
+#   tls500     (f) TLS on the registry and the CDN (smooth cap), a throw-away CA: fastpull
+#              --ca-file, skopeo --src-cert-dir, oci-client peer --ca-file
+#   rtt40-small, rtt100-small, rtt40-1g, rtt100-1g   (d) +40 / +100 ms RTT to registry, token
+#              service and (smooth-capped) CDN, token auth on; perf/imgsmall (49 layers, ~85 MiB)
+#              or perf/img1g
 #   uncapped   perf/img500 from the registry without redirect (it serves blobs itself, no cap)
 #   uncapped-cold  the same, but each run's preparation waits COLD_PAUSE (3 s) after its sync,
 #              so that a VM's free page reporting has handed the freed memory back to the
@@ -22,6 +38,8 @@
 #
 # Environment:
 #   RUNS=5               hyperfine runs per command (TUNE_RUNS=3 for tune-*)
+#   MEM=1                after each matrix world's hyperfine run, one more run per tool with
+#                        /proc/PID/status sampled every 50 ms (peak RssAnon); 0 = skip
 #   COLD_PAUSE=3         seconds uncapped-cold waits after each preparation's sync
 #   FASTPULL_ARGS=""     extra fastpull flags, e.g. "-j 32 --chunk-size 16M"
 #   TOOLS="..."          the tools timed in every scenario, from: fastpull, skopeo
@@ -29,8 +47,8 @@
 #                        copy ... dir:DEST`, which copies one layer at a time), oci-client (the
 #                        peer in perf/peers/oci-client-pull), oci-client-fsync (the same peer
 #                        fsyncing each blob, as fastpull does). Default: fastpull skopeo
-#                        skopeo-dir oci-client, plus oci-client-fsync for uncapped, without
-#                        skopeo-dir for capped1g (one layer: same as skopeo).
+#                        oci-client for every world of the matrix; uncapped-cold adds
+#                        oci-client-fsync.
 #   WARMUP=N             hyperfine warm-up runs per tool (default 1 for uncapped, 0 otherwise:
 #                        a warm-up of the capped cases would cost a 40 s skopeo run)
 #   TUNE_J="8 16 32" TUNE_CHUNK="4M 8M 16M 32M"
@@ -53,9 +71,20 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
+MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g"
+MEM=${MEM:-1}
 if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
+if [ "$*" = matrix ]; then
+  if [ -n "$FASTPULL_ARGS" ]; then
+    echo "run.sh: the matrix times fastpull's default flags; unset FASTPULL_ARGS (='$FASTPULL_ARGS')" >&2
+    exit 2
+  fi
+  # shellcheck disable=SC2086
+  set -- $MATRIX
+fi
 for s in "$@"; do
-  case "$s" in capped500 | capped1g | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped) ;;
+  case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
+    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -101,12 +130,19 @@ PEER="$BIN/oci-client-pull"
 fp_args=(-q --plain-http $FASTPULL_ARGS)
 
 tool_cmd() { # tool registry image dest
+  # Transport options: plain HTTP, or (the TLS world) the throw-away CA given the ordinary way.
+  local fpt=(--plain-http) skt=(--src-tls-verify=false) pt=(--plain-http)
+  if [ "$2" = "$REG_TLS" ]; then
+    fpt=(--ca-file "$TLS_CA") skt=(--src-cert-dir "$TLS_CERT_DIR") pt=(--ca-file "$TLS_CA")
+  fi
+  # shellcheck disable=SC2206
+  local fpa=(-q "${fpt[@]}" $FASTPULL_ARGS)
   case "$1" in
-    fastpull) echo "$FP ${fp_args[*]} $2/$3:latest $4" ;;
-    skopeo) echo "skopeo copy -q --src-tls-verify=false --insecure-policy docker://$2/$3:latest oci:$4:latest" ;;
-    skopeo-dir) echo "skopeo copy -q --src-tls-verify=false --insecure-policy docker://$2/$3:latest dir:$4" ;;
-    oci-client) echo "$PEER --plain-http $2/$3:latest $4" ;;
-    oci-client-fsync) echo "$PEER --plain-http --fsync $2/$3:latest $4" ;;
+    fastpull) echo "$FP ${fpa[*]} $2/$3:latest $4" ;;
+    skopeo) echo "skopeo copy -q ${skt[*]} --insecure-policy docker://$2/$3:latest oci:$4:latest" ;;
+    skopeo-dir) echo "skopeo copy -q ${skt[*]} --insecure-policy docker://$2/$3:latest dir:$4" ;;
+    oci-client) echo "$PEER ${pt[*]} $2/$3:latest $4" ;;
+    oci-client-fsync) echo "$PEER ${pt[*]} --fsync $2/$3:latest $4" ;;
     *) echo "run.sh: unknown tool $1" >&2; return 1 ;;
   esac
 }
@@ -117,6 +153,7 @@ write_meta() { # scenario registry image [k=v...]
     scenario="$s" registry="$reg" image="$img" image_info="$(tr -d '\n ' <"$WORLD_DIR/images/${img#perf/}.json")" \
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
+    cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
     fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" "$@"
 }
 
@@ -142,6 +179,23 @@ bench() { # scenario registry image default-tools default-warmup [pause-after-sy
   done
   rm -rf "$dest"
   [ "$fail" -eq 0 ] || { log "$s: a tool's output is wrong"; exit 1; }
+  [ "$MEM" = 1 ] && world_mem "$s" "$reg" "$img" "$TOOLS"
+  return 0
+}
+
+# One more run per tool with /proc/PID/status sampled every 50 ms: $OUT/SCENARIO.mem.json.
+world_mem() { # scenario registry image tools
+  local s=$1 reg=$2 img=$3 dest="$DEST_ROOT/$1-mem" tool
+  rm -f "$OUT/$s.mem.json"
+  for tool in $4; do
+    rm -rf "$dest"; mkdir -p "$dest"; sync
+    log "$s: $tool once more, sampling its memory"
+    # shellcheck disable=SC2046
+    python3 "$root/perf/util.py" mem "$OUT/$s.mem.json" "$tool" -- $(tool_cmd "$tool" "$reg" "$img" "$dest/$tool")
+    python3 "$root/perf/util.py" verify "$WORLD_DIR/images/${img#perf/}.json" "$dest/$tool" >/dev/null ||
+      { log "$s: $tool's output (memory run) is wrong"; exit 1; }
+  done
+  rm -rf "$dest"
 }
 
 memory() {
@@ -173,12 +227,23 @@ tune() { # scenario registry image
     "cmd_fastpull=$FP ${fp_args[*]} -j {j} --chunk-size {chunk} $reg/$img:latest DEST"
 }
 
+T3="fastpull skopeo oci-client"
 for s in "$@"; do
   case "$s" in
-    capped500) bench capped500 "$REG" perf/img500 "fastpull skopeo skopeo-dir oci-client" 0 ;;
-    capped1g) bench capped1g "$REG" perf/img1g "fastpull skopeo oci-client" 0 ;;
-    uncapped) bench uncapped "$DIRECT" perf/img500 "fastpull skopeo skopeo-dir oci-client oci-client-fsync" 1 ;;
-    uncapped-cold) bench uncapped-cold "$DIRECT" perf/img500 "fastpull skopeo oci-client oci-client-fsync" 0 "$COLD_PAUSE" ;;
+    capped500) bench capped500 "$REG" perf/img500 "$T3" 0 ;;
+    capped1g) bench capped1g "$REG" perf/img1g "$T3" 0 ;;
+    burst500) bench burst500 "$REG_BURST" perf/img500 "$T3" 0 ;;
+    burst1g) bench burst1g "$REG_BURST" perf/img1g "$T3" 0 ;;
+    after500) bench after500 "$REG_AFTER" perf/img500 "$T3" 0 ;;
+    after1g) bench after1g "$REG_AFTER" perf/img1g "$T3" 0 ;;
+    tail500) bench tail500 "$REG_TAIL" perf/img500 "$T3" 0 ;;
+    tls500) bench tls500 "$REG_TLS" perf/img500 "$T3" 0 ;;
+    rtt40-small) bench rtt40-small "$REG_RTT40" perf/imgsmall "$T3" 0 ;;
+    rtt100-small) bench rtt100-small "$REG_RTT100" perf/imgsmall "$T3" 0 ;;
+    rtt40-1g) bench rtt40-1g "$REG_RTT40" perf/img1g "$T3" 0 ;;
+    rtt100-1g) bench rtt100-1g "$REG_RTT100" perf/img1g "$T3" 0 ;;
+    uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
+    uncapped-cold) MEM=0 bench uncapped-cold "$DIRECT" perf/img500 "$T3 oci-client-fsync" 0 "$COLD_PAUSE" ;;
     mem) memory ;;
     tune-capped500) tune tune-capped500 "$REG" perf/img500 ;;
     tune-uncapped) tune tune-uncapped "$DIRECT" perf/img500 ;;

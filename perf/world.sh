@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # perf/world.sh: the loopback benchmark world for fastpull (issue #3).
 #
-# What it builds, all on 127.0.0.0/8:
+# What it builds, all on 127.0.0.0/8 (no network namespace, no qdisc: see RTT below):
 #   - REG     127.0.0.1:$REG_PORT      CNCF distribution registry (`docker-registry serve`),
 #                                      filesystem storage, with the `redirect` storage middleware:
 #                                      every blob GET/HEAD answers 307 to the CDN below.
@@ -10,9 +10,28 @@
 #   - CDN     127.0.0.2:$CDN_PORT      nginx serving the storage root read-only, per-request
 #                                      `limit_rate $CDN_RATE` (default 25m = 25 MiB/s; 0 = uncapped),
 #                                      Range support, 403 to any request carrying Authorization.
-#   - images  perf/img500 (5 gzip layers of random bytes: 300, 80, 60, 40, 20 MiB) and
-#             perf/img1g (one 1 GiB layer), generated once into $PERF_CACHE as OCI layouts
-#             and pushed with `skopeo copy`.
+#   The world matrix (issue #10) adds, on the same storage, one registry + one nginx server
+#   block per world (one nginx process serves all CDN variants):
+#   - REG_BURST 127.0.0.1:15002 -> 127.0.0.2:15082  limit_rate $CDN_RATE with nginx's DEFAULT
+#                                      sendfile_max_chunk (2m): each response starts with a burst
+#   - REG_AFTER 127.0.0.1:15003 -> 127.0.0.2:15083  limit_rate $CDN_RATE, sendfile_max_chunk
+#                                      $CDN_SEND_CHUNK, `limit_rate_after $CDN_RATE_AFTER` (4m)
+#   - REG_TAIL  127.0.0.1:15004 -> 127.0.0.2:15084  slow tail: limit_rate from a `map` on
+#                                      $connection: every 4th connection $TAIL_RATE (5m), the
+#                                      others $CDN_RATE
+#   - REG_TLS   https://127.0.0.1:15005 -> https://127.0.0.2:15085  TLS on registry and CDN
+#                                      (smooth cap), certificates from a throw-away CA made here
+#                                      with openssl ($WORLD_DIR/tls/ca.crt)
+#   - REG_RTT40  127.0.0.3:15040, REG_RTT100 127.0.0.4:15041: far registries. Token auth on
+#                                      (`auth: token`, issuer perf/token_issuer.py on
+#                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
+#                                      is the rootcertbundle). Registry, token service and the
+#                                      smooth CDN are each reached through perf/delay_proxy.py,
+#                                      which adds 40 or 100 ms of RTT (this kernel has no
+#                                      sch_netem, so `tc netem` is not available).
+#   - images  perf/img500 (5 gzip layers of random bytes: 300, 80, 60, 40, 20 MiB),
+#             perf/img1g (one 1 GiB layer) and perf/imgsmall (49 layers, 16 KiB..20 MiB,
+#             ~85 MiB), generated once into $PERF_CACHE as OCI layouts, pushed with skopeo.
 #
 # Usage:
 #   perf/world.sh            start everything, print the endpoints, wait; Ctrl-C stops and cleans up
@@ -36,6 +55,10 @@
 #                                        is never waited for: with its default (2m) a 4 MiB Range
 #                                        response arrives at ~2x the cap. 128k keeps the overshoot
 #                                        per response small, as a real per-connection cap would.
+#   CDN_RATE_AFTER=4m                    limit_rate_after of the REG_AFTER world's CDN
+#   TAIL_RATE=5m                         the slow connections' rate in the REG_TAIL world
+#   RTTS="40 100"                        the far worlds' added round-trip times (ms; at most 2)
+#   TOKEN_PORT=15049
 #   NGINX_WORKERS=2
 #
 # Needs root (or sudo) only to install missing packages with apt-get.
@@ -51,12 +74,31 @@ world_defaults() {
   CDN_HOST=${CDN_HOST:-127.0.0.2}
   CDN_RATE=${CDN_RATE:-25m}
   CDN_SEND_CHUNK=${CDN_SEND_CHUNK:-128k}
+  CDN_RATE_AFTER=${CDN_RATE_AFTER:-4m}
+  TAIL_RATE=${TAIL_RATE:-5m}
+  RTTS=${RTTS:-40 100}
+  TOKEN_PORT=${TOKEN_PORT:-15049}
   NGINX_WORKERS=${NGINX_WORKERS:-2}
   REG=127.0.0.1:$REG_PORT
   DIRECT=127.0.0.1:$DIRECT_PORT
   CDN=$CDN_HOST:$CDN_PORT
   STORAGE=$WORLD_DIR/storage
-  IMAGES="perf/img500 perf/img1g"
+  IMAGES="perf/img500 perf/img1g perf/imgsmall"
+  REG_BURST=127.0.0.1:15002 CDN_BURST=$CDN_HOST:15082
+  REG_AFTER=127.0.0.1:15003 CDN_AFTER=$CDN_HOST:15083
+  REG_TAIL=127.0.0.1:15004 CDN_TAIL=$CDN_HOST:15084
+  REG_TLS=127.0.0.1:15005 CDN_TLS=$CDN_HOST:15085
+  TLS_DIR=$WORLD_DIR/tls
+  TOKEN=127.0.0.1:$TOKEN_PORT
+  # The far worlds: index i (0, 1) -> proxies on 127.0.0.(3+i), backing registry 127.0.0.1:1504i.
+  local i=0 r
+  RTT_WORLDS=""
+  for r in $RTTS; do
+    [ "$i" -lt 2 ] || break
+    RTT_WORLDS+="$r:127.0.0.$((3 + i)):$((15040 + i)) "
+    printf -v "REG_RTT$r" '%s' "127.0.0.$((3 + i)):$((15040 + i))"
+    i=$((i + 1))
+  done
 }
 
 world_log() { echo "world: $*" >&2; }
@@ -71,6 +113,8 @@ world_deps() {
   command -v python3 >/dev/null 2>&1 || need+=(python3)
   command -v gzip >/dev/null 2>&1 || need+=(gzip)
   command -v lscpu >/dev/null 2>&1 || need+=(util-linux)
+  command -v openssl >/dev/null 2>&1 || need+=(openssl)
+  python3 -c 'import cryptography' >/dev/null 2>&1 || need+=(python3-cryptography)
   local nginx_missing=0
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || nginx_missing=1
   [ ${#need[@]} -gt 0 ] || [ "$nginx_missing" -eq 1 ] || return 0
@@ -108,8 +152,10 @@ _pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 world_running() {
   world_defaults
-  _pid_alive "$WORLD_DIR/reg.pid" && _pid_alive "$WORLD_DIR/direct.pid" && _pid_alive "$WORLD_DIR/nginx/nginx.pid" &&
-    [ -f "$WORLD_DIR/env" ] && cmp -s "$WORLD_DIR/env" <(world_env)
+  [ -f "$WORLD_DIR/env" ] && cmp -s "$WORLD_DIR/env" <(world_env) && [ -f "$WORLD_DIR/daemons" ] || return 1
+  local name
+  for name in $(cat "$WORLD_DIR/daemons"); do _pid_alive "$WORLD_DIR/$name.pid" || return 1; done
+  _pid_alive "$WORLD_DIR/nginx/nginx.pid"
 }
 
 # Shell assignments describing the world (written to $WORLD_DIR/env).
@@ -124,10 +170,26 @@ CDN_RATE=$CDN_RATE
 CDN_SEND_CHUNK=$CDN_SEND_CHUNK
 STORAGE=$STORAGE
 IMAGES="$IMAGES"
+CDN_RATE_AFTER=$CDN_RATE_AFTER
+TAIL_RATE=$TAIL_RATE
+REG_BURST=$REG_BURST
+CDN_BURST=$CDN_BURST
+REG_AFTER=$REG_AFTER
+CDN_AFTER=$CDN_AFTER
+REG_TAIL=$REG_TAIL
+CDN_TAIL=$CDN_TAIL
+REG_TLS=$REG_TLS
+CDN_TLS=$CDN_TLS
+TLS_CA=$TLS_DIR/ca.crt
+TLS_CERT_DIR=$TLS_DIR/certs.d
+TOKEN=$TOKEN
+RTT_WORLDS="$RTT_WORLDS"
 EOF
+  local w
+  for w in $RTT_WORLDS; do echo "REG_RTT${w%%:*}=${w#*:}"; done
 }
 
-_registry_config() { # port redirect(0|1)
+_registry_config() { # addr redirect-baseurl|"" [tls(0|1)] [token-realm]
   cat <<YAML
 version: 0.1
 log:
@@ -141,24 +203,76 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:$1
+  addr: $1
 YAML
-  if [ "$2" = 1 ]; then
+  if [ "${3:-0}" = 1 ]; then
+    cat <<YAML
+  tls:
+    certificate: $TLS_DIR/server.crt
+    key: $TLS_DIR/server.key
+YAML
+  fi
+  if [ -n "$2" ]; then
     cat <<YAML
 middleware:
   storage:
     - name: redirect
       options:
-        baseurl: http://$CDN/
+        baseurl: $2
+YAML
+  fi
+  if [ -n "${4:-}" ]; then
+    cat <<YAML
+auth:
+  token:
+    realm: "$4"
+    service: fastpull-perf
+    issuer: fastpull-perf-issuer
+    rootcertbundle: $TLS_DIR/issuer.crt
 YAML
   fi
 }
 
+# The throw-away CA and the server certificate (127.0.0.1, 127.0.0.2) of the TLS world, and the
+# token issuer's self-signed ES256 certificate (the RTT worlds' rootcertbundle).
+_make_certs() {
+  mkdir -p "$TLS_DIR/certs.d"
+  local d=$TLS_DIR
+  [ -f "$d/server.crt" ] && [ -f "$d/issuer.crt" ] && return 0
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj "/CN=fastpull perf throw-away CA" -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,IP:127.0.0.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$d/server.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 30 -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
+  cp "$d/ca.crt" "$d/certs.d/ca.crt" # skopeo --src-cert-dir: *.crt are CA roots
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj "/CN=fastpull-perf-issuer" -keyout "$d/issuer.key" -out "$d/issuer.crt" 2>/dev/null
+}
+
+_nginx_server() { # listen-addr "extra directives"
+  cat <<CONF
+    server {
+        listen $1;
+        root $STORAGE;
+        $2
+        location / {
+            limit_except GET { deny all; }
+            # A CDN / object store rejects the registry's credentials: clients must not forward them.
+            if (\$http_authorization) { return 403; }
+        }
+    }
+CONF
+}
+
 _nginx_config() {
+  # Per request (= per connection for a client that does one at a time).
   local rate_line="limit_rate $CDN_RATE;"
   [ "$CDN_RATE" = 0 ] && rate_line="# uncapped (CDN_RATE=0)"
+  local chunk="sendfile_max_chunk $CDN_SEND_CHUNK;"
   cat <<CONF
-# The CDN of the perf world: static files from the registry's storage root.
+# The CDNs of the perf world: static files from the registry's storage root.
 user root;
 worker_processes $NGINX_WORKERS;
 pid $WORLD_DIR/nginx/nginx.pid;
@@ -167,7 +281,6 @@ events { worker_connections 1024; }
 http {
     access_log off;
     sendfile on;
-    sendfile_max_chunk $CDN_SEND_CHUNK;
     tcp_nopush on;
     keepalive_requests 100000;
     default_type application/octet-stream;
@@ -176,25 +289,26 @@ http {
     fastcgi_temp_path $WORLD_DIR/nginx/tmp/fastcgi;
     uwsgi_temp_path $WORLD_DIR/nginx/tmp/uwsgi;
     scgi_temp_path $WORLD_DIR/nginx/tmp/scgi;
-    server {
-        listen $CDN;
-        root $STORAGE;
-        location / {
-            limit_except GET { deny all; }
-            # A CDN / object store rejects the registry's credentials: clients must not forward them.
-            if (\$http_authorization) { return 403; }
-            # Per request (= per connection for a client that does one at a time).
-            $rate_line
-        }
+    # Slow tail: \$connection (nginx's connection serial number, shared by the workers) divisible
+    # by 4, i.e. 0, 4, 8 or ending in [02468][048] / [13579][26], gets TAIL_RATE.
+    map \$connection \$fp_tail_rate {
+        "~^([048]|[0-9]*[02468][048]|[0-9]*[13579][26])\$" $TAIL_RATE;
+        default $CDN_RATE;
     }
-}
 CONF
+  _nginx_server "$CDN" "$chunk $rate_line"
+  # The burst world: nginx's default sendfile_max_chunk (no directive).
+  _nginx_server "$CDN_BURST" "$rate_line"
+  _nginx_server "$CDN_AFTER" "$chunk $rate_line limit_rate_after $CDN_RATE_AFTER;"
+  _nginx_server "$CDN_TAIL" "$chunk limit_rate \$fp_tail_rate;"
+  _nginx_server "$CDN_TLS ssl" "$chunk $rate_line ssl_certificate $TLS_DIR/server.crt; ssl_certificate_key $TLS_DIR/server.key;"
+  echo "}"
 }
 
 world_stop() {
   world_defaults
   local f pid
-  for f in "$WORLD_DIR/nginx/nginx.pid" "$WORLD_DIR/reg.pid" "$WORLD_DIR/direct.pid"; do
+  for f in "$WORLD_DIR/nginx/nginx.pid" "$WORLD_DIR"/*.pid; do
     if _pid_alive "$f"; then
       pid=$(cat "$f")
       kill "$pid" 2>/dev/null || true
@@ -205,38 +319,87 @@ world_stop() {
   rm -rf "$WORLD_DIR"
 }
 
+_daemon() { # name command...: start in its own session (so that `start` can exit and leave it)
+  local name=$1; shift
+  setsid "$@" >"$WORLD_DIR/$name.log" 2>&1 </dev/null &
+  echo $! >"$WORLD_DIR/$name.pid"
+  echo "$name" >>"$WORLD_DIR/daemons"
+}
+
+_wait_up() { # name url [curl args...]: any HTTP answer (200, 401) counts
+  local name=$1 url=$2 i code; shift 2
+  for i in $(seq 1 100); do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' "$@" "$url" 2>/dev/null || true)
+    [ "$code" = 200 ] || [ "$code" = 401 ] && return 0
+    sleep 0.1
+  done
+  cat "$WORLD_DIR/$name.log" >&2
+  world_log "$name did not start ($url)"
+  return 1
+}
+
 _start_daemons() {
   mkdir -p "$STORAGE" "$WORLD_DIR/nginx/tmp"
-  local p
-  for p in "127.0.0.1 $REG_PORT" "127.0.0.1 $DIRECT_PORT" "$CDN_HOST $CDN_PORT"; do
-    # shellcheck disable=SC2086
-    if _port_busy $p; then world_log "port ${p/ /:} is in use (set REG_PORT/DIRECT_PORT/CDN_PORT)"; return 1; fi
+  : >"$WORLD_DIR/daemons"
+  local p w rtt host port
+  local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
+  for w in $RTT_WORLDS; do
+    IFS=: read -r rtt host port <<<"$w"
+    addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
   done
-  _registry_config "$REG_PORT" 1 >"$WORLD_DIR/reg.yml"
-  _registry_config "$DIRECT_PORT" 0 >"$WORLD_DIR/direct.yml"
+  for p in $addrs; do
+    if _port_busy "${p%:*}" "${p##*:}"; then world_log "port $p is in use (see the top of perf/world.sh)"; return 1; fi
+  done
+  _make_certs
+  _registry_config "$REG" "http://$CDN/" >"$WORLD_DIR/reg.yml"
+  _registry_config "$DIRECT" "" >"$WORLD_DIR/direct.yml"
+  _registry_config "$REG_BURST" "http://$CDN_BURST/" >"$WORLD_DIR/reg-burst.yml"
+  _registry_config "$REG_AFTER" "http://$CDN_AFTER/" >"$WORLD_DIR/reg-after.yml"
+  _registry_config "$REG_TAIL" "http://$CDN_TAIL/" >"$WORLD_DIR/reg-tail.yml"
+  _registry_config "$REG_TLS" "https://$CDN_TLS/" 1 >"$WORLD_DIR/reg-tls.yml"
   _nginx_config >"$WORLD_DIR/nginx/nginx.conf"
-  # setsid: the daemons live in their own session, so that `start` can exit and leave them.
-  setsid docker-registry serve "$WORLD_DIR/reg.yml" >"$WORLD_DIR/reg.log" 2>&1 </dev/null &
-  echo $! >"$WORLD_DIR/reg.pid"
-  setsid docker-registry serve "$WORLD_DIR/direct.yml" >"$WORLD_DIR/direct.log" 2>&1 </dev/null &
-  echo $! >"$WORLD_DIR/direct.pid"
+  local name
+  for name in reg direct reg-burst reg-after reg-tail reg-tls; do
+    _daemon "$name" docker-registry serve "$WORLD_DIR/$name.yml"
+  done
+  _daemon token python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN" \
+    "$TLS_DIR/issuer.key" "$TLS_DIR/issuer.crt" fastpull-perf-issuer fastpull-perf
+  for w in $RTT_WORLDS; do
+    IFS=: read -r rtt host port <<<"$w"
+    # The far registry: its token realm and its redirects point at the delaying proxies.
+    _registry_config "127.0.0.1:$port" "http://$host:${CDN##*:}/" 0 "http://$host:$TOKEN_PORT/token" >"$WORLD_DIR/reg-rtt$rtt.yml"
+    _daemon "reg-rtt$rtt" docker-registry serve "$WORLD_DIR/reg-rtt$rtt.yml"
+    _daemon "delay$rtt" python3 "$(dirname "$_world_self")/delay_proxy.py" "$rtt" \
+      "$host:$port=127.0.0.1:$port" "$host:$TOKEN_PORT=$TOKEN" "$host:${CDN##*:}=$CDN"
+  done
   # nginx daemonizes itself and writes its master's pid to nginx.pid.
   "$(_nginx_bin)" -p "$WORLD_DIR/nginx" -e "$WORLD_DIR/nginx/error.log" -c "$WORLD_DIR/nginx/nginx.conf" -g 'daemon on;'
-  _wait_http "http://$REG/v2/" || { cat "$WORLD_DIR/reg.log" >&2; world_log "registry did not start"; return 1; }
-  _wait_http "http://$DIRECT/v2/" || { cat "$WORLD_DIR/direct.log" >&2; world_log "direct registry did not start"; return 1; }
-  if ! _pid_alive "$WORLD_DIR/reg.pid" || ! _pid_alive "$WORLD_DIR/direct.pid"; then
-    world_log "a registry exited (see $WORLD_DIR/*.log)"; return 1
-  fi
+  _wait_up reg "http://$REG/v2/" || return 1
+  _wait_up direct "http://$DIRECT/v2/" || return 1
+  _wait_up reg-burst "http://$REG_BURST/v2/" || return 1
+  _wait_up reg-after "http://$REG_AFTER/v2/" || return 1
+  _wait_up reg-tail "http://$REG_TAIL/v2/" || return 1
+  _wait_up reg-tls "https://$REG_TLS/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
+  _wait_up token "http://$TOKEN/token?service=fastpull-perf" || return 1
+  for w in $RTT_WORLDS; do
+    IFS=: read -r rtt host port <<<"$w"
+    _wait_up "reg-rtt$rtt" "http://127.0.0.1:$port/v2/" || return 1
+    _wait_up "delay$rtt" "http://$host:$port/v2/" || return 1
+  done
+  for name in $(cat "$WORLD_DIR/daemons"); do
+    _pid_alive "$WORLD_DIR/$name.pid" || { world_log "$name exited (see $WORLD_DIR/$name.log)"; return 1; }
+  done
   for _ in $(seq 1 50); do _pid_alive "$WORLD_DIR/nginx/nginx.pid" && break; sleep 0.1; done
   _pid_alive "$WORLD_DIR/nginx/nginx.pid" || { cat "$WORLD_DIR/nginx/error.log" >&2; world_log "nginx did not start"; return 1; }
 }
 
-# Generates an OCI layout $PERF_CACHE/NAME with gzip layers of random bytes (sizes in MiB).
-_gen_image() { # name mib...
+# Generates an OCI layout $PERF_CACHE/NAME with gzip layers of random bytes (sizes in MiB, or
+# KiB with a k suffix).
+_gen_image() { # name mib|NNNk...
   local name=$1; shift
   local dir="$PERF_CACHE/$name"
   [ -f "$dir/index.json" ] && return 0
-  world_log "generating $name (layers of $* MiB, once; cached in $dir)"
+  world_log "generating $name ($# layers: $* (MiB unless k), once; cached in $dir)"
   local tmp="$PERF_CACHE/.gen-$name"
   rm -rf "$tmp" "$dir"
   mkdir -p "$tmp/layout/blobs/sha256"
@@ -246,7 +409,8 @@ _gen_image() { # name mib...
     # gzip -1 of random bytes: incompressible, so the blob is ~ the data size.
     (
       mkdir -p "$tmp/l$i/data$i"
-      head -c $((mib * 1024 * 1024)) /dev/urandom >"$tmp/l$i/data$i/random.bin"
+      case "$mib" in *k) bytes=$((${mib%k} * 1024)) ;; *) bytes=$((mib * 1024 * 1024)) ;; esac
+      head -c "$bytes" /dev/urandom >"$tmp/l$i/data$i/random.bin"
       tar -C "$tmp/l$i" -cf "$tmp/l$i.tar" "data$i"
       rm -rf "$tmp/l$i"
       sha256sum "$tmp/l$i.tar" | cut -d' ' -f1 >"$tmp/l$i.diffid"
@@ -315,9 +479,13 @@ _seed() {
   mkdir -p "$PERF_CACHE"
   _gen_image img500 300 80 60 40 20
   _gen_image img1g 1024
+  # Many small layers (49, ~85 MiB), for the far-registry worlds.
+  # shellcheck disable=SC2046
+  _gen_image imgsmall 20 10 8 6 5 4 4 3 3 3 2 2 2 2 2 2 $(printf '512k %.0s' 1 2 3 4 5 6 7 8) \
+    $(printf '256k %.0s' $(seq 1 10)) $(printf '64k %.0s' $(seq 1 10)) $(printf '16k %.0s' 1 2 3 4 5)
   mkdir -p "$WORLD_DIR/images"
   local name
-  for name in img500 img1g; do
+  for name in img500 img1g imgsmall; do
     _image_info "$name"
     if curl -fsS -o /dev/null -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$DIRECT/v2/perf/$name/manifests/latest" 2>/dev/null; then
       continue
@@ -364,6 +532,74 @@ world_check() {
   if [ "$rate_bytes" -gt 0 ] && python3 -c "import sys; sys.exit(0 if max($small, $big) > 1.2 * $rate_bytes else 1)"; then
     world_log "check: the CDN delivers more than 1.2x CDN_RATE on one connection"; return 1
   fi
+  world_check_matrix "$digest" "$small" "$big"
+}
+
+_probe() { # url [curl args...] -> "4MiB-range-B/s 20MiB-range-B/s" over fresh connections
+  local url=$1; shift
+  echo "$(curl -sS -o /dev/null -w '%{speed_download}' -r 0-4194303 "$@" "$url") $(curl -sS -o /dev/null -w '%{speed_download}' -r 0-20971519 "$@" "$url")"
+}
+
+# The matrix worlds: each registry redirects to its own CDN, the CDNs' single-connection speeds
+# (written to $WORLD_DIR/probe.json for the report), the slow tail, TLS, token auth and RTT.
+world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
+  local digest=$1 path=/docker/registry/v2/blobs/sha256/${1:7:2}/${1#sha256:}/data
+  local reg cdn code loc sp probe="{\"smooth\": [$2, $3]"
+  for pair in "burst $REG_BURST $CDN_BURST" "after $REG_AFTER $CDN_AFTER"; do
+    read -r name reg cdn <<<"$pair"
+    loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$reg/v2/perf/img500/blobs/$digest")
+    case "$loc" in "http://$cdn/"*) ;; *) world_log "check: $reg redirects to $loc, want $cdn"; return 1 ;; esac
+    sp=$(_probe "$loc")
+    probe+=", \"$name\": [${sp/ /, }]"
+    world_log "check ok: $name world ($reg -> $cdn): 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB range at $(_mib "${sp#* }") MiB/s"
+  done
+  # Slow tail: 8 fresh connections, 2 MiB each; 2 of them should get TAIL_RATE.
+  local speeds="" slow=0 tail_bytes
+  tail_bytes=$(_size_bytes "$TAIL_RATE")
+  for _ in 1 2 3 4 5 6 7 8; do
+    sp=$(curl -sS -o /dev/null -w '%{speed_download}' -r 0-2097151 "http://$CDN_TAIL$path")
+    speeds+="${speeds:+, }$sp"
+    python3 -c "import sys; sys.exit(0 if $sp < 1.5 * $tail_bytes else 1)" && slow=$((slow + 1))
+  done
+  probe+=", \"tail\": [$speeds]"
+  [ "$slow" = 2 ] || { world_log "check: $slow of 8 connections to $CDN_TAIL were slow, want 2 ($speeds)"; return 1; }
+  world_log "check ok: tail world ($REG_TAIL -> $CDN_TAIL): 2 of 8 connections at <= 1.5x $TAIL_RATE"
+  # TLS: registry and CDN verified against the throw-away CA, blob bytes through the redirect.
+  local got
+  got=$(curl -fsSL --cacert "$TLS_DIR/ca.crt" "https://$REG_TLS/v2/perf/img500/blobs/$digest" | sha256sum | cut -d' ' -f1)
+  [ "sha256:$got" = "$digest" ] || { world_log "check: bytes via https://$REG_TLS hash to $got"; return 1; }
+  loc=$(curl -sS --cacert "$TLS_DIR/ca.crt" -o /dev/null -w '%{redirect_url}' "https://$REG_TLS/v2/perf/img500/blobs/$digest")
+  case "$loc" in "https://$CDN_TLS/"*) ;; *) world_log "check: $REG_TLS redirects to $loc"; return 1 ;; esac
+  sp=$(_probe "$loc" --cacert "$TLS_DIR/ca.crt")
+  probe+=", \"tls\": [${sp/ /, }]"
+  world_log "check ok: tls world (https $REG_TLS -> https $CDN_TLS): bytes verified, 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
+  # Far worlds: token auth really enforced, RTT really added.
+  local w rtt host port hdr realm tok t
+  for w in $RTT_WORLDS; do
+    IFS=: read -r rtt host port <<<"$w"
+    reg=$host:$port
+    hdr=$(curl -sS -o /dev/null -D - "http://$reg/v2/perf/imgsmall/manifests/latest" | tr -d '\r')
+    code=$(printf '%s' "$hdr" | head -1 | awk '{print $2}')
+    [ "$code" = 401 ] || { world_log "check: $reg answered $code without a token, want 401"; return 1; }
+    realm=$(printf '%s' "$hdr" | sed -n 's/^[Ww]ww-[Aa]uthenticate: Bearer realm="\([^"]*\)".*/\1/p')
+    [ "$realm" = "http://$host:$TOKEN_PORT/token" ] || { world_log "check: $reg realm is '$realm'"; return 1; }
+    tok=$(curl -fsS "$realm?service=fastpull-perf&scope=repository:perf/imgsmall:pull" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    code=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$reg/v2/perf/imgsmall/manifests/latest")
+    [ "$code" = 200 ] || { world_log "check: $reg answered $code with a token, want 200"; return 1; }
+    code=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${tok%?????}AAAAA" -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$reg/v2/perf/imgsmall/manifests/latest")
+    [ "$code" = 401 ] || { world_log "check: $reg answered $code to a forged token, want 401"; return 1; }
+    # A fresh connection and one request: 2 RTTs (handshake + request) on a far registry.
+    t=$(curl -sS -o /dev/null -w '%{time_total}' "http://$reg/v2/")
+    python3 -c "import sys; sys.exit(0 if 1.8 * $rtt <= 1000 * $t <= 2 * $rtt + 60 else 1)" ||
+      { world_log "check: connect + GET /v2/ on $reg took $t s, want ~2x $rtt ms"; return 1; }
+    tok=$(curl -fsS "$realm?service=fastpull-perf&scope=repository:perf/img500:pull" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    loc=$(curl -sS -o /dev/null -w '%{redirect_url}' -H "Authorization: Bearer $tok" "http://$reg/v2/perf/img500/blobs/$digest")
+    case "$loc" in "http://$host:${CDN##*:}/"*) ;; *) world_log "check: $reg redirects to $loc"; return 1 ;; esac
+    sp=$(_probe "$loc")
+    probe+=", \"rtt$rtt\": [${sp/ /, }], \"rtt${rtt}_connect_get_s\": $t"
+    world_log "check ok: rtt$rtt world ($reg, token auth enforced: 401 / token 200 / forged 401): connect+GET $t s, CDN 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
+  done
+  echo "$probe}" >"$WORLD_DIR/probe.json"
 }
 
 _mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }

@@ -1,19 +1,21 @@
 //! Benchmark peer for fastpull: pull IMAGE into DEST with the `oci-client` crate, the way a
 //! typical user of that crate would.
 //!
-//!     oci-client-pull [--plain-http] [--fsync] IMAGE DEST
+//!     oci-client-pull [--plain-http] [--fsync] [--ca-file PEM] IMAGE DEST
 //!
-//! Anonymous auth; plain HTTP for every registry with `--plain-http`, otherwise HTTPS except
-//! for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
+//! Anonymous auth; plain HTTP for every registry with `--plain-http`, HTTPS for every registry
+//! with `--ca-file`, otherwise HTTPS except for loopback registries. The manifest is fetched with `pull_image_manifest`; the config and
 //! every layer are streamed to `DEST/<hex digest>` with `pull_blob` (which verifies the digest
 //! while writing), `max_concurrent_download` blobs at once (the crate's default, 16).
 //! `DEST/manifest.json` holds the manifest as the crate parsed it. `--fsync` syncs each blob
 //! file once it is complete (a typical user would not; it is there to measure what durability
-//! costs, since fastpull fsyncs every blob).
+//! costs, since fastpull fsyncs every blob). `--ca-file PEM` adds the CA certificate(s) in PEM
+//! to the roots the client trusts (`ClientConfig::extra_root_certificates`, the crate's way to
+//! trust a private CA).
 
 use anyhow::{bail, Context, Result};
 use futures_util::{stream, StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -26,8 +28,16 @@ async fn main() -> Result<()> {
     let plain_http = args.iter().any(|a| a == "--plain-http");
     let fsync = args.iter().any(|a| a == "--fsync");
     args.retain(|a| a != "--plain-http" && a != "--fsync");
+    let mut ca_files = Vec::new();
+    while let Some(i) = args.iter().position(|a| a == "--ca-file") {
+        let Some(path) = args.get(i + 1).cloned() else {
+            bail!("--ca-file needs a PEM file");
+        };
+        ca_files.push(path);
+        args.drain(i..i + 2);
+    }
     let [image, dest] = args.as_slice() else {
-        bail!("usage: oci-client-pull [--plain-http] [--fsync] IMAGE DEST");
+        bail!("usage: oci-client-pull [--plain-http] [--fsync] [--ca-file PEM] IMAGE DEST");
     };
     let reference: Reference = image.parse().context("parsing IMAGE")?;
     let dest = PathBuf::from(dest);
@@ -36,13 +46,25 @@ async fn main() -> Result<()> {
     let registry = reference.resolve_registry().to_string();
     let protocol = if plain_http {
         ClientProtocol::Http
+    } else if !ca_files.is_empty() {
+        // A private CA is given: the registry speaks HTTPS, loopback or not.
+        ClientProtocol::Https
     } else {
         let loopback = ["127.", "localhost", "[::1]"];
         let except = loopback.iter().any(|p| registry.starts_with(p));
         ClientProtocol::HttpsExcept(if except { vec![registry] } else { vec![] })
     };
+    let mut extra_root_certificates = Vec::new();
+    for path in &ca_files {
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        extra_root_certificates.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        });
+    }
     let config = ClientConfig {
         protocol,
+        extra_root_certificates,
         ..Default::default()
     };
     let concurrency = config.max_concurrent_download;
