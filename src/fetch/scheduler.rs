@@ -62,8 +62,9 @@ pub enum FanOut {
     /// Add connections to an origin while its aggregate goodput keeps rising (default).
     #[default]
     Auto,
-    /// Every allowed connection at once, without measuring (for networks known to cap each
-    /// connection).
+    /// Every allowed connection at once, without measuring, in pieces of exactly the
+    /// minimum piece size (`--chunk-size`) handed out in order, as a fixed-chunk
+    /// downloader would (for networks known to cap each connection). No tail racing.
     Max,
 }
 
@@ -313,7 +314,10 @@ impl Scheduler {
             fan_out,
             max_connections: max_connections.max(1),
             max_per_blob: max_per_blob.max(1),
-            min_piece: min_piece.max(ALIGN),
+            min_piece: match fan_out {
+                FanOut::Auto => min_piece.max(ALIGN),
+                FanOut::Max => min_piece.max(1),
+            },
             origins: HashMap::new(),
             rates: HashMap::new(),
         }
@@ -322,7 +326,10 @@ impl Scheduler {
     /// Whether a blob of `size` bytes is fetched in one request without `Range`: it is never
     /// worth cutting.
     pub(crate) fn whole_request(&self, size: u64) -> bool {
-        size < 2 * self.min_piece
+        match self.fan_out {
+            FanOut::Auto => size < 2 * self.min_piece,
+            FanOut::Max => size <= self.min_piece,
+        }
     }
 
     /// How many connections `origin` may have now.
@@ -404,6 +411,9 @@ impl Scheduler {
     /// hasher follows close behind) and the last ones finish together. Before any rate is
     /// known: [`FIRST_PIECES`] minimum pieces.
     pub(crate) fn piece_len(&self, origin: Option<&str>, flows: &[FlowInfo<'_>]) -> u64 {
+        if self.fan_out == FanOut::Max {
+            return self.min_piece;
+        }
         let on_origin: Vec<FlowInfo<'_>> = flows
             .iter()
             .filter(|f| origin.is_none() || f.origin == origin)
@@ -427,6 +437,9 @@ impl Scheduler {
     /// The length of a piece of `len` asked from a blob with `unassigned` bytes left: no
     /// remainder smaller than a minimum piece is left behind.
     pub(crate) fn fit(&self, len: u64, unassigned: u64) -> u64 {
+        if self.fan_out == FanOut::Max {
+            return len.min(unassigned);
+        }
         if unassigned < len.saturating_add(self.min_piece) {
             unassigned
         } else {
@@ -503,7 +516,8 @@ impl Scheduler {
                         },
                     ));
                 }
-            } else if remaining < 2 * self.min_piece
+            } else if self.fan_out == FanOut::Auto
+                && remaining < 2 * self.min_piece
                 && remaining >= MIN_RACE
                 && self
                     .rates
