@@ -24,7 +24,7 @@ use crate::retry::RetryPolicy;
 use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
-pub const DEFAULT_CONNECTIONS: usize = 32;
+pub const DEFAULT_CONNECTIONS: usize = 64;
 /// Default smallest piece a blob is cut into ([`ClientBuilder::chunk_size`]).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
@@ -120,13 +120,14 @@ impl ClientBuilder {
     }
 
     /// HTTP requests in flight for the whole pull: how many connections blobs and their
-    /// range chunks are spread over (default 32).
+    /// range pieces are spread over (default 64); how many of these a server gets is measured
+    /// as the pull goes (see [`FanOut`]).
     pub fn connections(mut self, n: usize) -> Self {
         self.connections = n;
         self
     }
 
-    /// HTTP requests in flight for one blob (default 32).
+    /// HTTP requests in flight for one blob (default 64).
     pub fn connections_per_blob(mut self, n: usize) -> Self {
         self.connections_per_blob = n;
         self

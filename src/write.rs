@@ -435,8 +435,9 @@ impl SpanWriter {
 
 /// How close (bytes) a writer gets to the end of its faulted pages before it faults in more.
 const PREFAULT_LEAD: u64 = 1 << 20;
-/// How much it faults in at once.
-const PREFAULT_STEP: u64 = 8 << 20;
+/// How much it faults in at once (small: many writers starting together must not stall
+/// the async threads on page zeroing all at once).
+const PREFAULT_STEP: u64 = 2 << 20;
 
 fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {

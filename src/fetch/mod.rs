@@ -62,7 +62,7 @@ pub(crate) struct Fetcher<'a> {
 }
 
 /// How often the scheduler measures.
-const TICK: Duration = Duration::from_millis(25);
+const TICK: Duration = Duration::from_millis(10);
 
 /// A blob of the pull, as the loop sees it.
 struct BlobRun {

@@ -9,8 +9,9 @@
 //!
 //! - **Pieces sized by the rate, then work stealing.** A blob's first request asks for a
 //!   few minimum pieces; after that a connection asks for the next piece nobody has, sized
-//!   to take about [`PIECE_TIME`] at the rate connections to that origin get now (a piece
-//!   of an uncapped origin is tens of MB, of a capped one a few), so requests stay few
+//!   to take about [`PIECE_TIME`] at the rate connections to that origin get now (four
+//!   times as long where the controller found that more connections do not pay: a piece of
+//!   an uncapped origin is a hundred MB, of a capped one a few), so requests stay few
 //!   where the link is fast and pieces arrive nearly in order, which lets the in-order
 //!   hasher follow close behind. When a blob has no unassigned bytes left, a free
 //!   connection cuts the running transfer that would finish *last* (remaining bytes over
@@ -20,10 +21,11 @@
 //!   the whole blob is never cut.
 //! - **Connections only while they pay.** Each origin has a controller that measures its
 //!   aggregate goodput over windows of a few round trips. It starts at [`INITIAL_LIMIT`]
-//!   connections, grows (×4 below four, then ×2) after each window in which the added
+//!   connections, grows (×4 below four or while each added connection brings nearly what the
+//!   others do, else ×2) after each window in which the added
 //!   connections raised the goodput by at least [`MIN_GAIN`] of what the connections already
-//!   there delivered each, and falls back to the level before the last step when they did
-//!   not. After a fall back it holds for a while and then probes again, so a limiter whose
+//!   there delivered each, and falls back to where the goodput stopped rising when two
+//!   windows in a row say they did not. After a fall back it holds for a while and then probes again, so a limiter whose
 //!   burst ran out, or a link that freed up, is noticed. On a per-connection cap every added
 //!   connection adds its share and the pull fans out fully; on an uncapped origin the goodput
 //!   stays flat and the pull keeps a few long requests.
@@ -45,12 +47,19 @@ pub(crate) const INITIAL_LIMIT: usize = 4;
 /// Share of the per-connection goodput that each added connection must add for the
 /// controller to keep growing.
 pub(crate) const MIN_GAIN: f64 = 0.3;
+/// Share of the per-connection goodput that added connections bring when the origin caps
+/// each connection: the controller then grows faster.
+pub(crate) const LINEAR_GAIN: f64 = 0.7;
 /// Cuts land on multiples of this.
 const ALIGN: u64 = 64 << 10;
 /// A tail shorter than this is not raced.
 const MIN_RACE: u64 = 256 << 10;
+/// Shortest interval a flow's rate is measured over.
+const RATE_DT: Duration = Duration::from_millis(40);
 /// How long a piece should take at the rate transfers get.
 const PIECE_TIME: Duration = Duration::from_millis(250);
+/// The same, on an origin whose controller found more connections do not pay.
+const HOLDING_PIECE_TIME: Duration = Duration::from_millis(1000);
 /// A blob's first request, before any rate is known, asks for this many minimum pieces.
 pub(crate) const FIRST_PIECES: u64 = 4;
 /// Rate samples (ticks) a transfer needs before it can be called a straggler.
@@ -122,6 +131,8 @@ pub(crate) struct Cut {
 struct Rate {
     last_bytes: u64,
     last_at: Instant,
+    /// Bytes already counted in the origin's goodput.
+    counted: u64,
     /// bytes/s, smoothed; None until a full tick of data.
     rate: Option<f64>,
     /// Samples taken.
@@ -154,6 +165,9 @@ struct Controller {
     win_ticks: u32,
     /// Smallest time to first byte seen: a round trip and the server's think time.
     rtt: Option<Duration>,
+    /// The goodput of a window that said the last step did not pay, waiting for a second
+    /// window to confirm it.
+    doubt: Option<f64>,
     /// Steps taken and fallen back (for the log).
     grew: u32,
     fell: u32,
@@ -163,13 +177,17 @@ impl Controller {
     fn new(now: Instant) -> Controller {
         Controller {
             limit: INITIAL_LIMIT,
-            phase: Phase::Baseline,
+            // The first window would measure connections still starting up.
+            phase: Phase::Settling {
+                until: now + Duration::from_millis(20),
+            },
             base: None,
             win_start: now,
             win_bytes: 0,
             win_n: 0.0,
             win_ticks: 0,
             rtt: None,
+            doubt: None,
             grew: 0,
             fell: 0,
         }
@@ -179,14 +197,14 @@ impl Controller {
         self.rtt.unwrap_or(Duration::from_millis(20))
     }
 
-    /// A measurement window: a few round trips, at least 100 ms (bursts of send chunks
-    /// and scheduler noise average out), at most 1 s.
+    /// A measurement window: a few round trips, at least 50 ms (send chunks of a limiter
+    /// and scheduler noise average out over the connections), at most 1 s.
     fn window(&self) -> Duration {
-        (self.rtt() * 3).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        (self.rtt() * 3).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
     fn settle(&self) -> Duration {
-        (self.rtt() * 2).clamp(Duration::from_millis(30), Duration::from_millis(500))
+        (self.rtt() * 2).clamp(Duration::from_millis(20), Duration::from_millis(500))
     }
 
     fn hold(&self) -> Duration {
@@ -200,9 +218,12 @@ impl Controller {
         self.win_ticks = 0;
     }
 
-    fn grow(&mut self, max: usize, n: f64) {
+    /// Raises the limit from `n` connections: ×4 when few, or when the last step showed
+    /// every added connection bringing nearly as much as those before (a per-connection
+    /// cap), else ×2.
+    fn grow(&mut self, max: usize, n: f64, linear: bool) {
         let n = n.round().max(1.0) as usize;
-        let to = if n < 4 { n * 4 } else { n * 2 };
+        let to = if n < 4 || linear { n * 4 } else { n * 2 };
         self.limit = to.max(self.limit).min(max).max(1);
     }
 
@@ -210,7 +231,11 @@ impl Controller {
     fn tick(&mut self, now: Instant, bytes: u64, n: usize, max: usize, origin: &str) {
         if let Phase::Settling { until } = self.phase {
             if now >= until {
-                self.phase = Phase::Measuring;
+                self.phase = if self.base.is_some() {
+                    Phase::Measuring
+                } else {
+                    Phase::Baseline
+                };
                 self.restart_window(now);
             }
             return;
@@ -219,7 +244,7 @@ impl Controller {
         self.win_n += n as f64;
         self.win_ticks += 1;
         let elapsed = now.duration_since(self.win_start);
-        if elapsed < self.window() || self.win_ticks < 2 {
+        if elapsed < self.window() || self.win_ticks < 3 {
             return;
         }
         let g = self.win_bytes as f64 / elapsed.as_secs_f64();
@@ -232,7 +257,7 @@ impl Controller {
             Phase::Baseline => {
                 self.base = Some((g, n_avg));
                 if self.limit < max {
-                    self.grow(max, n_avg.max(self.limit as f64));
+                    self.grow(max, n_avg.max(self.limit as f64), false);
                     self.grew += 1;
                     self.phase = Phase::Settling {
                         until: now + self.settle(),
@@ -248,23 +273,33 @@ impl Controller {
                 if n_avg < n0 + 0.5 {
                     // The step did not happen (no work worth cutting, or blobs ended):
                     // no verdict; this is the new reference.
+                    self.doubt = None;
                     self.base = Some((g, n_avg));
                     return;
                 }
                 let per = g0 / n0.max(1.0);
                 let marginal = (g - g0) / (n_avg - n0);
                 if marginal >= MIN_GAIN * per {
+                    self.doubt = None;
                     self.base = Some((g, n_avg));
                     if self.limit < max {
-                        self.grow(max, n_avg);
+                        self.grow(max, n_avg, marginal >= LINEAR_GAIN * per);
                         self.grew += 1;
                         self.phase = Phase::Settling {
                             until: now + self.settle(),
                         };
                     }
                     tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, limit = self.limit, "fan-out: more connections paid; growing");
+                } else if self.doubt.is_none() {
+                    // One window is not a verdict (new connections starting up, a stall of
+                    // our own): look once more.
+                    self.doubt = Some(g);
                 } else {
-                    self.limit = (n0.round() as usize).max(1);
+                    // Back to where the goodput stopped rising: as many connections as the
+                    // gain measured would have needed at the old per-connection rate.
+                    let g = g.max(self.doubt.take().unwrap_or(0.0));
+                    let knee = n0 + ((g - g0) / per).max(0.0);
+                    self.limit = (knee.min(n_avg).round() as usize).max(1);
                     self.fell += 1;
                     self.base = Some((g, n_avg));
                     self.phase = Phase::Holding {
@@ -363,27 +398,35 @@ impl Scheduler {
             let r = self.rates.entry(f.id).or_insert(Rate {
                 last_bytes: 0,
                 last_at: first,
+                counted: 0,
                 rate: None,
                 samples: 0,
                 raced: false,
             });
-            let delta = f.bytes.saturating_sub(r.last_bytes);
-            let dt = now.duration_since(r.last_at).as_secs_f64();
-            if dt >= 0.02 {
-                let sample = delta as f64 / dt;
+            // Goodput: every byte, every tick.
+            if let Some(o) = f.origin {
+                let e = per_origin.entry(o).or_default();
+                e.0 += f.bytes.saturating_sub(r.counted);
+                e.1 += 1;
+            }
+            r.counted = f.bytes;
+            // The flow's own rate, over at least RATE_DT.
+            let dt = now.duration_since(r.last_at);
+            if dt < RATE_DT {
+                continue;
+            }
+            // The first sample holds the start of the response (whatever the sockets had
+            // buffered), not the flow's rate.
+            if r.samples > 0 {
+                let sample = f.bytes.saturating_sub(r.last_bytes) as f64 / dt.as_secs_f64();
                 r.rate = Some(match r.rate {
                     None => sample,
                     Some(old) => 0.6 * old + 0.4 * sample,
                 });
-                r.last_bytes = f.bytes;
-                r.last_at = now;
-                r.samples += 1;
             }
-            if let Some(o) = f.origin {
-                let e = per_origin.entry(o).or_default();
-                e.0 += delta;
-                e.1 += 1;
-            }
+            r.last_bytes = f.bytes;
+            r.last_at = now;
+            r.samples += 1;
         }
         self.rates.retain(|id, _| live.contains(id));
         if self.fan_out == FanOut::Max {
@@ -400,7 +443,7 @@ impl Scheduler {
     pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64) {
         if let (Some(r), Some(o)) = (self.rates.remove(&id), origin) {
             if let Some(c) = self.origins.get_mut(o) {
-                c.win_bytes += bytes.saturating_sub(r.last_bytes);
+                c.win_bytes += bytes.saturating_sub(r.counted);
             }
         }
     }
@@ -422,12 +465,18 @@ impl Scheduler {
         let rate = self
             .typical_rate(&on_origin)
             .or_else(|| self.typical_rate(flows));
-        let rtt = origin
-            .and_then(|o| self.origins.get(o))
-            .map_or(Duration::from_millis(20), |c| c.rtt());
+        let ctl = origin.and_then(|o| self.origins.get(o));
+        let rtt = ctl.map_or(Duration::from_millis(20), |c| c.rtt());
+        // An origin where more connections did not pay is not capped per connection: its
+        // pieces may be long (fewer requests); elsewhere short, for order and balance.
+        let time = if ctl.is_some_and(|c| matches!(c.phase, Phase::Holding { .. })) {
+            HOLDING_PIECE_TIME
+        } else {
+            PIECE_TIME
+        };
         match rate {
             Some(r) => {
-                let t = PIECE_TIME.max(rtt * 4).as_secs_f64();
+                let t = time.max(rtt * 4).as_secs_f64();
                 ((r * t) as u64).max(self.min_piece)
             }
             None => FIRST_PIECES * self.min_piece,
@@ -604,7 +653,7 @@ mod tests {
         c.rtt = Some(MS);
         let mut n = 1usize;
         let mut t = t0;
-        let tick = Duration::from_millis(25);
+        let tick = Duration::from_millis(10);
         while t.duration_since(t0).as_secs_f64() < secs {
             t += tick;
             let bytes = (per_conn(n) * n as f64 * tick.as_secs_f64()) as u64;
@@ -638,7 +687,7 @@ mod tests {
         c.rtt = Some(MS);
         let mut n = 1usize;
         let mut t = t0;
-        let tick = Duration::from_millis(25);
+        let tick = Duration::from_millis(10);
         while t.duration_since(t0) < Duration::from_secs(4) {
             t += tick;
             let per = if t.duration_since(t0) < Duration::from_secs(1) {
@@ -646,7 +695,7 @@ mod tests {
             } else {
                 10e6
             };
-            c.tick(t, (per * n as f64 * 0.025) as u64, n, 32, "o");
+            c.tick(t, (per * n as f64 * 0.010) as u64, n, 32, "o");
             n = c.limit;
         }
         assert_eq!(n, 32);

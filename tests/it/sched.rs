@@ -274,7 +274,10 @@ fn work_stealing_splits_a_running_transfer() {
         assert!(closed, "not a closed range: {r:?}\n{}", log.describe());
     }
     assert!(
-        gets[0].range.as_deref().is_some_and(|r| r.starts_with("bytes=0-")),
+        gets[0]
+            .range
+            .as_deref()
+            .is_some_and(|r| r.starts_with("bytes=0-")),
         "the first request starts at byte 0:\n{}",
         log.describe()
     );
