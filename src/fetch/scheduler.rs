@@ -165,6 +165,10 @@ struct Controller {
     win_ticks: u32,
     /// Smallest time to first byte seen: a round trip and the server's think time.
     rtt: Option<Duration>,
+    /// The median rate of this origin's connections, last taken while at least three were
+    /// measured: what a new connection can expect, even at the end of a pull when only
+    /// the stragglers are left.
+    typical: Option<f64>,
     /// The goodput of a window that said the last step did not pay, waiting for a second
     /// window to confirm it.
     doubt: Option<f64>,
@@ -187,6 +191,7 @@ impl Controller {
             win_n: 0.0,
             win_ticks: 0,
             rtt: None,
+            typical: None,
             doubt: None,
             grew: 0,
             fell: 0,
@@ -369,13 +374,27 @@ impl Scheduler {
 
     /// How many connections `origin` may have now.
     pub(crate) fn limit(&self, origin: &str) -> usize {
+        self.limit_with(origin, 0)
+    }
+
+    /// [`Scheduler::limit`] when `blobs` blobs are being fetched from `origin`: until its
+    /// controller has measured anything, each of them has its own connection and the origin
+    /// [`INITIAL_LIMIT`] more (a pull of many blobs is not held to four connections while
+    /// the first window runs).
+    fn limit_with(&self, origin: &str, blobs: usize) -> usize {
         match self.fan_out {
             FanOut::Max => self.max_connections,
-            FanOut::Auto => self
-                .origins
-                .get(origin)
-                .map_or(INITIAL_LIMIT, |c| c.limit)
-                .min(self.max_connections),
+            FanOut::Auto => {
+                let c = self.origins.get(origin);
+                let measured = c.is_some_and(|c| c.base.is_some());
+                let limit = c.map_or(INITIAL_LIMIT, |c| c.limit);
+                if measured {
+                    limit
+                } else {
+                    limit.max(blobs + INITIAL_LIMIT)
+                }
+                .min(self.max_connections)
+            }
         }
     }
 
@@ -391,6 +410,7 @@ impl Scheduler {
     /// Measures: every flow's rate, every origin's goodput; the controllers decide.
     pub(crate) fn tick<'a>(&mut self, now: Instant, flows: impl Iterator<Item = FlowInfo<'a>>) {
         let mut per_origin: HashMap<&str, (u64, usize)> = HashMap::new();
+        let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
         let mut live = Vec::new();
         for f in flows {
             live.push(f.id);
@@ -427,8 +447,19 @@ impl Scheduler {
             r.last_bytes = f.bytes;
             r.last_at = now;
             r.samples += 1;
+            if let (Some(o), Some(rate)) = (f.origin, r.rate) {
+                per_origin_rates.entry(o).or_default().push(rate);
+            }
         }
         self.rates.retain(|id, _| live.contains(id));
+        for (origin, mut rates) in per_origin_rates {
+            if rates.len() >= 3 {
+                rates.sort_by(f64::total_cmp);
+                if let Some(c) = self.origins.get_mut(origin) {
+                    c.typical = Some(rates[rates.len() / 2]);
+                }
+            }
+        }
         if self.fan_out == FanOut::Max {
             return;
         }
@@ -462,8 +493,10 @@ impl Scheduler {
             .filter(|f| origin.is_none() || f.origin == origin)
             .copied()
             .collect();
-        let rate = self
-            .typical_rate(&on_origin)
+        let rate = origin
+            .and_then(|o| self.origins.get(o))
+            .and_then(|c| c.typical)
+            .or_else(|| self.typical_rate(&on_origin))
             .or_else(|| self.typical_rate(flows));
         let ctl = origin.and_then(|o| self.origins.get(o));
         let rtt = ctl.map_or(Duration::from_millis(20), |c| c.rtt());
@@ -507,12 +540,18 @@ impl Scheduler {
         on_origin: impl Fn(&str) -> usize,
     ) -> Option<Decision> {
         let running = |b: usize| blobs.iter().find(|x| x.blob == b).map_or(0, |x| x.running);
+        let on_origin_blobs = |o: &str| {
+            blobs
+                .iter()
+                .filter(|b| b.running > 0 && b.origin == Some(o))
+                .count()
+        };
         let mut piece: Option<(u64, usize, u64)> = None;
         for b in blobs {
             let Some(origin) = b.origin else { continue };
             if b.unassigned == 0
                 || b.running >= self.max_per_blob
-                || on_origin(origin) >= self.limit(origin)
+                || on_origin(origin) >= self.limit_with(origin, on_origin_blobs(origin))
             {
                 continue;
             }
@@ -545,10 +584,18 @@ impl Scheduler {
                 .get(origin)
                 .map_or(Duration::from_millis(20), |c| c.rtt())
                 .as_secs_f64();
-            let fresh = typical.unwrap_or(1e6).max(1.0);
+            let fresh = self
+                .origins
+                .get(origin)
+                .and_then(|c| c.typical)
+                .or(typical)
+                .unwrap_or(1e6)
+                .max(1.0);
             let own = rate.unwrap_or(fresh).max(1.0);
             let left = remaining as f64 / own;
-            if remaining >= 2 * self.min_piece && on_origin(origin) < self.limit(origin) {
+            if remaining >= 2 * self.min_piece
+                && on_origin(origin) < self.limit_with(origin, on_origin_blobs(origin))
+            {
                 // Both finish together: the victim goes on at `own`, the new connection
                 // starts after a round trip at the typical rate.
                 let t = (remaining as f64 + fresh * rtt) / (own + fresh);
@@ -765,8 +812,9 @@ mod tests {
         assert_eq!(cut.at % ALIGN, 0);
         // No cut beyond the origin's limit, or the blob's.
         let mut fresh = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        // (Before any measurement: a connection per blob, and INITIAL_LIMIT more.)
         assert!(fresh
-            .pick(&flows([0, 0]), &blobs, |_| INITIAL_LIMIT)
+            .pick(&flows([0, 0]), &blobs, |_| 2 + INITIAL_LIMIT)
             .is_none());
         assert!(fresh.pick(&flows([0, 0]), &blobs, |_| 1).is_some());
         let mut per_blob = Scheduler::new(FanOut::Max, 32, 1, 1 << 20);
