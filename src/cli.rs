@@ -86,7 +86,7 @@ pub struct Args {
     /// The smallest piece a blob's range is cut into when another connection takes over
     /// part of it (suffixes K, M, G = KiB, MiB, GiB); blobs under twice this size are
     /// fetched in one request.
-    #[arg(long, default_value = "4M", value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_name = "SIZE", value_parser = parse_size)]
     pub chunk_size: u64,
 
     /// How blobs are spread over connections: `auto` adds connections to a server while

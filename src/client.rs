@@ -26,7 +26,7 @@ use crate::verify::{self, HashPool};
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
 pub const DEFAULT_CONNECTIONS: usize = 64;
 /// Default smallest piece a blob is cut into ([`ClientBuilder::chunk_size`]).
-pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 
 /// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
 #[derive(Clone)]
@@ -134,7 +134,7 @@ impl ClientBuilder {
     }
 
     /// The smallest piece a blob's range is cut into when a connection takes over part of
-    /// it; blobs under twice this size are fetched in one request (default 4 MiB).
+    /// it; blobs under twice this size are fetched in one request (default 1 MiB).
     pub fn chunk_size(mut self, bytes: u64) -> Self {
         self.chunk_size = bytes;
         self

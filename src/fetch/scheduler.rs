@@ -30,8 +30,8 @@
 //!   connection adds its share and the pull fans out fully; on an uncapped origin the goodput
 //!   stays flat and the pull keeps a few long requests.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
-//!   whose tail would still take much longer than a fresh connection needs for it gives the
-//!   tail away: the cut is put just past where it will be when the new request's first byte
+//!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
+//!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
 //!   arrives.
 //!
 //! The scheduler only decides; `fetch` carries its decisions out (and [`crate::write`] makes
@@ -52,8 +52,12 @@ pub(crate) const MIN_GAIN: f64 = 0.3;
 pub(crate) const LINEAR_GAIN: f64 = 0.7;
 /// Cuts land on multiples of this.
 const ALIGN: u64 = 64 << 10;
-/// A tail shorter than this is not raced.
+/// A tail is raced only if the new connection gets at least this much of it.
 const MIN_RACE: u64 = 256 << 10;
+/// A race cuts at least this far ahead of the victim (what its socket may hold already).
+const RACE_AHEAD: u64 = 256 << 10;
+/// A straggler is this many times slower than the origin's typical connection.
+const STRAGGLER: f64 = 3.0;
 /// Shortest interval a flow's rate is measured over.
 const RATE_DT: Duration = Duration::from_millis(40);
 /// How long a piece should take at the rate transfers get.
@@ -61,7 +65,7 @@ const PIECE_TIME: Duration = Duration::from_millis(250);
 /// The same, on an origin whose controller found more connections do not pay.
 const HOLDING_PIECE_TIME: Duration = Duration::from_millis(1000);
 /// A blob's first request, before any rate is known, asks for this many minimum pieces.
-pub(crate) const FIRST_PIECES: u64 = 4;
+pub(crate) const FIRST_PIECES: u64 = 8;
 /// Rate samples (ticks) a transfer needs before it can be called a straggler.
 const RACE_SAMPLES: u32 = 6;
 
@@ -169,6 +173,8 @@ struct Controller {
     /// measured: what a new connection can expect, even at the end of a pull when only
     /// the stragglers are left.
     typical: Option<f64>,
+    /// Ticks of the window in which bytes came.
+    win_busy: u32,
     /// The goodput of a window that said the last step did not pay, waiting for a second
     /// window to confirm it.
     doubt: Option<f64>,
@@ -191,6 +197,7 @@ impl Controller {
             win_n: 0.0,
             win_ticks: 0,
             rtt: None,
+            win_busy: 0,
             typical: None,
             doubt: None,
             grew: 0,
@@ -202,8 +209,7 @@ impl Controller {
         self.rtt.unwrap_or(Duration::from_millis(20))
     }
 
-    /// A measurement window: a few round trips, at least 50 ms (send chunks of a limiter
-    /// and scheduler noise average out over the connections), at most 1 s.
+    /// A measurement window: a few round trips, at least 50 ms, at most 1 s.
     fn window(&self) -> Duration {
         (self.rtt() * 3).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
@@ -221,6 +227,7 @@ impl Controller {
         self.win_bytes = 0;
         self.win_n = 0.0;
         self.win_ticks = 0;
+        self.win_busy = 0;
     }
 
     /// Raises the limit from `n` connections: ×4 when few, or when the last step showed
@@ -248,12 +255,20 @@ impl Controller {
         self.win_bytes += bytes;
         self.win_n += n as f64;
         self.win_ticks += 1;
+        if bytes > 0 {
+            self.win_busy += 1;
+        }
         let elapsed = now.duration_since(self.win_start);
         if elapsed < self.window() || self.win_ticks < 3 {
             return;
         }
         let g = self.win_bytes as f64 / elapsed.as_secs_f64();
         let n_avg = self.win_n / self.win_ticks as f64;
+        // Bytes in most ticks: the window measured a flow. A window with long silences
+        // (a limiter sending in bursts, such as nginx's 2 MiB send chunks, each followed by
+        // a pause) says nothing about what more connections would bring: no verdict from
+        // it; growth goes on, as a per-connection limiter is what sends in bursts.
+        let clean = self.win_busy * 4 >= self.win_ticks * 3;
         self.restart_window(now);
         if n_avg < 0.5 {
             return; // nothing was flowing: no information
@@ -283,7 +298,11 @@ impl Controller {
                     return;
                 }
                 let per = g0 / n0.max(1.0);
-                let marginal = (g - g0) / (n_avg - n0);
+                let marginal = if clean {
+                    (g - g0) / (n_avg - n0)
+                } else {
+                    MIN_GAIN * per
+                };
                 if marginal >= MIN_GAIN * per {
                     self.doubt = None;
                     self.base = Some((g, n_avg));
@@ -372,14 +391,9 @@ impl Scheduler {
         }
     }
 
-    /// How many connections `origin` may have now.
-    pub(crate) fn limit(&self, origin: &str) -> usize {
-        self.limit_with(origin, 0)
-    }
-
-    /// [`Scheduler::limit`] when `blobs` blobs are being fetched from `origin`: until its
-    /// controller has measured anything, each of them has its own connection and the origin
-    /// [`INITIAL_LIMIT`] more (a pull of many blobs is not held to four connections while
+    /// How many connections `origin` may have now, when `blobs` blobs are being fetched
+    /// from it: until its controller has measured anything, each of them has its own
+    /// connection and the origin [`INITIAL_LIMIT`] more (a pull of many blobs is not held to four connections while
     /// the first window runs).
     fn limit_with(&self, origin: &str, blobs: usize) -> usize {
         match self.fan_out {
@@ -614,7 +628,7 @@ impl Scheduler {
                 }
             } else if self.fan_out == FanOut::Auto
                 && remaining < 2 * self.min_piece
-                && remaining >= MIN_RACE
+                && remaining >= MIN_RACE + RACE_AHEAD
                 && self
                     .rates
                     .get(&f.id)
@@ -622,9 +636,12 @@ impl Scheduler {
             {
                 // A straggler: its tail takes much longer than a new connection would.
                 let fresh_time = rtt + remaining as f64 / fresh;
-                if left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
-                    let at = align(pos + (own * 2.0 * rtt) as u64 + ALIGN);
-                    if at + ALIGN <= end && best_race.is_none_or(|(l, _)| left > l) {
+                if own * STRAGGLER < fresh && left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
+                    // Past where the victim will be when the new request's bytes come, and
+                    // past what its socket may already hold.
+                    let ahead = ((own * 2.0 * rtt) as u64).max(RACE_AHEAD);
+                    let at = align(pos + ahead);
+                    if at + MIN_RACE <= end && best_race.is_none_or(|(l, _)| left > l) {
                         best_race = Some((
                             left,
                             Cut {

@@ -99,11 +99,11 @@ fn connections_per_blob_bound_one_blob() {
     assert!(peak > 1, "the blob never fanned out:\n{}", log.describe());
 }
 
-/// Many small blobs (more than the default 32 requests in flight): connections are kept alive
+/// Many small blobs (more than the default 64 requests in flight): connections are kept alive
 /// and carry more than one blob each, rather than one connection per request.
 #[test]
 fn connections_are_reused_across_blobs() {
-    let sizes: Vec<usize> = (0..40).map(|i| 10_000 + 97 * i).collect();
+    let sizes: Vec<usize> = (0..80).map(|i| 10_000 + 97 * i).collect();
     let image = image_of(2300, &sizes);
     let (_reg, proxy) = registry_behind_proxy("sched/reuse", &image);
     let (_d, out) = dest();
@@ -146,8 +146,9 @@ fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
     let image = image_of(seed, &[48 * MIB + 5, 3000]);
     push_image(&reg, repo, "v", &image);
     let (_d, out) = dest();
-    let o = pull(&[], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
+    let o = pull(&["-vv"], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
     let log = proxy.settle();
+    eprintln!("{}", text(&o));
     assert!(
         o.status.success(),
         "{}\nCDN log:\n{}",
