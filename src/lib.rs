@@ -6,12 +6,13 @@
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
 //! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → [`plan`] (which
-//! blobs, largest first, skipping what is already verified on disk, and how each is cut into
-//! range chunks) → `fetch` (the only concurrent stage: range requests over many connections,
-//! each retried and resumed on its own) → [`write`](mod@write) (preallocated, mmapped partial files,
-//! durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU threads,
-//! following the written prefix while later chunks still arrive) → `layout` (`index.json`
-//! or `manifest.json`, written last).
+//! blobs, largest first, skipping what is already verified on disk) → `fetch` (the only
+//! concurrent stage: a scheduler that measures each server's goodput and decides how many
+//! connections it gets and where ranges are cut, and transfers retried and resumed on their
+//! own; see [`FanOut`]) → [`write`](mod@write) (preallocated, mmapped partial files written
+//! in spans, durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU
+//! threads, following the written prefix while later spans still arrive) → `layout`
+//! (`index.json` or `manifest.json`, written last).
 //!
 //! A blob under its final name is always complete and verified; the manifest is stored
 //! exactly as the registry sent it, after its sha256 was checked against the pinned digest

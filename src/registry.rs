@@ -63,6 +63,8 @@ pub(crate) struct BlobResponse {
     pub response: Response<Incoming>,
     /// The URL that answered (after redirects).
     pub url: String,
+    /// HTTP requests it took (redirect hops and re-sends after a 401 included).
+    pub exchanges: u32,
 }
 
 /// Where a pull goes: a registry's API host, or one of its mirrors.
@@ -317,7 +319,10 @@ impl Registry {
                 .map_err(|e| Error::network("build request for", url, e))?;
             headers.insert(header::RANGE, v);
         }
-        let (resp, final_url) = self.send_on(lane, Method::GET, url, headers).await?;
+        let mut exchanges = 0;
+        let (resp, final_url) = self
+            .send_counted(lane, Method::GET, url, headers, &mut exchanges)
+            .await?;
         let body = match resp.status() {
             StatusCode::OK => BlobBody::Whole {
                 length: content_length(resp.headers()),
@@ -343,6 +348,7 @@ impl Registry {
             body,
             response: resp,
             url: final_url,
+            exchanges,
         })
     }
 
@@ -364,6 +370,19 @@ impl Registry {
         url: &str,
         headers: HeaderMap,
     ) -> Result<(Response<Incoming>, String)> {
+        self.send_counted(lane, method, url, headers, &mut 0).await
+    }
+
+    /// [`Registry::send_on`], adding to `exchanges` each request it sends (redirect hops and
+    /// re-sends after a 401 included).
+    async fn send_counted(
+        &self,
+        lane: usize,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        exchanges: &mut u32,
+    ) -> Result<(Response<Incoming>, String)> {
         let mut url = url.to_string();
         let mut auth_rounds = 0;
         let base_origin = origin_of(&self.base());
@@ -376,6 +395,7 @@ impl Registry {
             if let (true, Some(v)) = (same_host, auth) {
                 h.insert(header::AUTHORIZATION, v);
             }
+            *exchanges += 1;
             let resp = self
                 .transport
                 .send_on(lane, method.clone(), &url, h, Bytes::new())

@@ -26,7 +26,8 @@ pub(super) struct BlobState {
     pub url: Mutex<String>,
     /// Bytes received for this blob (all its transfers).
     pub downloaded: AtomicU64,
-    /// HTTP exchanges for this blob, redirects and auth rounds included.
+    /// HTTP requests for this blob that were answered, redirect hops and re-sends after a
+    /// 401 included: its round trips, besides new connections.
     pub requests: AtomicU32,
     /// The blob is small enough to be asked for without `Range`.
     pub whole_request: bool,
@@ -185,8 +186,9 @@ impl Fetcher<'_> {
             body: kind,
             response,
             url: final_url,
+            exchanges,
         } = resp;
-        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.requests.fetch_add(exchanges, Ordering::Relaxed);
         tracing::debug!(
             blob = %s.desc.digest,
             url = %redact_url(&final_url),
