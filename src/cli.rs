@@ -14,7 +14,7 @@ use crate::console::Console;
 const AFTER_HELP: &str = "\
 Examples:
   fastpull alpine ./alpine
-  fastpull -j 32 --chunk-size 16M ghcr.io/org/model:7b ./model
+  fastpull --fan-out max -j 32 --chunk-size 16M ghcr.io/org/model:7b ./model
   fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
@@ -75,7 +75,8 @@ pub struct Args {
     #[arg(long)]
     pub plain_http: bool,
 
-    /// HTTP requests in flight for the whole pull (blobs and their range chunks).
+    /// Most HTTP requests in flight for the whole pull; how many each server gets is measured
+    /// as the pull goes (see --fan-out).
     #[arg(short = 'j', long, default_value_t = fastpull::DEFAULT_CONNECTIONS, value_name = "N")]
     pub connections: usize,
 
@@ -90,8 +91,8 @@ pub struct Args {
     pub chunk_size: u64,
 
     /// How blobs are spread over connections: `auto` adds connections to a server while
-    /// the total rate keeps rising; `max` uses every allowed connection at once (for
-    /// servers known to cap each connection).
+    /// the total rate keeps rising; `max` uses every allowed connection at once, in pieces
+    /// of exactly --chunk-size (for servers known to cap each connection).
     #[arg(long, default_value = "auto", value_name = "MODE", value_parser = parse_fan_out)]
     pub fan_out: fastpull::FanOut,
 

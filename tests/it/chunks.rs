@@ -629,13 +629,11 @@ fn default_on_an_uncapped_registry_uses_few_requests() {
         log.describe()
     );
     for g in &gets {
-        let (from, to) = g
-            .range
-            .as_deref()
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-            .unwrap_or((0, big.size() - 1));
+        let (from, to) = match g.range_bounds() {
+            Some((a, Some(b))) => (a, b),
+            None => (0, big.size() - 1),
+            Some((a, None)) => panic!("open range from {a}\n{}", log.describe()),
+        };
         assert!(
             to + 1 - from >= 1024 * 1024 || to + 1 == big.size(),
             "a range under 1 MiB that is not the tail: {from}-{to}\n{}",
