@@ -52,6 +52,8 @@ pub(crate) const MIN_GAIN: f64 = 0.3;
 pub(crate) const LINEAR_GAIN: f64 = 0.7;
 /// Cuts land on multiples of this.
 const ALIGN: u64 = 64 << 10;
+/// A transfer is cut only if it would take longer than this (seconds) to finish alone.
+const MIN_CUT_TIME: f64 = 0.1;
 /// A tail is raced only if the new connection gets at least this much of it.
 const MIN_RACE: u64 = 256 << 10;
 /// A race cuts at least this far ahead of the victim (what its socket may hold already).
@@ -607,7 +609,11 @@ impl Scheduler {
                 .max(1.0);
             let own = rate.unwrap_or(fresh).max(1.0);
             let left = remaining as f64 / own;
+            // A cut costs a request and the victim's connection: only where the victim
+            // would still take a while alone (a fast connection's last MiBs are not worth
+            // it, and its socket may hold them already).
             if remaining >= 2 * self.min_piece
+                && left > MIN_CUT_TIME.max(4.0 * rtt)
                 && on_origin(origin) < self.limit_with(origin, on_origin_blobs(origin))
             {
                 // Both finish together: the victim goes on at `own`, the new connection
