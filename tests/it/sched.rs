@@ -44,22 +44,24 @@ fn body_requests(log: &Log, image: &Image) -> usize {
     image.blobs().map(|b| log.body_gets(&b.digest).len()).sum()
 }
 
+/// Pulls `image` (pushed as `repo:v`) with `args` through a counting proxy that caps every
+/// connection smoothly at `rate` bytes/s; checks the image on disk and returns the log.
+fn pull_capped(repo: &str, image: &Image, rate: u64, args: &[&str]) -> Log {
+    let (_reg, proxy) = registry_behind_proxy(repo, image);
+    proxy.cap(Which::All, Cap::smooth(rate));
+    let (_d, out) = dest();
+    let o = pull(args, &format!("{}/{repo}:v", proxy.addr()), &out, TIMEOUT);
+    let log = proxy.settle();
+    assert_pulled(&out, image, &o);
+    log
+}
+
 /// `-j 3` bounds the requests in flight for the whole pull. Responses are capped at 1 MB/s so
 /// that requests overlap whenever the engine lets them (checked red with `-j 32`: peak 13).
 #[test]
 fn jobs_bound_requests_in_flight() {
     let image = image_of(2100, &[256 << 10; 12]);
-    let (_reg, proxy) = registry_behind_proxy("sched/jobs", &image);
-    proxy.cap(Which::All, Cap::smooth(1_000_000));
-    let (_d, out) = dest();
-    let o = pull(
-        &["-j", "3"],
-        &format!("{}/sched/jobs:v", proxy.addr()),
-        &out,
-        TIMEOUT,
-    );
-    let log = proxy.settle();
-    assert_pulled(&out, &image, &o);
+    let log = pull_capped("sched/jobs", &image, 1_000_000, &["-j", "3"]);
     let blobs = body_requests(&log, &image);
     assert!(
         blobs > 3,
@@ -79,17 +81,12 @@ fn jobs_bound_requests_in_flight() {
 #[test]
 fn connections_per_blob_bound_one_blob() {
     let image = image_of(2200, &[24 * MIB + 11]);
-    let (_reg, proxy) = registry_behind_proxy("sched/perblob", &image);
-    proxy.cap(Which::All, Cap::smooth(4_000_000));
-    let (_d, out) = dest();
-    let o = pull(
+    let log = pull_capped(
+        "sched/perblob",
+        &image,
+        4_000_000,
         &["--connections-per-blob", "2"],
-        &format!("{}/sched/perblob:v", proxy.addr()),
-        &out,
-        TIMEOUT,
     );
-    let log = proxy.settle();
-    assert_pulled(&out, &image, &o);
     let peak = log.peak_for_blob(&image.layers[0].digest);
     assert!(
         peak <= 2,
@@ -246,17 +243,7 @@ fn assert_fetched_once(log: &Log, blob: &Blob) {
 #[test]
 fn work_stealing_splits_a_running_transfer() {
     let image = image_of(2600, &[40 * MIB + 3]);
-    let (_reg, proxy) = registry_behind_proxy("sched/steal", &image);
-    proxy.cap(Which::All, Cap::smooth(8_000_000));
-    let (_d, out) = dest();
-    let o = pull(
-        &["-v"],
-        &format!("{}/sched/steal:v", proxy.addr()),
-        &out,
-        TIMEOUT,
-    );
-    let log = proxy.settle();
-    assert_pulled(&out, &image, &o);
+    let log = pull_capped("sched/steal", &image, 8_000_000, &["-v"]);
     let big = &image.layers[0];
     let s = steals(&log, &big.digest);
     assert!(
