@@ -161,13 +161,19 @@ fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
          48 MiB blob, want >= 8:\n{}",
         log.describe()
     );
+    // Under an emulator the client is the slow side: a cut transfer may already hold its
+    // remaining bytes in its socket, which the proxy then sees fetched twice (see
+    // support::runner::under_emulation); holes are checked everywhere.
     let cov = log.coverage(&big.digest, big.size());
-    assert!(
-        cov.problems.is_empty(),
-        "{:?}\n{}",
-        cov.problems,
-        log.describe()
-    );
+    let problems: Vec<&String> = cov
+        .problems
+        .iter()
+        .filter(|p| {
+            !crate::support::runner::under_emulation()
+                || !(p.contains("fetched twice") || p.starts_with("complete responses"))
+        })
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
 }
 
 /// Smooth cap: nginx `limit_rate 4m` on every response.
