@@ -716,8 +716,13 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Drives a controller with `n` connections each bringing `per_conn(n)` bytes/s.
-    fn drive(per_conn: impl Fn(usize) -> f64, max: usize, secs: f64) -> (usize, Controller) {
+    /// Drives a controller for `secs`: `n` connections, each bringing `per_conn(elapsed, n)`
+    /// bytes/s, follow its limit at once (there is always work to cut).
+    fn drive(
+        per_conn: impl Fn(Duration, usize) -> f64,
+        max: usize,
+        secs: f64,
+    ) -> (usize, Controller) {
         let t0 = Instant::now();
         let mut c = Controller::new(t0);
         c.rtt = Some(MS);
@@ -726,9 +731,8 @@ mod tests {
         let tick = Duration::from_millis(10);
         while t.duration_since(t0).as_secs_f64() < secs {
             t += tick;
-            let bytes = (per_conn(n) * n as f64 * tick.as_secs_f64()) as u64;
+            let bytes = (per_conn(t.duration_since(t0), n) * n as f64 * tick.as_secs_f64()) as u64;
             c.tick(t, bytes, n, max, "o");
-            // Connections follow the limit at once (there is always work to cut).
             n = c.limit;
         }
         (n, c)
@@ -737,14 +741,14 @@ mod tests {
     #[test]
     fn capped_connections_fan_out_fully() {
         // 25 MB/s per connection, whatever the count.
-        let (n, _) = drive(|_| 25e6, 32, 1.0);
+        let (n, _) = drive(|_, _| 25e6, 32, 1.0);
         assert_eq!(n, 32);
     }
 
     #[test]
     fn a_shared_bottleneck_does_not_fan_out() {
         // 700 MB/s in all, however many connections share it.
-        let (n, c) = drive(|n| 700e6 / n as f64, 32, 3.0);
+        let (n, c) = drive(|_, n| 700e6 / n as f64, 32, 3.0);
         assert!(n <= 4 * 4, "limit {n}");
         assert!(c.fell >= 1);
     }
@@ -752,22 +756,14 @@ mod tests {
     #[test]
     fn a_cap_that_appears_later_is_noticed() {
         // Uncapped (shared 700 MB/s) for the first second, then 10 MB/s per connection.
-        let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
-        let mut n = 1usize;
-        let mut t = t0;
-        let tick = Duration::from_millis(10);
-        while t.duration_since(t0) < Duration::from_secs(4) {
-            t += tick;
-            let per = if t.duration_since(t0) < Duration::from_secs(1) {
+        let per = |t: Duration, n: usize| {
+            if t < Duration::from_secs(1) {
                 700e6 / n as f64
             } else {
                 10e6
-            };
-            c.tick(t, (per * n as f64 * 0.010) as u64, n, 32, "o");
-            n = c.limit;
-        }
+            }
+        };
+        let (n, _) = drive(per, 32, 4.0);
         assert_eq!(n, 32);
     }
 

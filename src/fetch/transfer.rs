@@ -277,34 +277,32 @@ impl Fetcher<'_> {
         let mut consumed = 0u64;
         let stall = self.options.stall_timeout;
         loop {
+            let failed = |what: String| {
+                Error::network(
+                    "read",
+                    url,
+                    format!(
+                        "blob {} range {}-{}: {what}",
+                        s.desc.digest,
+                        writer.range().start,
+                        writer.range().end.saturating_sub(1),
+                    ),
+                )
+            };
             let frame = match tokio::time::timeout(stall, body.frame()).await {
                 Err(_) => {
-                    return Err(Error::network(
-                        "read",
-                        url,
-                        format!(
-                            "blob {} range {}-{}: no data for {}s at byte {}",
-                            s.desc.digest,
-                            writer.range().start,
-                            writer.range().end.saturating_sub(1),
-                            stall.as_secs(),
-                            writer.position()
-                        ),
-                    ))
+                    return Err(failed(format!(
+                        "no data for {}s at byte {}",
+                        stall.as_secs(),
+                        writer.position()
+                    )))
                 }
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(e))) => {
-                    return Err(Error::network(
-                        "read",
-                        url,
-                        format!(
-                            "blob {} range {}-{}: body failed at byte {}: {e}",
-                            s.desc.digest,
-                            writer.range().start,
-                            writer.range().end.saturating_sub(1),
-                            writer.position()
-                        ),
-                    ))
+                    return Err(failed(format!(
+                        "body failed at byte {}: {e}",
+                        writer.position()
+                    )))
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
