@@ -44,11 +44,13 @@ fn body_requests(log: &Log, image: &Image) -> usize {
     image.blobs().map(|b| log.body_gets(&b.digest).len()).sum()
 }
 
-/// Pulls `image` (pushed as `repo:v`) with `args` through a counting proxy that caps every
-/// connection smoothly at `rate` bytes/s; checks the image on disk and returns the log.
-fn pull_capped(repo: &str, image: &Image, rate: u64, args: &[&str]) -> Log {
+/// Pulls `image` (pushed as `repo:v`) with `args` through a counting proxy that applies `cap`
+/// to every connection; checks the image on disk and returns the log.
+fn pull_capped(repo: &str, image: &Image, cap: Option<Cap>, args: &[&str]) -> Log {
     let (_reg, proxy) = registry_behind_proxy(repo, image);
-    proxy.cap(Which::All, Cap::smooth(rate));
+    if let Some(cap) = cap {
+        proxy.cap(Which::All, cap);
+    }
     let (_d, out) = dest();
     let o = pull(args, &format!("{}/{repo}:v", proxy.addr()), &out, TIMEOUT);
     let log = proxy.settle();
@@ -61,7 +63,12 @@ fn pull_capped(repo: &str, image: &Image, rate: u64, args: &[&str]) -> Log {
 #[test]
 fn jobs_bound_requests_in_flight() {
     let image = image_of(2100, &[256 << 10; 12]);
-    let log = pull_capped("sched/jobs", &image, 1_000_000, &["-j", "3"]);
+    let log = pull_capped(
+        "sched/jobs",
+        &image,
+        Some(Cap::smooth(1_000_000)),
+        &["-j", "3"],
+    );
     let blobs = body_requests(&log, &image);
     assert!(
         blobs > 3,
@@ -84,7 +91,7 @@ fn connections_per_blob_bound_one_blob() {
     let log = pull_capped(
         "sched/perblob",
         &image,
-        4_000_000,
+        Some(Cap::smooth(4_000_000)),
         &["--connections-per-blob", "2"],
     );
     let peak = log.peak_for_blob(&image.layers[0].digest);
@@ -102,16 +109,7 @@ fn connections_per_blob_bound_one_blob() {
 fn connections_are_reused_across_blobs() {
     let sizes: Vec<usize> = (0..80).map(|i| 10_000 + 97 * i).collect();
     let image = image_of(2300, &sizes);
-    let (_reg, proxy) = registry_behind_proxy("sched/reuse", &image);
-    let (_d, out) = dest();
-    let o = pull(
-        &[],
-        &format!("{}/sched/reuse:v", proxy.addr()),
-        &out,
-        TIMEOUT,
-    );
-    let log = proxy.settle();
-    assert_pulled(&out, &image, &o);
+    let log = pull_capped("sched/reuse", &image, None, &[]);
     let blobs_per_conn = {
         let mut m = std::collections::BTreeMap::<usize, usize>::new();
         for r in log
@@ -249,7 +247,7 @@ fn assert_fetched_once(log: &Log, blob: &Blob) {
 #[test]
 fn work_stealing_splits_a_running_transfer() {
     let image = image_of(2600, &[40 * MIB + 3]);
-    let log = pull_capped("sched/steal", &image, 8_000_000, &["-v"]);
+    let log = pull_capped("sched/steal", &image, Some(Cap::smooth(8_000_000)), &["-v"]);
     let big = &image.layers[0];
     let s = steals(&log, &big.digest);
     assert!(
@@ -368,17 +366,12 @@ fn no_byte_is_fetched_twice() {
         2900,
         &[9 * MIB + 1, 20 * MIB, 33 * MIB + 5, 2 * MIB, 8 * MIB],
     );
-    let (_reg, proxy) = registry_behind_proxy("sched/once", &image);
-    proxy.cap(Which::All, Cap::bursty(1 << 20, 6_000_000));
-    let (_d, out) = dest();
-    let o = pull(
+    let log = pull_capped(
+        "sched/once",
+        &image,
+        Some(Cap::bursty(1 << 20, 6_000_000)),
         &[],
-        &format!("{}/sched/once:v", proxy.addr()),
-        &out,
-        TIMEOUT,
     );
-    let log = proxy.settle();
-    assert_pulled(&out, &image, &o);
     for b in image.blobs() {
         assert_fetched_once(&log, b);
     }
