@@ -14,8 +14,8 @@
 mod scheduler;
 mod transfer;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::manifest::BlobDescriptor;
 use crate::progress::{Event, Reporter};
-use crate::registry::{origin_of, Registry};
+use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::verify::{HashPool, InOrderHasher};
 use crate::write::{BlobFile, SpanRef, SpanWriter};
@@ -173,9 +173,8 @@ impl Fetcher<'_> {
                         .filter(|s| r.running == 0 && s.file.unassigned() > 0)
                         .map(|s| (i, s.clone()))
                 }) {
-                    let origin = blob_origin(&state);
                     let len = sched.fit(
-                        sched.piece_len(origin.as_deref(), &infos),
+                        sched.piece_len(state.origin(), &infos),
                         state.file.unassigned(),
                     );
                     let writer = state
@@ -184,10 +183,6 @@ impl Fetcher<'_> {
                         .ok_or_else(|| internal("no bytes left to take"))?;
                     (b, writer, false)
                 } else {
-                    let origins: Vec<Option<String>> = runs
-                        .iter()
-                        .map(|r| r.state.as_ref().and_then(|s| blob_origin(s)))
-                        .collect();
                     let blob_infos: Vec<BlobInfo<'_>> = runs
                         .iter()
                         .enumerate()
@@ -197,7 +192,7 @@ impl Fetcher<'_> {
                                 blob: i,
                                 unassigned: s.file.unassigned(),
                                 running: r.running,
-                                origin: origins[i].as_deref(),
+                                origin: s.origin(),
                             })
                         })
                         .collect();
@@ -253,7 +248,7 @@ impl Fetcher<'_> {
                 let origin = if first {
                     None
                 } else {
-                    state.url.lock().ok().and_then(|u| origin_of(&u))
+                    state.origin().map(str::to_string)
                 };
                 let stats = Arc::new(FlowStats::new(origin));
                 let id = next_id;
@@ -347,7 +342,7 @@ impl Fetcher<'_> {
             downloaded: AtomicU64::new(0),
             requests: AtomicU32::new(0),
             whole_request,
-            answered: AtomicBool::new(false),
+            origin: OnceLock::new(),
         }));
         run.digest_rx = Some(rx);
         Ok(writer)
@@ -370,14 +365,6 @@ impl Fetcher<'_> {
         };
         (id, self.transfer(flow, writer).await)
     }
-}
-
-/// Where a blob's bytes come from, once its first response has said.
-fn blob_origin(s: &BlobState) -> Option<String> {
-    if !s.answered.load(Ordering::Acquire) {
-        return None;
-    }
-    s.url.lock().ok().and_then(|u| origin_of(&u))
 }
 
 /// Waits for the digest, compares it, and gives a verified blob its final name.

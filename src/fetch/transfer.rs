@@ -31,8 +31,16 @@ pub(super) struct BlobState {
     pub requests: AtomicU32,
     /// The blob is small enough to be asked for without `Range`.
     pub whole_request: bool,
-    /// The blob's first response has come: `url` is where its bytes are.
-    pub answered: AtomicBool,
+    /// `scheme://host:port` of `url`, set once the blob's first response has come (`None`
+    /// inside: a URL without one).
+    pub origin: OnceLock<Option<String>>,
+}
+
+impl BlobState {
+    /// Where the blob's bytes come from, once its first response has said.
+    pub(super) fn origin(&self) -> Option<&str> {
+        self.origin.get()?.as_deref()
+    }
 }
 
 /// What one transfer shows the scheduler while it runs.
@@ -253,7 +261,7 @@ impl Fetcher<'_> {
             }
         };
         if flow.first {
-            s.answered.store(true, Ordering::Release);
+            let _ = s.origin.set(origin_of(&final_url));
         }
         self.stream(flow, writer, response, skip, body_len, &final_url)
             .await
