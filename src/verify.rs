@@ -139,11 +139,16 @@ pub struct InOrderHasher {
 
 struct HashState {
     hasher: Hasher,
+    /// Bytes from the start already handed to [`BlobFile::write_back`].
+    written_back: u64,
     done: Option<oneshot::Sender<io::Result<Digest>>>,
 }
 
-/// Bytes read per step from the page cache while hashing.
-const HASH_STEP: usize = 1 << 20;
+/// Bytes hashed per step (read in place through the blob's map).
+const HASH_STEP: u64 = 4 << 20;
+
+/// Hashed bytes are handed to the kernel for writeback in steps of this size.
+const WRITEBACK_STEP: u64 = 16 << 20;
 
 impl InOrderHasher {
     /// A hasher for `blob`; the receiver yields the digest once every byte is hashed.
@@ -158,6 +163,7 @@ impl InOrderHasher {
             scheduled: AtomicBool::new(false),
             state: Mutex::new(HashState {
                 hasher: Hasher::new(),
+                written_back: 0,
                 done: Some(tx),
             }),
         });
@@ -174,7 +180,7 @@ impl InOrderHasher {
 
     fn run(&self) {
         thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; HASH_STEP]);
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         loop {
             let Ok(mut st) = self.state.lock() else {
@@ -187,10 +193,17 @@ impl InOrderHasher {
             let result = BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 while st.hasher.len() < prefix {
-                    let n = ((prefix - st.hasher.len()) as usize).min(buf.len());
                     let at = st.hasher.len();
-                    self.blob.read_at(&mut buf[..n], at)?;
-                    st.hasher.update(&buf[..n]);
+                    let to = prefix.min(at + HASH_STEP);
+                    let st = &mut *st;
+                    self.blob
+                        .with_written(at..to, &mut buf, |bytes| st.hasher.update(bytes))?;
+                    // Hashed bytes are final: start writing them back now, so the fsync
+                    // before the rename is short.
+                    if st.hasher.len() >= st.written_back + WRITEBACK_STEP {
+                        self.blob.write_back(st.written_back..st.hasher.len());
+                        st.written_back = st.hasher.len() / WRITEBACK_STEP * WRITEBACK_STEP;
+                    }
                 }
                 Ok::<_, io::Error>(())
             });

@@ -9,9 +9,9 @@
 //! written from its start by the one [`SpanWriter`] that owns it. The fetch scheduler decides
 //! where to cut; [`BlobFile::split`] carries a cut out safely while the span's writer is
 //! still copying: a span's end is only ever lowered to a point its writer has not reserved
-//! yet, so two writers never touch the same byte and every byte is written once. Readers
-//! (the hasher) use `pread` on the file, which sees what the map wrote (one page cache)
-//! without making any Rust reference into the map.
+//! yet, so two writers never touch the same byte and every byte is written once. The hasher
+//! reads only the contiguous written prefix, in place through the map, and then has that
+//! prefix written back to disk early ([`BlobFile::write_back`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -274,9 +274,81 @@ impl BlobFile {
         prefix
     }
 
-    /// Reads written bytes back (for hashing) without touching the map from Rust.
+    /// Reads written bytes back through the file (tests, and blobs without a map).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// Calls `f` with bytes `range` of the blob, read in place through the map (no copy).
+    /// `range` must lie within [`BlobFile::contiguous_prefix`]: those bytes are written and
+    /// no writer touches them again. Falls back to `pread` into `buf` when there is no map
+    /// any more (or never was: a 0-byte blob).
+    pub fn with_written<R>(
+        &self,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> std::io::Result<R> {
+        let len = range.end.saturating_sub(range.start) as usize;
+        if len == 0 {
+            return Ok(f(&[]));
+        }
+        let guard = self
+            .map
+            .read()
+            .map_err(|_| std::io::Error::other("blob map lock poisoned"))?;
+        match guard.as_ref() {
+            Some(map) if range.end <= self.size && range.end <= self.contiguous_prefix() => {
+                // SAFETY: the read guard keeps the mapping alive (persist takes the write
+                // lock to unmap), and the file keeps its full preallocated length (see
+                // `append`), so `range` (within `size`) is mapped and backed. The bytes lie
+                // within the contiguous written prefix (checked just above against the
+                // spans' published positions, Acquire): every one was copied by its span's
+                // only writer before it published its position, and no writer ever writes
+                // below its published position again, so nothing mutates them while this
+                // shared slice lives.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(map.as_ptr().add(range.start as usize), len)
+                };
+                Ok(f(bytes))
+            }
+            _ => {
+                drop(guard);
+                buf.resize(len, 0);
+                self.file.read_exact_at(&mut buf[..len], range.start)?;
+                Ok(f(&buf[..len]))
+            }
+        }
+    }
+
+    /// Starts writing bytes `range` (written and hashed, never written again) back to disk
+    /// now, in the background, so the fsync before the rename finds little left to do. The
+    /// range's pages are first unmapped (their dirty state moves to the page cache), so the
+    /// writeback does not write-protect live mappings page by page. Best effort: the fsync
+    /// in [`BlobFile::persist`] is what makes the data durable and reports errors.
+    pub fn write_back(&self, range: Range<u64>) {
+        let start = range.start / WRITEBACK_ALIGN * WRITEBACK_ALIGN;
+        let end = (range.end / WRITEBACK_ALIGN * WRITEBACK_ALIGN).min(self.size);
+        if end <= start {
+            return;
+        }
+        if let Ok(guard) = self.map.read() {
+            if let Some(map) = guard.as_ref() {
+                // SAFETY: a MAP_SHARED file mapping (MmapRaw::map_raw): MADV_DONTNEED drops
+                // only the page table entries, the data stays in the page cache (dirty pages
+                // stay dirty) and a later access faults the same bytes back in. Nothing
+                // reads or writes this range through the map any more (it is below the
+                // written prefix and already hashed), and no Rust reference into it exists.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start as usize,
+                        (end - start) as usize,
+                    )
+                };
+            }
+        }
+        start_writeback(&self.file, start, end - start);
     }
 
     /// Flushes the data (msync, fsync), renames the file to its final name and makes the
@@ -416,8 +488,8 @@ impl SpanWriter {
         // span (`end` ≤ the span's end, read under its lock), spans tile the blob without
         // overlap, a span has one writer, and `split` never moves a span's end below what
         // its writer reserved (`reserved`, set under the same lock before this copy), so no
-        // other thread writes these bytes concurrently. Nothing creates a Rust reference
-        // into the map; readers use pread.
+        // other thread writes these bytes concurrently, and readers (`with_written`) only
+        // look below the contiguous written prefix, which these bytes are not part of yet.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -432,6 +504,28 @@ impl SpanWriter {
         Ok(n as usize)
     }
 }
+
+/// Write-back ranges start and end on this boundary (a multiple of every page size).
+const WRITEBACK_ALIGN: u64 = 2 << 20;
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Errors are ignored: the fsync that
+/// follows reports them.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range takes an fd and plain integers and touches no memory of ours;
+    // `file` is open for the whole call. (rustix has no wrapper for it.)
+    let _ = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// How close (bytes) a writer gets to the end of its faulted pages before it faults in more.
 const PREFAULT_LEAD: u64 = 1 << 20;
@@ -532,6 +626,46 @@ mod tests {
         b.persist().unwrap();
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
         assert!(!dir.path().join("b.partial").exists());
+    }
+
+    #[test]
+    fn written_bytes_read_in_place_and_survive_early_writeback() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 9 * WRITEBACK_ALIGN + 12345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        let b = blob(dir.path(), size);
+        let mut w = b.writer().unwrap();
+        let half = (size / 2) as usize;
+        assert_eq!(w.append(&data[..half]).unwrap(), half);
+        let mut buf = Vec::new();
+        // Only the written prefix is read through the map; past it, the file is read.
+        let got = b
+            .with_written(0..half as u64, &mut buf, |bytes| bytes.to_vec())
+            .unwrap();
+        assert_eq!(got, data[..half]);
+        assert!(
+            buf.is_empty(),
+            "the written prefix is read in place, not copied"
+        );
+        let past = b
+            .with_written(0..size, &mut buf, |bytes| bytes.len())
+            .unwrap();
+        assert_eq!(past, size as usize, "past the prefix: read from the file");
+        // Write back (and unmap) the first half; the bytes stay, and the rest still goes
+        // through the map.
+        b.write_back(0..half as u64);
+        assert_eq!(w.append(&data[half..]).unwrap(), size as usize - half);
+        buf.clear();
+        let again = b
+            .with_written(0..size, &mut buf, |bytes| bytes == &data[..])
+            .unwrap();
+        assert!(
+            again,
+            "bytes read back after writeback are the bytes written"
+        );
+        assert!(buf.is_empty());
+        b.persist().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
     }
 
     #[test]
