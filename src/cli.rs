@@ -30,7 +30,8 @@ Output:
 Exit codes:
   0  success
   1  internal error (a bug: please report it)
-  130 interrupted (Ctrl-C): verified blobs are kept, partial files removed
+  130 interrupted (Ctrl-C, SIGTERM): verified blobs are kept, and partial downloads
+     too (in DEST/.fastpull-tmp, with their journals): the same command resumes them
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
@@ -101,6 +102,16 @@ pub struct Args {
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub retries: u32,
 
+    /// Do not resume: remove partial downloads an earlier pull left in DEST, and keep none
+    /// when this one stops.
+    #[arg(long)]
+    pub no_resume: bool,
+
+    /// Times a blob whose digest does not match is fetched again before the pull fails
+    /// (exit 4).
+    #[arg(long, default_value_t = fastpull::DEFAULT_REPAIR_ATTEMPTS, value_name = "N")]
+    pub repair_attempts: u32,
+
     /// Seconds without data before a request is re-issued.
     #[arg(long, default_value_t = 20, value_name = "SECS")]
     pub stall_timeout: u64,
@@ -167,6 +178,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .fan_out(args.fan_out)
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
+        .resume(!args.no_resume)
+        .repair_attempts(args.repair_attempts)
         .reporter(console.clone());
     if let Some(p) = platform {
         builder = builder.platform(p);
@@ -201,19 +214,45 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     let client = builder.build()?;
     console.start(&reference);
-    // Ctrl-C drops the pull: in-flight requests stop and partial files are removed.
+    // Ctrl-C (or SIGTERM) drops the pull: in-flight requests stop, and what each blob has
+    // written is flushed and journaled for the next run (unless --no-resume).
     let result = tokio::select! {
         r = client.pull(&reference, &args.dest) => Some(r),
-        _ = tokio::signal::ctrl_c() => None,
+        _ = interrupted() => None,
     };
     console.clear();
     let Some(result) = result else {
-        eprintln!("fastpull: interrupted; verified blobs are kept, partial files removed");
+        let scratch = args.dest.join(".fastpull-tmp");
+        if scratch.is_dir() {
+            eprintln!(
+                "fastpull: interrupted; verified blobs are kept, and partial downloads are kept \
+                 in {} for the next run: the same command resumes them (--no-resume discards them)",
+                scratch.display()
+            );
+        } else {
+            eprintln!("fastpull: interrupted; verified blobs are kept");
+        }
         std::process::exit(130);
     };
     let report = result?;
     console.finish(&report);
     Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The first line of stdin, without its line ending.

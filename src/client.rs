@@ -27,6 +27,8 @@ use crate::verify::{self, HashPool};
 pub const DEFAULT_CONNECTIONS: usize = 64;
 /// Default smallest piece a blob is cut into ([`ClientBuilder::chunk_size`]).
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// Default times a blob with the wrong digest is fetched again.
+pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 2;
 
 /// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
 #[derive(Clone)]
@@ -71,6 +73,8 @@ pub struct ClientBuilder {
     default_cert_dirs: bool,
     proxy_from_env: bool,
     mirrors: Vec<(String, String)>,
+    resume: bool,
+    repair_attempts: u32,
 }
 
 impl Default for ClientBuilder {
@@ -95,6 +99,8 @@ impl Default for ClientBuilder {
             default_cert_dirs: true,
             proxy_from_env: true,
             mirrors: Vec::new(),
+            resume: true,
+            repair_attempts: DEFAULT_REPAIR_ATTEMPTS,
         }
     }
 }
@@ -145,6 +151,23 @@ impl ClientBuilder {
     /// uses every allowed connection at once.
     pub fn fan_out(mut self, fan_out: FanOut) -> Self {
         self.fan_out = fan_out;
+        self
+    }
+
+    /// Resume partial downloads (default on): a pull keeps what it wrote when it stops
+    /// (error, Ctrl-C, `kill -9`, power cut: see [`crate::resume`]) in the destination's
+    /// scratch directory, and the next pull into that destination fetches only what is
+    /// missing. Off: leftovers of earlier pulls are removed first and nothing is kept.
+    pub fn resume(mut self, yes: bool) -> Self {
+        self.resume = yes;
+        self
+    }
+
+    /// Times a blob whose digest does not match is fetched again before the pull fails
+    /// with [`Error::DigestMismatch`] (default 2). With mirrors, the next mirror (or the
+    /// registry) gets the blob first.
+    pub fn repair_attempts(mut self, n: u32) -> Self {
+        self.repair_attempts = n;
         self
     }
 
@@ -300,6 +323,8 @@ impl ClientBuilder {
                     fan_out: self.fan_out,
                     retry,
                     stall_timeout: self.stall_timeout,
+                    resume: self.resume,
+                    repair_attempts: self.repair_attempts,
                 },
                 retry,
                 hash_pool: Arc::new(hash_pool),
@@ -379,7 +404,7 @@ impl Client {
         let inner = &*self.inner;
         let started = Instant::now();
         let dest = dest.as_ref();
-        let layout = Layout::open(dest, inner.format)?;
+        let layout = Layout::open(dest, inner.format, inner.fetch.resume)?;
         let endpoints = self.endpoints(reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
@@ -505,7 +530,15 @@ impl Client {
             layout,
             reporter: &*inner.reporter,
             hash_pool: &inner.hash_pool,
-            options: inner.fetch,
+            // On a mirror, a blob that does not verify goes to the next endpoint at once.
+            options: FetchOptions {
+                repair_attempts: if endpoint.mirror {
+                    0
+                } else {
+                    inner.fetch.repair_attempts
+                },
+                ..inner.fetch
+            },
         };
         let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
         let fetch_time = fetch_started.elapsed();

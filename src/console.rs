@@ -18,6 +18,8 @@ pub struct Console {
 struct Layer {
     is_layer: bool,
     bar: Option<ProgressBar>,
+    /// Bytes an earlier pull left (the bar starts there).
+    resumed: u64,
 }
 
 impl Console {
@@ -136,12 +138,52 @@ impl Reporter for Console {
                     }
                     _ => None,
                 };
-                state.insert(*digest, Layer { is_layer, bar });
+                state.insert(
+                    *digest,
+                    Layer {
+                        is_layer,
+                        bar,
+                        resumed: 0,
+                    },
+                );
             }
             Event::BlobProgress { digest, downloaded } => {
-                if let Some(bar) = state.get(digest).and_then(|l| l.bar.as_ref()) {
-                    bar.set_message("Downloading");
-                    bar.set_position(*downloaded);
+                if let Some(l) = state.get(digest) {
+                    if let Some(bar) = l.bar.as_ref() {
+                        bar.set_message("Downloading");
+                        bar.set_position(l.resumed + *downloaded);
+                    }
+                }
+            }
+            Event::BlobResumed { digest, present } => {
+                if let Some(l) = state.get_mut(digest) {
+                    l.resumed = *present;
+                    if let Some(bar) = l.bar.as_ref() {
+                        bar.set_position(*present);
+                    }
+                    if l.is_layer {
+                        self.line(&format!(
+                            "{}: Resuming ({} already here)",
+                            digest.short(),
+                            human_bytes(*present)
+                        ));
+                    }
+                }
+            }
+            Event::BlobRepairing {
+                digest,
+                actual,
+                attempt,
+            } => {
+                self.line(&format!(
+                    "{}: Digest mismatch (got {actual}); fetching it again (repair {attempt})",
+                    digest.short()
+                ));
+                if let Some(l) = state.get_mut(digest) {
+                    l.resumed = 0;
+                    if let Some(bar) = l.bar.as_ref() {
+                        bar.set_position(0);
+                    }
                 }
             }
             Event::BlobRetrying {

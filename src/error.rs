@@ -181,6 +181,19 @@ pub enum Error {
         message: String,
     },
 
+    /// The destination's filesystem is full: a blob could not be given its space. Verified
+    /// blobs and partial downloads (with their resume journals) are kept; free space and
+    /// run the pull again.
+    #[error("no space left in {}: a blob needs {} ({needed} bytes){}; verified blobs and partial downloads are kept, free space and pull again to continue", .path.display(), human_bytes(*.needed), .available.map(|a| format!(", {} available", human_bytes(a))).unwrap_or_default())]
+    NoSpace {
+        /// The directory being written.
+        path: PathBuf,
+        /// Bytes the blob needed.
+        needed: u64,
+        /// Bytes the filesystem had free for us, if it said.
+        available: Option<u64>,
+    },
+
     /// The destination exists and is not an image layout of the requested format.
     #[error("destination {} {reason}", .path.display())]
     Destination {
@@ -189,6 +202,21 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn retries_suffix(n: u32) -> String {
@@ -258,7 +286,7 @@ impl Error {
             | Error::InvalidManifest { .. }
             | Error::NoMatchingPlatform { .. } => Category::Registry,
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Category::Verification,
-            Error::Io { .. } | Error::Destination { .. } => Category::Io,
+            Error::Io { .. } | Error::Destination { .. } | Error::NoSpace { .. } => Category::Io,
             Error::Internal(_) => Category::Internal,
         }
     }
@@ -337,6 +365,15 @@ impl Error {
                 message: message.clone(),
             },
             Error::Internal(m) => Error::Internal(m.clone()),
+            Error::NoSpace {
+                path,
+                needed,
+                available,
+            } => Error::NoSpace {
+                path: path.clone(),
+                needed: *needed,
+                available: *available,
+            },
             Error::Registry {
                 url,
                 status,

@@ -7,7 +7,7 @@
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
@@ -87,13 +87,11 @@ pub(crate) struct Layout {
     _lock: File,
 }
 
-/// Tells partial files of one process (and of several pulls in it) apart.
-static PARTIAL_SEQ: AtomicU64 = AtomicU64::new(0);
-
 impl Layout {
     /// Creates or reopens the destination and locks it. Refuses a non-empty directory that
-    /// is not a layout of `format`.
-    pub(crate) fn open(root: &Path, format: Format) -> Result<Layout> {
+    /// is not a layout of `format`. Without `resume`, partial downloads left by an earlier
+    /// pull are removed first.
+    pub(crate) fn open(root: &Path, format: Format, resume: bool) -> Result<Layout> {
         let dest_err = |reason: &str| Error::Destination {
             path: root.to_path_buf(),
             reason: reason.to_string(),
@@ -119,6 +117,14 @@ impl Layout {
             Format::Dir => root.to_path_buf(),
         };
         let tmp = root.join(TMP_DIR);
+        if !resume {
+            match std::fs::remove_dir_all(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("remove", &tmp, e))
+                }
+                _ => {}
+            }
+        }
         for dir in [&blobs, &tmp] {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         }
@@ -152,14 +158,11 @@ impl Layout {
         self.blobs.join(digest.hex())
     }
 
-    /// Where the blob is written while unverified.
+    /// Where the blob is written while unverified: `<hex>.partial` in the scratch
+    /// directory, with its resume journal `<hex>.journal` beside it. One name per blob, so
+    /// the next pull finds it; the destination's lock keeps other processes away.
     pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
-        let seq = PARTIAL_SEQ.fetch_add(1, Ordering::Relaxed);
-        self.tmp.join(format!(
-            "{}{}{seq}.partial",
-            digest.hex(),
-            own_partial_tag()
-        ))
+        self.tmp.join(format!("{}.partial", digest.hex()))
     }
 
     /// Records the manifest: the last step, after every blob is in place.
@@ -258,17 +261,13 @@ impl Layout {
         Ok(())
     }
 
-    /// Removes the scratch directory after a successful pull, while the destination is
-    /// still locked (once the lock goes, the next pull may be using a new one).
+    /// After a successful pull, while the destination is still locked: removes what is
+    /// left in the scratch directory but partial downloads other images may resume (a
+    /// partial file with its journal), and the directory itself once it is empty.
     pub(crate) fn finish(self) -> Result<()> {
-        let result = match std::fs::remove_dir_all(&self.tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io("remove", &self.tmp, e))
-            }
-            _ => Ok(()),
-        };
+        self.sweep_scratch();
         drop(self);
-        result
+        Ok(())
     }
 }
 
@@ -277,30 +276,42 @@ impl Drop for Layout {
     /// removed whole; otherwise the scratch directory goes if nothing is left in it
     /// (verified blobs stay, for the next pull to reuse).
     fn drop(&mut self) {
-        if self.created && !self.committed.load(Ordering::Acquire) && !self.has_blobs() {
+        self.sweep_scratch();
+        if self.created
+            && !self.committed.load(Ordering::Acquire)
+            && !self.has_blobs()
+            && !self.tmp.exists()
+        {
             let _ = std::fs::remove_dir_all(&self.root);
-            return;
         }
-        self.remove_own_partials();
-        let _ = std::fs::remove_dir(&self.tmp);
     }
 }
 
 impl Layout {
-    /// Removes the partial files this process made. A pull dropped midway (Ctrl-C) may leave
-    /// a hashing thread holding one, which would otherwise remove it only when it lets go,
-    /// possibly after the process has exited; the thread keeps reading the unlinked file.
-    fn remove_own_partials(&self) {
-        let tag = own_partial_tag();
+    /// Removes from the scratch directory everything but resumable partial downloads
+    /// (`<hex>.partial` with its `<hex>.journal`): partial files without a journal, journals
+    /// without a partial file, temporary files; then the directory, if that empties it.
+    fn sweep_scratch(&self) {
         let Ok(rd) = std::fs::read_dir(&self.tmp) else {
             return;
         };
-        for entry in rd.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".partial") && name.contains(&tag) {
-                let _ = std::fs::remove_file(entry.path());
+        let names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let has = |n: &str| names.iter().any(|x| x == n);
+        for name in &names {
+            let keep = match name.split_once('.') {
+                Some((hex, "partial")) => is_blob_name(hex) && has(&format!("{hex}.journal")),
+                Some((hex, "journal")) => is_blob_name(hex) && has(&format!("{hex}.partial")),
+                _ => false,
+            };
+            if !keep {
+                let p = self.tmp.join(name);
+                let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
             }
         }
+        let _ = std::fs::remove_dir(&self.tmp);
     }
 
     fn has_blobs(&self) -> bool {
@@ -319,11 +330,6 @@ fn is_blob_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// What marks this process's partial files (`<hex>.<pid>-<seq>.partial`): `.<pid>-`.
-fn own_partial_tag() -> String {
-    format!(".{}-", std::process::id())
 }
 
 /// Takes the destination's flock, retrying for [`LOCK_GRACE`]; `false` if it stays held.
@@ -400,7 +406,7 @@ mod tests {
         let root = dir.path().join("img");
         let a: Reference = "127.0.0.1:5000/x:a".parse().unwrap();
         let b: Reference = "127.0.0.1:5000/x:b".parse().unwrap();
-        let l = Layout::open(&root, Format::Oci).unwrap();
+        let l = Layout::open(&root, Format::Oci, true).unwrap();
         l.commit(&record(&a, b"{\"one\":1}")).unwrap();
         l.commit(&record(&b, b"{\"two\":2}")).unwrap();
         l.commit(&record(&a, b"{\"three\":3}")).unwrap();
@@ -435,7 +441,7 @@ mod tests {
         )
         .unwrap();
         let r: Reference = "h:1/x:mine".parse().unwrap();
-        let l = Layout::open(root, Format::Oci).unwrap();
+        let l = Layout::open(root, Format::Oci, true).unwrap();
         l.commit(&record(&r, b"{}")).unwrap();
         l.finish().unwrap();
         let v: serde_json::Value =
@@ -454,54 +460,71 @@ mod tests {
     fn failed_pull_into_a_new_directory_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("new");
-        drop(Layout::open(&root, Format::Oci).unwrap());
+        drop(Layout::open(&root, Format::Oci, true).unwrap());
         assert!(!root.exists());
         // With a verified blob in it, the directory stays (for the next pull to reuse).
-        let l = Layout::open(&root, Format::Oci).unwrap();
+        let l = Layout::open(&root, Format::Oci, true).unwrap();
         std::fs::write(l.blob_path(&Digest::of(b"x")), b"x").unwrap();
         drop(l);
         assert!(root.join("oci-layout").exists());
         assert!(!root.join(TMP_DIR).exists());
     }
 
-    /// A pull dropped midway (Ctrl-C) while a hashing thread still holds a partial file:
-    /// the layout removes this process's partial files itself, and no one else's.
+    /// A stopped pull keeps partial downloads that have a resume journal, and nothing else
+    /// in the scratch directory; a pull without resume starts with it empty.
     #[test]
-    fn dropped_pull_removes_its_partial_files_even_if_still_open() {
+    fn scratch_keeps_resumable_partials_only() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("img");
-        let l = Layout::open(&root, Format::Oci).unwrap();
+        let l = Layout::open(&root, Format::Oci, true).unwrap();
         std::fs::write(l.blob_path(&Digest::of(b"x")), b"x").unwrap();
-        let ours = l.partial_path(&Digest::of(b"y"));
-        let held = std::fs::File::create(&ours).unwrap();
-        let foreign = root
+        let resumable = l.partial_path(&Digest::of(b"y"));
+        let journal = resumable.with_extension("journal");
+        std::fs::write(&resumable, b"y").unwrap();
+        std::fs::write(&journal, b"j").unwrap();
+        let bare = l.partial_path(&Digest::of(b"z"));
+        let held = std::fs::File::create(&bare).unwrap();
+        let orphan = l.partial_path(&Digest::of(b"w")).with_extension("journal");
+        std::fs::write(&orphan, b"j").unwrap();
+        let old_style = root
             .join(TMP_DIR)
-            .join(format!("{}.999999999-1.partial", Digest::of(b"z").hex()));
-        std::fs::write(&foreign, b"z").unwrap();
+            .join(format!("{}.999999999-1.partial", Digest::of(b"v").hex()));
+        std::fs::write(&old_style, b"v").unwrap();
         drop(l);
-        assert!(!ours.exists(), "{} left", ours.display());
         assert!(
-            foreign.exists(),
-            "another process's partial file was removed"
+            resumable.exists() && journal.exists(),
+            "resumable partial removed"
         );
+        for gone in [&bare, &orphan, &old_style] {
+            assert!(!gone.exists(), "{} left", gone.display());
+        }
         drop(held);
+        // A successful pull keeps them too (another image may need that blob).
+        let l = Layout::open(&root, Format::Oci, true).unwrap();
+        l.finish().unwrap();
+        assert!(resumable.exists() && journal.exists());
+        // Without resume, the scratch directory starts empty.
+        let l = Layout::open(&root, Format::Oci, false).unwrap();
+        assert!(!resumable.exists() && !journal.exists());
+        drop(l);
+        assert!(!root.join(TMP_DIR).exists());
     }
 
     #[test]
     fn refuses_foreign_directories_and_concurrent_use() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("precious.txt"), b"x").unwrap();
-        let err = Layout::open(dir.path(), Format::Oci).err().unwrap();
+        let err = Layout::open(dir.path(), Format::Oci, true).err().unwrap();
         assert!(err.to_string().contains("not an OCI image layout"), "{err}");
-        let err = Layout::open(dir.path(), Format::Dir).err().unwrap();
+        let err = Layout::open(dir.path(), Format::Dir, true).err().unwrap();
         assert!(matches!(err, Error::Destination { .. }));
 
         let other = tempfile::tempdir().unwrap();
-        let held = Layout::open(other.path(), Format::Dir).unwrap();
-        let err = Layout::open(other.path(), Format::Dir).err().unwrap();
+        let held = Layout::open(other.path(), Format::Dir, true).unwrap();
+        let err = Layout::open(other.path(), Format::Dir, true).err().unwrap();
         assert!(err.to_string().contains("another fastpull"), "{err}");
         drop(held);
-        Layout::open(other.path(), Format::Dir).unwrap();
+        Layout::open(other.path(), Format::Dir, true).unwrap();
         assert_eq!(
             std::fs::read_to_string(other.path().join("version")).unwrap(),
             DIR_VERSION
@@ -513,7 +536,7 @@ mod tests {
         // A child forked by any thread holds the lock's open file description until it execs;
         // this one keeps it (as its stdin) for a moment after the layout is gone.
         let dir = tempfile::tempdir().unwrap();
-        let l = Layout::open(dir.path(), Format::Oci).unwrap();
+        let l = Layout::open(dir.path(), Format::Oci, true).unwrap();
         let mut child = std::process::Command::new("sleep")
             .arg("0.3")
             .stdin(l._lock.try_clone().unwrap())
@@ -526,7 +549,8 @@ mod tests {
             "the child holds the lock"
         );
         drop(probe);
-        Layout::open(dir.path(), Format::Oci).expect("the lock is free once the child lets go");
+        Layout::open(dir.path(), Format::Oci, true)
+            .expect("the lock is free once the child lets go");
         assert!(child.wait().unwrap().success());
     }
 }

@@ -49,6 +49,7 @@ pub mod plan;
 pub mod progress;
 pub mod reference;
 mod registry;
+pub mod resume;
 mod retry;
 pub mod verify;
 pub mod write;
@@ -56,6 +57,7 @@ pub mod write;
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
     BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
+    DEFAULT_REPAIR_ATTEMPTS,
 };
 pub use credentials::{Credential, CredentialStore, Secret};
 pub use digest::Digest;

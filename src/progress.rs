@@ -36,6 +36,23 @@ pub enum Event {
         /// Bytes received.
         downloaded: u64,
     },
+    /// An earlier pull left part of this blob on disk (with a journal that checks): only
+    /// the rest is fetched, and the whole is hashed again.
+    BlobResumed {
+        /// Blob digest.
+        digest: Digest,
+        /// Bytes already there.
+        present: u64,
+    },
+    /// The blob's digest did not match; it is fetched again from scratch.
+    BlobRepairing {
+        /// Blob digest (expected).
+        digest: Digest,
+        /// What the bytes hashed to.
+        actual: Digest,
+        /// Which repair this is (1-based).
+        attempt: u32,
+    },
     /// An attempt failed and the blob will be fetched again.
     BlobRetrying {
         /// Blob digest.

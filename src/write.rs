@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use memmap2::MmapRaw;
 
 use crate::error::{Error, Result};
+use crate::resume::RangeSet;
 
 /// A blob's partial file, mapped for writing.
 pub struct BlobFile {
@@ -40,11 +41,14 @@ pub struct BlobFile {
 }
 
 /// The spans handed out so far, by start: they tile `0..free_from`, and whole spans at the
-/// front are folded into `prefix`. Bytes from `free_from` on belong to nobody yet.
+/// front are folded into `prefix`. Bytes from `free_from` on belong to nobody yet, except
+/// `present`: ranges a resumed file already holds, which become whole spans as `free_from`
+/// reaches them (it never stops at the start of one).
 struct Spans {
     prefix: u64,
     list: Vec<Arc<Span>>,
     free_from: u64,
+    present: std::collections::VecDeque<Range<u64>>,
     /// A 0-byte blob's one (empty) span has been handed out.
     empty_taken: bool,
 }
@@ -76,6 +80,16 @@ impl Span {
                 reserved: start,
             }),
         })
+    }
+
+    /// A span whose bytes are all there already (resumed).
+    fn whole(start: u64, end: u64) -> Arc<Span> {
+        let s = Span::new(start, end);
+        s.written.store(end - start, Ordering::Release);
+        if let Ok(mut b) = s.bounds.lock() {
+            b.reserved = end;
+        }
+        s
     }
 
     fn end(&self) -> u64 {
@@ -127,16 +141,46 @@ impl BlobFile {
     /// Creates `partial`, preallocates `size` bytes (so a full disk is an error now, not a
     /// SIGBUS later), and maps it. The blob starts as one span, `0..size`.
     pub fn create(partial: &Path, final_path: &Path, size: u64) -> Result<Arc<BlobFile>> {
+        Self::open(partial, final_path, size, &RangeSet::new())
+    }
+
+    /// Reopens a partial file that already holds `present` (what its resume journal
+    /// believes) and maps it; only the other bytes are handed out to writers. A file of the
+    /// wrong length, or nothing present, starts over as [`BlobFile::create`] does.
+    pub fn resume(
+        partial: &Path,
+        final_path: &Path,
+        size: u64,
+        present: &RangeSet,
+    ) -> Result<Arc<BlobFile>> {
+        let fits = std::fs::metadata(partial).is_ok_and(|m| m.is_file() && m.len() == size);
+        if !fits || present.is_empty() || size == 0 {
+            return Self::create(partial, final_path, size);
+        }
+        Self::open(partial, final_path, size, present)
+    }
+
+    fn open(
+        partial: &Path,
+        final_path: &Path,
+        size: u64,
+        present: &RangeSet,
+    ) -> Result<Arc<BlobFile>> {
+        let resuming = !present.is_empty();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(!resuming)
             .open(partial)
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
-            let mapped = preallocate(&file, size)
-                .map_err(|e| Error::io("preallocate", partial, e))
+            let allocated = if resuming {
+                Ok(())
+            } else {
+                preallocate(&file, size).map_err(|e| no_space(e, partial, size))
+            };
+            let mapped = allocated
                 .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
             match mapped {
                 Ok(m) => Some(m),
@@ -153,11 +197,16 @@ impl BlobFile {
             file,
             map: RwLock::new(map),
             size,
-            spans: Mutex::new(Spans {
-                prefix: 0,
-                list: Vec::new(),
-                free_from: 0,
-                empty_taken: false,
+            spans: Mutex::new({
+                let mut spans = Spans {
+                    prefix: 0,
+                    list: Vec::new(),
+                    free_from: 0,
+                    present: present.iter().cloned().collect(),
+                    empty_taken: false,
+                };
+                spans.reach_present();
+                spans
             }),
             partial: partial.to_path_buf(),
             final_path: final_path.to_path_buf(),
@@ -186,10 +235,12 @@ impl BlobFile {
             }
             spans.empty_taken = true;
         }
-        let end = start.saturating_add(len.max(1)).min(self.size);
+        let limit = spans.present.front().map_or(self.size, |p| p.start);
+        let end = start.saturating_add(len.max(1)).min(limit);
         let span = Span::new(start, end);
         spans.list.push(span.clone());
         spans.free_from = end;
+        spans.reach_present();
         Some(SpanWriter {
             blob: self.clone(),
             faulted: start,
@@ -197,11 +248,54 @@ impl BlobFile {
         })
     }
 
-    /// Bytes nobody has been handed yet.
+    /// Bytes nobody has been handed yet (and the file does not hold already).
     pub fn unassigned(&self) -> u64 {
-        self.spans
-            .lock()
-            .map_or(0, |s| self.size.saturating_sub(s.free_from))
+        self.spans.lock().map_or(0, |s| {
+            let present: u64 = s.present.iter().map(|p| p.end - p.start).sum();
+            self.size
+                .saturating_sub(s.free_from)
+                .saturating_sub(present)
+        })
+    }
+
+    /// Every byte written so far (or already there when resumed): what a resume journal
+    /// may claim.
+    pub fn written(&self) -> RangeSet {
+        let Ok(spans) = self.spans.lock() else {
+            return RangeSet::new();
+        };
+        let mut out = RangeSet::new();
+        out.insert(0..spans.prefix);
+        for s in &spans.list {
+            out.insert(s.start..s.position().min(s.end()));
+        }
+        for p in &spans.present {
+            out.insert(p.clone());
+        }
+        out
+    }
+
+    /// Flushes the file's written data and the metadata needed to read it back
+    /// (fdatasync), while writers may still be copying: what was written before the call is
+    /// on disk when it returns. With `unmap`, the map goes first (no writer may come after:
+    /// a stopped pull), so the flush does not write-protect mapped pages one by one.
+    pub fn flush_data(&self, unmap: bool) -> Result<()> {
+        if unmap {
+            let map = self
+                .map
+                .write()
+                .map_err(|_| Error::Internal("blob map lock poisoned".into()))?
+                .take();
+            drop(map);
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &self.partial, e))
+    }
+
+    /// The partial file's path.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
     }
 
     /// Cuts `span` at `at`: its writer stops there, and the returned writer owns
@@ -375,8 +469,10 @@ impl BlobFile {
         &self.final_path
     }
 
-    /// Removes the partial file now (a failed pull), unless it was persisted. Readers that
-    /// still hold the file keep reading the unlinked inode.
+    /// Removes the partial file now (a failed pull that keeps nothing for resume), unless
+    /// it was persisted. Readers that still hold the file keep reading the unlinked inode.
+    /// Dropping a `BlobFile` removes nothing: whether a partial file is kept is decided by
+    /// the pull (see [`crate::fetch`]), never by whichever thread lets go of it last.
     pub fn discard(&self) {
         if !self.persisted.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.partial);
@@ -384,10 +480,41 @@ impl BlobFile {
     }
 }
 
-impl Drop for BlobFile {
-    fn drop(&mut self) {
-        self.discard();
+impl Spans {
+    /// Turns the resumed ranges that start where the handed-out bytes end into whole
+    /// spans, so `free_from` never rests at the start of bytes the file already holds.
+    fn reach_present(&mut self) {
+        while let Some(p) = self.present.front() {
+            if p.start > self.free_from {
+                break;
+            }
+            let p = p.clone();
+            self.present.pop_front();
+            if p.end > self.free_from {
+                let start = p.start.max(self.free_from);
+                self.list.push(Span::whole(start, p.end));
+                self.free_from = p.end;
+            }
+        }
     }
+}
+
+/// The error for a failed preallocation: a full disk says how much was needed.
+fn no_space(e: std::io::Error, partial: &Path, size: u64) -> Error {
+    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+    {
+        let dir = partial.parent().unwrap_or(Path::new("."));
+        let available = rustix::fs::statvfs(dir)
+            .ok()
+            .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+        return Error::NoSpace {
+            path: dir.to_path_buf(),
+            needed: size,
+            available,
+        };
+    }
+    Error::io("preallocate", partial, e)
 }
 
 impl SpanWriter {
@@ -424,9 +551,12 @@ impl SpanWriter {
         if b.end != spans.free_from || b.end >= self.blob.size {
             return false;
         }
-        b.end = self.blob.size;
-        self.span.end.store(self.blob.size, Ordering::Release);
-        spans.free_from = self.blob.size;
+        // Up to what a resumed file holds already: the body's bytes there are skipped.
+        let to = spans.present.front().map_or(self.blob.size, |p| p.start);
+        b.end = to;
+        self.span.end.store(to, Ordering::Release);
+        spans.free_from = to;
+        spans.reach_present();
         true
     }
 
@@ -669,6 +799,70 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_file_hands_out_only_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1000u64;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let (partial, fin) = (dir.path().join("b.partial"), dir.path().join("b"));
+        // An earlier pull wrote 0..100, 300..400 and 900..1000 (and garbage elsewhere).
+        let mut old = vec![0xAAu8; size as usize];
+        for r in [0..100usize, 300..400, 900..1000] {
+            old[r.clone()].copy_from_slice(&data[r]);
+        }
+        std::fs::write(&partial, &old).unwrap();
+        let present: RangeSet = [0..100u64, 300..400, 900..1000].into_iter().collect();
+        let b = BlobFile::resume(&partial, &fin, size, &present).unwrap();
+        assert_eq!(b.unassigned(), 700);
+        assert_eq!(
+            b.contiguous_prefix(),
+            100,
+            "the present start counts as written"
+        );
+        let mut got = vec![];
+        while let Some(mut w) = b.take(150) {
+            got.push(w.range());
+            let r = w.range();
+            fill(&mut w, &data, 64);
+            assert_eq!(w.position(), r.end);
+        }
+        assert_eq!(
+            got,
+            vec![100..250, 250..300, 400..550, 550..700, 700..850, 850..900]
+        );
+        assert_eq!(b.unassigned(), 0);
+        assert_eq!(b.contiguous_prefix(), size);
+        assert_eq!(b.written(), std::iter::once(0..size).collect());
+        let mut buf = Vec::new();
+        assert!(b
+            .with_written(0..size, &mut buf, |x| x == &data[..])
+            .unwrap());
+        b.persist().unwrap();
+        assert_eq!(std::fs::read(&fin).unwrap(), data);
+
+        // Everything present: nothing to hand out, the prefix is whole.
+        std::fs::write(&partial, &data).unwrap();
+        let all: RangeSet = std::iter::once(0..size).collect();
+        let b = BlobFile::resume(&partial, &fin, size, &all).unwrap();
+        assert!(b.take(10).is_none());
+        assert_eq!(b.contiguous_prefix(), size);
+
+        // A server that ignores Range: the body's writer stops where present bytes start.
+        std::fs::write(&partial, &old).unwrap();
+        let some: RangeSet = std::iter::once(300..400u64).collect();
+        let b = BlobFile::resume(&partial, &fin, size, &some).unwrap();
+        let mut w = b.take(50).unwrap();
+        assert!(w.absorb_rest());
+        assert_eq!(w.range(), 0..300);
+        let rest = b.take(u64::MAX).unwrap();
+        assert_eq!(rest.range(), 400..1000);
+
+        // A file of the wrong length starts over.
+        std::fs::write(&partial, b"short").unwrap();
+        let b = BlobFile::resume(&partial, &fin, size, &some).unwrap();
+        assert_eq!(b.unassigned(), size);
+    }
+
+    #[test]
     fn pieces_are_handed_out_in_order_and_the_prefix_follows() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..100u32).map(|i| i as u8).collect();
@@ -743,6 +937,12 @@ mod tests {
             100
         );
         drop(b);
+        assert!(
+            dir.path().join("b.partial").exists(),
+            "dropping a blob file decides nothing"
+        );
+        let b = blob(dir.path(), 100);
+        b.discard();
         assert!(!dir.path().join("b.partial").exists());
 
         let e = blob(dir.path(), 0);

@@ -10,11 +10,20 @@
 //!
 //! Each byte is written once: a span has one writer, and a cut only hands the part its
 //! writer has not reached to a new one ([`crate::write::BlobFile::split`]).
+//!
+//! Resume and repair live here too, as the loop's part of them: a blob whose partial file
+//! has a believable journal ([`crate::resume`]) is reopened and only its missing bytes are
+//! handed out, by the same scheduler; the loop appends to each blob's journal as bytes land
+//! (and flushes it with the data every [`DURABLE_EVERY`]); a pull that stops for any reason
+//! (error, Ctrl-C, a dropped future) keeps what it wrote, flushed and journaled, for the next
+//! one. A blob whose digest does not match is fetched again, from scratch, up to
+//! [`FetchOptions::repair_attempts`] times, and the pieces that differed are logged.
 
 mod scheduler;
 mod transfer;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +38,7 @@ use crate::layout::Layout;
 use crate::manifest::BlobDescriptor;
 use crate::progress::{Event, Reporter};
 use crate::registry::Registry;
+use crate::resume::{Journal, RangeSet};
 use crate::retry::RetryPolicy;
 use crate::verify::{HashPool, InOrderHasher};
 use crate::write::{BlobFile, SpanRef, SpanWriter};
@@ -50,6 +60,10 @@ pub(crate) struct FetchOptions {
     pub retry: RetryPolicy,
     /// No bytes for this long and the request is re-issued.
     pub stall_timeout: Duration,
+    /// Keep partial downloads (with a journal) for the next pull, and resume them.
+    pub resume: bool,
+    /// Times a blob whose digest does not match is fetched again before the pull fails.
+    pub repair_attempts: u32,
 }
 
 /// What the fetch stage needs from the pull.
@@ -64,6 +78,17 @@ pub(crate) struct Fetcher<'a> {
 /// How often the scheduler measures.
 const TICK: Duration = Duration::from_millis(10);
 
+/// How often each blob's journal gets `W` records for what was written since.
+const JOURNAL_EVERY: Duration = Duration::from_millis(50);
+
+/// How often a blob's data is flushed (fdatasync) and its journal gets `D` records, if it
+/// grew by at least [`DURABLE_MIN`]: what a power cut may cost.
+pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(1);
+const DURABLE_MIN: u64 = 16 << 20;
+
+/// Piece size for telling which parts of a blob differed between a bad and a good fetch.
+const REPAIR_PIECE: u64 = 1 << 20;
+
 /// A blob of the pull, as the loop sees it.
 struct BlobRun {
     desc: BlobDescriptor,
@@ -72,6 +97,99 @@ struct BlobRun {
     running: usize,
     splits: u32,
     races: u32,
+    /// Fetches of this blob that ended in a digest mismatch.
+    repairs: u32,
+    /// The piece hashes of the last bad fetch, being computed.
+    bad_pieces: Option<tokio::task::JoinHandle<std::io::Result<Vec<[u8; 32]>>>>,
+    /// Verified and in place.
+    done: bool,
+}
+
+impl BlobRun {
+    fn new(desc: BlobDescriptor) -> BlobRun {
+        BlobRun {
+            desc,
+            state: None,
+            digest_rx: None,
+            running: 0,
+            splits: 0,
+            races: 0,
+            repairs: 0,
+            bad_pieces: None,
+            done: false,
+        }
+    }
+}
+
+/// The pull's blobs. However the fetch ends (an error, or its future dropped: Ctrl-C),
+/// dropping this keeps every unfinished blob's bytes for the next pull — flushed, with
+/// their journal — or, without resume, removes its partial file.
+struct Runs {
+    list: Vec<BlobRun>,
+    resume: bool,
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        for run in self.list.iter().filter(|r| !r.done) {
+            let Some(state) = run.state.as_ref() else {
+                continue;
+            };
+            if let Some(bad) = &run.bad_pieces {
+                bad.abort();
+            }
+            let kept = self.resume && keep_for_resume(state);
+            if !kept {
+                state.file.discard();
+                if let Some(j) = &state.journal {
+                    if let Ok(j) = j.lock() {
+                        let _ = std::fs::remove_file(j.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Flushes what a stopped blob has written and journals it (`D`). Returns whether there is
+/// anything worth keeping.
+fn keep_for_resume(state: &BlobState) -> bool {
+    let Some(journal) = &state.journal else {
+        return false;
+    };
+    let written = state.file.written();
+    if written.is_empty() {
+        return false;
+    }
+    let flushed = state
+        .file
+        .flush_data(true)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            journal
+                .lock()
+                .map_err(|_| "journal lock poisoned".to_string())?
+                .record_durable(&written)
+                .map_err(|e| e.to_string())
+        });
+    match flushed {
+        Ok(()) => {
+            tracing::info!(blob = %state.desc.digest, kept = written.len(), of = state.desc.size, partial = %state.file.partial_path().display(), "partial download kept for resume");
+            true
+        }
+        // The W records (if any) still hold in this boot; the rest is not claimed.
+        Err(e) => {
+            tracing::warn!(blob = %state.desc.digest, error = %e, "could not flush a partial download; keeping what its journal already says");
+            true
+        }
+    }
+}
+
+/// How a blob's fetch ended once its bytes were all written.
+enum Finished {
+    Verified(Digest, u64),
+    /// The digest did not match.
+    Mismatch(usize, Digest),
 }
 
 /// A running transfer, as the loop sees it.
@@ -105,25 +223,11 @@ impl Fetcher<'_> {
     /// Downloads and verifies every blob; stops at the first failure (in-flight requests are
     /// dropped and partial files removed). Returns bytes downloaded.
     pub(crate) async fn fetch_all(&self, blobs: &[BlobDescriptor]) -> Result<u64> {
-        let mut runs: Vec<BlobRun> = blobs
-            .iter()
-            .map(|d| BlobRun {
-                desc: d.clone(),
-                state: None,
-                digest_rx: None,
-                running: 0,
-                splits: 0,
-                races: 0,
-            })
-            .collect();
-        let result = self.fetch_runs(&mut runs).await;
-        if result.is_err() {
-            // Partial files go now, not when the last hashing thread lets go of them.
-            for s in runs.iter().filter_map(|r| r.state.as_ref()) {
-                s.file.discard();
-            }
-        }
-        result
+        let mut runs = Runs {
+            list: blobs.iter().cloned().map(BlobRun::new).collect(),
+            resume: self.options.resume,
+        };
+        self.fetch_runs(&mut runs.list).await
     }
 
     async fn fetch_runs(&self, runs: &mut [BlobRun]) -> Result<u64> {
@@ -139,7 +243,9 @@ impl Fetcher<'_> {
         let mut flows: Vec<FlowRun> = Vec::new();
         let mut jobs = FuturesUnordered::new();
         let mut finishing = FuturesUnordered::new();
-        let mut next_blob = 0usize;
+        let mut to_open: VecDeque<usize> = (0..runs.len()).collect();
+        let mut last_journal = Instant::now();
+        let mut last_durable = Instant::now();
         let mut next_id = 0u64;
         let mut finished = 0usize;
         let mut downloaded = 0u64;
@@ -153,20 +259,31 @@ impl Fetcher<'_> {
             // the scheduler picks (more pieces, a cut, a raced tail).
             while flows.len() < max {
                 let infos: Vec<FlowInfo<'_>> = flows.iter().map(FlowRun::info).collect();
-                let (blob, writer, first) = if next_blob < runs.len() {
-                    let b = next_blob;
-                    next_blob += 1;
+                let (blob, writer, first) = if let Some(b) = to_open.pop_front() {
                     let size = runs[b].desc.size;
                     let len = if sched.whole_request(size) {
                         size
                     } else {
                         sched.fit(sched.piece_len(None, &infos), size)
                     };
-                    (
-                        b,
-                        self.open(&mut runs[b], sched.whole_request(size), len)?,
-                        true,
-                    )
+                    match self.open(&mut runs[b], sched.whole_request(size), len)? {
+                        Some(writer) => (b, writer, true),
+                        None => {
+                            // A resumed blob with every byte there already: hash it.
+                            let run = &mut runs[b];
+                            let state = run
+                                .state
+                                .clone()
+                                .ok_or_else(|| internal("opened blob without state"))?;
+                            let rx = run
+                                .digest_rx
+                                .take()
+                                .ok_or_else(|| internal("blob finished twice"))?;
+                            state.hasher.poke();
+                            finishing.push(finish(b, state, rx, 0, 0));
+                            continue;
+                        }
+                    }
                 } else if let Some((b, state)) = runs.iter().enumerate().find_map(|(i, r)| {
                     r.state
                         .as_ref()
@@ -282,7 +399,7 @@ impl Fetcher<'_> {
                         let rx = run.digest_rx.take().ok_or_else(|| internal("blob finished twice"))?;
                         state.hasher.poke();
                         let (splits, races) = (run.splits, run.races);
-                        finishing.push(finish(state, rx, splits, races));
+                        finishing.push(finish(flow.blob, state, rx, splits, races));
                     }
                 }
                 _ = ticker.tick() => {
@@ -306,12 +423,32 @@ impl Fetcher<'_> {
                         );
                     }
                     sched.tick(now, flows.iter().map(FlowRun::info));
+                    if now.duration_since(last_journal) >= JOURNAL_EVERY {
+                        last_journal = now;
+                        journal_written(runs)?;
+                    }
+                    if now.duration_since(last_durable) >= DURABLE_EVERY {
+                        last_durable = now;
+                        journal_durable(runs);
+                    }
                 }
                 Some(result) = finishing.next() => {
-                    let (digest, bytes) = result?;
-                    downloaded += bytes;
-                    finished += 1;
-                    self.reporter.report(&Event::BlobDone { digest });
+                    match result? {
+                        Finished::Verified(digest, bytes) => {
+                            downloaded += bytes;
+                            finished += 1;
+                            let b = runs.iter().position(|r| r.desc.digest == digest && !r.done).ok_or_else(|| internal("unknown blob verified"))?;
+                            runs[b].done = true;
+                            if let Some(bad) = runs[b].bad_pieces.take() {
+                                report_differences(&runs[b], bad).await;
+                            }
+                            self.reporter.report(&Event::BlobDone { digest });
+                        }
+                        Finished::Mismatch(b, actual) => {
+                            self.repair(&mut runs[b], actual)?;
+                            to_open.push_back(b);
+                        }
+                    }
                 }
             }
         }
@@ -322,17 +459,46 @@ impl Fetcher<'_> {
         Ok(downloaded)
     }
 
-    /// Creates a blob's partial file and hasher; returns the writer of its first `len` bytes.
-    fn open(&self, run: &mut BlobRun, whole_request: bool, len: u64) -> Result<SpanWriter> {
+    /// Creates a blob's partial file (or reopens what an earlier pull left, if its journal
+    /// is believable), its journal and its hasher; returns the writer of its first `len`
+    /// missing bytes, `None` if none are missing.
+    fn open(&self, run: &mut BlobRun, whole_request: bool, len: u64) -> Result<Option<SpanWriter>> {
         let d = &run.desc;
-        let file = BlobFile::create(
-            &self.layout.partial_path(&d.digest),
-            &self.layout.blob_path(&d.digest),
-            d.size,
-        )?;
-        let writer = file
-            .take(len)
-            .ok_or_else(|| internal("new blob already started"))?;
+        let partial = self.layout.partial_path(&d.digest);
+        let final_path = self.layout.blob_path(&d.digest);
+        let journal_path = Journal::path_for(&partial);
+        let resumable = self.options.resume && run.repairs == 0;
+        let loaded = if resumable {
+            Journal::load(&journal_path, &d.digest, d.size)
+        } else {
+            None
+        };
+        let fits = std::fs::metadata(&partial).is_ok_and(|m| m.is_file() && m.len() == d.size);
+        let (file, journal) = match loaded {
+            Some(l) if fits && !l.present.is_empty() => {
+                let file = BlobFile::resume(&partial, &final_path, d.size, &l.present)?;
+                tracing::info!(blob = %d.digest, present = l.present.len(), of = d.size, "resuming a partial download");
+                self.reporter.report(&Event::BlobResumed {
+                    digest: d.digest,
+                    present: l.present.len(),
+                });
+                (file, Some(l.journal))
+            }
+            _ => {
+                let file = BlobFile::create(&partial, &final_path, d.size)?;
+                let journal = if self.options.resume {
+                    Some(
+                        Journal::create(&journal_path, &d.digest, d.size)
+                            .map_err(|e| Error::io("create", &journal_path, e))?,
+                    )
+                } else {
+                    let _ = std::fs::remove_file(&journal_path);
+                    None
+                };
+                (file, journal)
+            }
+        };
+        let writer = file.take(len);
         let (hasher, rx) = InOrderHasher::new(file.clone(), self.hash_pool.clone());
         run.state = Some(Arc::new(BlobState {
             desc: d.clone(),
@@ -343,9 +509,64 @@ impl Fetcher<'_> {
             requests: AtomicU32::new(0),
             whole_request,
             origin: OnceLock::new(),
+            journal: journal.map(Mutex::new),
+            flushing: AtomicBool::new(false),
         }));
         run.digest_rx = Some(rx);
         Ok(writer)
+    }
+
+    /// A fetch of `run` ended with the wrong digest: sets it up to be fetched again from
+    /// scratch, or fails the pull when it has had its repairs.
+    fn repair(&self, run: &mut BlobRun, actual: Digest) -> Result<()> {
+        let state = run
+            .state
+            .take()
+            .ok_or_else(|| internal("repair of an unopened blob"))?;
+        if let Some(j) = &state.journal {
+            if let Ok(j) = j.lock() {
+                let _ = std::fs::remove_file(j.path());
+            }
+        }
+        let expected = run.desc.digest;
+        if run.repairs >= self.options.repair_attempts {
+            state.file.discard();
+            return Err(Error::DigestMismatch {
+                what: format!(
+                    "blob {expected} (fetched {} times)",
+                    run.repairs.saturating_add(1)
+                ),
+                expected,
+                actual,
+            });
+        }
+        run.repairs += 1;
+        tracing::warn!(blob = %expected, got = %actual, attempt = run.repairs, of = self.options.repair_attempts, "digest mismatch; fetching the blob again");
+        self.reporter.report(&Event::BlobRepairing {
+            digest: expected,
+            actual,
+            attempt: run.repairs,
+        });
+        // Keep the bad bytes aside just long enough to hash them piece by piece, for the
+        // comparison with the good fetch.
+        let bad = state.file.partial_path().with_extension("bad");
+        let moved = std::fs::rename(state.file.partial_path(), &bad).is_ok();
+        state.file.discard();
+        if let Some(old) = run.bad_pieces.take() {
+            old.abort();
+        }
+        run.bad_pieces = moved.then(|| {
+            tokio::task::spawn_blocking(move || {
+                let pieces = piece_hashes(&bad);
+                let _ = std::fs::remove_file(&bad);
+                pieces
+            })
+        });
+        run.digest_rx = None;
+        run.running = 0;
+        run.splits = 0;
+        run.races = 0;
+        Ok(())
     }
 
     async fn run_flow(
@@ -367,29 +588,153 @@ impl Fetcher<'_> {
     }
 }
 
+/// Appends `W` records for what each unfinished blob has written since the last time.
+fn journal_written(runs: &[BlobRun]) -> Result<()> {
+    for run in runs.iter().filter(|r| !r.done) {
+        let Some(state) = run.state.as_ref() else {
+            continue;
+        };
+        let Some(journal) = &state.journal else {
+            continue;
+        };
+        let written = state.file.written();
+        let mut j = journal
+            .lock()
+            .map_err(|_| internal("journal lock poisoned"))?;
+        j.record_written(&written)
+            .map_err(|e| Error::io("append to", j.path(), e))?;
+    }
+    Ok(())
+}
+
+/// Flushes each unfinished blob that grew by [`DURABLE_MIN`] since its last flush and
+/// journals what the flush covers (`D`), on a blocking thread, one flush per blob at a time.
+fn journal_durable(runs: &[BlobRun]) {
+    for run in runs.iter().filter(|r| !r.done) {
+        let Some(state) = run.state.as_ref() else {
+            continue;
+        };
+        let Some(journal) = &state.journal else {
+            continue;
+        };
+        let durable = journal.lock().map_or(u64::MAX, |j| j.durable());
+        let written = state.file.written();
+        if written.len() < durable.saturating_add(DURABLE_MIN)
+            || state.flushing.swap(true, Ordering::AcqRel)
+        {
+            continue;
+        }
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = state.file.flush_data(false).and_then(|()| {
+                let journal = state
+                    .journal
+                    .as_ref()
+                    .ok_or_else(|| internal("journal went away"))?;
+                let mut j = journal
+                    .lock()
+                    .map_err(|_| internal("journal lock poisoned"))?;
+                j.record_durable(&written)
+                    .map_err(|e| Error::io("append to", j.path(), e))
+            });
+            if let Err(e) = r {
+                tracing::debug!(blob = %state.desc.digest, error = %e, "durable checkpoint failed");
+            }
+            state.flushing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// sha256 of each [`REPAIR_PIECE`] of a file.
+fn piece_hashes(path: &std::path::Path) -> std::io::Result<Vec<[u8; 32]>> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; REPAIR_PIECE as usize];
+    let mut out = Vec::new();
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push(sha2::Sha256::digest(&buf[..n]).into());
+        if n < buf.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// Logs which pieces of a repaired blob differed between the bad fetch and the good one:
+/// a hop that corrupts bytes shows where.
+async fn report_differences(
+    run: &BlobRun,
+    bad: tokio::task::JoinHandle<std::io::Result<Vec<[u8; 32]>>>,
+) {
+    let good_path = run
+        .state
+        .as_ref()
+        .map(|s| s.file.final_path().to_path_buf());
+    let (Ok(Ok(bad)), Some(good_path)) = (bad.await, good_path) else {
+        return;
+    };
+    let Ok(Ok(good)) = tokio::task::spawn_blocking(move || piece_hashes(&good_path)).await else {
+        return;
+    };
+    let differing: RangeSet = good
+        .iter()
+        .zip(bad.iter())
+        .enumerate()
+        .filter(|(_, (g, b))| g != b)
+        .map(|(i, _)| {
+            let start = i as u64 * REPAIR_PIECE;
+            start..(start + REPAIR_PIECE).min(run.desc.size)
+        })
+        .collect();
+    let ranges: Vec<String> = differing
+        .iter()
+        .map(|r| format!("{}-{}", r.start, r.end - 1))
+        .collect();
+    tracing::warn!(
+        blob = %run.desc.digest,
+        differing_bytes = differing.len(),
+        ranges = %ranges.join(","),
+        "repaired: these byte ranges differed between the bad fetch and the good one"
+    );
+}
+
 /// Waits for the digest, compares it, and gives a verified blob its final name.
 async fn finish(
+    blob: usize,
     s: Arc<BlobState>,
     rx: tokio::sync::oneshot::Receiver<std::io::Result<Digest>>,
     splits: u32,
     races: u32,
-) -> Result<(Digest, u64)> {
+) -> Result<Finished> {
     let path = s.file.final_path().to_path_buf();
     let actual = rx
         .await
         .map_err(|_| internal("hasher went away"))?
         .map_err(|e| Error::io("hash", &path, e))?;
     if actual != s.desc.digest {
-        return Err(Error::DigestMismatch {
-            what: format!("blob {}", s.desc.digest),
-            expected: s.desc.digest,
-            actual,
-        });
+        return Ok(Finished::Mismatch(blob, actual));
     }
     let file = s.file.clone();
     tokio::task::spawn_blocking(move || file.persist())
         .await
         .map_err(|e| Error::io("persist", &path, std::io::Error::other(e.to_string())))??;
+    if let Some(j) = &s.journal {
+        if let Ok(j) = j.lock() {
+            let _ = std::fs::remove_file(j.path());
+        }
+    }
     let bytes = s.downloaded.load(Ordering::Relaxed);
     tracing::info!(
         blob = %s.desc.digest,
@@ -399,5 +744,5 @@ async fn finish(
         races,
         "verified and in place"
     );
-    Ok((s.desc.digest, bytes))
+    Ok(Finished::Verified(s.desc.digest, bytes))
 }

@@ -34,6 +34,10 @@ pub(super) struct BlobState {
     /// `scheme://host:port` of `url`, set once the blob's first response has come (`None`
     /// inside: a URL without one).
     pub origin: OnceLock<Option<String>>,
+    /// The resume journal (none without resume).
+    pub journal: Option<Mutex<crate::resume::Journal>>,
+    /// A durable checkpoint (fdatasync + `D` records) is running.
+    pub flushing: AtomicBool,
 }
 
 impl BlobState {

@@ -64,6 +64,32 @@ fn assert_holds(out: &Path, image: &Image) {
     assert_no_leftovers(out);
 }
 
+/// What a failed or interrupted pull may leave in the scratch directory: partial downloads
+/// with their resume journals, nothing else. Returns the digests (hex) kept.
+fn assert_only_resumable(out: &Path) -> Vec<String> {
+    let names: Vec<String> = std::fs::read_dir(out.join(".fastpull-tmp"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut kept = vec![];
+    for n in &names {
+        let (hex, ext) = n.split_once('.').unwrap_or((n, ""));
+        let other = match ext {
+            "partial" => format!("{hex}.journal"),
+            "journal" => format!("{hex}.partial"),
+            _ => panic!("left in .fastpull-tmp: {n} (of {names:?})"),
+        };
+        assert!(names.contains(&other), "{n} without {other}: {names:?}");
+        if ext == "partial" {
+            kept.push(hex.to_string());
+        }
+    }
+    kept
+}
+
 fn assert_no_leftovers(out: &Path) {
     if let Ok(rd) = std::fs::read_dir(out.join(".fastpull-tmp")) {
         let left: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
@@ -341,7 +367,11 @@ fn persistent_failure_gives_up_with_the_retry_count() {
         .join("blobs/sha256")
         .join(hex(&image.layers[0].digest))
         .exists());
-    assert_no_leftovers(&out);
+    // What the failed pull wrote is kept for the next one, and nothing else.
+    assert_eq!(
+        assert_only_resumable(&out),
+        vec![hex(&image.layers[0].digest).to_string()]
+    );
 }
 
 #[test]
@@ -442,8 +472,8 @@ fn later_chunk_answered_with_the_whole_blob() {
 }
 
 #[test]
-fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
-    let (_reg, proxy, image) = proxied("chunks/interrupt", &[6 * CHUNK, 1000], 1100);
+fn ctrl_c_mid_pull_keeps_partial_downloads_for_resume_and_exits_130() {
+    let (reg, proxy, image) = proxied("chunks/interrupt", &[6 * CHUNK, 1000], 1100);
     let big = &image.layers[0];
     proxy.add(Rule::new(
         &format!("/blobs/{}", big.digest),
@@ -468,27 +498,15 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn fastpull");
-    // Wait until the big blob's partial file exists and its chunks are stalled.
-    let tmp = out.join(".fastpull-tmp");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let partials = std::fs::read_dir(&tmp)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .starts_with(hex(&big.digest))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if partials > 0 && !proxy.blob_requests(&big.digest).is_empty() {
-            break;
-        }
+    // Wait until the big blob's first bytes are written: its journal records them.
+    let journal = out
+        .join(".fastpull-tmp")
+        .join(format!("{}.journal", hex(&big.digest)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\nW ")) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the pull never started"
+            "the pull never wrote a byte of the big blob"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -501,10 +519,29 @@ fn ctrl_c_mid_pull_removes_partial_files_and_exits_130() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(err.contains("resumes them"), "{err}");
     assert!(!out.join("blobs/sha256").join(hex(&big.digest)).exists());
     assert!(!out.join("index.json").exists());
-    assert_no_leftovers(&out);
+    // The stalled blob's first bytes are kept, journaled, and the next pull (straight from
+    // the registry) resumes them and leaves a complete image and nothing else.
+    assert_eq!(
+        assert_only_resumable(&out),
+        vec![hex(&big.digest).to_string()]
+    );
+    let o = fastpull_command()
+        .arg(format!("{}/chunks/interrupt:v", reg.addr()))
+        .arg(&out)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "{}",
+        text(&o)
+    );
+    assert_holds(&out, &image);
 }
 
 /// Over HTTP/2 one connection would carry every range; each lane of the transport is its
