@@ -181,14 +181,14 @@ pub enum Error {
         message: String,
     },
 
-    /// The destination's filesystem is full: a blob could not be given its space. Verified
-    /// blobs and partial downloads (with their resume journals) are kept; free space and
-    /// run the pull again.
-    #[error("no space left in {}: a blob needs {} ({needed} bytes){}; verified blobs and partial downloads are kept, free space and pull again to continue", .path.display(), human_bytes(*.needed), .available.map(|a| format!(", {} available", human_bytes(a))).unwrap_or_default())]
+    /// The destination's filesystem is full: blobs could not be given their space. The
+    /// others were still fetched; verified blobs and partial downloads (with their resume
+    /// journals) are kept; free space and run the pull again.
+    #[error("no space left in {}: {} ({needed} bytes) more needed{}; verified blobs and partial downloads are kept: free space and pull again to continue", .path.display(), human_bytes(*.needed), .available.map(|a| format!(", {} available", human_bytes(a))).unwrap_or_default())]
     NoSpace {
         /// The directory being written.
         path: PathBuf,
-        /// Bytes the blob needed.
+        /// Bytes the blobs that did not fit needed.
         needed: u64,
         /// Bytes the filesystem had free for us, if it said.
         available: Option<u64>,

@@ -156,6 +156,8 @@ pub(crate) struct Journal {
     written: RangeSet,
     /// What `D` lines already claim.
     durable: RangeSet,
+    /// The journal's name in its directory has been flushed.
+    entry_durable: bool,
 }
 
 /// What a journal found on disk says is already in the partial file.
@@ -171,18 +173,24 @@ impl Journal {
         partial.with_extension("journal")
     }
 
-    /// Starts a journal for a new partial file (replacing any old one).
+    /// Starts a journal for a new partial file (replacing any old one). Nothing is flushed
+    /// yet (opening a blob stays cheap): the first `D` record makes the journal and its
+    /// directory entry durable.
     pub(crate) fn create(path: &Path, digest: &Digest, size: u64) -> std::io::Result<Journal> {
         let boot = boot_id().unwrap_or_else(|| "-".into());
-        write_atomic(path, header(digest, size, &boot).as_bytes())
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let file = OpenOptions::new().append(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.write_all(header(digest, size, &boot).as_bytes())?;
         Ok(Journal {
             path: path.to_path_buf(),
             file,
             size,
             written: RangeSet::new(),
             durable: RangeSet::new(),
+            entry_durable: false,
         })
     }
 
@@ -229,6 +237,7 @@ impl Journal {
                 size,
                 written,
                 durable,
+                entry_durable: true,
             },
         })
     }
@@ -262,6 +271,11 @@ impl Journal {
         }
         self.file.write_all(text.as_bytes())?;
         self.file.sync_data()?;
+        if !self.entry_durable {
+            crate::write::sync_parent(&self.path)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.entry_durable = true;
+        }
         self.durable.extend(&new);
         self.written.extend(&new);
         Ok(())

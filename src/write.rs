@@ -505,11 +505,16 @@ fn no_space(e: std::io::Error, partial: &Path, size: u64) -> Error {
         || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
     {
         let dir = partial.parent().unwrap_or(Path::new("."));
+        // The destination, not its scratch directory, is what the user named.
+        let dest = dir
+            .parent()
+            .filter(|_| dir.ends_with(".fastpull-tmp"))
+            .unwrap_or(dir);
         let available = rustix::fs::statvfs(dir)
             .ok()
             .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
         return Error::NoSpace {
-            path: dir.to_path_buf(),
+            path: dest.to_path_buf(),
             needed: size,
             available,
         };

@@ -244,6 +244,7 @@ impl Fetcher<'_> {
         let mut jobs = FuturesUnordered::new();
         let mut finishing = FuturesUnordered::new();
         let mut to_open: VecDeque<usize> = (0..runs.len()).collect();
+        let mut no_space: Option<Error> = None;
         let mut last_journal = Instant::now();
         let mut last_durable = Instant::now();
         let mut next_id = 0u64;
@@ -266,7 +267,32 @@ impl Fetcher<'_> {
                     } else {
                         sched.fit(sched.piece_len(None, &infos), size)
                     };
-                    match self.open(&mut runs[b], sched.whole_request(size), len)? {
+                    let opened = match self.open(&mut runs[b], sched.whole_request(size), len) {
+                        Err(Error::NoSpace {
+                            path,
+                            needed,
+                            available,
+                        }) => {
+                            // The others go on (what fits is fetched and kept); the pull
+                            // fails at the end, saying how much more was needed.
+                            tracing::warn!(blob = %runs[b].desc.digest, needed, "no space for this blob");
+                            no_space = Some(match no_space.take() {
+                                Some(Error::NoSpace { needed: before, .. }) => Error::NoSpace {
+                                    path,
+                                    needed: before + needed,
+                                    available,
+                                },
+                                _ => Error::NoSpace {
+                                    path,
+                                    needed,
+                                    available,
+                                },
+                            });
+                            continue;
+                        }
+                        other => other?,
+                    };
+                    match opened {
                         Some(writer) => (b, writer, true),
                         None => {
                             // A resumed blob with every byte there already: hash it.
@@ -451,6 +477,9 @@ impl Fetcher<'_> {
                     }
                 }
             }
+        }
+        if let Some(e) = no_space {
+            return Err(e);
         }
         if finished != runs.len() {
             return Err(internal("fetch ended with blobs unfinished"));
