@@ -30,7 +30,7 @@ Output:
 Exit codes:
   0  success
   1  internal error (a bug: please report it)
-  130 interrupted (Ctrl-C, SIGTERM): verified blobs are kept, and partial downloads
+  130 interrupted (Ctrl-C, SIGTERM, SIGHUP): verified blobs are kept, and partial downloads
      too (in DEST/.fastpull-tmp, with their journals): the same command resumes them
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
@@ -214,7 +214,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     let client = builder.build()?;
     console.start(&reference);
-    // Ctrl-C (or SIGTERM) drops the pull: in-flight requests stop, and what each blob has
+    // Ctrl-C (or SIGTERM, SIGHUP) drops the pull: in-flight requests stop, and what each blob has
     // written is flushed and journaled for the next run (unless --no-resume).
     let result = tokio::select! {
         r = client.pull(&reference, &args.dest) => Some(r),
@@ -239,15 +239,19 @@ pub async fn run(args: Args) -> Result<(), Error> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+/// Resolves on Ctrl-C (SIGINT), SIGTERM or SIGHUP.
 async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             return;
         }

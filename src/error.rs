@@ -42,6 +42,16 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The server cannot be reached in a way retrying does not fix: its name does not
+    /// resolve, or it refuses connections. Reported at once, not retried.
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable {
+        /// The URL, redacted.
+        url: String,
+        /// The cause (resolver or connect error).
+        reason: String,
+    },
+
     /// TLS failed: the server does not speak TLS, or its certificate is not trusted.
     #[error("TLS error talking to {url}: {message}")]
     Tls {
@@ -277,6 +287,7 @@ impl Error {
             | Error::InvalidOption(_)
             | Error::Credentials { .. } => Category::Usage,
             Error::Network { .. }
+            | Error::Unreachable { .. }
             | Error::Tls { .. }
             | Error::Protocol { .. }
             | Error::Registry { .. }
@@ -295,7 +306,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Network { .. } => true,
-            Error::Registry { status, .. } => *status == 429 || *status >= 500,
+            Error::Registry { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             _ => false,
         }
     }
@@ -365,6 +376,10 @@ impl Error {
                 message: message.clone(),
             },
             Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Unreachable { url, reason } => Error::Unreachable {
+                url: url.clone(),
+                reason: reason.clone(),
+            },
             Error::NoSpace {
                 path,
                 needed,

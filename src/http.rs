@@ -1008,7 +1008,18 @@ fn classify(e: hyper_util::client::legacy::Error, what: &'static str, url: &str)
         };
     }
     if e.is_connect() {
-        Error::network(CONNECT, url, flatten(e))
+        let refused = find_error::<std::io::Error>(&e)
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        let text = flatten(e).to_string();
+        // hyper-util's resolver says "dns error"; ours (for socks5) "cannot resolve".
+        let unresolved = text.contains("dns error") || text.contains("cannot resolve");
+        if refused || unresolved {
+            return Error::Unreachable {
+                url: crate::error::redact_url(url),
+                reason: text,
+            };
+        }
+        Error::network(CONNECT, url, text)
     } else {
         Error::network(what, url, flatten(e))
     }

@@ -560,6 +560,16 @@ fn unreachable_registry_is_a_network_error() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    // A refused connection is not retried (retrying cannot fix it): said at once, with the
+    // cause.
+    assert!(
+        err.contains("cannot reach") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("retr"),
+        "a refused connection was retried: {err}"
+    );
 }
 
 #[test]
