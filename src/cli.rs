@@ -16,6 +16,7 @@ Examples:
   fastpull alpine ./alpine
   fastpull --fan-out max -j 32 --chunk-size 16M ghcr.io/org/model:7b ./model
   fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
+  fastpull --all-platforms alpine:3.20 ./alpine-all
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
   echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
@@ -67,9 +68,19 @@ pub struct Args {
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
     pub format: String,
 
-    /// Platform to pick from multi-platform images: os/arch[/variant] (default: this machine).
-    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
-    pub platform: Option<String>,
+    /// Platform to pick from multi-platform images: os[/arch[/variant]] (default: this
+    /// machine; `linux` alone means this machine's architecture). Repeatable: the index and
+    /// each platform's manifest are kept. A single-platform image must match it (exit 3).
+    #[arg(
+        long,
+        value_name = "OS[/ARCH[/VARIANT]]",
+        conflicts_with = "all_platforms"
+    )]
+    pub platform: Vec<String>,
+
+    /// Every platform of a multi-platform image: the index and all its image manifests.
+    #[arg(long)]
+    pub all_platforms: bool,
 
     /// Use plain HTTP for the registry (without it: HTTPS, falling back to HTTP only for
     /// loopback registries that do not speak TLS).
@@ -162,7 +173,11 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<(), Error> {
     let reference: Reference = args.image.parse()?;
     let format: Format = args.format.parse()?;
-    let platform: Option<Platform> = args.platform.as_deref().map(str::parse).transpose()?;
+    let platforms: Vec<Platform> = args
+        .platform
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
     if args.stall_timeout == 0 {
         return Err(Error::InvalidOption(
             "--stall-timeout must be at least 1".into(),
@@ -181,9 +196,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .resume(!args.no_resume)
         .repair_attempts(args.repair_attempts)
         .reporter(console.clone());
-    if let Some(p) = platform {
+    for p in platforms {
         builder = builder.platform(p);
     }
+    builder = builder.all_platforms(args.all_platforms);
     let mut store = match &args.authfile {
         Some(path) => CredentialStore::from_file(path),
         None => CredentialStore::from_env(),

@@ -38,7 +38,12 @@ pub struct Client {
 
 struct Inner {
     transport: Transport,
-    platform: Platform,
+    /// The platforms wanted (this machine's unless the caller named some).
+    platforms: Vec<Platform>,
+    /// The caller named the platforms (a single-platform image is then checked).
+    platform_named: bool,
+    /// Every platform of an index.
+    all_platforms: bool,
     format: Format,
     plain_http: bool,
     fetch: FetchOptions,
@@ -54,7 +59,8 @@ struct Inner {
 /// Options for a [`Client`].
 #[derive(Clone)]
 pub struct ClientBuilder {
-    platform: Option<Platform>,
+    platforms: Vec<Platform>,
+    all_platforms: bool,
     format: Format,
     plain_http: bool,
     connections: usize,
@@ -80,7 +86,8 @@ pub struct ClientBuilder {
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
-            platform: None,
+            platforms: Vec::new(),
+            all_platforms: false,
             format: Format::Oci,
             plain_http: false,
             connections: DEFAULT_CONNECTIONS,
@@ -106,9 +113,20 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// The platform to pick from multi-platform images (default: this machine's).
+    /// The platform to pick from multi-platform images (default: this machine's). Call it
+    /// again to add platforms: the index and each platform's manifest are kept, blobs
+    /// shared. A single-platform image is checked against it (its config's os and
+    /// architecture): a mismatch is [`Error::NoMatchingPlatform`].
     pub fn platform(mut self, platform: Platform) -> Self {
-        self.platform = Some(platform);
+        if !self.platforms.contains(&platform) {
+            self.platforms.push(platform);
+        }
+        self
+    }
+
+    /// Every platform of a multi-platform image (the index and all its image manifests).
+    pub fn all_platforms(mut self, yes: bool) -> Self {
+        self.all_platforms = yes;
         self
     }
 
@@ -313,7 +331,13 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 transport,
-                platform: self.platform.unwrap_or_else(Platform::host),
+                platform_named: !self.platforms.is_empty(),
+                platforms: if self.platforms.is_empty() {
+                    vec![Platform::host()]
+                } else {
+                    self.platforms
+                },
+                all_platforms: self.all_platforms,
                 format: self.format,
                 plain_http: self.plain_http,
                 fetch: FetchOptions {
@@ -337,6 +361,18 @@ impl ClientBuilder {
     }
 }
 
+/// One image manifest a pull wrote.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ManifestReport {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its platform, when it came from an index.
+    pub platform: Option<Platform>,
+}
+
 /// What a pull did.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -352,6 +388,9 @@ pub struct PullReport {
     pub manifest_media_type: String,
     /// The platform chosen, when the reference named an index.
     pub platform: Option<Platform>,
+    /// Every image manifest written (one per platform pulled; the first is
+    /// `manifest_digest`).
+    pub manifests: Vec<ManifestReport>,
     /// Config first, then layers in manifest order (duplicates removed).
     pub blobs: Vec<BlobReport>,
     /// Bytes downloaded (blobs skipped as present do not count).
@@ -467,33 +506,40 @@ impl Client {
             endpoint,
             reference,
         );
-        let (top, image, platform) = self.resolve(&registry, reference).await?;
-        let Document::Image(m) = &image.document else {
-            return Err(Error::InvalidManifest {
-                what: image.digest.to_string(),
-                reason: "an index entry points to another index".into(),
-            });
-        };
+        let Resolved { top, images } = self.resolve(&registry, reference, layout).await?;
+        let (image, platform) = images
+            .first()
+            .map(|(m, p)| (m, p.clone()))
+            .ok_or_else(|| Error::Internal("no image manifest resolved".into()))?;
         tracing::info!(
             reference = %reference,
-            digest = %top,
+            digest = %top.digest,
             manifest = %image.digest,
             media_type = %image.media_type,
             platform = ?platform.as_ref().map(|p| p.to_string()),
+            platforms = images.len(),
             base = %registry.base(),
             round_trips = %registry.round_trips(),
             "resolved"
         );
         inner.reporter.report(&Event::Resolved {
-            digest: top,
+            digest: top.digest,
             manifest_digest: image.digest,
             platform: platform.clone(),
         });
         let resolve_time = started.elapsed();
 
-        let all: Vec<BlobDescriptor> = std::iter::once(m.config.clone())
-            .chain(m.layers.iter().cloned())
-            .collect();
+        let mut all: Vec<BlobDescriptor> = Vec::new();
+        for (m, _) in &images {
+            let Document::Image(m) = &m.document else {
+                return Err(Error::InvalidManifest {
+                    what: m.digest.to_string(),
+                    reason: "an index entry points to another index".into(),
+                });
+            };
+            all.push(m.config.clone());
+            all.extend(m.layers.iter().cloned());
+        }
         let present = verified_on_disk(layout, &all).await?;
         let plan = Plan::new(&all, &present);
         let mut seen = HashSet::new();
@@ -550,21 +596,43 @@ impl Client {
         );
 
         let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
+        // One platform of an index (or a plain image): its manifest is the entry. Several, or
+        // all: the index itself is, with every chosen manifest stored beside it.
+        let several = images.len() > 1 || inner.all_platforms;
+        let children: Vec<(Digest, &[u8])> = if several {
+            images
+                .iter()
+                .map(|(m, _)| (m.digest, m.bytes.as_ref()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let entry = if several { &top } else { image };
         layout.commit(&ManifestRecord {
             blobs: &digests,
-            bytes: &image.bytes,
-            digest: image.digest,
-            media_type: &image.media_type,
+            bytes: &entry.bytes,
+            digest: entry.digest,
+            media_type: &entry.media_type,
             reference,
-            platform: platform.as_ref(),
+            platform: if several { None } else { platform.as_ref() },
+            children: &children,
         })?;
+        let manifests = images
+            .iter()
+            .map(|(m, p)| ManifestReport {
+                digest: m.digest,
+                media_type: m.media_type.clone(),
+                platform: p.clone(),
+            })
+            .collect();
 
         Ok(PullReport {
             reference: reference.clone(),
-            digest: top,
+            digest: top.digest,
             manifest_digest: image.digest,
             manifest_media_type: image.media_type.clone(),
             platform,
+            manifests,
             bytes_total: blobs.iter().map(|b| b.size).sum(),
             blobs,
             bytes_downloaded,
@@ -576,31 +644,107 @@ impl Client {
         })
     }
 
-    /// Reference → (digest it names, the platform's image manifest, platform chosen).
+    /// Reference → what it names and the image manifests of the platforms wanted.
     async fn resolve(
         &self,
         registry: &Registry,
         reference: &Reference,
-    ) -> Result<(Digest, FetchedManifest, Option<Platform>)> {
+        layout: &Layout,
+    ) -> Result<Resolved> {
+        let inner = &*self.inner;
         let top = registry
             .manifest(&reference.manifest_reference(), reference.digest(), None)
             .await?;
         match &top.document {
-            Document::Image(_) => Ok((top.digest, top, None)),
+            Document::Image(m) => {
+                if inner.platform_named && !inner.all_platforms {
+                    self.check_platform(registry, reference, layout, &m.config)
+                        .await?;
+                }
+                Ok(Resolved {
+                    images: vec![(top.clone(), None)],
+                    top,
+                })
+            }
             Document::Index(entries) => {
-                let entry =
-                    manifest::select(entries, &self.inner.platform, &reference.to_string())?;
-                let child = registry
-                    .manifest(
-                        &entry.digest.to_string(),
-                        Some(&entry.digest),
-                        Some(entry.size),
-                    )
-                    .await?;
-                Ok((top.digest, child, entry.platform.clone()))
+                let chosen: Vec<&manifest::IndexEntry> = if inner.all_platforms {
+                    manifest::all_images(entries)
+                } else {
+                    let mut chosen: Vec<&manifest::IndexEntry> = Vec::new();
+                    for want in &inner.platforms {
+                        let e = manifest::select(entries, want, &reference.to_string())?;
+                        if !chosen.iter().any(|c| c.digest == e.digest) {
+                            chosen.push(e);
+                        }
+                    }
+                    chosen
+                };
+                let fetches = chosen.iter().map(|e| async move {
+                    let m = registry
+                        .manifest(&e.digest.to_string(), Some(&e.digest), Some(e.size))
+                        .await?;
+                    Ok::<_, Error>((m, e.platform.clone()))
+                });
+                let images = futures::future::try_join_all(fetches).await?;
+                if images.is_empty() {
+                    return Err(Error::InvalidManifest {
+                        what: top.digest.to_string(),
+                        reason: "the index lists no image manifest".into(),
+                    });
+                }
+                Ok(Resolved { top, images })
             }
         }
     }
+
+    /// A single-platform image pulled for named platforms: its config must say one of
+    /// them (docker pulls it anyway with a warning; a wrong-architecture image is rarely
+    /// what a pull by platform wants). The config, verified, goes straight into the layout.
+    async fn check_platform(
+        &self,
+        registry: &Registry,
+        reference: &Reference,
+        layout: &Layout,
+        config: &BlobDescriptor,
+    ) -> Result<()> {
+        const MAX_CONFIG: usize = 8 << 20;
+        let bytes = registry.small_blob(&config.digest, MAX_CONFIG).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str());
+        let (Some(os), Some(arch)) = (field("os"), field("architecture")) else {
+            // A config that does not say (not an image config): nothing to check.
+            return Ok(());
+        };
+        let have = Platform::new(os, arch, field("variant"));
+        let fits = self
+            .inner
+            .platforms
+            .iter()
+            .any(|want| want.compatible().contains(&have.normalized()));
+        if !fits {
+            return Err(Error::NoMatchingPlatform {
+                wanted: self
+                    .inner
+                    .platforms
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                reference: reference.to_string(),
+                available: vec![have.to_string()],
+            });
+        }
+        let path = layout.blob_path(&config.digest);
+        crate::write::write_atomic(&path, &bytes)
+    }
+}
+
+/// What a reference resolved to.
+struct Resolved {
+    /// What the reference names (an index or an image manifest).
+    top: FetchedManifest,
+    /// The image manifests pulled, with their platform (from the index).
+    images: Vec<(FetchedManifest, Option<Platform>)>,
 }
 
 /// Which of `blobs` are already in place and verified (re-hashed, off the async threads).

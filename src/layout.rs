@@ -72,6 +72,9 @@ pub(crate) struct ManifestRecord<'a> {
     pub platform: Option<&'a Platform>,
     /// Every blob the manifest references (config and layers).
     pub blobs: &'a [Digest],
+    /// When `bytes` is an index: the image manifests pulled with it (digest, bytes), kept
+    /// as blobs (OCI) or as `<hex>.manifest.json` (dir, as skopeo's `--all` writes them).
+    pub children: &'a [(Digest, &'a [u8])],
 }
 
 /// An opened destination, locked against other fastpull processes.
@@ -170,10 +173,22 @@ impl Layout {
         self.committed.store(true, Ordering::Release);
         match self.format {
             Format::Dir => {
+                for (digest, bytes) in m.children {
+                    let p = self.root.join(format!("{}.manifest.json", digest.hex()));
+                    write_atomic(&p, bytes)?;
+                }
                 write_atomic(&self.root.join("manifest.json"), m.bytes)?;
-                self.remove_stale_dir_blobs(m.blobs)
+                self.remove_stale_dir_blobs(m.blobs, m.children)
             }
             Format::Oci => {
+                for (digest, bytes) in m.children {
+                    let path = self.blob_path(digest);
+                    if !crate::verify::file_matches(&path, digest, bytes.len() as u64)
+                        .map_err(|e| Error::io("read", &path, e))?
+                    {
+                        write_atomic(&path, bytes)?;
+                    }
+                }
                 let path = self.blob_path(&m.digest);
                 if !crate::verify::file_matches(&path, &m.digest, m.bytes.len() as u64)
                     .map_err(|e| Error::io("read", &path, e))?
@@ -247,13 +262,22 @@ impl Layout {
 
     /// A dir layout holds one image, as skopeo leaves it: blobs of an image pulled here
     /// before, and not part of this one, are removed (only 64-hex-digit file names).
-    fn remove_stale_dir_blobs(&self, keep: &[Digest]) -> Result<()> {
+    fn remove_stale_dir_blobs(&self, keep: &[Digest], children: &[(Digest, &[u8])]) -> Result<()> {
         let keep: std::collections::HashSet<String> = keep.iter().map(Digest::hex).collect();
+        let manifests: std::collections::HashSet<String> = children
+            .iter()
+            .map(|(d, _)| format!("{}.manifest.json", d.hex()))
+            .collect();
         let entries = std::fs::read_dir(&self.root)
             .map_err(|e| Error::io("read directory", &self.root, e))?;
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_blob_name(&name) && !keep.contains(&name) {
+            let stale_blob = is_blob_name(&name) && !keep.contains(&name);
+            let stale_manifest = name
+                .strip_suffix(".manifest.json")
+                .is_some_and(is_blob_name)
+                && !manifests.contains(&name);
+            if stale_blob || stale_manifest {
                 let p = entry.path();
                 std::fs::remove_file(&p).map_err(|e| Error::io("remove stale blob", &p, e))?;
             }
@@ -397,6 +421,7 @@ mod tests {
             reference: r,
             platform: None,
             blobs: &[],
+            children: &[],
         }
     }
 

@@ -56,8 +56,8 @@ pub mod write;
 
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
-    BlobReport, Client, ClientBuilder, PullReport, DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS,
-    DEFAULT_REPAIR_ATTEMPTS,
+    BlobReport, Client, ClientBuilder, ManifestReport, PullReport, DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONNECTIONS, DEFAULT_REPAIR_ATTEMPTS,
 };
 pub use credentials::{Credential, CredentialStore, Secret};
 pub use digest::Digest;

@@ -312,6 +312,15 @@ impl FromStr for Platform {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
         };
         match parts.as_slice() {
+            // `linux` alone: this machine's architecture, as docker reads it.
+            [os] if ok(os) => {
+                let host = Platform::host();
+                Ok(Platform::new(
+                    os,
+                    &host.architecture,
+                    host.variant.as_deref(),
+                ))
+            }
             [os, arch] if ok(os) && ok(arch) => Ok(Platform::new(os, arch, None)),
             [os, arch, variant] if ok(os) && ok(arch) && ok(variant) => {
                 Ok(Platform::new(os, arch, Some(variant)))
@@ -329,6 +338,20 @@ impl fmt::Display for Platform {
         }
         Ok(())
     }
+}
+
+/// Every image manifest of an index (attestations and other `unknown/unknown` entries
+/// left out), each digest once.
+pub fn all_images(entries: &[IndexEntry]) -> Vec<&IndexEntry> {
+    let mut out: Vec<&IndexEntry> = Vec::new();
+    for e in entries {
+        let image = is_manifest_type(&e.media_type) || e.media_type.is_empty();
+        let unknown = e.platform.as_ref().is_some_and(|p| p.os == "unknown");
+        if image && !unknown && !out.iter().any(|o| o.digest == e.digest) {
+            out.push(e);
+        }
+    }
+    out
 }
 
 /// Picks the entry of an index for `wanted`; the error lists what the index offers.

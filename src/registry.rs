@@ -303,6 +303,26 @@ impl Registry {
         format!("{}/v2/{}/blobs/{digest}", self.base(), self.repository)
     }
 
+    /// A small blob (a config) read whole into memory, at most `limit` bytes, its sha256
+    /// checked against `digest`.
+    pub(crate) async fn small_blob(&self, digest: &Digest, limit: usize) -> Result<Bytes> {
+        let url = self.blob_url(digest);
+        self.call("blob", || async {
+            let resp = self.get_blob(&url, None, 0).await?;
+            let bytes = read_body(resp.response, limit, &url).await?;
+            let actual = Digest::of(&bytes);
+            if actual != *digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("blob {digest}"),
+                    expected: *digest,
+                    actual,
+                });
+            }
+            Ok(bytes)
+        })
+        .await
+    }
+
     /// GETs (part of) a blob from `url` — the registry's blob URL or where it redirected
     /// to — on connection lane `lane`, with `Range: bytes=from-to` (inclusive) when given.
     /// A `206` must name the bytes it holds in a valid `Content-Range`; other statuses than

@@ -243,8 +243,186 @@ fn picks_platform_from_index_and_lists_them_when_none_matches() {
         "{err}"
     );
 
+    // `linux` alone is this machine's architecture, as docker reads it.
     let o = fastpull(&["--platform", "linux", &image, out3.to_str().expect("utf8")]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out3.join("index.json")).expect("index.json"))
+            .expect("json");
+    assert_eq!(index["manifests"][0]["platform"]["os"], "linux", "{index}");
+}
+
+/// `--all-platforms` and a repeated `--platform` keep the index and each chosen image
+/// manifest (blobs shared), and index.json names the index.
+#[test]
+fn all_platforms_and_repeated_platform_keep_the_index() {
+    let reg = Registry::start();
+    let shared = random_layer(60, 2, 1000);
+    let amd = ImageBuilder::new(Flavor::Oci)
+        .platform("linux", "amd64", None)
+        .layer(shared.clone())
+        .layer(random_layer(61, 1, 1000))
+        .build();
+    let arm = ImageBuilder::new(Flavor::Oci)
+        .platform("linux", "arm64", Some("v8"))
+        .layer(shared)
+        .layer(random_layer(62, 1, 1000))
+        .build();
+    let s390 = ImageBuilder::new(Flavor::Oci)
+        .platform("linux", "s390x", None)
+        .layer(random_layer(63, 1, 1000))
+        .build();
+    let (index_bytes, index_digest) = push_index(
+        &reg,
+        "multi/all",
+        "latest",
+        Flavor::Oci,
+        &[&amd, &arm, &s390],
+    );
+    let image = format!("{}/multi/all:latest", reg.addr());
+    let blob = |out: &Path, d: &str| out.join("blobs/sha256").join(hex(d));
+    let entry_of = |out: &Path| -> serde_json::Value {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("index.json")).expect("index.json"))
+                .expect("json");
+        assert_eq!(
+            index["manifests"].as_array().map(Vec::len),
+            Some(1),
+            "{index}"
+        );
+        index["manifests"][0].clone()
+    };
+
+    let (_d, out) = dest();
+    let o = fastpull(&["--all-platforms", &image, out.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    let e = entry_of(&out);
+    assert_eq!(
+        e["digest"],
+        index_digest.as_str(),
+        "index.json names the index: {e}"
+    );
+    assert_eq!(e["mediaType"], fastpull::manifest::OCI_INDEX);
+    assert_eq!(
+        std::fs::read(blob(&out, &index_digest)).expect("index blob"),
+        index_bytes,
+        "the index is stored byte for byte"
+    );
+    for img in [&amd, &arm, &s390] {
+        assert_oci_blobs(&out, img);
+    }
+
+    // Two named platforms: those two, not the third.
+    let (_d2, out2) = dest();
+    let o = fastpull(&[
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+        &image,
+        out2.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(entry_of(&out2)["digest"], index_digest.as_str());
+    assert_oci_blobs(&out2, &amd);
+    assert_oci_blobs(&out2, &arm);
+    assert!(!blob(&out2, &s390.manifest_digest).exists());
+    assert!(!blob(&out2, &s390.layers[0].digest).exists());
+
+    // skopeo reads the multi-platform layout, per platform.
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--override-arch",
+            "arm64",
+            "--override-variant",
+            "v8",
+        ])
+        .arg(format!("oci:{}:latest", out2.display()))
+        .arg(format!("dir:{}", dir.path().join("arm").display()))
+        .output()
+        .expect("run skopeo");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(dir.path().join("arm/manifest.json")).expect("manifest"),
+        arm.manifest,
+        "skopeo found the arm64 manifest through the stored index"
+    );
+
+    // The dir layout keeps the index as manifest.json and each image manifest beside it.
+    let (_d3, out3) = dest();
+    let o = fastpull(&[
+        "--all-platforms",
+        "--format",
+        "dir",
+        &image,
+        out3.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(out3.join("manifest.json")).expect("manifest.json"),
+        index_bytes
+    );
+    for img in [&amd, &arm, &s390] {
+        let p = out3.join(format!("{}.manifest.json", hex(&img.manifest_digest)));
+        assert_eq!(std::fs::read(&p).expect("instance manifest"), img.manifest);
+    }
+}
+
+/// Every blob and the manifest of `image` are in the OCI layout `out`, each verified.
+fn assert_oci_blobs(out: &Path, image: &Image) {
+    let m = out.join("blobs/sha256").join(hex(&image.manifest_digest));
+    assert_eq!(std::fs::read(&m).expect("manifest blob"), image.manifest);
+    for b in image.blobs() {
+        let p = out.join("blobs/sha256").join(hex(&b.digest));
+        assert_eq!(std::fs::read(&p).expect("blob"), b.bytes, "{}", b.digest);
+    }
+}
+
+/// A single-platform image pulled with `--platform` must be that platform: its config is
+/// checked before any layer is fetched (exit 3, naming both platforms).
+#[test]
+fn single_platform_image_is_checked_against_the_platform_asked() {
+    let reg = Registry::start();
+    let arm = ImageBuilder::new(Flavor::Oci)
+        .platform("linux", "arm64", None)
+        .layer(random_layer(64, 1, 1000))
+        .build();
+    push_image(&reg, "single/arm", "v", &arm);
+    let image = format!("{}/single/arm:v", reg.addr());
+    let (_d, out) = dest();
+    let o = fastpull(&[
+        "--platform",
+        "linux/amd64",
+        &image,
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("linux/amd64") && err.contains("linux/arm64"),
+        "{err}"
+    );
+    assert!(
+        !out.join("blobs/sha256")
+            .join(hex(&arm.layers[0].digest))
+            .exists(),
+        "a layer was fetched for the wrong platform"
+    );
+    // The right platform (and no platform at all) pull it.
+    let o = fastpull(&[
+        "--platform",
+        "linux/arm64",
+        &image,
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_oci_holds(&out, &arm, Some("v"));
+    let (_d2, out2) = dest();
+    let o = fastpull(&[&image, out2.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]
