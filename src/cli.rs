@@ -57,12 +57,21 @@ Environment:
 #[command(name = "fastpull", version, about, after_help = AFTER_HELP)]
 pub struct Args {
     /// Image to pull: NAME[:TAG][@DIGEST], e.g. alpine, ns/repo:tag, host:port/a/b@sha256:…
-    #[arg(value_name = "IMAGE")]
-    pub image: String,
+    #[arg(value_name = "IMAGE", required_unless_present_any = ["completions", "man"])]
+    pub image: Option<String>,
 
     /// Directory to write the image to (created if needed).
-    #[arg(value_name = "DEST")]
-    pub dest: PathBuf,
+    #[arg(value_name = "DEST", required_unless_present_any = ["completions", "man"])]
+    pub dest: Option<PathBuf>,
+
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) and exit,
+    /// e.g. `fastpull --completions bash > /etc/bash_completion.d/fastpull`.
+    #[arg(long, value_name = "SHELL", conflicts_with_all = ["image", "dest", "man"])]
+    pub completions: Option<clap_complete::Shell>,
+
+    /// Print the man page (roff) and exit, e.g. `fastpull --man > /usr/local/share/man/man1/fastpull.1`.
+    #[arg(long, conflicts_with_all = ["image", "dest"])]
+    pub man: bool,
 
     /// Output layout: oci or dir.
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
@@ -171,7 +180,24 @@ pub struct Args {
 
 /// Runs a pull as the flags say.
 pub async fn run(args: Args) -> Result<(), Error> {
-    let reference: Reference = args.image.parse()?;
+    if let Some(shell) = args.completions {
+        let mut cmd = <Args as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "fastpull", &mut out);
+        return print_stdout(&out);
+    }
+    if args.man {
+        let cmd = <Args as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut out)
+            .map_err(|e| Error::InvalidOption(format!("--man: {e}")))?;
+        return print_stdout(&out);
+    }
+    let (Some(image), Some(dest)) = (args.image.as_deref(), args.dest.clone()) else {
+        return Err(Error::InvalidOption("IMAGE and DEST are required".into()));
+    };
+    let reference: Reference = image.parse()?;
     let format: Format = args.format.parse()?;
     let platforms: Vec<Platform> = args
         .platform
@@ -233,12 +259,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
     // Ctrl-C (or SIGTERM, SIGHUP) drops the pull: in-flight requests stop, and what each blob has
     // written is flushed and journaled for the next run (unless --no-resume).
     let result = tokio::select! {
-        r = client.pull(&reference, &args.dest) => Some(r),
+        r = client.pull(&reference, &dest) => Some(r),
         _ = interrupted() => None,
     };
     console.clear();
     let Some(result) = result else {
-        let scratch = args.dest.join(".fastpull-tmp");
+        let scratch = dest.join(".fastpull-tmp");
         if scratch.is_dir() {
             eprintln!(
                 "fastpull: interrupted; verified blobs are kept, and partial downloads are kept \
@@ -253,6 +279,19 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let report = result?;
     console.finish(&report);
     Ok(())
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_stdout(bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
+            op: "write",
+            path: PathBuf::from("<stdout>"),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Resolves on Ctrl-C (SIGINT), SIGTERM or SIGHUP.

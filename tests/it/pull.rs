@@ -869,3 +869,42 @@ fn version_names_the_sha256_implementation() {
         want.trim_start_matches("sha256: ")
     );
 }
+
+/// `--completions SHELL` and `--man` come from the same clap definition as the flags, so
+/// they know every option; they need no IMAGE or DEST and take no other argument.
+#[test]
+fn completions_and_man_page_are_generated_from_the_flags() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for shell in ["bash", "zsh", "fish"] {
+        let o = fastpull(&["--completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", text(&o));
+        let script = String::from_utf8_lossy(&o.stdout);
+        for flag in ["all-platforms", "no-resume", "fan-out", "platform"] {
+            assert!(script.contains(flag), "{shell} completions lack --{flag}");
+        }
+        if shell == "bash" {
+            // The script parses.
+            let path = dir.path().join("fastpull.bash");
+            std::fs::write(&path, script.as_bytes()).expect("write");
+            let o = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&path)
+                .output()
+                .expect("bash -n");
+            assert!(o.status.success(), "{}", text(&o));
+        }
+    }
+    let o = fastpull(&["--man"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let man = String::from_utf8_lossy(&o.stdout);
+    assert!(man.contains(".TH fastpull 1"), "{man}");
+    assert!(
+        man.contains("all\\-platforms") && man.contains("repair\\-attempts"),
+        "{man}"
+    );
+    // They stand alone.
+    let o = fastpull(&["--completions", "bash", "alpine", "./x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = fastpull(&["--completions", "tcsh"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
