@@ -170,8 +170,18 @@ pub struct Args {
     pub mirror: Vec<String>,
 
     /// Print only the image name when done (like `docker pull -q`).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "json")]
     pub quiet: bool,
+
+    /// Machine-readable output: one JSON object per line on stdout (events, then `done` or
+    /// `error`); the schema is in README.md.
+    #[arg(long)]
+    pub json: bool,
+
+    /// After a successful pull, write the digest of the manifest stored in DEST (the
+    /// index's with several platforms) to FILE, as skopeo's --digestfile does.
+    #[arg(long, value_name = "FILE")]
+    pub digestfile: Option<PathBuf>,
 
     /// Log what happens (-v info, -vv debug, -vvv trace) to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -194,6 +204,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .map_err(|e| Error::InvalidOption(format!("--man: {e}")))?;
         return print_stdout(&out);
     }
+    let console = Arc::new(Console::new(args.quiet, args.json));
+    match pull(&args, &console).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            console.fail(&e, &describe(&e));
+            Err(e)
+        }
+    }
+}
+
+/// The pull itself, reporting to `console`.
+async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     let (Some(image), Some(dest)) = (args.image.as_deref(), args.dest.clone()) else {
         return Err(Error::InvalidOption("IMAGE and DEST are required".into()));
     };
@@ -209,7 +231,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
             "--stall-timeout must be at least 1".into(),
         ));
     }
-    let console = Arc::new(Console::new(args.quiet));
     let mut builder = Client::builder()
         .format(format)
         .plain_http(args.plain_http)
@@ -262,8 +283,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         r = client.pull(&reference, &dest) => Some(r),
         _ = interrupted() => None,
     };
-    console.clear();
     let Some(result) = result else {
+        console.interrupted();
         let scratch = dest.join(".fastpull-tmp");
         if scratch.is_dir() {
             eprintln!(
@@ -277,6 +298,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
         std::process::exit(130);
     };
     let report = result?;
+    if let Some(file) = &args.digestfile {
+        let stored = if report.manifests.len() > 1 || args.all_platforms {
+            report.digest
+        } else {
+            report.manifest_digest
+        };
+        std::fs::write(file, stored.to_string()).map_err(|e| Error::Io {
+            op: "write",
+            path: file.clone(),
+            source: e,
+        })?;
+    }
     console.finish(&report);
     Ok(())
 }

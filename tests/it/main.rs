@@ -1,5 +1,6 @@
 mod auth;
 mod chunks;
+mod console;
 mod harness_counting;
 mod harness_netauth;
 mod harness_selftest;
