@@ -35,7 +35,7 @@ SCENARIOS = [
     ("rtt40-small", "(d) +40 ms RTT, token auth, many small layers",
      "perf/imgsmall ({layers} layers) from a registry with token auth (`auth: token`, our "
      "ES256 issuer), registry, token service and CDN (smooth cap, {rate}) each {rtt} ms further "
-     "away (perf/delay_proxy.py)", "rtt-small"),
+     "away ({proxy})", "rtt-small"),
     ("rtt100-small", "(d) +100 ms RTT, token auth, many small layers",
      "The same as +40 ms with {rtt} ms", None),
     ("rtt40-1g", "(d) +40 ms RTT, token auth, one 1 GiB layer",
@@ -65,6 +65,12 @@ SPEEDUP = {
 TAIL_MAX = 1.3          # slow-tail fastpull median within 1.3x of the smooth world's
 RSS_ANON_MAX_MIB = 128  # fastpull's peak RssAnon in every world
 TUNES = [("tune-capped500", "Capped CDN, img500"), ("tune-uncapped", "Uncapped loopback, img500")]
+
+
+def delay_proxy(meta):
+    """The far worlds' delay proxy a result went through: run.sh records it since the Rust one
+    (perf/delay-proxy) replaced the Python perf/delay_proxy.py (same delays, more CPU)."""
+    return meta.get("delay_proxy") or "perf/delay_proxy.py"
 
 
 def load(path):
@@ -251,6 +257,16 @@ def main(argv):
                 probe = json.loads(x["probe"]) or probe
             except ValueError:
                 pass
+    far = {s: delay_proxy(x) for s, x in metas.items() if x and s.startswith("rtt")}
+    old_far = sorted(s for s, p in far.items() if p == "perf/delay_proxy.py")
+    if not old_far:
+        proxy_txt = "`perf/delay-proxy`"
+    elif len(old_far) == len(far):
+        proxy_txt = ("`perf/delay_proxy.py` (Python; since replaced by `perf/delay-proxy`, the "
+                     "same delays in Rust)")
+    else:
+        proxy_txt = ("`perf/delay-proxy` (for " + ", ".join(old_far) + ": its Python "
+                     "predecessor `perf/delay_proxy.py`, the same delays)")
     w("## Method")
     w("")
     w("`perf/world.sh` builds everything on loopback: the CNCF distribution registry "
@@ -261,7 +277,7 @@ def main(argv):
       "`Authorization` (like a CDN or object store). Each world of the matrix has its own "
       "registry on the same storage, redirecting to its own nginx server block (bursty cap, "
       "`limit_rate_after`, slow tail, TLS) or, for the far worlds, to the smooth CDN through "
-      "`perf/delay_proxy.py`, which delays every byte by half the added RTT each way (this "
+      + proxy_txt + ", which delays every byte by half the added RTT each way (this "
       "machine's kernel has no `sch_netem`). A registry without the middleware serves blobs "
       "itself (the uncapped world). The images are random (incompressible) bytes in gzip layers, "
       "generated once and pushed with skopeo; the blob files are read once before timing so the "
@@ -328,7 +344,8 @@ def main(argv):
         fill = dict(rate=rate_txt, pause=meta.get("prepare_pause", "?"),
                     after=meta.get("cdn_rate_after", "?"), tail=meta.get("tail_rate", "?"),
                     chunk=meta.get("cdn_send_chunk", "?"), layers=len(info["layers"]),
-                    rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?")
+                    rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?",
+                    proxy=delay_proxy(meta))
         title = title.format(**fill)
         memrecs = {r["label"]: r for r in (load(os.path.join(rdir, f"{s}.mem.json")) or [])}
         w(f"### {title}")

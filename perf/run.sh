@@ -154,7 +154,7 @@ write_meta() { # scenario registry image [k=v...]
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
     cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
-    fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" "$@"
+    fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" "$@"
 }
 
 bench() { # scenario registry image default-tools default-warmup [pause-after-sync]

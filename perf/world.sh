@@ -26,9 +26,10 @@
 #                                      (`auth: token`, issuer perf/token_issuer.py on
 #                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
 #                                      is the rootcertbundle). Registry, token service and the
-#                                      smooth CDN are each reached through perf/delay_proxy.py,
-#                                      which adds 40 or 100 ms of RTT (this kernel has no
-#                                      sch_netem, so `tc netem` is not available).
+#                                      smooth CDN are each reached through perf/delay-proxy (a
+#                                      small Rust program, built here with cargo), which adds 40
+#                                      or 100 ms of RTT (this kernel has no sch_netem, so
+#                                      `tc netem` is not available).
 #   - images  perf/img500 (5 gzip layers of random bytes: 300, 80, 60, 40, 20 MiB),
 #             perf/img1g (one 1 GiB layer) and perf/imgsmall (49 layers, 16 KiB..20 MiB,
 #             ~85 MiB), generated once into $PERF_CACHE as OCI layouts, pushed with skopeo.
@@ -61,7 +62,8 @@
 #   TOKEN_PORT=15049
 #   NGINX_WORKERS=2
 #
-# Needs root (or sudo) only to install missing packages with apt-get.
+# Needs root (or sudo) only to install missing packages with apt-get, and cargo to build
+# perf/delay-proxy for the far worlds.
 
 _world_self="${BASH_SOURCE[0]}"
 
@@ -158,7 +160,9 @@ world_running() {
   _pid_alive "$WORLD_DIR/nginx/nginx.pid"
 }
 
-# Shell assignments describing the world (written to $WORLD_DIR/env).
+# Shell assignments describing the world (written to $WORLD_DIR/env). DELAY_PROXY names the
+# far worlds' proxy for run.sh's metadata (a world started with the Python one, before
+# perf/delay-proxy, has no such line, so world_running does not reuse it).
 world_env() {
   cat <<EOF
 WORLD_DIR=$WORLD_DIR
@@ -184,6 +188,7 @@ TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
 RTT_WORLDS="$RTT_WORLDS"
+DELAY_PROXY=perf/delay-proxy
 EOF
   local w
   for w in $RTT_WORLDS; do echo "REG_RTT${w%%:*}=${w#*:}"; done
@@ -338,6 +343,17 @@ _wait_up() { # name url [curl args...]: any HTTP answer (200, 401) counts
   return 1
 }
 
+# The far worlds' delay proxy, perf/delay-proxy (a standalone cargo project, own [workspace]),
+# built (release) and copied into $WORLD_DIR so that a rebuild cannot swap it under a running world.
+_build_delay_proxy() {
+  local dir
+  dir="$(cd "$(dirname "$_world_self")" && pwd)/delay-proxy"
+  command -v cargo >/dev/null 2>&1 || { world_log "cargo is needed to build $dir"; return 1; }
+  cargo build --release --locked --quiet --manifest-path "$dir/Cargo.toml" --target-dir "$dir/target" || return 1
+  mkdir -p "$WORLD_DIR/bin"
+  cp -f "$dir/target/release/delay-proxy" "$WORLD_DIR/bin/delay-proxy"
+}
+
 _start_daemons() {
   mkdir -p "$STORAGE" "$WORLD_DIR/nginx/tmp"
   : >"$WORLD_DIR/daemons"
@@ -350,6 +366,7 @@ _start_daemons() {
   for p in $addrs; do
     if _port_busy "${p%:*}" "${p##*:}"; then world_log "port $p is in use (see the top of perf/world.sh)"; return 1; fi
   done
+  if [ -n "$RTT_WORLDS" ]; then _build_delay_proxy || return 1; fi
   _make_certs
   _registry_config "$REG" "http://$CDN/" >"$WORLD_DIR/reg.yml"
   _registry_config "$DIRECT" "" >"$WORLD_DIR/direct.yml"
@@ -369,7 +386,7 @@ _start_daemons() {
     # The far registry: its token realm and its redirects point at the delaying proxies.
     _registry_config "127.0.0.1:$port" "http://$host:${CDN##*:}/" 0 "http://$host:$TOKEN_PORT/token" >"$WORLD_DIR/reg-rtt$rtt.yml"
     _daemon "reg-rtt$rtt" docker-registry serve "$WORLD_DIR/reg-rtt$rtt.yml"
-    _daemon "delay$rtt" python3 "$(dirname "$_world_self")/delay_proxy.py" "$rtt" \
+    _daemon "delay$rtt" "$WORLD_DIR/bin/delay-proxy" "$rtt" \
       "$host:$port=127.0.0.1:$port" "$host:$TOKEN_PORT=$TOKEN" "$host:${CDN##*:}=$CDN"
   done
   # nginx daemonizes itself and writes its master's pid to nginx.pid.
