@@ -9,7 +9,7 @@
 //!
 //! - **Pieces sized by the rate, then work stealing.** A blob's first request asks for a
 //!   few minimum pieces; after that a connection asks for the next piece nobody has, sized
-//!   to take about [`PIECE_TIME`] at the rate connections to that origin get now (four
+//!   to take about [`PIECE_TIME`] (and at least [`PIECE_RTTS`] round trips) at the rate connections to that origin get now (four
 //!   times as long where the controller found that more connections do not pay: a piece of
 //!   an uncapped origin is a hundred MB, of a capped one a few), so requests stay few
 //!   where the link is fast and pieces arrive nearly in order, which lets the in-order
@@ -66,6 +66,10 @@ const RATE_DT: Duration = Duration::from_millis(40);
 const PIECE_TIME: Duration = Duration::from_millis(250);
 /// The same, on an origin whose controller found more connections do not pay.
 const HOLDING_PIECE_TIME: Duration = Duration::from_millis(1000);
+
+/// A piece lasts at least this many round trips to its origin, so the idle round trip of
+/// each request costs a far origin under a tenth of its time.
+const PIECE_RTTS: u32 = 10;
 /// A blob's first request, before any rate is known, asks for this many minimum pieces.
 pub(crate) const FIRST_PIECES: u64 = 8;
 /// Rate samples (ticks) a transfer needs before it can be called a straggler.
@@ -495,8 +499,8 @@ impl Scheduler {
         }
     }
 
-    /// How many bytes a new transfer on `origin` asks for: about [`PIECE_TIME`] (or four
-    /// round trips, if longer) at the rate its transfers get now, so that the request's
+    /// How many bytes a new transfer on `origin` asks for: about [`PIECE_TIME`] (or
+    /// [`PIECE_RTTS`] round trips, if longer) at the rate its transfers get now, so that the request's
     /// round trip is a small part of it, the pieces of a blob arrive roughly in order (the
     /// hasher follows close behind) and the last ones finish together. Before any rate is
     /// known: [`FIRST_PIECES`] minimum pieces.
@@ -525,7 +529,9 @@ impl Scheduler {
         };
         match rate {
             Some(r) => {
-                let t = time.max(rtt * 4).as_secs_f64();
+                // Each piece costs its connection one idle round trip (its request): at least
+                // ten round trips long, that is under a tenth of the time on a far origin.
+                let t = time.max(rtt * PIECE_RTTS).as_secs_f64();
                 ((r * t) as u64).max(self.min_piece)
             }
             None => FIRST_PIECES * self.min_piece,
