@@ -418,7 +418,11 @@ mod tests {
         assert_eq!(n("linux/arm"), "linux/arm/v7");
         assert_eq!(n("linux/arm/6"), "linux/arm/v6");
         assert_eq!(n("Linux/AMD64"), "linux/amd64");
-        for bad in ["linux", "", "linux/", "a/b/c/d", "linux/am d64"] {
+        // The OS alone: this machine's architecture (docker's reading).
+        let os_only: Platform = "linux".parse().unwrap();
+        assert_eq!(os_only.os, "linux");
+        assert_eq!(os_only.architecture, Platform::host().architecture);
+        for bad in ["", "linux/", "/amd64", "a/b/c/d", "linux/am d64"] {
             assert!(
                 matches!(bad.parse::<Platform>(), Err(Error::InvalidPlatform(_))),
                 "{bad}"
