@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use crate::auth::TokenCache;
+use crate::convert::{self, Conversion};
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{FanOut, FetchOptions, Fetcher};
 use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
-use crate::layout::{Format, Layout, ManifestRecord};
+use crate::layout::{Destination, Format, ImageName, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::Plan;
 use crate::progress::{Event, NoReporter, Reporter};
@@ -40,6 +41,8 @@ struct Inner {
     transport: Transport,
     platform: Platform,
     format: Format,
+    conversion: Conversion,
+    replace: bool,
     plain_http: bool,
     fetch: FetchOptions,
     retry: RetryPolicy,
@@ -56,6 +59,8 @@ struct Inner {
 pub struct ClientBuilder {
     platform: Option<Platform>,
     format: Format,
+    conversion: Conversion,
+    replace: bool,
     plain_http: bool,
     connections: usize,
     connections_per_blob: usize,
@@ -82,6 +87,8 @@ impl Default for ClientBuilder {
         ClientBuilder {
             platform: None,
             format: Format::Oci,
+            conversion: Conversion::Keep,
+            replace: false,
             plain_http: false,
             connections: DEFAULT_CONNECTIONS,
             connections_per_blob: DEFAULT_CONNECTIONS,
@@ -112,9 +119,27 @@ impl ClientBuilder {
         self
     }
 
-    /// The on-disk layout (default: OCI image layout).
+    /// The on-disk layout (default: OCI image layout). With an archive format
+    /// ([`Format::DockerArchive`], [`Format::OciArchive`]) the destination is a file.
     pub fn format(mut self, format: Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// Rewrite Docker schema 2 manifests with OCI media types before they are stored
+    /// ([`Conversion::Oci`]; default [`Conversion::Keep`]: as received). The manifest gets
+    /// a new digest ([`PullReport::manifest_digest`]); the registry's is kept in
+    /// [`PullReport::source_manifest_digest`] and in an annotation. See [`crate::convert`].
+    pub fn convert(mut self, conversion: Conversion) -> Self {
+        self.conversion = conversion;
+        self
+    }
+
+    /// Let a pull into an OCI layout replace an `index.json` entry of the same name that
+    /// holds another repository's image (default: refused with [`Error::NameInUse`]; that
+    /// image's blobs are left in the layout, unreferenced).
+    pub fn replace(mut self, yes: bool) -> Self {
+        self.replace = yes;
         self
     }
 
@@ -315,6 +340,8 @@ impl ClientBuilder {
                 transport,
                 platform: self.platform.unwrap_or_else(Platform::host),
                 format: self.format,
+                conversion: self.conversion,
+                replace: self.replace,
                 plain_http: self.plain_http,
                 fetch: FetchOptions {
                     connections: self.connections,
@@ -350,6 +377,12 @@ pub struct PullReport {
     pub manifest_digest: Digest,
     /// Media type of that manifest.
     pub manifest_media_type: String,
+    /// When a [`Conversion`] rewrote the manifest: its digest as the registry served it
+    /// (`manifest_digest` is then the rewritten one's).
+    pub source_manifest_digest: Option<Digest>,
+    /// The name the image is recorded under (`org.opencontainers.image.ref.name`); none
+    /// for a pull by digest that was given no name.
+    pub name: Option<String>,
     /// The platform chosen, when the reference named an index.
     pub platform: Option<Platform>,
     /// Config first, then layers in manifest order (duplicates removed).
@@ -364,7 +397,7 @@ pub struct PullReport {
     pub fetch_time: Duration,
     /// Wall time of the whole pull.
     pub elapsed: Duration,
-    /// Where the image is.
+    /// Where the image is: a directory, or an archive file.
     pub dest: PathBuf,
     /// In which layout.
     pub format: Format,
@@ -397,18 +430,40 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// Pulls `reference` into the directory `dest` (created if needed). Blobs already
-    /// verified there are kept; everything new is verified before it gets its final name,
-    /// and the manifest is recorded last.
+    /// Pulls `reference` into the directory `dest` (created if needed), or the file `dest`
+    /// for an archive format. Blobs already verified there are kept; everything new is
+    /// verified before it gets its final name, and the manifest is recorded last.
     pub async fn pull(&self, reference: &Reference, dest: impl AsRef<Path>) -> Result<PullReport> {
+        self.pull_to(reference, &Destination::new(dest.as_ref()))
+            .await
+    }
+
+    /// As [`Client::pull`], recording the image under `dest.name` if it has one (see
+    /// [`Destination`]).
+    pub async fn pull_to(&self, reference: &Reference, dest: &Destination) -> Result<PullReport> {
         let inner = &*self.inner;
         let started = Instant::now();
-        let dest = dest.as_ref();
-        let layout = Layout::open(dest, inner.format, inner.fetch.resume)?;
+        let name = ImageName::new(reference, dest.name.as_deref())?;
+        if inner.format == Format::DockerArchive && name.repo_tag.is_none() && dest.name.is_some() {
+            return Err(Error::InvalidOption(format!(
+                "image name {:?}: a docker-archive names its image name:tag (RepoTags), not by digest",
+                dest.name.as_deref().unwrap_or_default()
+            )));
+        }
+        let layout = Layout::open(
+            &dest.path,
+            inner.format,
+            inner.fetch.resume,
+            &name,
+            inner.replace,
+        )?;
         let endpoints = self.endpoints(reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match self.pull_from(endpoint, reference, &layout, started).await {
+            match self
+                .pull_from(endpoint, reference, &name, &layout, started)
+                .await
+            {
                 Ok(report) => {
                     layout.finish()?;
                     return Ok(report);
@@ -452,11 +507,12 @@ impl Client {
         &self,
         endpoint: &Endpoint,
         reference: &Reference,
+        name: &ImageName,
         layout: &Layout,
         started: Instant,
     ) -> Result<PullReport> {
         let inner = &*self.inner;
-        let dest = layout.dir();
+        let dest = layout.path();
         let registry = Registry::connect(
             Access {
                 transport: inner.transport.clone(),
@@ -468,12 +524,47 @@ impl Client {
             reference,
         );
         let (top, image, platform) = self.resolve(&registry, reference).await?;
-        let Document::Image(m) = &image.document else {
+        let Document::Image(received) = &image.document else {
             return Err(Error::InvalidManifest {
                 what: image.digest.to_string(),
                 reason: "an index entry points to another index".into(),
             });
         };
+        // What is stored: the manifest as received, or as a conversion rewrote it.
+        let converted = match inner.conversion {
+            Conversion::Keep => None,
+            Conversion::Oci => convert::to_oci(&image.bytes, &image.media_type, &image.digest)?,
+        };
+        let (stored_bytes, stored_digest, stored_type, reparsed) = match &converted {
+            Some(c) => {
+                let (_, doc) = manifest::parse(&c.bytes, Some(c.media_type), "converted manifest")?;
+                let Document::Image(m) = doc else {
+                    return Err(Error::Internal(
+                        "a converted manifest is not an image".into(),
+                    ));
+                };
+                tracing::info!(from = %image.digest, to = %c.digest, "manifest converted to OCI media types");
+                (&c.bytes[..], c.digest, c.media_type, Some(m))
+            }
+            None => (
+                &image.bytes[..],
+                image.digest,
+                image.media_type.as_str(),
+                None,
+            ),
+        };
+        let m = reparsed.as_ref().unwrap_or(received);
+        let record = ManifestRecord {
+            bytes: stored_bytes,
+            digest: stored_digest,
+            media_type: stored_type,
+            name,
+            platform: platform.as_ref(),
+            config: &m.config,
+            layers: &m.layers,
+            source_digest: converted.as_ref().map(|_| image.digest),
+        };
+        layout.prepare(&record)?;
         tracing::info!(
             reference = %reference,
             digest = %top,
@@ -494,7 +585,10 @@ impl Client {
         let all: Vec<BlobDescriptor> = std::iter::once(m.config.clone())
             .chain(m.layers.iter().cloned())
             .collect();
-        let present = verified_on_disk(layout, &all).await?;
+        let present = match layout.verified_in_archive() {
+            Some(in_place) => in_place,
+            None => verified_on_disk(layout, &all).await?,
+        };
         let plan = Plan::new(&all, &present);
         let mut seen = HashSet::new();
         let blobs: Vec<BlobReport> = all
@@ -549,22 +643,16 @@ impl Client {
             "blobs fetched and verified"
         );
 
-        let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
-        layout.commit(&ManifestRecord {
-            blobs: &digests,
-            bytes: &image.bytes,
-            digest: image.digest,
-            media_type: &image.media_type,
-            reference,
-            platform: platform.as_ref(),
-        })?;
+        layout.commit(&record)?;
 
         Ok(PullReport {
             reference: reference.clone(),
             digest: top,
-            manifest_digest: image.digest,
-            manifest_media_type: image.media_type.clone(),
-            platform,
+            manifest_digest: stored_digest,
+            manifest_media_type: stored_type.to_string(),
+            source_manifest_digest: record.source_digest,
+            name: name.ref_name.clone(),
+            platform: platform.clone(),
             bytes_total: blobs.iter().map(|b| b.size).sum(),
             blobs,
             bytes_downloaded,
