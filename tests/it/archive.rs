@@ -692,3 +692,50 @@ fn convert_oci_makes_docker_images_readable() {
         text(&o)
     );
 }
+
+/// A blob that fails its digest inside an archive is fetched again into the same place
+/// (the first fetch's region unmapped, the new one writing over it), and the archive that
+/// appears holds only verified bytes: the registry sends one corrupted body (through a
+/// proxy), the pull succeeds, and every blob in the archive is the pushed one.
+#[test]
+fn archive_blob_that_fails_is_fetched_again_in_place() {
+    let reg = Registry::start();
+    let proxy = FaultProxy::start(&reg.addr());
+    let img = shaped_image(Flavor::Oci, &SHAPE);
+    push_image(&reg, "archive/repair", "v1", &img);
+    let bad = &img.layers[1];
+    proxy.add(
+        Rule::new(
+            &format!("/blobs/{}", bad.digest),
+            Fault::Corrupt { at: 4321 },
+        )
+        .times(1),
+    );
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = work.path().join("img.tar");
+    let o = fastpull(
+        &reg,
+        &[
+            os("--format"),
+            os("docker-archive"),
+            os(&format!("{}/archive/repair:v1", proxy.addr())),
+            file.as_os_str(),
+        ],
+    );
+    assert!(
+        proxy.blob_requests(&bad.digest).len() >= 2,
+        "the corrupted blob was fetched again: {}",
+        text(&o)
+    );
+    let entries = tar_entries(&file);
+    assert_archive_blobs_verify(&entries);
+    for b in img.blobs() {
+        let name = format!("blobs/sha256/{}", hex_of(&b.digest));
+        let got = &entries
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1;
+        assert_bytes(&name, got, &b.bytes);
+    }
+}
