@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fastpull::credentials::{Credential, CredentialStore, Secret};
-use fastpull::{Client, Error, Format, Platform, Reference};
+use fastpull::{Client, Conversion, Destination, Error, Format, Platform, Reference};
 
 use crate::console::Console;
 
@@ -18,15 +18,35 @@ Examples:
   fastpull --platform linux/arm64 ghcr.io/org/app:1.2 ./app
   fastpull --all-platforms alpine:3.20 ./alpine-all
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
+  fastpull --format docker-archive alpine:3.20 alpine.tar && docker load -i alpine.tar
+  fastpull --convert oci docker.io/library/debian:12 ./images:debian12
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
   echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
   fastpull --ca-file corp-ca.pem --mirror mirror.corp:5000 ubuntu:24.04 ./ubuntu
 
-Output:
+Output (--format):
   oci (default)  OCI image layout: oci-layout, index.json (tag in the
                  org.opencontainers.image.ref.name annotation), blobs/sha256/<hex>.
                  Read it with `skopeo copy oci:DEST:TAG ...` or `umoci unpack --image DEST:TAG`.
+                 Several images share one layout, one index.json entry per name: DEST:NAME
+                 (or --tag NAME) records the image as NAME instead of its tag. When the last
+                 component of DEST holds a ':', the part from its first ':' on is NAME
+                 (out:v2, out:myimg:v2); write a directory whose name holds ':' with a
+                 trailing '/'. An entry of that name holding another repository's image is
+                 not replaced without --replace (exit 5).
   dir            skopeo's dir: layout: version, manifest.json, one file per blob named by hex.
+  docker-archive DEST is one tar file, as `docker save` (v25+) writes it: the OCI layout plus
+                 docker's manifest.json (RepoTags: the image's name:tag, or --tag) and
+                 repositories. `docker load -i DEST`, `podman load -i DEST`,
+                 `skopeo copy docker-archive:DEST ...`.
+  oci-archive    DEST is one tar file of an OCI image layout: `skopeo copy oci-archive:DEST ...`.
+  An archive is written as DEST.fastpull-partial, each blob straight to its place in it, and
+  renamed to DEST only once every blob in it is verified. Archives are not resumed.
+
+Docker manifests: stored as received (their Docker media types), which skopeo's oci: and
+  umoci do not read; --convert oci rewrites them with OCI media types (config and layers
+  unchanged; the manifest gets a new digest, printed, with the registry's kept in the
+  io.fastpull.source.digest annotation).
 
 Exit codes:
   0  success
@@ -38,7 +58,8 @@ Exit codes:
      no manifest for the platform, unsupported manifest
   4  verification: a blob or manifest did not match its digest or size
      (nothing is left under a final name)
-  5  local I/O: destination unusable, permissions, disk full
+  5  local I/O: destination unusable, in use, or its index.json gives the name to another
+     repository's image (see --tag, --replace); permissions, disk full
 
 Credentials (first match wins): --username/--password-stdin; else --authfile; else
   $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json (~/.docker/config.json),
@@ -60,7 +81,8 @@ pub struct Args {
     #[arg(value_name = "IMAGE", required_unless_present_any = ["completions", "man"])]
     pub image: Option<String>,
 
-    /// Directory to write the image to (created if needed).
+    /// Directory to write the image to (created if needed); a file for an archive format.
+    /// For the OCI layout, DEST:NAME names the image (see below).
     #[arg(value_name = "DEST", required_unless_present_any = ["completions", "man"])]
     pub dest: Option<PathBuf>,
 
@@ -73,9 +95,25 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["image", "dest"])]
     pub man: bool,
 
-    /// Output layout: oci or dir.
+    /// Output: oci (OCI image layout), dir (skopeo's dir:), docker-archive (a tar for
+    /// `docker load`), oci-archive (a tar of an OCI layout).
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
     pub format: String,
+
+    /// Record the image as NAME: a tag (v2) or an image reference (myimg:v2,
+    /// host/team/app:1): the OCI layout's ref.name annotation, docker-archive's RepoTags.
+    #[arg(long, value_name = "NAME")]
+    pub tag: Option<String>,
+
+    /// Replace an OCI layout's index.json entry of the same name even if it holds another
+    /// repository's image (whose blobs then stay in the layout, unreferenced).
+    #[arg(long)]
+    pub replace: bool,
+
+    /// Rewrite Docker schema 2 manifests with OCI media types (oci), so that skopeo's oci:
+    /// and umoci read them; none (default) stores manifests as received.
+    #[arg(long, default_value = "none", value_name = "TO")]
+    pub convert: String,
 
     /// Platform to pick from multi-platform images: os[/arch[/variant]] (default: this
     /// machine; `linux` alone means this machine's architecture). Repeatable: the index and
@@ -221,6 +259,21 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     };
     let reference: Reference = image.parse()?;
     let format: Format = args.format.parse()?;
+    let conversion: Conversion = args.convert.parse()?;
+    let dest = if format == Format::Oci {
+        Destination::split_name(&dest)
+    } else {
+        Destination::new(&dest)
+    };
+    let dest = match (dest.name.clone(), args.tag.clone()) {
+        (Some(from_dest), Some(tag)) if from_dest != tag => {
+            return Err(Error::InvalidOption(format!(
+                "DEST names the image {from_dest:?} and --tag names it {tag:?}: give one"
+            )))
+        }
+        (None, Some(tag)) => dest.named(tag),
+        _ => dest,
+    };
     let platforms: Vec<Platform> = args
         .platform
         .iter()
@@ -233,6 +286,8 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     }
     let mut builder = Client::builder()
         .format(format)
+        .convert(conversion)
+        .replace(args.replace)
         .plain_http(args.plain_http)
         .connections(args.connections)
         .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
@@ -280,13 +335,19 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     // Ctrl-C (or SIGTERM, SIGHUP) drops the pull: in-flight requests stop, and what each blob has
     // written is flushed and journaled for the next run (unless --no-resume).
     let result = tokio::select! {
-        r = client.pull(&reference, &dest) => Some(r),
+        r = client.pull_to(&reference, &dest) => Some(r),
         _ = interrupted() => None,
     };
     let Some(result) = result else {
         console.interrupted();
-        let scratch = dest.join(".fastpull-tmp");
-        if scratch.is_dir() {
+        let scratch = dest.path.join(".fastpull-tmp");
+        if format.is_archive() {
+            eprintln!(
+                "fastpull: interrupted; {} was not written (an archive appears whole or not at \
+                 all, and is not resumed)",
+                dest.path.display()
+            );
+        } else if scratch.is_dir() {
             eprintln!(
                 "fastpull: interrupted; verified blobs are kept, and partial downloads are kept \
                  in {} for the next run: the same command resumes them (--no-resume discards them)",

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use crate::auth::TokenCache;
+use crate::convert::{self, Conversion};
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{FanOut, FetchOptions, Fetcher};
 use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
-use crate::layout::{Format, Layout, ManifestRecord};
+use crate::layout::{Destination, Format, ImageName, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::Plan;
 use crate::progress::{Event, NoReporter, Reporter};
@@ -45,6 +46,8 @@ struct Inner {
     /// Every platform of an index.
     all_platforms: bool,
     format: Format,
+    conversion: Conversion,
+    replace: bool,
     plain_http: bool,
     fetch: FetchOptions,
     retry: RetryPolicy,
@@ -62,6 +65,8 @@ pub struct ClientBuilder {
     platforms: Vec<Platform>,
     all_platforms: bool,
     format: Format,
+    conversion: Conversion,
+    replace: bool,
     plain_http: bool,
     connections: usize,
     connections_per_blob: usize,
@@ -89,6 +94,8 @@ impl Default for ClientBuilder {
             platforms: Vec::new(),
             all_platforms: false,
             format: Format::Oci,
+            conversion: Conversion::Keep,
+            replace: false,
             plain_http: false,
             connections: DEFAULT_CONNECTIONS,
             connections_per_blob: DEFAULT_CONNECTIONS,
@@ -130,9 +137,27 @@ impl ClientBuilder {
         self
     }
 
-    /// The on-disk layout (default: OCI image layout).
+    /// The on-disk layout (default: OCI image layout). With an archive format
+    /// ([`Format::DockerArchive`], [`Format::OciArchive`]) the destination is a file.
     pub fn format(mut self, format: Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// Rewrite Docker schema 2 manifests with OCI media types before they are stored
+    /// ([`Conversion::Oci`]; default [`Conversion::Keep`]: as received). The manifest gets
+    /// a new digest ([`PullReport::manifest_digest`]); the registry's is kept in
+    /// [`PullReport::source_manifest_digest`] and in an annotation. See [`crate::convert`].
+    pub fn convert(mut self, conversion: Conversion) -> Self {
+        self.conversion = conversion;
+        self
+    }
+
+    /// Let a pull into an OCI layout replace an `index.json` entry of the same name that
+    /// holds another repository's image (default: refused with [`Error::NameInUse`]; that
+    /// image's blobs are left in the layout, unreferenced).
+    pub fn replace(mut self, yes: bool) -> Self {
+        self.replace = yes;
         self
     }
 
@@ -339,6 +364,8 @@ impl ClientBuilder {
                 },
                 all_platforms: self.all_platforms,
                 format: self.format,
+                conversion: self.conversion,
+                replace: self.replace,
                 plain_http: self.plain_http,
                 fetch: FetchOptions {
                     connections: self.connections,
@@ -386,6 +413,12 @@ pub struct PullReport {
     pub manifest_digest: Digest,
     /// Media type of that manifest.
     pub manifest_media_type: String,
+    /// When a [`Conversion`] rewrote the manifest: its digest as the registry served it
+    /// (`manifest_digest` is then the rewritten one's).
+    pub source_manifest_digest: Option<Digest>,
+    /// The name the image is recorded under (`org.opencontainers.image.ref.name`); none
+    /// for a pull by digest that was given no name.
+    pub name: Option<String>,
     /// The platform chosen, when the reference named an index.
     pub platform: Option<Platform>,
     /// Every image manifest written (one per platform pulled; the first is
@@ -403,7 +436,7 @@ pub struct PullReport {
     pub fetch_time: Duration,
     /// Wall time of the whole pull.
     pub elapsed: Duration,
-    /// Where the image is.
+    /// Where the image is: a directory, or an archive file.
     pub dest: PathBuf,
     /// In which layout.
     pub format: Format,
@@ -436,18 +469,40 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// Pulls `reference` into the directory `dest` (created if needed). Blobs already
-    /// verified there are kept; everything new is verified before it gets its final name,
-    /// and the manifest is recorded last.
+    /// Pulls `reference` into the directory `dest` (created if needed), or the file `dest`
+    /// for an archive format. Blobs already verified there are kept; everything new is
+    /// verified before it gets its final name, and the manifest is recorded last.
     pub async fn pull(&self, reference: &Reference, dest: impl AsRef<Path>) -> Result<PullReport> {
+        self.pull_to(reference, &Destination::new(dest.as_ref()))
+            .await
+    }
+
+    /// As [`Client::pull`], recording the image under `dest.name` if it has one (see
+    /// [`Destination`]).
+    pub async fn pull_to(&self, reference: &Reference, dest: &Destination) -> Result<PullReport> {
         let inner = &*self.inner;
         let started = Instant::now();
-        let dest = dest.as_ref();
-        let layout = Layout::open(dest, inner.format, inner.fetch.resume)?;
+        let name = ImageName::new(reference, dest.name.as_deref())?;
+        if inner.format == Format::DockerArchive && name.repo_tag.is_none() && dest.name.is_some() {
+            return Err(Error::InvalidOption(format!(
+                "image name {:?}: a docker-archive names its image name:tag (RepoTags), not by digest",
+                dest.name.as_deref().unwrap_or_default()
+            )));
+        }
+        let layout = Layout::open(
+            &dest.path,
+            inner.format,
+            inner.fetch.resume,
+            &name,
+            inner.replace,
+        )?;
         let endpoints = self.endpoints(reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match self.pull_from(endpoint, reference, &layout, started).await {
+            match self
+                .pull_from(endpoint, reference, &name, &layout, started)
+                .await
+            {
                 Ok(report) => {
                     layout.finish()?;
                     return Ok(report);
@@ -491,11 +546,12 @@ impl Client {
         &self,
         endpoint: &Endpoint,
         reference: &Reference,
+        name: &ImageName,
         layout: &Layout,
         started: Instant,
     ) -> Result<PullReport> {
         let inner = &*self.inner;
-        let dest = layout.dir();
+        let dest = layout.path();
         let registry = Registry::connect(
             Access {
                 transport: inner.transport.clone(),
@@ -507,10 +563,92 @@ impl Client {
             reference,
         );
         let Resolved { top, images } = self.resolve(&registry, reference, layout).await?;
+        // One platform of an index (or a plain image): its manifest is the entry. Several, or
+        // all: the index itself is, with every chosen manifest stored beside it.
+        let several = images.len() > 1 || inner.all_platforms;
+        if several && (inner.format.is_archive() || inner.conversion != Conversion::Keep) {
+            return Err(Error::InvalidOption(
+                "several platforms (--all-platforms, a repeated --platform) are pulled into a \
+                 directory layout (oci, dir) without --convert; archives and conversion take one"
+                    .into(),
+            ));
+        }
         let (image, platform) = images
             .first()
             .map(|(m, p)| (m, p.clone()))
             .ok_or_else(|| Error::Internal("no image manifest resolved".into()))?;
+        let mut parsed = Vec::with_capacity(images.len());
+        for (m, _) in &images {
+            let Document::Image(doc) = &m.document else {
+                return Err(Error::InvalidManifest {
+                    what: m.digest.to_string(),
+                    reason: "an index entry points to another index".into(),
+                });
+            };
+            parsed.push(doc);
+        }
+        let received = parsed[0];
+        // What is stored: the manifest as received, or as a conversion rewrote it.
+        let converted = match inner.conversion {
+            Conversion::Keep => None,
+            Conversion::Oci => convert::to_oci(&image.bytes, &image.media_type, &image.digest)?,
+        };
+        let (stored_bytes, stored_digest, stored_type, reparsed) = match &converted {
+            Some(c) => {
+                let (_, doc) = manifest::parse(&c.bytes, Some(c.media_type), "converted manifest")?;
+                let Document::Image(m) = doc else {
+                    return Err(Error::Internal(
+                        "a converted manifest is not an image".into(),
+                    ));
+                };
+                tracing::info!(from = %image.digest, to = %c.digest, "manifest converted to OCI media types");
+                (&c.bytes[..], c.digest, c.media_type, Some(m))
+            }
+            None => (
+                &image.bytes[..],
+                image.digest,
+                image.media_type.as_str(),
+                None,
+            ),
+        };
+        let m = reparsed.as_ref().unwrap_or(received);
+        // Every blob of every image manifest pulled; with several, the other manifests'
+        // blobs ride along as "layers" of the record, so the layout keeps them all.
+        let mut all: Vec<BlobDescriptor> = std::iter::once(m.config.clone())
+            .chain(m.layers.iter().cloned())
+            .collect();
+        for other in &parsed[1..] {
+            all.push(other.config.clone());
+            all.extend(other.layers.iter().cloned());
+        }
+        let children: Vec<(Digest, &[u8])> = if several {
+            images
+                .iter()
+                .map(|(m, _)| (m.digest, m.bytes.as_ref()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let record = ManifestRecord {
+            bytes: if several {
+                &top.bytes[..]
+            } else {
+                stored_bytes
+            },
+            digest: if several { top.digest } else { stored_digest },
+            media_type: if several {
+                top.media_type.as_str()
+            } else {
+                stored_type
+            },
+            name,
+            platform: if several { None } else { platform.as_ref() },
+            config: &m.config,
+            layers: &all[1..],
+            source_digest: converted.as_ref().map(|_| image.digest),
+            children: &children,
+        };
+        layout.prepare(&record)?;
         tracing::info!(
             reference = %reference,
             digest = %top.digest,
@@ -529,18 +667,10 @@ impl Client {
         });
         let resolve_time = started.elapsed();
 
-        let mut all: Vec<BlobDescriptor> = Vec::new();
-        for (m, _) in &images {
-            let Document::Image(m) = &m.document else {
-                return Err(Error::InvalidManifest {
-                    what: m.digest.to_string(),
-                    reason: "an index entry points to another index".into(),
-                });
-            };
-            all.push(m.config.clone());
-            all.extend(m.layers.iter().cloned());
-        }
-        let present = verified_on_disk(layout, &all).await?;
+        let present = match layout.verified_in_archive() {
+            Some(in_place) => in_place,
+            None => verified_on_disk(layout, &all).await?,
+        };
         let plan = Plan::new(&all, &present);
         let mut seen = HashSet::new();
         let blobs: Vec<BlobReport> = all
@@ -595,28 +725,7 @@ impl Client {
             "blobs fetched and verified"
         );
 
-        let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
-        // One platform of an index (or a plain image): its manifest is the entry. Several, or
-        // all: the index itself is, with every chosen manifest stored beside it.
-        let several = images.len() > 1 || inner.all_platforms;
-        let children: Vec<(Digest, &[u8])> = if several {
-            images
-                .iter()
-                .map(|(m, _)| (m.digest, m.bytes.as_ref()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let entry = if several { &top } else { image };
-        layout.commit(&ManifestRecord {
-            blobs: &digests,
-            bytes: &entry.bytes,
-            digest: entry.digest,
-            media_type: &entry.media_type,
-            reference,
-            platform: if several { None } else { platform.as_ref() },
-            children: &children,
-        })?;
+        layout.commit(&record)?;
         let manifests = images
             .iter()
             .map(|(m, p)| ManifestReport {
@@ -629,9 +738,11 @@ impl Client {
         Ok(PullReport {
             reference: reference.clone(),
             digest: top.digest,
-            manifest_digest: image.digest,
-            manifest_media_type: image.media_type.clone(),
-            platform,
+            manifest_digest: stored_digest,
+            manifest_media_type: stored_type.to_string(),
+            source_manifest_digest: record.source_digest,
+            name: name.ref_name.clone(),
+            platform: platform.clone(),
             manifests,
             bytes_total: blobs.iter().map(|b| b.size).sum(),
             blobs,

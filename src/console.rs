@@ -247,16 +247,30 @@ impl Console {
                 report.elapsed.as_secs_f64()
             ));
         }
+        if let Some(source) = &report.source_manifest_digest {
+            self.line(&format!(
+                "Converted: Docker manifest {source} → OCI manifest {} (new digest; config and \
+                 layers unchanged; the registry's digest is kept in the \
+                 io.fastpull.source.digest annotation)",
+                report.manifest_digest
+            ));
+        }
+        let named = match (&report.name, report.format) {
+            (Some(n), Format::Oci | Format::OciArchive) => format!(" as {n}"),
+            _ => String::new(),
+        };
         self.line(&format!(
-            "Saved to {} ({})",
+            "Saved to {} ({}){named}",
             report.dest.display(),
             report.format
         ));
-        if report.format == Format::Oci && report.manifest_media_type.contains("docker") {
+        if matches!(report.format, Format::Oci | Format::OciArchive)
+            && report.manifest_media_type.contains("docker")
+        {
             self.line(
                 "Note: the manifest keeps its Docker media type, as received (like `docker save`); \
                  skopeo's oci: transport and umoci read only OCI media types. \
-                 Use --format dir for skopeo.",
+                 Use --convert oci for them (or --format dir for skopeo).",
             );
         }
     }

@@ -204,6 +204,22 @@ pub enum Error {
         available: Option<u64>,
     },
 
+    /// An OCI layout's `index.json` already gives this name to another repository's image:
+    /// taking the name would replace that entry and orphan the other image's blobs. Name
+    /// this image otherwise ([`crate::Destination::named`], `--tag`), or allow the
+    /// replacement ([`crate::ClientBuilder::replace`], `--replace`).
+    #[error("destination {}: its index.json entry {name:?} holds {held_by}, not {wanted}; pulling would replace it and orphan that image's blobs. Give this image another name (--tag NAME, or DEST:NAME) or pass --replace to replace the entry", .path.display())]
+    NameInUse {
+        /// The layout.
+        path: PathBuf,
+        /// The `org.opencontainers.image.ref.name` both want.
+        name: String,
+        /// The image the entry holds now (`io.containerd.image.name`).
+        held_by: String,
+        /// The image being pulled.
+        wanted: String,
+    },
+
     /// The destination exists and is not an image layout of the requested format.
     #[error("destination {} {reason}", .path.display())]
     Destination {
@@ -297,7 +313,10 @@ impl Error {
             | Error::InvalidManifest { .. }
             | Error::NoMatchingPlatform { .. } => Category::Registry,
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Category::Verification,
-            Error::Io { .. } | Error::Destination { .. } | Error::NoSpace { .. } => Category::Io,
+            Error::Io { .. }
+            | Error::Destination { .. }
+            | Error::NoSpace { .. }
+            | Error::NameInUse { .. } => Category::Io,
             Error::Internal(_) => Category::Internal,
         }
     }
@@ -379,6 +398,17 @@ impl Error {
             Error::Unreachable { url, reason } => Error::Unreachable {
                 url: url.clone(),
                 reason: reason.clone(),
+            },
+            Error::NameInUse {
+                path,
+                name,
+                held_by,
+                wanted,
+            } => Error::NameInUse {
+                path: path.clone(),
+                name: name.clone(),
+                held_by: held_by.clone(),
+                wanted: wanted.clone(),
             },
             Error::NoSpace {
                 path,

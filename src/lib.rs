@@ -1,7 +1,8 @@
 //! # fastpull
 //!
 //! Pull container images (OCI / Docker registry v2) and leave a standard image on disk —
-//! an OCI image layout, or skopeo's `dir:` layout — having verified every byte.
+//! an OCI image layout, skopeo's `dir:` layout, or one archive file that `docker load` /
+//! `podman load` take ([`Format`]) — having verified every byte.
 //!
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
@@ -12,11 +13,14 @@
 //! own; see [`FanOut`]) → [`write`](mod@write) (preallocated, mmapped partial files written
 //! in spans, durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU
 //! threads, following the written prefix while later spans still arrive) → `layout`
-//! (`index.json` or `manifest.json`, written last).
+//! (`index.json` or `manifest.json`, written last; an archive is laid out before the fetch
+//! and its blobs land in place inside it: `archive`). [`convert`] rewrites a Docker
+//! manifest with OCI media types when asked ([`Conversion`]).
 //!
-//! A blob under its final name is always complete and verified; the manifest is stored
-//! exactly as the registry sent it, after its sha256 was checked against the pinned digest
-//! and the `Docker-Content-Digest` header.
+//! A blob under its final name is always complete and verified (an archive appears under
+//! its name only once every blob in it is); the manifest is stored exactly as the registry
+//! sent it, after its sha256 was checked against the pinned digest and the
+//! `Docker-Content-Digest` header, unless a [`Conversion`] was asked for.
 //!
 //! The library never prints. Progress goes to a [`Reporter`] if you set one.
 //!
@@ -36,8 +40,10 @@
 //! ```
 #![warn(missing_docs)]
 
+mod archive;
 mod auth;
 mod client;
+pub mod convert;
 pub mod credentials;
 pub mod digest;
 pub mod error;
@@ -59,12 +65,13 @@ pub use client::{
     BlobReport, Client, ClientBuilder, ManifestReport, PullReport, DEFAULT_CHUNK_SIZE,
     DEFAULT_CONNECTIONS, DEFAULT_REPAIR_ATTEMPTS,
 };
+pub use convert::{Conversion, ANNOTATION_SOURCE_DIGEST};
 pub use credentials::{Credential, CredentialStore, Secret};
 pub use digest::Digest;
 pub use error::{Category, Error, Result};
 pub use fetch::FanOut;
 pub use http::DEFAULT_CERT_DIRS;
-pub use layout::{Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
+pub use layout::{Destination, Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
 pub use manifest::{BlobKind, Platform};
 pub use progress::{Event, Reporter};
 pub use reference::Reference;

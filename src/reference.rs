@@ -125,6 +125,30 @@ impl Reference {
     pub fn familiar_repository(&self) -> &str {
         &self.repository
     }
+
+    /// The name as docker shows it (`FamiliarName`): `alpine` for
+    /// `docker.io/library/alpine`, `ns/repo` for Docker Hub's other repositories,
+    /// `registry/repository` elsewhere. What `docker save` writes in `RepoTags`.
+    pub fn familiar_name(&self) -> String {
+        if self.registry != DOCKER_HUB {
+            return self.name();
+        }
+        match self.repository.strip_prefix("library/") {
+            Some(official) if !official.contains('/') => official.to_string(),
+            _ => self.repository.clone(),
+        }
+    }
+
+    /// The same repository under `tag`, without a digest. `None` if `tag` is not a valid
+    /// tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`).
+    pub fn with_tag(&self, tag: &str) -> Option<Reference> {
+        valid_tag(tag).then(|| Reference {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            tag: Some(tag.to_string()),
+            digest: None,
+        })
+    }
 }
 
 impl fmt::Display for Reference {
@@ -489,6 +513,23 @@ mod tests {
         ));
         let msg = "Alpine".parse::<Reference>().unwrap_err().to_string();
         assert!(msg.contains("lowercase"), "{msg}");
+    }
+
+    #[test]
+    fn familiar_names_as_docker_writes_them() {
+        assert_eq!(p("alpine").familiar_name(), "alpine");
+        assert_eq!(p("docker.io/library/alpine:3").familiar_name(), "alpine");
+        assert_eq!(p("ns/repo").familiar_name(), "ns/repo");
+        assert_eq!(
+            p("127.0.0.1:5000/a/b:c").familiar_name(),
+            "127.0.0.1:5000/a/b"
+        );
+        let r = p("127.0.0.1:5000/a/b");
+        assert_eq!(
+            r.with_tag("v2").unwrap().to_string(),
+            "127.0.0.1:5000/a/b:v2"
+        );
+        assert!(r.with_tag("bad tag").is_none());
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //! yet, so two writers never touch the same byte and every byte is written once. The hasher
 //! reads only the contiguous written prefix, in place through the map, and then has that
 //! prefix written back to disk early ([`BlobFile::write_back`]).
+//!
+//! A blob may also be a *region* of a bigger file ([`BlobFile::region`]): an archive
+//! (`--format docker-archive`, `oci-archive`) is laid out up front, preallocated once, and
+//! each blob's bytes land directly at their offset inside it, through a map of just that
+//! region. The same spans, hasher and write-back apply; only [`BlobFile::persist`] differs:
+//! a verified region is unmapped and left where it is, for the archive to flush and rename
+//! once every blob in it is verified (see `crate::archive`).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -28,7 +35,12 @@ use crate::resume::RangeSet;
 
 /// A blob's partial file, mapped for writing.
 pub struct BlobFile {
-    file: File,
+    /// The file the bytes live in: the blob's own partial file, or a whole archive.
+    file: Arc<File>,
+    /// Where the blob's byte 0 is in `file` (0 unless it is a region of an archive).
+    base: u64,
+    /// A region of a bigger file: never renamed, removed or flushed on its own.
+    region: bool,
     /// The mapping; writers hold the read lock while they copy, `persist` takes it away
     /// (unmapping before fsync: writing back pages that are still mapped costs a TLB
     /// shootdown per page, a quarter of the CPU of a pull).
@@ -194,7 +206,9 @@ impl BlobFile {
             None
         };
         Ok(Arc::new(BlobFile {
-            file,
+            file: Arc::new(file),
+            base: 0,
+            region: false,
             map: RwLock::new(map),
             size,
             spans: Mutex::new({
@@ -212,6 +226,74 @@ impl BlobFile {
             final_path: final_path.to_path_buf(),
             persisted: AtomicBool::new(false),
         }))
+    }
+
+    /// The blob as bytes `base..base + size` of `file`, a bigger file the caller has already
+    /// given its full length (preallocated: no SIGBUS) and never shortens while this region
+    /// is mapped. Only the region is mapped; a page it shares with a neighbour (offsets
+    /// need not be page-aligned) is written by each through its own map, at bytes the
+    /// other does not touch. `path` names the file in errors and logs.
+    pub fn region(file: Arc<File>, path: &Path, base: u64, size: u64) -> Result<Arc<BlobFile>> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        if base.checked_add(size).is_none_or(|end| end > len) {
+            return Err(Error::Internal(format!(
+                "region {base}+{size} lies past the end of {} ({len} bytes)",
+                path.display()
+            )));
+        }
+        let map = if size > 0 {
+            let len = usize::try_from(size).map_err(|_| {
+                Error::Internal(format!("region of {size} bytes is too big to map"))
+            })?;
+            // memmap2 maps from the page holding `base` and hands out a pointer to `base`.
+            let m = memmap2::MmapOptions::new()
+                .offset(base)
+                .len(len)
+                .map_raw(&*file)
+                .map_err(|e| Error::io("mmap", path, e))?;
+            Some(m)
+        } else {
+            None
+        };
+        Ok(Arc::new(BlobFile {
+            file,
+            base,
+            region: true,
+            map: RwLock::new(map),
+            size,
+            spans: Mutex::new(Spans {
+                prefix: 0,
+                list: Vec::new(),
+                free_from: 0,
+                present: std::collections::VecDeque::new(),
+                empty_taken: false,
+            }),
+            partial: path.to_path_buf(),
+            final_path: path.to_path_buf(),
+            persisted: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether this blob is a region of a bigger file ([`BlobFile::region`]).
+    pub fn is_region(&self) -> bool {
+        self.region
+    }
+
+    /// Whether [`BlobFile::persist`] has completed: the blob is verified and in place.
+    pub fn is_persisted(&self) -> bool {
+        self.persisted.load(Ordering::Acquire)
+    }
+
+    /// Drops the map, waiting for writers and readers that are using it; afterwards reads
+    /// go through the file and writes fail. For a region that a new writer is about to
+    /// take over, or before the file under it changes length.
+    pub fn unmap(&self) {
+        if let Ok(mut map) = self.map.write() {
+            map.take();
+        }
     }
 
     /// The blob's size.
@@ -370,7 +452,7 @@ impl BlobFile {
 
     /// Reads written bytes back through the file (tests, and blobs without a map).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, self.base + offset)
     }
 
     /// Calls `f` with bytes `range` of the blob, read in place through the map (no copy).
@@ -400,7 +482,8 @@ impl BlobFile {
                 // spans' published positions, Acquire): every one was copied by its span's
                 // only writer before it published its position, and no writer ever writes
                 // below its published position again, so nothing mutates them while this
-                // shared slice lives.
+                // shared slice lives. (A region taken over by a new writer is unmapped first:
+                // see `unmap`; readers of the old one then read through the file.)
                 let bytes = unsafe {
                     std::slice::from_raw_parts(map.as_ptr().add(range.start as usize), len)
                 };
@@ -409,7 +492,8 @@ impl BlobFile {
             _ => {
                 drop(guard);
                 buf.resize(len, 0);
-                self.file.read_exact_at(&mut buf[..len], range.start)?;
+                self.file
+                    .read_exact_at(&mut buf[..len], self.base + range.start)?;
                 Ok(f(&buf[..len]))
             }
         }
@@ -421,8 +505,10 @@ impl BlobFile {
     /// writeback does not write-protect live mappings page by page. Best effort: the fsync
     /// in [`BlobFile::persist`] is what makes the data durable and reports errors.
     pub fn write_back(&self, range: Range<u64>) {
-        let start = range.start / WRITEBACK_ALIGN * WRITEBACK_ALIGN;
-        let end = (range.end / WRITEBACK_ALIGN * WRITEBACK_ALIGN).min(self.size);
+        // Aligned in the file (a region's base is anywhere), and kept within the blob.
+        let base = self.base;
+        let start = ((base + range.start) / WRITEBACK_ALIGN * WRITEBACK_ALIGN).max(base);
+        let end = ((base + range.end) / WRITEBACK_ALIGN * WRITEBACK_ALIGN).min(base + self.size);
         if end <= start {
             return;
         }
@@ -433,10 +519,12 @@ impl BlobFile {
                 // stay dirty) and a later access faults the same bytes back in. Nothing
                 // reads or writes this range through the map any more (it is below the
                 // written prefix and already hashed), and no Rust reference into it exists.
+                // (memmap2 widens the range to whole pages; for a region, bytes of a
+                // neighbour in a shared page only lose this map's page table entries too.)
                 let _ = unsafe {
                     map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
-                        start as usize,
+                        (start - base) as usize,
                         (end - start) as usize,
                     )
                 };
@@ -447,6 +535,8 @@ impl BlobFile {
 
     /// Flushes the data (msync, fsync), renames the file to its final name and makes the
     /// rename durable. Call only for verified content.
+    /// A region ([`BlobFile::region`]) is only unmapped and marked verified: its file is
+    /// flushed and renamed whole, by its owner, once every region in it is.
     pub fn persist(&self) -> Result<()> {
         // Unmap first: the dirty pages stay in the page cache, and fsync writes them without
         // write-protecting live mappings page by page.
@@ -456,6 +546,10 @@ impl BlobFile {
             .map_err(|_| Error::Internal("blob map lock poisoned".into()))?
             .take();
         drop(map);
+        if self.region {
+            self.persisted.store(true, Ordering::Release);
+            return Ok(());
+        }
         self.file
             .sync_all()
             .map_err(|e| Error::io("fsync", &self.partial, e))?;
@@ -473,8 +567,9 @@ impl BlobFile {
     /// it was persisted. Readers that still hold the file keep reading the unlinked inode.
     /// Dropping a `BlobFile` removes nothing: whether a partial file is kept is decided by
     /// the pull (see [`crate::fetch`]), never by whichever thread lets go of it last.
+    /// A region is never removed (its file is its owner's).
     pub fn discard(&self) {
-        if !self.persisted.load(Ordering::Acquire) {
+        if !self.region && !self.persisted.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.partial);
         }
     }
@@ -619,7 +714,10 @@ impl SpanWriter {
         // preallocated length (`size`) and kept alive by the `Arc<BlobFile>` we hold; the
         // file is only ever truncated by `File::create` before the mapping exists, and it
         // stays under a private partial name that no other fastpull writer uses (the layout
-        // is locked), so the pages are there (no SIGBUS). `offset..end` lies within this
+        // is locked), so the pages are there (no SIGBUS). A region's file (an archive) is
+        // preallocated whole before any region is mapped and only changes length after
+        // every region over it is unmapped (`crate::archive`), and a region's old writer is
+        // unmapped before a new one takes its bytes (repair). `offset..end` lies within this
         // span (`end` ≤ the span's end, read under its lock), spans tile the blob without
         // overlap, a span has one writer, and `split` never moves a span's end below what
         // its writer reserved (`reserved`, set under the same lock before this copy), so no
@@ -668,7 +766,7 @@ const PREFAULT_LEAD: u64 = 1 << 20;
 /// the async threads on page zeroing all at once).
 const PREFAULT_STEP: u64 = 2 << 20;
 
-fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+pub(crate) fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
         Ok(()) => Ok(()),
         // Filesystems without fallocate: a sparse file of the right length (a full disk then
@@ -956,6 +1054,66 @@ mod tests {
         assert_eq!(e.contiguous_prefix(), 0);
         e.persist().unwrap();
         assert_eq!(std::fs::metadata(dir.path().join("b")).unwrap().len(), 0);
+    }
+
+    /// Regions of one file, at offsets that are not page-aligned and share pages, each get
+    /// their own bytes; persisting one neither renames nor removes the file.
+    #[test]
+    fn regions_land_at_their_offsets_in_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.tar");
+        let total = (3 << 20) + 4096;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        preallocate(&file, total).unwrap();
+        let file = Arc::new(file);
+        let a_data: Vec<u8> = (0..(2u64 << 20) + 700)
+            .map(|i| (i % 241) as u8 | 1)
+            .collect();
+        let b_data: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8 + 100).collect();
+        let (a_base, b_base) = (512u64, 512 + a_data.len() as u64 + 512);
+        let a = BlobFile::region(file.clone(), &path, a_base, a_data.len() as u64).unwrap();
+        let b = BlobFile::region(file.clone(), &path, b_base, b_data.len() as u64).unwrap();
+        assert!(a.is_region());
+        let mut wa = a.writer().unwrap();
+        let mut wb = b.writer().unwrap();
+        fill(&mut wb, &b_data, 333);
+        fill(&mut wa, &a_data, 4096);
+        let mut buf = Vec::new();
+        assert!(a
+            .with_written(0..a_data.len() as u64, &mut buf, |x| x == &a_data[..])
+            .unwrap());
+        a.write_back(0..a_data.len() as u64);
+        a.persist().unwrap();
+        b.discard();
+        assert!(a.is_persisted() && !b.is_persisted());
+        assert!(path.exists(), "a region never renames or removes its file");
+        let mut back = vec![0u8; b_data.len()];
+        b.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, b_data);
+        let whole = std::fs::read(&path).unwrap();
+        assert_eq!(whole.len() as u64, total);
+        assert!(
+            whole[..512].iter().all(|&x| x == 0),
+            "bytes before a region untouched"
+        );
+        assert_eq!(&whole[a_base as usize..][..a_data.len()], &a_data[..]);
+        assert!(whole[a_base as usize + a_data.len()..b_base as usize]
+            .iter()
+            .all(|&x| x == 0));
+        assert_eq!(&whole[b_base as usize..][..b_data.len()], &b_data[..]);
+        // Past the end of the file: refused.
+        assert!(BlobFile::region(file.clone(), &path, total - 10, 11).is_err());
+        // An unmapped region reads through the file, and refuses writes.
+        let c = BlobFile::region(file, &path, b_base, 10).unwrap();
+        let mut wc = c.writer().unwrap();
+        c.unmap();
+        assert!(wc.append(b"x").is_err());
     }
 
     #[test]

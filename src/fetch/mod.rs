@@ -493,6 +493,10 @@ impl Fetcher<'_> {
     /// missing bytes, `None` if none are missing.
     fn open(&self, run: &mut BlobRun, whole_request: bool, len: u64) -> Result<Option<SpanWriter>> {
         let d = &run.desc;
+        // In an archive, the blob's place inside it (no journal: archives are not resumed).
+        if let Some(region) = self.layout.region(&d.digest)? {
+            return Ok(self.start(run, region, None, whole_request, len));
+        }
         let partial = self.layout.partial_path(&d.digest);
         let final_path = self.layout.blob_path(&d.digest);
         let journal_path = Journal::path_for(&partial);
@@ -527,6 +531,20 @@ impl Fetcher<'_> {
                 (file, journal)
             }
         };
+        Ok(self.start(run, file, journal, whole_request, len))
+    }
+
+    /// Sets up the blob's state (hasher, journal) over its opened file; returns the writer
+    /// of its first `len` missing bytes.
+    fn start(
+        &self,
+        run: &mut BlobRun,
+        file: Arc<BlobFile>,
+        journal: Option<Journal>,
+        whole_request: bool,
+        len: u64,
+    ) -> Option<SpanWriter> {
+        let d = &run.desc;
         let writer = file.take(len);
         let (hasher, rx) = InOrderHasher::new(file.clone(), self.hash_pool.clone());
         run.state = Some(Arc::new(BlobState {
@@ -542,7 +560,7 @@ impl Fetcher<'_> {
             flushing: AtomicBool::new(false),
         }));
         run.digest_rx = Some(rx);
-        Ok(writer)
+        writer
     }
 
     /// A fetch of `run` ended with the wrong digest: sets it up to be fetched again from
@@ -577,9 +595,11 @@ impl Fetcher<'_> {
             attempt: run.repairs,
         });
         // Keep the bad bytes aside just long enough to hash them piece by piece, for the
-        // comparison with the good fetch.
+        // comparison with the good fetch (not a region of an archive: its bytes stay in
+        // place, to be overwritten).
         let bad = state.file.partial_path().with_extension("bad");
-        let moved = std::fs::rename(state.file.partial_path(), &bad).is_ok();
+        let moved =
+            !state.file.is_region() && std::fs::rename(state.file.partial_path(), &bad).is_ok();
         state.file.discard();
         if let Some(old) = run.bad_pieces.take() {
             old.abort();

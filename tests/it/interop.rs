@@ -20,7 +20,7 @@ use crate::support::*;
 const TOOLS: [&str; 2] = ["skopeo", "umoci"];
 
 /// Fails (never skips) when a tool is missing.
-fn require_tools() {
+pub(crate) fn require_tools() {
     for tool in TOOLS {
         match Command::new(tool).arg("--version").output() {
             Ok(out) => assert!(
@@ -39,7 +39,7 @@ fn require_tools() {
 }
 
 /// A command line as text, for failure messages.
-fn show(program: &str, args: &[&OsStr]) -> String {
+pub(crate) fn show(program: &str, args: &[&OsStr]) -> String {
     let mut s = program.to_string();
     for a in args {
         s.push(' ');
@@ -49,7 +49,7 @@ fn show(program: &str, args: &[&OsStr]) -> String {
 }
 
 /// Runs `program args…`, returning its output; a missing program fails with a hint.
-fn run(program: &str, args: &[&OsStr]) -> Output {
+pub(crate) fn run(program: &str, args: &[&OsStr]) -> Output {
     command_for(program)
         .args(args)
         .output()
@@ -62,7 +62,7 @@ fn run(program: &str, args: &[&OsStr]) -> Output {
 }
 
 /// Runs `program args…` and fails with its output unless it exits 0.
-fn run_ok(program: &str, args: &[&OsStr], reg: &Registry) -> Output {
+pub(crate) fn run_ok(program: &str, args: &[&OsStr], reg: &Registry) -> Output {
     let out = run(program, args);
     assert!(
         out.status.success(),
@@ -77,7 +77,7 @@ fn run_ok(program: &str, args: &[&OsStr], reg: &Registry) -> Output {
 }
 
 /// `fastpull --plain-http ARGS…`, which must succeed.
-fn fastpull(reg: &Registry, args: &[&OsStr]) -> Output {
+pub(crate) fn fastpull(reg: &Registry, args: &[&OsStr]) -> Output {
     let bin = env!("CARGO_BIN_EXE_fastpull");
     let mut full: Vec<&OsStr> = vec![OsStr::new("--plain-http")];
     full.extend_from_slice(args);
@@ -85,7 +85,7 @@ fn fastpull(reg: &Registry, args: &[&OsStr]) -> Output {
 }
 
 /// `skopeo ARGS…` with an insecure policy (nothing is signed here), which must succeed.
-fn skopeo(reg: &Registry, args: &[&OsStr]) -> Output {
+pub(crate) fn skopeo(reg: &Registry, args: &[&OsStr]) -> Output {
     let mut full: Vec<&OsStr> = vec![OsStr::new("--insecure-policy")];
     full.extend_from_slice(args);
     run_ok("skopeo", &full, reg)
@@ -113,7 +113,7 @@ fn skopeo_inspect_raw(reg: &Registry, layout: &Path, tag: &str) -> Vec<u8> {
 }
 
 /// `umoci unpack --image LAYOUT:TAG BUNDLE`; returns `BUNDLE/rootfs`.
-fn umoci_unpack(reg: &Registry, layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+pub(crate) fn umoci_unpack(reg: &Registry, layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
     let image = format!("{}:{tag}", layout.display());
     run_ok(
         "umoci",
@@ -140,7 +140,7 @@ fn umoci_unpack(reg: &Registry, layout: &Path, tag: &str, bundle: &Path) -> Path
 
 /// One entry of a directory tree or a tar archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
+pub(crate) enum Node {
     Dir,
     File(Vec<u8>),
     Symlink(PathBuf),
@@ -159,7 +159,7 @@ impl Node {
 }
 
 /// Every entry under `root` (not `root` itself), keyed by path relative to `root`.
-fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
+pub(crate) fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
         let entries = std::fs::read_dir(dir)
             .unwrap_or_else(|e| panic!("read directory {}: {e}", dir.display()));
@@ -198,7 +198,7 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
 
 /// Asserts two trees hold the same names and identical content, with a readable diff (no
 /// megabytes of bytes in the message).
-fn assert_same_tree(
+pub(crate) fn assert_same_tree(
     what: &str,
     left_name: &str,
     left: &BTreeMap<PathBuf, Node>,
@@ -234,7 +234,7 @@ fn assert_same_tree(
 }
 
 /// The entries of an uncompressed tar, keyed by path (trailing `/` of directories dropped).
-fn tar_tree(tar_bytes: &[u8]) -> BTreeMap<PathBuf, Node> {
+pub(crate) fn tar_tree(tar_bytes: &[u8]) -> BTreeMap<PathBuf, Node> {
     let mut out = BTreeMap::new();
     let mut archive = tar::Archive::new(tar_bytes);
     for entry in archive.entries().expect("tar entries") {
@@ -255,7 +255,7 @@ fn tar_tree(tar_bytes: &[u8]) -> BTreeMap<PathBuf, Node> {
 }
 
 /// What a rootfs unpacked from layers made of `random_tar(seed, files, bytes)` must hold.
-fn expected_rootfs(layers: &[(u64, usize, usize)]) -> BTreeMap<PathBuf, Node> {
+pub(crate) fn expected_rootfs(layers: &[(u64, usize, usize)]) -> BTreeMap<PathBuf, Node> {
     let mut out = BTreeMap::new();
     for &(seed, files, bytes) in layers {
         out.extend(tar_tree(&random_tar(seed, files, bytes)));
@@ -263,19 +263,19 @@ fn expected_rootfs(layers: &[(u64, usize, usize)]) -> BTreeMap<PathBuf, Node> {
     out
 }
 
-fn read_json(path: &Path) -> serde_json::Value {
+pub(crate) fn read_json(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-fn hex_of(digest: &str) -> &str {
+pub(crate) fn hex_of(digest: &str) -> &str {
     digest
         .strip_prefix("sha256:")
         .unwrap_or_else(|| panic!("not a sha256 digest: {digest}"))
 }
 
 /// Asserts `got` equals `want` byte for byte, printing both as text when they are short.
-fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
+pub(crate) fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
     if got != want {
         let show = |b: &[u8]| {
             if b.len() <= 4096 {
@@ -296,7 +296,7 @@ fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
     }
 }
 
-fn image_ref(reg: &Registry, repo: &str, tag: &str) -> String {
+pub(crate) fn image_ref(reg: &Registry, repo: &str, tag: &str) -> String {
     format!("{}/{repo}:{tag}", reg.addr())
 }
 
