@@ -22,6 +22,7 @@ use crate::progress::{Event, NoReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
 use crate::retry::RetryPolicy;
+use crate::stream::BlobReader;
 use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
@@ -388,6 +389,30 @@ impl ClientBuilder {
     }
 }
 
+/// What a reference names, from [`Client::resolve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Resolution {
+    /// The manifest's digest (the image's true name).
+    pub digest: Digest,
+    /// Its media type (an index or an image manifest).
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A manifest as the registry sent it, from [`Client::manifest`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ManifestBytes {
+    /// The bytes, verified against `digest`.
+    pub bytes: Vec<u8>,
+    /// Their sha256.
+    pub digest: Digest,
+    /// The media type.
+    pub media_type: String,
+}
+
 /// One image manifest a pull wrote.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -467,6 +492,106 @@ impl Client {
     /// Options for a client.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// The registry of `reference` itself (mirrors are for pulls), ready for API calls.
+    fn registry_for(&self, reference: &Reference) -> Registry {
+        let inner = &*self.inner;
+        let endpoint = self.endpoints(reference).pop().unwrap_or_else(|| Endpoint {
+            host: reference.api_host().to_string(),
+            plain_http: inner.plain_http,
+            mirror: false,
+        });
+        Registry::connect(
+            Access {
+                transport: inner.transport.clone(),
+                retry: inner.retry,
+                credentials: &inner.credentials,
+                tokens: inner.tokens.clone(),
+            },
+            &endpoint,
+            reference,
+        )
+    }
+
+    /// What `reference` names: its digest, media type and size (an index for a
+    /// multi-platform image), as `docker buildx imagetools inspect` or `crane digest` say
+    /// it. The manifest's bytes are checked against the digest (when pinned) and the
+    /// registry's `Docker-Content-Digest`.
+    pub async fn resolve(&self, reference: &Reference) -> Result<Resolution> {
+        let m = self.manifest(reference).await?;
+        Ok(Resolution {
+            digest: m.digest,
+            media_type: m.media_type,
+            size: m.bytes.len() as u64,
+        })
+    }
+
+    /// The manifest `reference` names, exactly as the registry sent it (an index for a
+    /// multi-platform image), with its digest and media type.
+    pub async fn manifest(&self, reference: &Reference) -> Result<ManifestBytes> {
+        let registry = self.registry_for(reference);
+        let m = registry
+            .manifest(&reference.manifest_reference(), reference.digest(), None)
+            .await?;
+        Ok(ManifestBytes {
+            bytes: m.bytes.to_vec(),
+            digest: m.digest,
+            media_type: m.media_type,
+        })
+    }
+
+    /// The image config (JSON bytes, verified) of `reference`, for this client's platform
+    /// when it names an index.
+    pub async fn config(&self, reference: &Reference) -> Result<Vec<u8>> {
+        let registry = self.registry_for(reference);
+        let top = registry
+            .manifest(&reference.manifest_reference(), reference.digest(), None)
+            .await?;
+        let image = match &top.document {
+            Document::Image(_) => top,
+            Document::Index(entries) => {
+                let want = self
+                    .inner
+                    .platforms
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(Platform::host);
+                let e = manifest::select(entries, &want, &reference.to_string())?;
+                registry
+                    .manifest(&e.digest.to_string(), Some(&e.digest), Some(e.size))
+                    .await?
+            }
+        };
+        let Document::Image(m) = &image.document else {
+            return Err(Error::InvalidManifest {
+                what: image.digest.to_string(),
+                reason: "an index entry points to another index".into(),
+            });
+        };
+        const MAX_CONFIG: usize = 64 << 20;
+        Ok(registry
+            .small_blob(&m.config.digest, MAX_CONFIG)
+            .await?
+            .to_vec())
+    }
+
+    /// The tags of `reference`'s repository (its tag or digest is ignored), every page.
+    pub async fn tags(&self, reference: &Reference) -> Result<Vec<String>> {
+        self.registry_for(reference).tags().await
+    }
+
+    /// Blob `digest` of `reference`'s repository as a verified stream: read it to EOF
+    /// (`tokio::io::copy` into a file, a hasher, a decompressor); its sha256 and, when
+    /// given, its size are checked at the end, and a mismatch is an error in place of EOF.
+    pub async fn blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<BlobReader> {
+        let body = self.registry_for(reference).blob_body(digest).await?;
+        Ok(BlobReader::new(body, *digest, size))
     }
 
     /// Pulls `reference` into the directory `dest` (created if needed), or the file `dest`
@@ -562,7 +687,7 @@ impl Client {
             endpoint,
             reference,
         );
-        let Resolved { top, images } = self.resolve(&registry, reference, layout).await?;
+        let Resolved { top, images } = self.resolve_images(&registry, reference, layout).await?;
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
         // all: the index itself is, with every chosen manifest stored beside it.
         let several = images.len() > 1 || inner.all_platforms;
@@ -756,7 +881,7 @@ impl Client {
     }
 
     /// Reference → what it names and the image manifests of the platforms wanted.
-    async fn resolve(
+    async fn resolve_images(
         &self,
         registry: &Registry,
         reference: &Reference,

@@ -57,13 +57,14 @@ pub mod reference;
 mod registry;
 pub mod resume;
 mod retry;
+mod stream;
 pub mod verify;
 pub mod write;
 
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
-    BlobReport, Client, ClientBuilder, ManifestReport, PullReport, DEFAULT_CHUNK_SIZE,
-    DEFAULT_CONNECTIONS, DEFAULT_REPAIR_ATTEMPTS,
+    BlobReport, Client, ClientBuilder, ManifestBytes, ManifestReport, PullReport, Resolution,
+    DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS, DEFAULT_REPAIR_ATTEMPTS,
 };
 pub use convert::{Conversion, ANNOTATION_SOURCE_DIGEST};
 pub use credentials::{Credential, CredentialStore, Secret};
@@ -75,3 +76,4 @@ pub use layout::{Destination, Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME
 pub use manifest::{BlobKind, Platform};
 pub use progress::{Event, Reporter};
 pub use reference::Reference;
+pub use stream::BlobReader;

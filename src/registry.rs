@@ -303,6 +303,46 @@ impl Registry {
         format!("{}/v2/{}/blobs/{digest}", self.base(), self.repository)
     }
 
+    /// The repository's tags (`GET /v2/<name>/tags/list`), every page (`Link: <…>;
+    /// rel="next"`, as distribution paginates), in the order the registry lists them.
+    pub(crate) async fn tags(&self) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let mut url = format!("{}/v2/{}/tags/list", self.base(), self.repository);
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            let (resp, final_url) = self
+                .call("tags", || self.send(Method::GET, &url, HeaderMap::new()))
+                .await?;
+            if !resp.status().is_success() {
+                return Err(self.error_for(resp, &final_url, true).await);
+            }
+            let next = header_str(resp.headers(), header::LINK).and_then(next_link);
+            let bytes = read_body(resp, MAX_MANIFEST_BYTES as usize, &final_url).await?;
+            let page: Page = serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
+                url: redact_url(&final_url),
+                message: format!("tags list is not the expected JSON: {e}"),
+            })?;
+            out.extend(page.tags.unwrap_or_default());
+            match next {
+                Some(n) if n.starts_with('/') => url = format!("{}{n}", self.base()),
+                Some(n) => url = n,
+                None => return Ok(out),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A blob's whole body (the registry's URL, redirects followed), for streaming.
+    pub(crate) async fn blob_body(&self, digest: &Digest) -> Result<Incoming> {
+        let url = self.blob_url(digest);
+        let resp = self.call("blob", || self.get_blob(&url, None, 0)).await?;
+        Ok(resp.response.into_body())
+    }
+
     /// A small blob (a config) read whole into memory, at most `limit` bytes, its sha256
     /// checked against `digest`.
     pub(crate) async fn small_blob(&self, digest: &Digest, limit: usize) -> Result<Bytes> {
@@ -658,6 +698,21 @@ pub(crate) fn is_loopback(host: &str) -> bool {
     }
     h.parse::<std::net::IpAddr>()
         .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The `rel="next"` target of a `Link` header.
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
 }
 
 #[cfg(test)]

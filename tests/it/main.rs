@@ -6,6 +6,7 @@ mod harness_counting;
 mod harness_netauth;
 mod harness_selftest;
 mod interop;
+mod library;
 mod netpath;
 mod pull;
 mod sched;

@@ -1,0 +1,66 @@
+//! Pull an image into an OCI layout, printing progress from the library's events.
+//!
+//! `cargo run --example pull_with_progress -- alpine:3.20 ./alpine`
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fastpull::{Client, Digest, Event, Reference, Reporter};
+
+/// Prints a line per blob when it starts and ends, and every 10% of the whole.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<(HashMap<Digest, (u64, u64)>, u64)>,
+}
+
+impl Reporter for Progress {
+    fn report(&self, event: &Event) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let (blobs, last_tenth) = &mut *st;
+        match event {
+            Event::BlobPlanned {
+                digest,
+                size,
+                present,
+                ..
+            } => {
+                if !*present {
+                    blobs.insert(*digest, (0, *size));
+                }
+            }
+            Event::BlobProgress { digest, downloaded } => {
+                if let Some(b) = blobs.get_mut(digest) {
+                    b.0 = *downloaded;
+                }
+                let (got, total) = blobs.values().fold((0, 0), |(g, t), (d, s)| (g + d, t + s));
+                let tenth = if total > 0 { got * 10 / total } else { 10 };
+                if tenth > *last_tenth {
+                    *last_tenth = tenth;
+                    println!("{}% of {} bytes", tenth * 10, total);
+                }
+            }
+            Event::BlobDone { digest } => println!("{} verified", digest.short()),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (Some(image), Some(dest)) = (args.next(), args.next()) else {
+        return Err("usage: pull_with_progress IMAGE DEST".into());
+    };
+    let image: Reference = image.parse()?;
+    let client = Client::builder()
+        .reporter(Arc::new(Progress::default()))
+        .build()?;
+    let report = client.pull(&image, &dest).await?;
+    println!(
+        "{} -> {} ({} bytes downloaded in {:.2?})",
+        image, report.digest, report.bytes_downloaded, report.elapsed
+    );
+    Ok(())
+}
