@@ -7,10 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use fastpull::{Client, Digest, Event, Reference, Reporter};
 
-/// Prints a line per blob when it starts and ends, and every 10% of the whole.
+/// Per blob to fetch: (bytes received, size).
+type Blobs = HashMap<Digest, (u64, u64)>;
+
+/// Prints a line per blob when it is verified, and every 10% of the whole.
 #[derive(Default)]
 struct Progress {
-    state: Mutex<(HashMap<Digest, (u64, u64)>, u64)>,
+    /// The blobs, and the last tenth printed.
+    state: Mutex<(Blobs, u64)>,
 }
 
 impl Reporter for Progress {
@@ -23,12 +27,10 @@ impl Reporter for Progress {
             Event::BlobPlanned {
                 digest,
                 size,
-                present,
+                present: false,
                 ..
             } => {
-                if !*present {
-                    blobs.insert(*digest, (0, *size));
-                }
+                blobs.insert(*digest, (0, *size));
             }
             Event::BlobProgress { digest, downloaded } => {
                 if let Some(b) = blobs.get_mut(digest) {
