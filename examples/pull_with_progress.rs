@@ -37,7 +37,7 @@ impl Reporter for Progress {
                     b.0 = *downloaded;
                 }
                 let (got, total) = blobs.values().fold((0, 0), |(g, t), (d, s)| (g + d, t + s));
-                let tenth = if total > 0 { got * 10 / total } else { 10 };
+                let tenth = (got * 10).checked_div(total).unwrap_or(10);
                 if tenth > *last_tenth {
                     *last_tenth = tenth;
                     println!("{}% of {} bytes", tenth * 10, total);
