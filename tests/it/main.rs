@@ -6,6 +6,7 @@ mod harness_selftest;
 mod interop;
 mod netpath;
 mod pull;
+mod resume;
 mod sched;
 mod sha256;
 mod support;
