@@ -205,3 +205,45 @@ fn counting_proxy_caps_what_it_is_told_to() {
     assert_eq!(log.reqs[0].cap, None);
     assert_eq!(log.reqs[1].cap, Some(Cap::bursty(100_000, 1_000_000)));
 }
+
+/// A hold relays the first bytes of each matching response and nothing more until it is
+/// released; per blob, `relayed_for` counts every byte relayed and `delivered` each byte
+/// once, none past the point where a later request took a response's span over.
+#[test]
+fn counting_proxy_holds_responses_and_counts_bytes_per_blob() {
+    let reg = Registry::start();
+    let size = 1u64 << 20;
+    let blob = sized_blob(5, size as usize);
+    push_blob(&reg, "harness/counting", &blob);
+    let proxy = CountingProxy::start(&reg.addr());
+    proxy.hold(hex(&blob.digest), 100_000);
+    let path = blob_path(&blob.digest);
+
+    let mut a = Raw::connect(proxy.addr(), None);
+    let (s, n) = a.get(&path, None);
+    assert_eq!((s, n), (200, size));
+    assert_eq!(a.read(100_000), blob.bytes[..100_000]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.held() != 1 {
+        assert!(Instant::now() < deadline, "{}", proxy.snapshot().describe());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        proxy.snapshot().reqs[0].relayed,
+        100_000,
+        "nothing past the hold"
+    );
+    proxy.release();
+    assert_eq!(a.read(size - 100_000), blob.bytes[100_000..]);
+    assert_eq!(proxy.held(), 0);
+
+    // The upper half again, on a second connection: relayed twice, delivered once.
+    let mut b = Raw::connect(proxy.addr(), None);
+    let (s, m) = b.get(&path, Some(&format!("bytes={}-{}", size / 2, size - 1)));
+    assert_eq!((s, m), (206, size / 2));
+    assert_eq!(b.read(m), blob.bytes[size as usize / 2..]);
+    drop((a, b));
+    let log = proxy.settle();
+    assert_eq!(log.relayed_for(&blob.digest), size + size / 2);
+    assert_eq!(log.delivered(&blob.digest), size, "{}", log.describe());
+}

@@ -9,6 +9,7 @@ mod interop;
 mod library;
 mod netpath;
 mod pull;
+mod resume;
 mod sched;
 mod sha256;
 mod support;

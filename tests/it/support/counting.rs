@@ -7,7 +7,10 @@
 //! status, `Content-Range`, the body bytes relayed to the client and whether the whole body
 //! was relayed (`complete`) or the client went away first (`cut`). It can cap the rate of a
 //! connection's responses (smooth, or "the first K bytes of each response fast, then capped"),
-//! for every connection, the Nth one, or the one carrying the first request for a path.
+//! for every connection, the Nth one, or the one carrying the first request for a path. It can
+//! also *hold* responses: relay the first K body bytes of each response to matching paths,
+//! then nothing until the test releases them, so a test can stop a pull at a point it
+//! chooses by an event rather than by a clock.
 //!
 //! # Ordering without clocks
 //! Every event takes a stamp from one process-wide counter, so orderings are exact and do not
@@ -216,6 +219,41 @@ impl Log {
             .iter()
             .filter(|r| r.is_for(digest) && r.is_body_get())
             .collect()
+    }
+
+    /// Body bytes relayed for blob `digest`, over all its GETs (bytes relayed twice count
+    /// twice): what the server sent for it.
+    pub fn relayed_for(&self, digest: &str) -> u64 {
+        self.body_gets(digest).iter().map(|r| r.relayed).sum()
+    }
+
+    /// Bytes of blob `digest` relayed at least once: the union of `[a, a + relayed)` over
+    /// its body GETs, each clipped where a later request took its span over (see
+    /// [`Log::coverage`]), so that what a cut response relayed past its cut, which the
+    /// client drops, does not count. What the client can have received of the blob.
+    pub fn delivered(&self, digest: &str) -> u64 {
+        let mut got: Vec<(u64, u64)> = Vec::new();
+        for (i, r) in self.reqs.iter().enumerate() {
+            if !(r.is_for(digest) && r.is_body_get()) {
+                continue;
+            }
+            let Some((a, b)) = r.span() else { continue };
+            let stop = self.stop(i).unwrap_or(b);
+            let end = a + r.relayed.min(stop - a);
+            if end > a {
+                got.push((a, end));
+            }
+        }
+        got.sort();
+        let (mut total, mut at) = (0, 0);
+        for (a, b) in got {
+            let a = a.max(at);
+            if b > a {
+                total += b - a;
+                at = b;
+            }
+        }
+        total
     }
 
     /// Two proxies' logs as one (stamps are process-wide, so they interleave correctly).
@@ -447,6 +485,11 @@ struct State {
     conns: Mutex<Vec<Conn>>,
     reqs: Mutex<Vec<Req>>,
     caps: Mutex<Vec<(Which, Cap)>>,
+    /// Responses to paths containing `.0` stop after `.1` body bytes until `released`.
+    holds: Mutex<Vec<(String, u64)>>,
+    released: AtomicBool,
+    /// Responses waiting at their hold now.
+    held: AtomicUsize,
     active: AtomicUsize,
 }
 
@@ -472,6 +515,9 @@ impl CountingProxy {
             conns: Mutex::new(Vec::new()),
             reqs: Mutex::new(Vec::new()),
             caps: Mutex::new(Vec::new()),
+            holds: Mutex::new(Vec::new()),
+            released: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -515,6 +561,27 @@ impl CountingProxy {
         self.state.caps.lock().expect("caps").push((which, cap));
     }
 
+    /// Holds responses to requests whose path contains `path_contains`: the first `after`
+    /// body bytes of each are relayed, then nothing more until [`CountingProxy::release`]
+    /// (or the proxy is dropped). Add holds before the client starts.
+    pub fn hold(&self, path_contains: &str, after: u64) {
+        self.state
+            .holds
+            .lock()
+            .expect("holds")
+            .push((path_contains.to_string(), after));
+    }
+
+    /// Lets every held response (and every later one) go on.
+    pub fn release(&self) {
+        self.state.released.store(true, Ordering::SeqCst);
+    }
+
+    /// How many responses are waiting at their hold right now.
+    pub fn held(&self) -> usize {
+        self.state.held.load(Ordering::SeqCst)
+    }
+
     /// Everything seen so far, possibly with requests still being relayed.
     pub fn snapshot(&self) -> Log {
         Log {
@@ -537,6 +604,7 @@ impl CountingProxy {
 impl Drop for CountingProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.state.released.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(&self.addr);
     }
 }
@@ -679,13 +747,20 @@ fn serve(client: TcpStream, id: usize, st: &State) -> std::io::Result<()> {
             (reqs.len() - 1, cap)
         };
 
+        let hold = st
+            .holds
+            .lock()
+            .expect("holds")
+            .iter()
+            .find(|(p, _)| path.contains(p.as_str()))
+            .map(|(_, after)| *after);
         let result = relay_one(
             st,
             idx,
             &head,
             &body,
             &method,
-            cap,
+            (cap, hold),
             &mut upstream,
             &mut client_w,
         );
@@ -717,7 +792,7 @@ fn relay_one(
     head: &Head,
     body: &[u8],
     method: &str,
-    cap: Option<Cap>,
+    (cap, hold): (Option<Cap>, Option<u64>),
     upstream: &mut Option<(TcpStream, BufReader<TcpStream>)>,
     client: &mut TcpStream,
 ) -> std::io::Result<bool> {
@@ -777,6 +852,7 @@ fn relay_one(
 
     let (_, up) = upstream.as_mut().expect("upstream");
     let mut pacer = Pacer::new(cap);
+    pacer.hold = hold;
     let mut relayed = 0u64;
     let mut to_eof = false;
     if no_body {
@@ -825,11 +901,15 @@ fn relay_one(
     Ok(keep)
 }
 
-/// Paces one response's body per its [`Cap`].
+/// Paces one response's body per its [`Cap`], and holds it where a hold says.
 struct Pacer {
     cap: Option<Cap>,
     sent: u64,
     capped_since: Option<Instant>,
+    /// Where the capped part is counted from (the end of the burst, or of a hold).
+    paced_from: Option<u64>,
+    /// Body bytes relayed before the response waits for [`CountingProxy::release`].
+    hold: Option<u64>,
 }
 
 impl Pacer {
@@ -838,17 +918,40 @@ impl Pacer {
             cap,
             sent: 0,
             capped_since: None,
+            paced_from: None,
+            hold: None,
         }
     }
 
-    /// How many bytes to write next (at most `want`), after sleeping as the cap says.
-    fn next(&mut self, want: usize) -> usize {
+    /// How many bytes to write next (at most `want`), after waiting as the hold and the
+    /// cap say.
+    fn next(&mut self, st: &State, want: usize) -> usize {
+        let mut want = want;
+        if let Some(after) = self.hold {
+            if st.released.load(Ordering::SeqCst) {
+                self.hold = None;
+            } else if self.sent >= after {
+                st.held.fetch_add(1, Ordering::SeqCst);
+                while !st.released.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                st.held.fetch_sub(1, Ordering::SeqCst);
+                self.hold = None;
+                // The cap is counted again from here: a release is not a burst.
+                self.capped_since = None;
+                self.paced_from = Some(self.sent);
+            } else {
+                want = want.min((after - self.sent) as usize);
+            }
+        }
         let Some(cap) = self.cap else { return want };
         if self.sent < cap.burst {
             return want.min((cap.burst - self.sent) as usize);
         }
         let since = *self.capped_since.get_or_insert_with(Instant::now);
-        let due = since + Duration::from_secs_f64((self.sent - cap.burst) as f64 / cap.rate as f64);
+        let from = self.paced_from.unwrap_or(cap.burst);
+        let due = since
+            + Duration::from_secs_f64(self.sent.saturating_sub(from) as f64 / cap.rate as f64);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
@@ -876,7 +979,7 @@ fn relay_body(
     let mut left = len;
     while left != Some(0) {
         let want = left.map_or(buf.len(), |l| l.min(buf.len() as u64) as usize);
-        let want = pacer.next(want);
+        let want = pacer.next(st, want);
         let n = up.read(&mut buf[..want])?;
         if n == 0 {
             if left.is_none() {
