@@ -737,7 +737,10 @@ fn stop_and_rerun(
     let was_final = final_path(&out, &big.digest).exists();
     let fast = rerun_proxy(reg);
     let rerun_started = Instant::now();
-    let second = sb.pull(&[], &[], &image_at(fast.addr(), repo), &out);
+    // The rerun reaches the registry through another proxy, so at another address: for a
+    // first run that completed, its index.json entry names the image at the first address,
+    // and taking the tag over needs --replace.
+    let second = sb.pull(&["--replace"], &[], &image_at(fast.addr(), repo), &out);
     let rerun_took = rerun_started.elapsed();
     let log2 = fast.settle();
     assert_complete(&out, image, &second);
@@ -1379,10 +1382,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A disk that fills up mid-pull: the pull fails with exit 5 saying where and how much a
-/// blob needed, keeps the blob it verified and what it wrote of the others (partial files
-/// with their journals); with space freed the rerun completes and fetches only what is
-/// missing (plus 5%), and nothing of the verified blob.
+/// A disk that fills up mid-pull: the blob that does not fit is set aside, the blobs already
+/// under way are finished, verified and kept, and the pull then fails with exit 5 saying
+/// where and how much more was needed; with space freed the rerun completes and fetches only
+/// what is missing (plus 5%), and nothing of the verified blobs.
 #[test]
 fn a_full_disk_stops_the_pull_keeping_its_work_and_the_rerun_completes() {
     // Largest first, two connections: A and B start; when B is done C starts; when A or C
@@ -1444,31 +1447,28 @@ fn a_full_disk_stops_the_pull_keeping_its_work_and_the_rerun_completes() {
     );
     let err = stderr(&o);
     assert!(
-        err.contains(&format!(
-            "no space left in {}",
-            out_inside.join(".fastpull-tmp").display()
-        )) && err.contains("needs")
+        err.contains(&format!("no space left in {}:", out_inside.display()))
+            && err.contains("more needed")
             && err.contains(&format!("({} bytes)", d.size())),
         "the error names the destination and what D needed ({} bytes):\n{err}",
         d.size()
     );
-    // B verified and kept; A and C kept as partial downloads; D never started; no image.
-    assert!(
-        final_path(&out, &b.digest).exists(),
-        "the verified blob was kept"
-    );
+    // B verified; A and C, already under way, finished and verified too; D never started
+    // (nothing of it kept); no image yet.
+    for x in [a, b, c] {
+        assert!(
+            final_path(&out, &x.digest).exists(),
+            "{} was not finished and kept",
+            x.digest
+        );
+    }
+    assert!(!final_path(&out, &d.digest).exists());
     assert_final_names_verify(&out, &image);
     assert_eq!(
         assert_only_resumable(&out),
-        {
-            let mut v = vec![hex(&a.digest).to_string(), hex(&c.digest).to_string()];
-            v.sort();
-            v
-        },
-        "A and C are kept with their journals"
+        Vec::<String>::new(),
+        "nothing but resumable pairs, and no blob is half there"
     );
-    assert!(claimed(&out, &a.digest, a.size()) >= MIB);
-    assert!(claimed(&out, &c.digest, c.size()) >= 256 << 10);
     assert!(!out.join("index.json").exists());
     let delivered: Vec<u64> = image.blobs().map(|x| log1.delivered(&x.digest)).collect();
 
