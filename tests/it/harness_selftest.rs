@@ -1,5 +1,6 @@
 //! Self-tests for the integration-test harness in `support/`.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
@@ -550,4 +551,57 @@ fn broken_config_fails_loudly() {
 #[should_panic(expected = "must not contain the top-level key `http:`")]
 fn extra_config_may_not_override_http() {
     let _reg = Registry::start_with_extra_config("http:\n  addr: 127.0.0.1:1\n");
+}
+
+/// What `cmd` sets (`Some`) or removes (`None`) in the child's environment.
+fn env_changes(cmd: &Command) -> HashMap<String, Option<String>> {
+    cmd.get_envs()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.map(|v| v.to_string_lossy().into_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Every way a test starts fastpull scrubs its environment: an empty `HOME` (or the test's
+/// own) and none of the caller's credential, proxy, TLS or logging variables. Checked red by
+/// dropping the `env_remove` loop of `runner::fastpull_command`.
+#[test]
+fn every_fastpull_command_gets_a_scrubbed_environment() {
+    use crate::support::cli::{Sandbox, SCRUBBED_ENV};
+    use crate::support::runner::{empty_home, FASTPULL_BIN};
+    let home = empty_home();
+    let sb = Sandbox::new();
+    let cases = [
+        ("fastpull_command", env_changes(&fastpull_command()), home),
+        ("command_for", env_changes(&command_for(FASTPULL_BIN)), home),
+        ("Sandbox::cmd", env_changes(&sb.cmd()), sb.home()),
+    ];
+    for (how, env, want_home) in &cases {
+        for var in SCRUBBED_ENV {
+            assert_eq!(env.get(*var), Some(&None), "{how}: {var} reaches fastpull");
+        }
+        assert_eq!(
+            env.get("HOME"),
+            Some(&Some(want_home.display().to_string())),
+            "{how}: HOME"
+        );
+    }
+    assert!(
+        std::fs::read_dir(home)
+            .expect("empty HOME")
+            .next()
+            .is_none(),
+        "{} is not empty",
+        home.display()
+    );
+    let path = cases[2].1["PATH"].clone().expect("Sandbox sets PATH");
+    assert!(
+        path.starts_with(&sb.bin_dir().display().to_string()),
+        "{path}"
+    );
+    // Other programs keep the caller's environment.
+    assert_eq!(env_changes(&command_for("skopeo")), HashMap::new());
 }
