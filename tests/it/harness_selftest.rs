@@ -605,3 +605,67 @@ fn every_fastpull_command_gets_a_scrubbed_environment() {
     // Other programs keep the caller's environment.
     assert_eq!(env_changes(&command_for("skopeo")), HashMap::new());
 }
+
+/// A helper server whose port another server took between "free" and "bound" moves to the
+/// next port: readiness is the child itself listening there, not a connection succeeding
+/// (red with `listens_on` replaced by a connect: the taken port returned, answered by this test's
+/// listener).
+#[test]
+fn a_helper_server_moves_off_a_port_another_server_took() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, port, _) = start_on_ports(
+        "microsocks",
+        std::net::Ipv4Addr::LOCALHOST,
+        [taken_port, free_port(), free_port()],
+        |port, attempt| {
+            let log = dir.path().join(format!("microsocks-{attempt}.log"));
+            let out = std::fs::File::create(&log).expect("log file");
+            let child = Command::new("/usr/bin/microsocks")
+                .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().expect("dup"))
+                .stderr(out)
+                .spawn()
+                .expect("spawn microsocks (scripts/deps installs it)");
+            (child, log)
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(port, taken_port, "started on the port this test holds");
+}
+
+/// A [`ClosedPort`] refuses connections, and no server can take it while it lives.
+#[test]
+fn a_closed_port_refuses_connections_and_cannot_be_taken() {
+    let closed = ClosedPort::new();
+    let err = std::net::TcpStream::connect(closed.addr()).expect_err("connected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let err = std::net::TcpListener::bind(closed.addr()).expect_err("bound");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+}
+
+/// The CDN (nginx) too: its bind error on a taken port ends that attempt and it serves from
+/// the next one.
+#[test]
+fn the_cdn_moves_off_a_port_another_server_took() {
+    let ip = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let taken = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let cdn = crate::support::cdn::Cdn::start_on_ports(
+        None,
+        "",
+        None,
+        [taken_port, free_port_on(ip), free_port_on(ip)],
+    );
+    assert_ne!(cdn.addr(), format!("{ip}:{taken_port}"));
+    std::fs::write(cdn.root().join("hello"), b"served").expect("write");
+    let mut resp = http_agent()
+        .get(format!("http://{}/hello", cdn.addr()))
+        .call()
+        .expect("GET");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.body_mut().read_to_string().expect("body"), "served");
+}

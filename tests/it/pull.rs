@@ -555,7 +555,8 @@ fn many_layers_with_low_concurrency_and_quiet_output() {
 
 #[test]
 fn unreachable_registry_is_a_network_error() {
-    let port = free_port();
+    let closed = ClosedPort::new();
+    let port = closed.port();
     let (_d, out) = dest();
     let o = fastpull(&[
         &format!("127.0.0.1:{port}/a/b:c"),
