@@ -669,3 +669,25 @@ fn the_cdn_moves_off_a_port_another_server_took() {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.body_mut().read_to_string().expect("body"), "served");
 }
+
+/// Under a runner (qemu), fastpull is started as `RUNNER… FASTPULL_BIN` with the name of the
+/// test that started it in `FASTPULL_TEST_NAME` (scripts/test-aarch64 reads it from a child
+/// qemu left deadlocked, to run only that test again); without one it is started directly.
+#[test]
+fn under_a_runner_fastpull_carries_the_test_name() {
+    use crate::support::runner::{fastpull_command_through, FASTPULL_BIN, TEST_NAME_ENV};
+    let cmd = fastpull_command_through("/usr/bin/qemu-aarch64-static -L /x");
+    assert_eq!(cmd.get_program(), "/usr/bin/qemu-aarch64-static");
+    let args: Vec<_> = cmd.get_args().collect();
+    assert_eq!(args, ["-L", "/x", FASTPULL_BIN]);
+    assert_eq!(
+        env_changes(&cmd).get(TEST_NAME_ENV),
+        Some(&Some(
+            "harness_selftest::under_a_runner_fastpull_carries_the_test_name".to_string()
+        ))
+    );
+    let direct = fastpull_command_through("");
+    assert_eq!(direct.get_program(), FASTPULL_BIN);
+    assert_eq!(direct.get_args().count(), 0);
+    assert!(!env_changes(&direct).contains_key(TEST_NAME_ENV));
+}

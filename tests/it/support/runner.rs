@@ -15,6 +15,9 @@ use std::sync::OnceLock;
 /// as `qemu-aarch64-static`; empty or unset runs it directly.
 pub const RUNNER_ENV: &str = "FASTPULL_TEST_RUNNER";
 
+/// Set, under a runner, to the name of the test that started fastpull.
+pub const TEST_NAME_ENV: &str = "FASTPULL_TEST_NAME";
+
 /// The fastpull binary cargo built for these tests.
 pub const FASTPULL_BIN: &str = env!("CARGO_BIN_EXE_fastpull");
 
@@ -67,7 +70,18 @@ pub fn empty_home() -> &'static Path {
 /// every variable of [`SCRUBBED_ENV`] removed: every test that spawns fastpull starts it
 /// through here (or [`command_for`], or `support::cli`, which sets its own `HOME`).
 pub fn fastpull_command() -> Command {
-    let mut cmd = runner_command();
+    let runner = match std::env::var(RUNNER_ENV) {
+        Ok(v) => v,
+        Err(VarError::NotPresent) => String::new(),
+        Err(e) => panic!("{RUNNER_ENV}: {e}"),
+    };
+    fastpull_command_through(&runner)
+}
+
+/// [`fastpull_command`] with `runner` (a command line, empty for none) instead of what
+/// [`RUNNER_ENV`] says.
+pub fn fastpull_command_through(runner: &str) -> Command {
+    let mut cmd = runner_command(runner);
     cmd.env("HOME", empty_home());
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
@@ -75,18 +89,18 @@ pub fn fastpull_command() -> Command {
     cmd
 }
 
-/// The fastpull binary, through the runner if there is one; environment untouched.
-fn runner_command() -> Command {
-    let runner = match std::env::var(RUNNER_ENV) {
-        Ok(v) => v,
-        Err(VarError::NotPresent) => String::new(),
-        Err(e) => panic!("{RUNNER_ENV}: {e}"),
-    };
+/// The fastpull binary, through `runner` if there is one.
+fn runner_command(runner: &str) -> Command {
     let mut words = runner.split_whitespace();
     match words.next() {
         Some(program) => {
             let mut cmd = Command::new(program);
             cmd.args(words).arg(FASTPULL_BIN);
+            // scripts/test-aarch64 reads it from a child of this fastpull that qemu left
+            // deadlocked, to run that test again (libtest names a test's thread after it).
+            if let Some(test) = std::thread::current().name() {
+                cmd.env(TEST_NAME_ENV, test);
+            }
             cmd
         }
         None => Command::new(FASTPULL_BIN),
