@@ -32,6 +32,14 @@ def median_s(*parts):
         return json.load(f)["median"]["point_estimate"] / 1e9
 
 
+def filesystem(path):
+    """The type of the filesystem holding `path` (findmnt: "ext4"; `stat -f` says "ext2/ext3")."""
+    out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path],
+                         capture_output=True, text=True).stdout.strip()
+    return out or subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True,
+                                 text=True).stdout.strip() or "?"
+
+
 def main():
     subprocess.run(["cargo", "bench", "--bench", "write"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
@@ -42,8 +50,7 @@ def main():
         "chunk": CHUNK,
         "frame": FRAME,
         "dir": tmp,
-        "filesystem": subprocess.run(["stat", "-f", "-c", "%T", tmp], capture_output=True,
-                                     text=True).stdout.strip() or "?",
+        "filesystem": filesystem(tmp),
         "writers": {w: median_s("write", w) for w in WRITERS},
         # criterion writes BenchmarkId "write+hash, blobs"/N under this directory name.
         "hasher": {str(n): median_s("in-order-hasher", "write+hash, blobs", str(n))
