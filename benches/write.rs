@@ -1,11 +1,13 @@
-//! The writer and the in-order hasher: mmap chunk writes against plain `pwrite`, and the
-//! in-order hasher fed chunks out of order (as range requests complete), on one blob and
-//! on several blobs at once (aggregate scaling across cores).
+//! The writer and the in-order hasher: fastpull's mmap writer against plain `pwrite`, each
+//! writing a preallocated blob out of order and making it durable under its final name, and
+//! the in-order hasher fed chunks out of order (as range requests complete), on one blob and
+//! on several blobs at once (aggregate scaling across cores). `perf/write.py` runs it and
+//! records the numbers for perf/RESULTS.md.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use fastpull::verify::{HashPool, InOrderHasher};
 use fastpull::write::{BlobFile, SpanWriter};
 
@@ -45,6 +47,10 @@ fn cut(blob: &Arc<BlobFile>) -> Vec<SpanWriter> {
     upper
 }
 
+/// One blob written both ways, doing the same work: create the partial file, preallocate it,
+/// write the chunks out of order in hyper-sized frames, flush it (fsync), rename it to its
+/// final name and fsync the directory. The final file is kept until the next iteration's
+/// setup (untimed) deletes it, on both sides.
 fn writers(c: &mut Criterion) {
     let buf = data();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -55,39 +61,61 @@ fn writers(c: &mut Criterion) {
     let mut g = c.benchmark_group("write");
     g.throughput(Throughput::Bytes(SIZE as u64));
     g.sample_size(10);
+    let (m_partial, m_final) = (dir.path().join("m.partial"), dir.path().join("m"));
     g.bench_function("mmap-chunks", |b| {
-        b.iter(|| {
-            let blob = BlobFile::create(
-                &dir.path().join("m.partial"),
-                &dir.path().join("m"),
-                SIZE as u64,
-            )
-            .expect("create");
-            let mut spans: Vec<Option<SpanWriter>> = cut(&blob).into_iter().map(Some).collect();
-            for &i in &order {
-                let mut w = spans[i].take().expect("span");
-                let r = w.range();
-                for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
-                    w.append(frame).expect("append");
+        b.iter_batched(
+            || remove(&m_final),
+            |()| {
+                let blob = BlobFile::create(&m_partial, &m_final, SIZE as u64).expect("create");
+                let mut spans: Vec<Option<SpanWriter>> = cut(&blob).into_iter().map(Some).collect();
+                for &i in &order {
+                    let mut w = spans[i].take().expect("span");
+                    let r = w.range();
+                    for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
+                        w.append(frame).expect("append");
+                    }
                 }
-            }
-        })
+                blob.persist().expect("fsync + rename");
+            },
+            BatchSize::PerIteration,
+        )
     });
+    let (p_partial, p_final) = (dir.path().join("p.partial"), dir.path().join("p"));
     g.bench_function("pwrite-chunks", |b| {
-        b.iter(|| {
-            let f = std::fs::File::create(dir.path().join("p")).expect("create");
-            f.set_len(SIZE as u64).expect("set_len");
-            for &i in &order {
-                let r = &ranges[i];
-                let mut off = r.start;
-                for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
-                    f.write_all_at(frame, off).expect("pwrite");
-                    off += frame.len() as u64;
+        b.iter_batched(
+            || remove(&p_final),
+            |()| {
+                let f = std::fs::File::create(&p_partial).expect("create");
+                rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, SIZE as u64)
+                    .expect("fallocate");
+                for &i in &order {
+                    let r = &ranges[i];
+                    let mut off = r.start;
+                    for frame in buf[r.start as usize..r.end as usize].chunks(FRAME) {
+                        f.write_all_at(frame, off).expect("pwrite");
+                        off += frame.len() as u64;
+                    }
                 }
-            }
-        })
+                f.sync_all().expect("fsync");
+                drop(f);
+                std::fs::rename(&p_partial, &p_final).expect("rename");
+                std::fs::File::open(dir.path())
+                    .and_then(|d| d.sync_all())
+                    .expect("fsync dir");
+            },
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
+}
+
+/// Deletes `path` if it exists (the previous iteration's final file).
+fn remove(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove {}: {e}", path.display()),
+    }
 }
 
 fn in_order_hasher(c: &mut Criterion) {

@@ -4,7 +4,9 @@
     perf/report.py [RESULTS_DIR [OUT_MD]]
 
 Reads SCENARIO.json (hyperfine --export-json), SCENARIO.meta.json (machine, versions,
-image, commands) and mem.json (peak memory samples); missing scenarios are left out.
+image, commands), SCENARIO.mem.json and mem.json (peak memory samples), hash.json
+(perf/hash.py) and write.json (perf/write.py); missing ones are left out. Every number and
+verdict in RESULTS.md is computed here from those files.
 """
 import json
 import os
@@ -15,10 +17,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # {tail}, {pause} filled in from the metadata), and which targets apply (see targets()).
 SCENARIOS = [
     ("capped500", "(a) Smooth cap, img500",
-     "perf/img500 (5 layers, largest 300 MiB) via the redirecting registry; blobs from nginx "
+     "perf/img500 ({shape}) via the redirecting registry; blobs from nginx "
      "capped at {rate} per connection, `sendfile_max_chunk {chunk}`", "capped"),
     ("capped1g", "(a) Smooth cap, img1g",
-     "perf/img1g (one 1 GiB layer), the same smooth cap", "capped-1g"),
+     "perf/img1g ({shape}), the same smooth cap", "capped-1g"),
     ("burst500", "(b1) Bursty cap (nginx default chunk), img500",
      "perf/img500; the CDN caps at {rate} per connection with nginx's default "
      "`sendfile_max_chunk`, so each response starts with a burst", "capped"),
@@ -65,6 +67,7 @@ SPEEDUP = {
 TAIL_MAX = 1.3          # slow-tail fastpull median within 1.3x of the smooth world's
 RSS_ANON_MAX_MIB = 128  # fastpull's peak RssAnon in every world
 TUNES = [("tune-capped500", "Capped CDN, img500"), ("tune-uncapped", "Uncapped loopback, img500")]
+HASH_OPENSSL_MIN = 0.95  # issue #3: the hashing core at least 95% of openssl per core
 
 
 def delay_proxy(meta):
@@ -79,6 +82,35 @@ def load(path):
 
 def fmt_s(x):
     return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def size_txt(n):
+    """Bytes as the report writes them: whole GiB from 1 GiB on, else whole MiB."""
+    return f"{n / 2**30:.0f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def shape(layers):
+    """An image's layers in words: "one 1 GiB layer", "5 layers, largest 300 MiB"."""
+    if len(layers) == 1:
+        return f"one {size_txt(layers[0])} layer"
+    return f"{len(layers)} layers, largest {size_txt(max(layers))}"
+
+
+def sample_interval(rdir):
+    """How often the memory runs sampled /proc/PID/status, from the records (None if none)."""
+    for name in sorted(os.listdir(rdir)):
+        if name.endswith("mem.json"):
+            for r in load(os.path.join(rdir, name)) or []:
+                if r.get("samples_every_s"):
+                    return f"{r['samples_every_s'] * 1000:.0f} ms"
+    return None
+
+
+def recorded(x):
+    """Commit, architecture and date of a criterion run (perf/util.py bench_meta)."""
+    if not x.get("commit"):
+        return "commit, architecture and date not recorded"
+    return f"commit {x['commit']}, {x['arch']} ({x.get('cpu_model', '?')}), {x['date']}"
 
 
 def targets(worlds):
@@ -303,13 +335,15 @@ def main(argv):
             w("- slow tail, 8 connections of 2 MiB each: "
               + ", ".join(mib(x) for x in probe["tail"]))
         w("")
+    every = sample_interval(rdir)
+    sampled = f"sampled every {every}" if every else "sampled"
     w("`perf/run.sh` times the clients with hyperfine in one invocation per world "
       "(all runs of one tool, then the next), no shell (`-N`), warm-up runs as stated per table; "
       "before each run the tool's destination is deleted and `sync` flushes dirty pages, so no "
       "run pays for the previous one's writeback. Times are wall clock of the whole process; "
       "speedups compare medians. CPU is hyperfine's mean user+sys of the client process, per GB "
       "(10^9 bytes) of blobs pulled. Peak RssAnon comes from one more run of each tool after the "
-      "timed ones, `/proc/PID/status` sampled every 50 ms. After the runs every tool's output is "
+      f"timed ones, `/proc/PID/status` {sampled}. After the runs every tool's output is "
       "checked: each file named by a digest hashes to it and every blob of the image is there.")
     w("")
     w("- **fastpull**: `fastpull -q --plain-http [FASTPULL_ARGS] IMAGE DEST` (`--ca-file CA` "
@@ -318,13 +352,13 @@ def main(argv):
       "its rename.")
     w("- **skopeo**: `skopeo copy -q --src-tls-verify=false --insecure-policy docker://IMAGE "
       "oci:DEST:latest` (`--src-cert-dir` in the TLS world): the OCI layout destination copies "
-      "layers in parallel (up to 6).")
+      "layers in parallel.")
     w("- **skopeo-dir** (when TOOLS asks for it): the same to `dir:DEST`, which copies one layer "
       "at a time.")
     w("- **oci-client**: `perf/peers/oci-client-pull`, the `oci-client` crate used as its docs "
       "suggest: `pull_image_manifest`, then `pull_blob` (streaming, digest-checked) of the config "
       "and every layer into a `tokio::fs::File` behind a 1 MiB `BufWriter`, "
-      "`max_concurrent_download` (the crate's default, 16) blobs at once; no fsync, so its "
+      "`max_concurrent_download` (the crate's default) blobs at once; no fsync, so its "
       "writes may still be in the page cache when it exits.")
     w("- **oci-client-fsync** (uncapped-cold only): the same peer with `--fsync`.")
     w("")
@@ -345,7 +379,7 @@ def main(argv):
                     after=meta.get("cdn_rate_after", "?"), tail=meta.get("tail_rate", "?"),
                     chunk=meta.get("cdn_send_chunk", "?"), layers=len(info["layers"]),
                     rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?",
-                    proxy=delay_proxy(meta))
+                    proxy=delay_proxy(meta), shape=shape(info["layers"]))
         title = title.format(**fill)
         memrecs = {r["label"]: r for r in (load(os.path.join(rdir, f"{s}.mem.json")) or [])}
         w(f"### {title}")
@@ -396,7 +430,7 @@ def main(argv):
     if mem:
         w("## Memory, pulling the 1 GiB layer")
         w("")
-        w("One run each, `/proc/PID/status` sampled every 50 ms (RssAnon: the anonymous memory, "
+        w(f"One run each, `/proc/PID/status` {sampled} (RssAnon: the anonymous memory, "
           "i.e. heap and buffers; peak RSS is the kernel's exact high-water mark, `ru_maxrss`, "
           "which for fastpull includes the file pages of its mmapped output that are resident). "
           "Target (issue #3): fastpull's RssAnon under 128 MiB whatever the layer size.")
@@ -441,23 +475,30 @@ def main(argv):
     if h:
         w("## Hashing core")
         w("")
-        arch = f", {h['arch']}" if h.get("arch") else ""
-        w("`perf/hash.py`: criterion medians of `benches/hash.rs` (64 MiB hashed in blocks of "
-          "the given size) beside `openssl speed -evp sha256 -bytes N -seconds 3` on the same "
-          f"machine ({h['openssl_version']}{arch}). GB = 10^9 bytes. Target (issue #3): at least 95% "
-          "of openssl per core; aggregate scales with cores.")
+        per_iter = (f"{size_txt(h['bytes_per_iter'])} hashed" if h.get("bytes_per_iter")
+                    else "a buffer hashed")
+        secs = f" -seconds {h['openssl_seconds']}" if h.get("openssl_seconds") else ""
+        w(f"`perf/hash.py`: criterion medians of `benches/hash.rs` ({per_iter} in blocks of "
+          f"the given size) beside `openssl speed -evp sha256 -bytes N{secs}` on the same "
+          f"machine ({h['openssl_version']}); {recorded(h)}. GB = 10^9 bytes. Target (issue #3): "
+          f"at least {100 * HASH_OPENSSL_MIN:.0f}% of openssl per core; aggregate scales with "
+          "cores.")
         w("")
-        w("| block | fastpull (sha2) GB/s | ring GB/s | openssl GB/s | fastpull / openssl |")
-        w("| ---: | ---: | ---: | ---: | ---: |")
+        w(f"| block | fastpull (sha2) GB/s | ring GB/s | openssl GB/s | fastpull / openssl | "
+          f"≥ {100 * HASH_OPENSSL_MIN:.0f}% |")
+        w("| ---: | ---: | ---: | ---: | ---: | :---: |")
         for r in h["rows"]:
+            x = r["sha2"] / r["openssl"]
             w(f"| {r['block']} | {r['sha2']:.3f} | {r['ring']:.3f} | {r['openssl']:.3f} | "
-              f"{100 * r['sha2'] / r['openssl']:.1f}% |")
+              f"{100 * x:.1f}% | {'met' if x >= HASH_OPENSSL_MIN else '**missed**'} |")
         w("")
         par = h["parallel"]
         one = par.get("1")
-        w("Aggregate, one 64 MiB buffer per thread at once: " + ", ".join(
+        buf = f"one {size_txt(h['bytes_per_iter'])}" if h.get("bytes_per_iter") else "one"
+        w(f"Aggregate, {buf} buffer per thread at once: " + ", ".join(
             f"{t} thread{'s' if t != '1' else ''}: {v:.2f} GB/s"
-            + (f" ({v / one:.2f}×)" if one and t != "1" else "")
+            + (f" ({v / one:.2f}×, {100 * v / one / int(t):.0f}% of linear)"
+               if one and t != "1" else "")
             for t, v in sorted(par.items(), key=lambda kv: int(kv[0]))) + f" ({h['cores']} cores).")
         w("")
         big = max(h["rows"], key=lambda r: r["block"] if isinstance(r["block"], (int, float)) else 0)
@@ -465,6 +506,45 @@ def main(argv):
           f"{100 * big['sha2'] / big['ring']:.0f}% of ring's speed and "
           f"{100 * big['sha2'] / big['openssl']:.0f}% of openssl's.")
         w("")
+
+    # ---- writer ----------------------------------------------------------------------------
+    wr = load(os.path.join(rdir, "write.json"))
+    if wr:
+        w("## Writing a blob")
+        w("")
+        n_chunks = wr["size"] // wr["chunk"]
+        w(f"`perf/write.py`: criterion medians of `benches/write.rs`; {recorded(wr)}. One "
+          f"{size_txt(wr['size'])} blob in {n_chunks} chunks of {size_txt(wr['chunk'])}, the "
+          f"chunks in a shuffled order and each in {wr['frame'] // 1024} KiB frames (what hyper "
+          "hands over), into a file preallocated with `fallocate`, then flushed (`fsync`), "
+          "renamed to its final name and the directory fsynced, on both sides; the final file "
+          "is deleted before the next run (untimed). fastpull's writer (`BlobFile`: the file "
+          "mapped, one writer per chunk) against `pwrite` of each frame at its offset. Written "
+          f"to {wr['dir']} ({wr['filesystem']}).")
+        w("")
+        w("| writer | median (s) | GB/s | time / pwrite's |")
+        w("| --- | ---: | ---: | ---: |")
+        names = {"mmap-chunks": "fastpull (mmap)", "pwrite-chunks": "pwrite"}
+        base = wr["writers"].get("pwrite-chunks")
+        for k, t in wr["writers"].items():
+            w(f"| {names.get(k, k)} | {fmt_s(t)} | {wr['size'] / t / 1e9:.2f} | "
+              + (f"{t / base:.2f}× |" if base else "— |"))
+        w("")
+        m, p = wr["writers"].get("mmap-chunks"), base
+        if m and p:
+            w(f"fastpull's writer takes {100 * m / p:.0f}% of the baseline's time for the same "
+              "work.")
+            w("")
+        hs = wr.get("hasher") or {}
+        if hs:
+            one = hs.get("1")
+            w("The in-order hasher behind the writer (chunks written out of order, hashed in "
+              "order as they complete, blobs interleaved), aggregate: " + ", ".join(
+                  f"{n} blob{'s' if n != '1' else ''}: {wr['size'] * int(n) / t / 1e9:.2f} GB/s"
+                  + (f" ({one * int(n) / t:.2f}× one blob's)" if one and n != "1" else "")
+                  for n, t in sorted(hs.items(), key=lambda kv: int(kv[0])))
+              + f" ({wr['cores']} cores).")
+            w("")
 
     # ---- aarch64 -------------------------------------------------------------------------
     w("## aarch64")

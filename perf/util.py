@@ -156,6 +156,26 @@ def meta(out_json, pairs):
     return 0
 
 
+def bench_meta(root, paths=("src", "benches", "Cargo.toml", "Cargo.lock")):
+    """What a criterion run (perf/hash.py, perf/write.py) records beside its numbers: the
+    commit measured (with "+uncommitted changes" when `paths` differ from it), the machine's
+    architecture, CPU and kernel, rustc, and the date."""
+    commit = _run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", *paths],
+                           capture_output=True, text=True).stdout.strip()
+    lscpu = _run(["lscpu"])
+    return {
+        "commit": commit + ("+uncommitted changes" if dirty else ""),
+        "arch": platform.machine(),
+        "cpu_model": next((l.split(":", 1)[1].strip() for l in lscpu.splitlines()
+                           if l.startswith("Model name")), "?"),
+        "cores": os.cpu_count() or 1,
+        "kernel": platform.release(),
+        "rustc": _run(["rustc", "--version"]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "verify":
         return verify(argv[1], argv[2])

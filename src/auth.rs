@@ -746,11 +746,11 @@ mod tests {
         assert_eq!(c[1].params["scope"], "x y");
     }
 
-    /// A token service on loopback answering every request, after `delay`, with `status`
-    /// (a token when 200); returns its realm and how many requests it got.
+    /// A token service on loopback answering every request, once `gate` says `true`, with
+    /// `status` (a token when 200); returns its realm and how many requests it got.
     async fn token_service(
         status: u16,
-        delay: Duration,
+        gate: tokio::sync::watch::Receiver<bool>,
     ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -760,6 +760,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let counter = counter.clone();
+                let mut gate = gate.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -770,7 +771,7 @@ mod tests {
                         }
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(delay).await;
+                    let _ = gate.wait_for(|open| *open).await;
                     let body = if status == 200 {
                         r#"{"token":"t0k3n","expires_in":300}"#
                     } else {
@@ -809,25 +810,50 @@ mod tests {
         ))
     }
 
+    type Pending<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+    /// Polls each of `requests` once, in order, while the token service holds its answer:
+    /// each has then arrived (noted the attempts finished so far, the first statement of
+    /// `on_unauthorized` and `header` past their state read) before any attempt can end, at
+    /// any speed. Opens `gate` and returns their outcomes.
+    async fn arrive_then_answer<T>(
+        mut requests: Vec<Pending<T>>,
+        gate: tokio::sync::watch::Sender<bool>,
+    ) -> Vec<T> {
+        // Unconstrained: tokio's cooperative budget must not make a first poll stop early.
+        tokio::task::unconstrained(async {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            for r in &mut requests {
+                assert!(
+                    r.as_mut().poll(&mut cx).is_pending(),
+                    "answered before the gate"
+                );
+            }
+        })
+        .await;
+        gate.send(true).unwrap();
+        futures::future::join_all(requests).await
+    }
+
     /// Eight requests refused at once with the same token: one token request answers all
     /// of them, even when it fails (wrong credentials must not become eight failed logins).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_401s_share_one_failed_token_request() {
-        let (realm, count) = token_service(401, Duration::from_millis(500)).await;
+        let (gate, closed) = tokio::sync::watch::channel(false);
+        let (realm, count) = token_service(401, closed).await;
         let transport = transport();
         let auth = auth_with_password();
         let challenge = format!(r#"Bearer realm="{realm}",service="svc""#);
-        let tasks: Vec<_> = (0..8)
+        let requests: Vec<Pending<Result<()>>> = (0..8)
             .map(|_| {
                 let (auth, transport, challenge) =
                     (auth.clone(), transport.clone(), challenge.clone());
-                tokio::spawn(
-                    async move { auth.on_unauthorized(&transport, 0, Some(&challenge)).await },
-                )
+                Box::pin(async move { auth.on_unauthorized(&transport, 0, Some(&challenge)).await })
+                    as Pending<_>
             })
             .collect();
-        for t in tasks {
-            let err = t.await.unwrap().unwrap_err();
+        for r in arrive_then_answer(requests, gate).await {
+            let err = r.unwrap_err();
             assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
         }
         assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");
@@ -840,21 +866,23 @@ mod tests {
     /// The same when a token runs out: the requests due to renew it share one attempt.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_renewals_share_one_failed_token_request() {
-        let (realm, count) = token_service(503, Duration::from_millis(500)).await;
+        let (gate, closed) = tokio::sync::watch::channel(false);
+        let (realm, count) = token_service(503, closed).await;
         let transport = transport();
         let auth = auth_with_password();
         let challenge = parse_challenges(&format!(r#"Bearer realm="{realm}""#)).remove(0);
         let expired = HeaderValue::from_static("Bearer old");
         auth.set(Some(expired), Some(Instant::now()), Some(challenge), false)
             .await;
-        let tasks: Vec<_> = (0..8)
+        type Header = (u64, Option<HeaderValue>);
+        let requests: Vec<Pending<Result<Header>>> = (0..8)
             .map(|_| {
                 let (auth, transport) = (auth.clone(), transport.clone());
-                tokio::spawn(async move { auth.header(&transport).await })
+                Box::pin(async move { auth.header(&transport).await }) as Pending<_>
             })
             .collect();
-        for t in tasks {
-            let err = t.await.unwrap().unwrap_err();
+        for r in arrive_then_answer(requests, gate).await {
+            let err = r.unwrap_err();
             assert!(err.is_transient(), "{err}");
         }
         assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");

@@ -1012,12 +1012,12 @@ mod tests {
     #[test]
     fn a_lock_a_child_shares_for_a_moment_is_not_another_fastpull() {
         // A child forked by any thread holds the lock's open file description until it execs;
-        // this one keeps it (as its stdin) for a moment after the layout is gone.
+        // this one keeps it (as its stdout) after the layout is gone, until its stdin closes.
         let dir = tempfile::tempdir().unwrap();
         let l = open(dir.path(), Format::Oci, true).unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("0.3")
-            .stdin(match &l.place {
+        let mut child = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(match &l.place {
                 Place::Dir(d) => d._lock.try_clone().unwrap(),
                 Place::Archive(_) => unreachable!(),
             })
@@ -1030,6 +1030,9 @@ mod tests {
             "the child holds the lock"
         );
         drop(probe);
+        // It lets go now, as open() starts waiting: all that must fit in LOCK_GRACE is the
+        // exit of a process whose stdin closed (red with LOCK_GRACE zero).
+        drop(child.stdin.take());
         open(dir.path(), Format::Oci, true).expect("the lock is free once the child lets go");
         assert!(child.wait().unwrap().success());
     }

@@ -522,8 +522,9 @@ fn authfile_flag_is_the_only_source() {
     s.assert_unauthorized(&o);
 }
 
-/// A pull throttled to 1 MiB/s on one connection (≈6 s) through [`ThrottleProxy`], so that
-/// 2 s tokens run out several times during it.
+/// A pull of [`big_image`] (5.3 MiB) throttled to 1 MiB/s on one connection through
+/// [`ThrottleProxy`]: at least 5 s however fast the machine, so that 2 s tokens run out
+/// during it.
 fn slow_pull(s: &Setup) -> (ThrottleProxy, Output, PathBuf) {
     let slow = ThrottleProxy::start(&s.addr(), 1 << 20);
     let dest = s.dest();
@@ -534,21 +535,25 @@ fn slow_pull(s: &Setup) -> (ThrottleProxy, Output, PathBuf) {
     (slow, o, dest)
 }
 
-/// Reported `expires_in` 2 s (`opts` may say how); the registry accepts each token for 3 s.
+/// Reported `expires_in` 2 s (`opts` may say how): the ≥ 5 s pull must ask for more than one
+/// token. The registry accepts each for 30 s, so that no request is refused however long the
+/// client takes between taking a token and the registry checking it (a 3 s lifetime left
+/// 1.2 s for that, which a loaded machine can spend); a client that ignores `expires_in`
+/// asks once (red: `expires_in` parsed as absent gives 1 token request).
 fn refreshed_before_expires_in_runs_out(opts: IssuerOptions) {
-    let s = Setup::token(opts.expiry(Some(2), Duration::from_secs(3)));
+    let s = Setup::token(opts.expiry(Some(2), Duration::from_secs(30)));
     let (slow, o, dest) = slow_pull(&s);
     assert_pulled(&dest, &s.image, &o);
     let n = s.issuer.count();
     assert!(
         n >= 2,
-        "a ~6 s pull with 2 s tokens asked for {n}:\n{}",
+        "a pull of at least 5 s with 2 s tokens asked for {n}:\n{}",
         s.issuer.describe()
     );
     assert_eq!(
         slow.bearer_rejections(),
         0,
-        "an expired token was sent although expires_in said when:\n{}\n--- tokens ---\n{}",
+        "a token was refused (older than 30 s?):\n{}\n--- tokens ---\n{}",
         slow.describe(),
         s.issuer.describe()
     );
@@ -753,11 +758,46 @@ fn reused_client_replaces_a_cached_token_the_registry_no_longer_takes() {
     let first = s.dest();
     rt.block_on(client.pull(&reference, &first))
         .expect("first pull");
-    std::thread::sleep(Duration::from_millis(3500));
-    // The second pull finds the first one's token in the client's cache; the registry
-    // refuses it, and a new one must be fetched rather than the pull failing.
+    // However long the first pull took (on a slow machine its token may have run out and
+    // been replaced), its last token is in the client's cache. Wait until the registry
+    // refuses that one, and hand out long-lived tokens from now on: the second pull then
+    // needs exactly one new token, at any speed.
+    let before = s.issuer.count();
+    let cached = s
+        .issuer
+        .issued_tokens()
+        .pop()
+        .expect("the first pull's token");
+    s.issuer
+        .set_options(IssuerOptions::default().expiry(Some(3600), Duration::from_secs(300)));
+    wait_until_refused(&s, &cached);
+    // The second pull finds that token in the client's cache; the registry refuses it, and a
+    // new one must be fetched rather than the pull failing.
     let second = s.dest();
     let r = rt.block_on(client.pull(&reference, &second));
     assert!(r.is_ok(), "{:?}\n{}", r.err(), s.issuer.describe());
-    assert_eq!(s.issuer.count(), 2, "{}", s.issuer.describe());
+    assert_eq!(s.issuer.count(), before + 1, "{}", s.issuer.describe());
+}
+
+/// Polls the registry with `token` until it answers 401 (at most 30 s).
+fn wait_until_refused(s: &Setup, token: &str) {
+    let url = format!("{}/v2/{REPO}/manifests/v1", s.reg.url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http_agent()
+            .get(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .expect("GET manifest")
+            .status()
+            .as_u16();
+        if status == 401 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry still takes the token after 30 s ({status})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -11,23 +11,26 @@ use crate::support::*;
 
 const CHUNK: usize = 64 * 1024;
 
-/// Runs the CLI with small chunks, fast retries and a short stall timeout.
+/// A stall timeout no healthy transfer on loopback reaches, however slow the machine (the
+/// tests count requests exactly: a chunk re-issued because the client was descheduled for
+/// a moment would be one too many). Only the stall test asks for a short one.
+const STALL_TIMEOUT: &str = "60";
+
+/// Runs the CLI with small chunks (killed after `cli::RUN_TIMEOUT`).
 fn fastpull(image: &str, out: &Path, extra: &[&str]) -> Output {
-    fastpull_command()
-        // Loopback is fast: force ranges, which is what these tests are about.
-        .args([
-            "--chunk-size",
-            "64K",
-            "--stall-timeout",
-            "2",
-            "--fan-out",
-            "max",
-        ])
+    fastpull_stalling_after(STALL_TIMEOUT, image, out, extra)
+}
+
+/// [`fastpull`] with `--stall-timeout stall`.
+fn fastpull_stalling_after(stall: &str, image: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut cmd = fastpull_command();
+    // Loopback is fast: force ranges, which is what these tests are about.
+    cmd.args(["--chunk-size", "64K", "--fan-out", "max"])
+        .args(["--stall-timeout", stall])
         .args(extra)
         .arg(image)
-        .arg(out)
-        .output()
-        .expect("run fastpull")
+        .arg(out);
+    crate::support::cli::run(cmd, None)
 }
 
 fn image_of(sizes: &[usize], seed: u64) -> Image {
@@ -245,6 +248,9 @@ fn resets_and_truncation_mid_chunk_resume_from_the_byte_reached() {
     );
 }
 
+/// A chunk that stops after 2000 bytes and then sends nothing for longer than any run (only
+/// the stall timeout can end it: red with `--stall-timeout 1000`, killed after
+/// `cli::RUN_TIMEOUT`; the 30 s pause it had let a pull without stall detection finish).
 #[test]
 fn stalled_connection_is_reissued() {
     let (_reg, proxy, image) = proxied("chunks/stall", &[4 * CHUNK], 500);
@@ -254,14 +260,15 @@ fn stalled_connection_is_reissued() {
             &format!("/blobs/{}", layer.digest),
             Fault::Stall {
                 after: 2000,
-                pause: Duration::from_secs(30),
+                pause: Duration::from_secs(3600),
             },
         )
         .range_start(CHUNK as u64)
         .times(1),
     );
     let (_d, out) = dest();
-    let o = fastpull(&format!("{}/chunks/stall:v", proxy.addr()), &out, &[]);
+    // Other chunks re-issued too (a slow machine) change nothing below.
+    let o = fastpull_stalling_after("2", &format!("{}/chunks/stall:v", proxy.addr()), &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_holds(&out, &image);
     let starts: Vec<u64> = proxy
@@ -276,7 +283,8 @@ fn stalled_connection_is_reissued() {
         "the stalled chunk was re-issued from where it stopped: {starts:?}"
     );
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("Retrying"),
+        String::from_utf8_lossy(&o.stdout).contains("Retrying")
+            && String::from_utf8_lossy(&o.stdout).contains("no data for 2s"),
         "{}",
         text(&o)
     );
@@ -636,12 +644,17 @@ fn progressing_truncations_do_not_exhaust_retries() {
     );
 }
 
-/// The default on an uncapped registry: a 64 MiB blob is not flooded with small ranges (at
-/// most 24 GETs of its body: pieces sized by the measured rate, a few cuts to finish
-/// together; none under the 1 MiB minimum piece unless it is the blob's tail), and no byte
-/// is fetched twice. (`--fan-out max --chunk-size 256K` makes it red: 256 requests.)
+/// The default on an uncapped registry: a 64 MiB blob is not flooded with small ranges, at
+/// any speed. Pieces are sized by the measured rate, so how many there are depends on the
+/// machine (a slow one, or qemu, gets more); what does not: every request asks for at least
+/// the 1 MiB minimum piece, except the blob's tail and a raced tail (which lies inside an
+/// earlier request's range, as every takeover does); requests for bytes nobody had yet are
+/// at most one per minimum piece; and a response cut where a later request took over ran
+/// past the cut by no more than the sockets between fastpull and the proxy can hold. No
+/// byte is missing. (`--fan-out max --chunk-size 256K` makes it red: 257 requests of 256K.)
 #[test]
 fn default_on_an_uncapped_registry_uses_few_requests() {
+    const MIB: u64 = 1 << 20;
     let image = image_of(&[64 * 1024 * 1024 + 3], 1500);
     let reg = Registry::start();
     push_image(&reg, "chunks/uncapped", "v", &image);
@@ -658,43 +671,68 @@ fn default_on_an_uncapped_registry_uses_few_requests() {
     assert!(o.status.success(), "{}", text(&o));
     assert_holds(&out, &image);
     let big = &image.layers[0];
+    let size = big.size();
     let gets = log.body_gets(&big.digest);
-    let emulated = crate::support::runner::under_emulation();
-    assert!(
-        !gets.is_empty() && (emulated || gets.len() <= 24),
-        "{} requests for the 64 MiB blob:\n{}",
-        gets.len(),
-        log.describe()
-    );
-    for g in &gets {
-        let (from, to) = match g.range_bounds() {
+    let ranges: Vec<(u64, u64)> = gets
+        .iter()
+        .map(|g| match g.range_bounds() {
             Some((a, Some(b))) => (a, b),
-            None => (0, big.size() - 1),
+            None => (0, size - 1),
             Some((a, None)) => panic!("open range from {a}\n{}", log.describe()),
-        };
+        })
+        .collect();
+    let mut fresh = 0;
+    for (j, &(from, to)) in ranges.iter().enumerate() {
+        let takeover = ranges[..j].iter().any(|&(a, b)| a < from && to <= b);
+        fresh += usize::from(!takeover);
         assert!(
-            to + 1 - from >= 1024 * 1024 || to + 1 == big.size(),
-            "a range under 1 MiB that is not the tail: {from}-{to}\n{}",
+            to + 1 - from >= MIB || to + 1 == size || takeover,
+            "a range under 1 MiB that is neither the tail nor a raced tail: {from}-{to}\n{}",
             log.describe()
         );
     }
-    // Every byte was served, and not much more: when the client is the slow side (debug
-    // build, or under qemu), a transfer that is cut may already have all its remaining
-    // bytes in its socket, so the proxy sees them relayed "in full" as well as by the
-    // request that took over. That waste is bounded here; bytes are still written once
-    // (write.rs, fetch tests).
-    let cov = log.coverage(&big.digest, big.size());
+    assert!(
+        fresh as u64 <= size.div_ceil(MIB),
+        "{fresh} requests for bytes nobody had yet, for a {size}-byte blob:\n{}",
+        log.describe()
+    );
+    // Every byte was served. A transfer that is cut may already have its remaining bytes
+    // in its socket when the client is the slow side (debug build, qemu): the proxy then
+    // sees them relayed as well as by the request that took over. Bytes are still written
+    // once (write.rs, fetch tests); here the overrun of each cut is bounded by what the
+    // kernel lets the two sockets buffer, plus the proxy's 64 KiB relay buffer.
+    let cov = log.coverage(&big.digest, size);
     let real: Vec<&String> = cov
         .problems
         .iter()
         .filter(|p| !p.contains("fetched twice") && !p.starts_with("complete responses"))
         .collect();
     assert!(real.is_empty(), "{real:?}\n{}", log.describe());
-    assert!(
-        emulated || cov.relayed <= big.size() + big.size() / 4,
-        "{} bytes served for a {}-byte blob\n{}",
-        cov.relayed,
-        big.size(),
-        log.describe()
-    );
+    let slack = socket_buffers_max() + (64 << 10);
+    for p in cov.pieces.iter().filter(|p| p.stop < p.end) {
+        let past = p.relayed.saturating_sub(p.stop - p.start);
+        assert!(
+            past <= slack,
+            "#{} relayed {past} bytes past where a later request took over (sockets hold at \
+             most {slack})\n{}",
+            p.req,
+            log.describe()
+        );
+    }
+}
+
+/// The most a loopback TCP connection's receive buffer and the other end's send buffer can
+/// hold together (`net.ipv4.tcp_rmem` and `tcp_wmem` maxima).
+fn socket_buffers_max() -> u64 {
+    ["tcp_rmem", "tcp_wmem"]
+        .iter()
+        .map(|f| {
+            let p = format!("/proc/sys/net/ipv4/{f}");
+            let v = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+            v.split_whitespace()
+                .last()
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{p}: {v}"))
+        })
+        .sum()
 }

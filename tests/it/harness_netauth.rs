@@ -110,21 +110,54 @@ fn token_registry_accepts_issuer_tokens_and_challenges_without() {
     assert_eq!(get(&url, Some(&format!("Bearer {forged}"))).0, 401);
 }
 
+/// The registry takes a token for the lifetime asked for and refuses it after (the issuer
+/// compensates the registry's 60 s leeway; `exp` has whole seconds, so "after" is within
+/// 3 s). Each check holds at any speed: a refusal *received* before 2 s is early for sure,
+/// an acceptance of a request *sent* after 3 s is late for sure; the registry is polled
+/// until it refuses. Red with the leeway compensation removed (taken 3 s after).
 #[test]
 fn token_lifetime_is_enforced_by_the_registry() {
     let image = small_image(2);
     let issuer = TokenIssuer::start(IssuerOptions::default());
     let reg = token_registry(&issuer, seeded(&[(REPO, "v1", &image)]), "");
     let url = format!("{}/v2/{REPO}/blobs/{}", reg.url(), image.config.digest);
-    let issued = Instant::now();
+    let long = issuer.mint("x", &[(REPO, &["pull"])], Duration::from_secs(60));
+    assert_eq!(
+        get(&url, Some(&format!("Bearer {long}"))).0,
+        200,
+        "{}",
+        reg.log()
+    );
+
+    let before = Instant::now();
     let token = issuer.mint("x", &[(REPO, &["pull"])], Duration::from_secs(2));
+    let minted = Instant::now();
     let auth = format!("Bearer {token}");
-    assert_eq!(get(&url, Some(&auth)).0, 200, "{}", reg.log());
-    // Valid for at least 2 s, less than 3 s.
-    std::thread::sleep(Duration::from_secs(3).saturating_sub(issued.elapsed()));
-    let (status, challenge, _) = get(&url, Some(&auth));
-    assert_eq!(status, 401, "expired token accepted");
-    let challenge = challenge.unwrap_or_default();
+    let challenge = loop {
+        let sent = Instant::now();
+        let (status, challenge, _) = get(&url, Some(&auth));
+        match status {
+            200 => assert!(
+                sent < minted + Duration::from_secs(3),
+                "a 2 s token taken {:?} after it was made",
+                sent - minted
+            ),
+            401 => {
+                assert!(
+                    before.elapsed() >= Duration::from_secs(2),
+                    "a 2 s token refused after {:?}",
+                    before.elapsed()
+                );
+                break challenge.unwrap_or_default();
+            }
+            other => panic!("{other}\n{}", reg.log()),
+        }
+        assert!(
+            minted.elapsed() < Duration::from_secs(30),
+            "a 2 s token still taken after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(challenge.contains("invalid_token"), "{challenge}");
 }
 

@@ -1,5 +1,6 @@
 //! Self-tests for the integration-test harness in `support/`.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
@@ -550,4 +551,143 @@ fn broken_config_fails_loudly() {
 #[should_panic(expected = "must not contain the top-level key `http:`")]
 fn extra_config_may_not_override_http() {
     let _reg = Registry::start_with_extra_config("http:\n  addr: 127.0.0.1:1\n");
+}
+
+/// What `cmd` sets (`Some`) or removes (`None`) in the child's environment.
+fn env_changes(cmd: &Command) -> HashMap<String, Option<String>> {
+    cmd.get_envs()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.map(|v| v.to_string_lossy().into_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Every way a test starts fastpull scrubs its environment: an empty `HOME` (or the test's
+/// own) and none of the caller's credential, proxy, TLS or logging variables. Checked red by
+/// dropping the `env_remove` loop of `runner::fastpull_command`.
+#[test]
+fn every_fastpull_command_gets_a_scrubbed_environment() {
+    use crate::support::cli::{Sandbox, SCRUBBED_ENV};
+    use crate::support::runner::{empty_home, FASTPULL_BIN};
+    let home = empty_home();
+    let sb = Sandbox::new();
+    let cases = [
+        ("fastpull_command", env_changes(&fastpull_command()), home),
+        ("command_for", env_changes(&command_for(FASTPULL_BIN)), home),
+        ("Sandbox::cmd", env_changes(&sb.cmd()), sb.home()),
+    ];
+    for (how, env, want_home) in &cases {
+        for var in SCRUBBED_ENV {
+            assert_eq!(env.get(*var), Some(&None), "{how}: {var} reaches fastpull");
+        }
+        assert_eq!(
+            env.get("HOME"),
+            Some(&Some(want_home.display().to_string())),
+            "{how}: HOME"
+        );
+    }
+    assert!(
+        std::fs::read_dir(home)
+            .expect("empty HOME")
+            .next()
+            .is_none(),
+        "{} is not empty",
+        home.display()
+    );
+    let path = cases[2].1["PATH"].clone().expect("Sandbox sets PATH");
+    assert!(
+        path.starts_with(&sb.bin_dir().display().to_string()),
+        "{path}"
+    );
+    // Other programs keep the caller's environment.
+    assert_eq!(env_changes(&command_for("skopeo")), HashMap::new());
+}
+
+/// A helper server whose port another server took between "free" and "bound" moves to the
+/// next port: readiness is the child itself listening there, not a connection succeeding
+/// (red with `listens_on` replaced by a connect: the taken port returned, answered by this test's
+/// listener).
+#[test]
+fn a_helper_server_moves_off_a_port_another_server_took() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, port, _) = start_on_ports(
+        "microsocks",
+        std::net::Ipv4Addr::LOCALHOST,
+        [taken_port, free_port(), free_port()],
+        |port, attempt| {
+            let log = dir.path().join(format!("microsocks-{attempt}.log"));
+            let out = std::fs::File::create(&log).expect("log file");
+            let child = Command::new("/usr/bin/microsocks")
+                .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().expect("dup"))
+                .stderr(out)
+                .spawn()
+                .expect("spawn microsocks (scripts/deps installs it)");
+            (child, log)
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(port, taken_port, "started on the port this test holds");
+}
+
+/// A [`ClosedPort`] refuses connections, and no server can take it while it lives.
+#[test]
+fn a_closed_port_refuses_connections_and_cannot_be_taken() {
+    let closed = ClosedPort::new();
+    let err = std::net::TcpStream::connect(closed.addr()).expect_err("connected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let err = std::net::TcpListener::bind(closed.addr()).expect_err("bound");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+}
+
+/// The CDN (nginx) too: its bind error on a taken port ends that attempt and it serves from
+/// the next one.
+#[test]
+fn the_cdn_moves_off_a_port_another_server_took() {
+    let ip = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let taken = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let cdn = crate::support::cdn::Cdn::start_on_ports(
+        None,
+        "",
+        None,
+        [taken_port, free_port_on(ip), free_port_on(ip)],
+    );
+    assert_ne!(cdn.addr(), format!("{ip}:{taken_port}"));
+    std::fs::write(cdn.root().join("hello"), b"served").expect("write");
+    let mut resp = http_agent()
+        .get(format!("http://{}/hello", cdn.addr()))
+        .call()
+        .expect("GET");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.body_mut().read_to_string().expect("body"), "served");
+}
+
+/// Under a runner (qemu), fastpull is started as `RUNNER… FASTPULL_BIN` with the name of the
+/// test that started it in `FASTPULL_TEST_NAME` (scripts/test-aarch64 reads it from a child
+/// qemu left deadlocked, to run only that test again); without one it is started directly.
+#[test]
+fn under_a_runner_fastpull_carries_the_test_name() {
+    use crate::support::runner::{fastpull_command_through, FASTPULL_BIN, TEST_NAME_ENV};
+    let cmd = fastpull_command_through("/usr/bin/qemu-aarch64-static -L /x");
+    assert_eq!(cmd.get_program(), "/usr/bin/qemu-aarch64-static");
+    let args: Vec<_> = cmd.get_args().collect();
+    assert_eq!(args, ["-L", "/x", FASTPULL_BIN]);
+    assert_eq!(
+        env_changes(&cmd).get(TEST_NAME_ENV),
+        Some(&Some(
+            "harness_selftest::under_a_runner_fastpull_carries_the_test_name".to_string()
+        ))
+    );
+    let direct = fastpull_command_through("");
+    assert_eq!(direct.get_program(), FASTPULL_BIN);
+    assert_eq!(direct.get_args().count(), 0);
+    assert!(!env_changes(&direct).contains_key(TEST_NAME_ENV));
 }

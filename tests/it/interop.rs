@@ -78,7 +78,7 @@ pub(crate) fn run_ok(program: &str, args: &[&OsStr], reg: &Registry) -> Output {
 
 /// `fastpull --plain-http ARGS…`, which must succeed.
 pub(crate) fn fastpull(reg: &Registry, args: &[&OsStr]) -> Output {
-    let bin = env!("CARGO_BIN_EXE_fastpull");
+    let bin = crate::support::runner::FASTPULL_BIN;
     let mut full: Vec<&OsStr> = vec![OsStr::new("--plain-http")];
     full.extend_from_slice(args);
     run_ok(bin, &full, reg)

@@ -21,11 +21,6 @@ fn out(sb: &Sandbox, name: &str) -> PathBuf {
     sb.home().join(name)
 }
 
-/// A loopback address nothing listens on.
-fn closed_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
 // ---- CDN ----
 
 #[test]
@@ -181,7 +176,8 @@ fn pull_past_dead_proxy(
 ) -> (Image, PathBuf, Output, Sandbox) {
     let image = big_image(seed);
     let reg = seeded(&[(REPO, "v1", &image)]);
-    let dead = format!("http://{}", closed_addr());
+    let closed = ClosedPort::new();
+    let dead = format!("http://{}", closed.addr());
     let sb = Sandbox::new();
     let dest = out(&sb, "out");
     let mut all: Vec<(&str, &str)> = proxy_vars.iter().map(|v| (*v, dead.as_str())).collect();
@@ -302,7 +298,8 @@ fn socks5_refusing_the_password_fails_clearly() {
 fn dead_socks_proxy_names_the_proxy_and_the_cause() {
     let image = big_image(44);
     let reg = seeded(&[(REPO, "v1", &image)]);
-    let dead = closed_addr();
+    let closed = ClosedPort::new();
+    let dead = closed.addr();
     let sb = Sandbox::new();
     let dest = out(&sb, "out");
     let o = sb.pull(
@@ -361,7 +358,8 @@ fn unusable_proxy_settings_are_refused_up_front() {
     let image = big_image(46);
     let reg = seeded(&[(REPO, "v1", &image)]);
     let sb = Sandbox::new();
-    let dead = closed_addr();
+    let closed = ClosedPort::new();
+    let dead = closed.addr();
     let cases = [
         (
             "ALL_PROXY",
@@ -435,7 +433,7 @@ fn mirror_serves_when_the_origin_is_down() {
     let image = big_image(41);
     let mirror = seeded(&[(REPO, "v1", &image)]);
     let (_d, dest) = dest();
-    let o = pull_with_mirrors(&closed_addr(), &[&mirror.addr()], CHUNKED, &dest);
+    let o = pull_with_mirrors(&ClosedPort::new().addr(), &[&mirror.addr()], CHUNKED, &dest);
     assert_pulled(&dest, &image, &o);
 }
 
@@ -473,7 +471,7 @@ fn mirror_down_falls_back_to_the_origin() {
     let (_d, dest) = dest();
     let o = pull_with_mirrors(
         &origin.addr(),
-        &[&closed_addr()],
+        &[&ClosedPort::new().addr()],
         &["--retries", "1"],
         &dest,
     );
@@ -488,7 +486,7 @@ fn second_mirror_is_tried_after_the_first() {
     let good_front = FaultProxy::start(&good.addr());
     let (_d, dest) = dest();
     let o = pull_with_mirrors(
-        &closed_addr(),
+        &ClosedPort::new().addr(),
         &[&empty.addr(), good_front.addr()],
         &[],
         &dest,
@@ -536,7 +534,8 @@ fn docker_hub_mirror_by_default() {
     let dest = out(&sb, "out");
     // Safety net: should anything try Docker Hub itself, it meets a dead loopback proxy
     // rather than the internet.
-    let dead = format!("http://{}", closed_addr());
+    let closed = ClosedPort::new();
+    let dead = format!("http://{}", closed.addr());
     let o = sb.pull(
         &["--mirror", &mirror.addr()],
         &[
@@ -554,7 +553,8 @@ fn docker_hub_mirror_by_default() {
 fn proxy_credentials_stay_out_of_errors_and_logs() {
     let image = big_image(38);
     let reg = seeded(&[(REPO, "v1", &image)]);
-    let addr = closed_addr();
+    let closed = ClosedPort::new();
+    let addr = closed.addr();
     let secret = "Pr0xy-s3cret-77";
     let proxy = format!("http://puser:{secret}@{addr}");
     let sb = Sandbox::new();

@@ -199,15 +199,17 @@ fn insecure_registry_does_not_extend_to_its_cdn() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::create(pki_dir.path(), &["127.0.0.1", "127.0.0.2"]);
     let image = big_image(23);
-    let port = crate::support::cdn::free_port_on("127.0.0.2");
-    let reg = RegistryOptions::new()
-        .tls(&pki.server_cert, &pki.server_key)
-        .serve_storage_of(seeded(&[(REPO, "v1", &image)]))
-        .extra_config(&format!(
-            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: https://127.0.0.2:{port}/\n"
-        ))
-        .start();
-    let cdn = crate::support::cdn::Cdn::start_with(reg.storage_root(), port, None, Some(&pki));
+    let (reg, cdn) = crate::support::cdn::seeded_registry_with_cdn(
+        seeded(&[(REPO, "v1", &image)]),
+        Some(&pki),
+        |seed, redirect| {
+            RegistryOptions::new()
+                .tls(&pki.server_cert, &pki.server_key)
+                .serve_storage_of(seed)
+                .extra_config(redirect)
+                .start()
+        },
+    );
     let sb = Sandbox::new();
     let image_ref = format!("{}/{REPO}:v1", reg.addr());
 

@@ -1,37 +1,44 @@
 //! A CDN-like server: nginx on 127.0.0.2 serving the registry's storage root (the target of
 //! the registry's redirect middleware), refusing any request that carries `Authorization`,
-//! optionally capping each connection's rate as real CDNs do.
+//! optionally capping each connection's rate as real CDNs do. nginx starts first and the
+//! registry's `baseurl` names the port it got, so a port taken by another test is retried
+//! before anything depends on it.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::support::counting::CountingProxy;
-use crate::support::{Registry, TestPki};
+use crate::support::registry::RegistryOptions;
+use crate::support::{free_port_on, start_on_ports, Registry, TestPki};
+
+/// Where the CDN listens.
+const CDN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// nginx, stopped on drop.
 pub struct Cdn {
     child: Child,
     addr: String,
+    root: PathBuf,
     dir: tempfile::TempDir,
 }
 
-/// A free port on 127.0.0.2.
-pub fn free_port_on(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .expect("bind to find a free port")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// The `middleware:` YAML of a registry whose blob GETs redirect to `baseurl`.
+fn redirect_to(baseurl: &str) -> String {
+    format!(
+        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {baseurl}/\n"
+    )
 }
 
-/// A registry whose blob GETs redirect to a CDN, and the CDN.
+/// A registry whose blob GETs redirect to a CDN, and the CDN. The CDN starts first, on
+/// the storage it will serve, so that its port is known (and held) when the registry's
+/// `baseurl` names it.
 pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
-    let port = free_port_on("127.0.0.2");
-    let reg = Registry::start_with_extra_config(&format!(
-        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
-    ));
-    let cdn = Cdn::start_with(reg.storage_root(), port, rate, None);
+    let cdn = Cdn::start(None, &limit(rate), None);
+    let reg = RegistryOptions::new()
+        .storage_root(cdn.root())
+        .extra_config(&redirect_to(&format!("http://{}", cdn.addr())))
+        .start();
     (reg, cdn)
 }
 
@@ -40,61 +47,91 @@ pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
 /// `limit_rate 4m;`, `limit_rate_after 2m;`, `max_ranges 0;`): the CDN's connections and
 /// requests as the proxy counts them.
 pub fn registry_with_counted_cdn(directives: &str) -> (Registry, Cdn, CountingProxy) {
-    let port = free_port_on("127.0.0.2");
-    let proxy = CountingProxy::start_on("127.0.0.3", &format!("127.0.0.2:{port}"));
-    let reg = Registry::start_with_extra_config(&format!(
-        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://{}/\n",
-        proxy.addr()
-    ));
-    let cdn = Cdn::start_conf(reg.storage_root(), port, directives, None);
+    let cdn = Cdn::start(None, directives, None);
+    let proxy = CountingProxy::start_on("127.0.0.3", cdn.addr());
+    let reg = RegistryOptions::new()
+        .storage_root(cdn.root())
+        .extra_config(&redirect_to(&format!("http://{}", proxy.addr())))
+        .start();
     (reg, cdn, proxy)
 }
 
 /// As [`registry_with_cdn`], the CDN speaking HTTPS (HTTP/2 by ALPN) with a certificate of
 /// `pki`'s CA.
 pub fn registry_with_tls_cdn(rate: Option<&str>, pki: &TestPki) -> (Registry, Cdn) {
-    let port = free_port_on("127.0.0.2");
-    let reg = Registry::start_with_extra_config(&format!(
-        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: https://127.0.0.2:{port}/\n"
-    ));
-    let cdn = Cdn::start_with(reg.storage_root(), port, rate, Some(pki));
+    let cdn = Cdn::start(None, &limit(rate), Some(pki));
+    let reg = RegistryOptions::new()
+        .storage_root(cdn.root())
+        .extra_config(&redirect_to(&format!("https://{}", cdn.addr())))
+        .start();
     (reg, cdn)
 }
 
+/// A CDN serving the storage of `seed` (over HTTPS with `tls`), and the registry `start`
+/// makes from `seed` and the `middleware:` YAML that redirects its blob GETs there (e.g.
+/// with auth or TLS of its own, serving `seed`'s storage).
+pub fn seeded_registry_with_cdn(
+    seed: Registry,
+    tls: Option<&TestPki>,
+    start: impl FnOnce(Registry, &str) -> Registry,
+) -> (Registry, Cdn) {
+    let cdn = Cdn::start(Some(seed.storage_root()), "", tls);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let reg = start(seed, &redirect_to(&format!("{scheme}://{}", cdn.addr())));
+    (reg, cdn)
+}
+
+/// `limit_rate RATE;`, or nothing.
+fn limit(rate: Option<&str>) -> String {
+    rate.map(|r| format!("limit_rate {r};")).unwrap_or_default()
+}
+
 impl Cdn {
-    /// Starts nginx on 127.0.0.2:`port` serving `root`, over HTTPS + HTTP/2 when `tls`.
-    pub fn start_with(root: &Path, port: u16, rate: Option<&str>, tls: Option<&TestPki>) -> Cdn {
-        let limit = rate.map(|r| format!("limit_rate {r};")).unwrap_or_default();
-        Cdn::start_conf(root, port, &limit, tls)
+    /// Starts nginx on a free port of 127.0.0.2 serving `root` (None: a fresh directory of
+    /// its own, [`Cdn::root`], for a registry's storage), over HTTPS + HTTP/2 when `tls`,
+    /// with `directives` (any nginx directives) in the `server` block. A port another test
+    /// took first is retried with another (see [`super::start_on_free_port`]).
+    pub fn start(root: Option<&Path>, directives: &str, tls: Option<&TestPki>) -> Cdn {
+        let ports = std::iter::repeat_with(|| free_port_on(CDN_IP)).take(5);
+        Cdn::start_on_ports(root, directives, tls, ports)
     }
 
-    /// As [`Cdn::start_with`], with `limit` (any nginx directives) in the `server` block.
-    pub fn start_conf(root: &Path, port: u16, limit: &str, tls: Option<&TestPki>) -> Cdn {
+    /// [`Cdn::start`] trying `ports` in turn.
+    pub fn start_on_ports(
+        root: Option<&Path>,
+        directives: &str,
+        tls: Option<&TestPki>,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Cdn {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("nginx is required: run scripts/test, which installs it");
         let dir = tempfile::tempdir().expect("nginx dir");
-        let p = dir.path();
-        for d in ["logs", "tmp"] {
+        let p = dir.path().to_path_buf();
+        for d in ["logs", "tmp", "storage"] {
             std::fs::create_dir_all(p.join(d)).expect("mkdir");
         }
-        let (listen, certs) = match tls {
-            Some(pki) => (
-                format!("listen 127.0.0.2:{port} ssl http2;"),
-                format!(
-                    "ssl_certificate {}; ssl_certificate_key {};",
-                    pki.server_cert.display(),
-                    pki.server_key.display()
-                ),
+        let root = root.map_or_else(|| p.join("storage"), Path::to_path_buf);
+        let certs = match tls {
+            Some(pki) => format!(
+                "ssl_certificate {}; ssl_certificate_key {};",
+                pki.server_cert.display(),
+                pki.server_key.display()
             ),
-            None => (format!("listen 127.0.0.2:{port};"), String::new()),
+            None => String::new(),
         };
-        let conf = format!(
-            r#"daemon off;
+        let (child, port, _) = start_on_ports("nginx", CDN_IP, ports, |port, attempt| {
+            let listen = match tls {
+                Some(_) => format!("listen {CDN_IP}:{port} ssl http2;"),
+                None => format!("listen {CDN_IP}:{port};"),
+            };
+            let error_log = p.join(format!("logs/error-{attempt}.log"));
+            let conf = format!(
+                r#"daemon off;
 worker_processes 1;
-error_log {p}/logs/error.log warn;
+error_log {error_log} warn;
 pid {p}/nginx.pid;
 events {{ worker_connections 256; }}
 http {{
@@ -110,39 +147,42 @@ http {{
     {listen}
     {certs}
     root {root};
-    {limit}
+    {directives}
     location / {{
       if ($http_authorization) {{ return 403; }}
     }}
   }}
 }}
 "#,
-            p = p.display(),
-            root = root.display(),
-        );
-        let conf_path = p.join("nginx.conf");
-        std::fs::write(&conf_path, conf).expect("write nginx.conf");
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(p)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let addr = format!("127.0.0.2:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
-                std::fs::read_to_string(p.join("logs/error.log")).unwrap_or_default()
+                p = p.display(),
+                error_log = error_log.display(),
+                root = root.display(),
             );
-            std::thread::sleep(Duration::from_millis(20));
+            let conf_path = p.join("nginx.conf");
+            std::fs::write(&conf_path, conf).expect("write nginx.conf");
+            let child = Command::new(&nginx)
+                .arg("-p")
+                .arg(&p)
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nginx");
+            (child, error_log)
+        });
+        Cdn {
+            child,
+            addr: format!("{CDN_IP}:{port}"),
+            root,
+            dir,
         }
-        Cdn { child, addr, dir }
+    }
+
+    /// The directory it serves.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn addr(&self) -> &str {

@@ -1,7 +1,8 @@
-//! Running the fastpull binary with a controlled environment: a temp `HOME`, none of the
-//! caller's credential, proxy or TLS variables, and a `bin/` directory first on `PATH` (for
-//! fake `docker-credential-*` helpers). All spawning of the binary by the auth / TLS /
-//! network-path tests goes through [`fastpull_cmd`].
+//! Running the fastpull binary with a controlled environment: a temp `HOME` of the test's own,
+//! none of the caller's credential, proxy or TLS variables (see
+//! [`super::runner::fastpull_command`]), and a `bin/` directory first on `PATH` (for fake
+//! `docker-credential-*` helpers). The auth / TLS / network-path / scheduler tests start
+//! fastpull through [`fastpull_cmd`].
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -15,26 +16,7 @@ use super::image::Image;
 use super::push::push_image;
 use super::registry::Registry;
 
-/// Variables that change where credentials, proxies or trust come from: removed from every
-/// spawned fastpull unless the test sets them again.
-pub const SCRUBBED_ENV: &[&str] = &[
-    "DOCKER_CONFIG",
-    "REGISTRY_AUTH_FILE",
-    "XDG_RUNTIME_DIR",
-    "XDG_CONFIG_HOME",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "NO_PROXY",
-    "no_proxy",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "FASTPULL_LOG",
-    "RUST_LOG",
-];
+pub use super::runner::SCRUBBED_ENV;
 
 /// How long one fastpull run may take before the test kills it and fails.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -44,9 +26,6 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 pub fn fastpull_cmd(home: &Path, bin_dir: Option<&Path>) -> Command {
     let mut cmd = super::runner::fastpull_command();
     cmd.env("HOME", home);
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
     if let Some(bin) = bin_dir {
         let mut path = OsString::from(bin);
         if let Some(old) = std::env::var_os("PATH") {

@@ -19,7 +19,7 @@ pub mod tinyproxy;
 pub mod tls;
 pub mod token;
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;
 
 pub use canned::{Canned, CannedServer};
@@ -66,26 +66,124 @@ pub fn hex(digest: &str) -> &str {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    free_port_on(Ipv4Addr::LOCALHOST)
+}
+
+/// A TCP port on `ip` that was free a moment ago (bound to port 0, then released).
+pub fn free_port_on(ip: Ipv4Addr) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).expect("bind port 0 to find a free port");
     listener
         .local_addr()
         .expect("local address of the probe listener")
         .port()
 }
 
-/// A helper server started on a free 127.0.0.1 port: [`start_on_free_port`] tries up to five
-/// ports. `spawn(port, attempt)` starts it and returns the child and its log file;
-/// `ready(port, log, child)` says it is up and is ours (not another server that took the
-/// port).
+/// A port on 127.0.0.1 that refuses connections for as long as this lives: bound, so no
+/// server of another test can take it, but never listening. (A port that was free a moment
+/// ago may be some other test's server by the time fastpull connects.)
+pub struct ClosedPort {
+    _socket: std::os::fd::OwnedFd,
+    port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let socket = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        rustix::net::bind(
+            &socket,
+            &std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        )
+        .expect("bind 127.0.0.1:0");
+        let addr = rustix::net::getsockname(&socket).expect("getsockname");
+        let port = std::net::SocketAddrV4::try_from(addr)
+            .expect("an IPv4 address")
+            .port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `ip:port` (from `/proc/net/tcp` and
+/// `/proc/PID/fd`): the server answering there is that process, not another one that took
+/// the port first.
+pub fn listens_on(pid: u32, ip: Ipv4Addr, port: u16) -> bool {
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // sl local_address rem_address st … inode; st 0A is LISTEN.
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == want && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
+/// A helper server started on a free port of `ip`, trying up to five ports: another test's
+/// server may take a port between the moment it was found free and the moment ours binds it.
+/// `spawn(port, attempt)` starts it and returns the child and its log file. An attempt
+/// succeeds once the child itself listens on the port ([`listens_on`]); it fails when the
+/// child exits (a bind error) or does not listen within 10 s.
 /// Returns the child, the port and the log; panics with every attempt's story.
 pub fn start_on_free_port(
     what: &str,
+    ip: Ipv4Addr,
+    spawn: impl FnMut(u16, u32) -> (std::process::Child, std::path::PathBuf),
+) -> (std::process::Child, u16, std::path::PathBuf) {
+    start_on_ports(
+        what,
+        ip,
+        std::iter::repeat_with(|| free_port_on(ip)).take(5),
+        spawn,
+    )
+}
+
+/// [`start_on_free_port`] trying `ports` in turn.
+pub fn start_on_ports(
+    what: &str,
+    ip: Ipv4Addr,
+    ports: impl IntoIterator<Item = u16>,
     mut spawn: impl FnMut(u16, u32) -> (std::process::Child, std::path::PathBuf),
-    ready: impl Fn(u16, &std::path::Path, &mut std::process::Child) -> bool,
 ) -> (std::process::Child, u16, std::path::PathBuf) {
     let mut failures = Vec::new();
-    for attempt in 1..=5 {
-        let port = free_port();
+    for (port, attempt) in ports.into_iter().zip(1..) {
         let (mut child, log) = spawn(port, attempt);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -96,14 +194,15 @@ pub fn start_on_free_port(
                 ));
                 break;
             }
-            if ready(port, &log, &mut child) {
+            if listens_on(child.id(), ip, port) {
                 return (child, port, log);
             }
             if std::time::Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 failures.push(format!(
-                    "attempt {attempt} on port {port}: not ready in 10 s"
+                    "attempt {attempt} on port {port}: not listening after 10 s: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
                 ));
                 break;
             }

@@ -59,6 +59,7 @@ pub struct RegistryOptions {
     extra: String,
     tls: Option<RegistryTls>,
     seed: Option<Registry>,
+    storage: Option<PathBuf>,
 }
 
 impl RegistryOptions {
@@ -104,6 +105,14 @@ impl RegistryOptions {
         self
     }
 
+    /// Keep the storage in `dir` (which the caller owns and keeps until the registry is
+    /// dropped) rather than in the registry's temp dir: for a server started before the
+    /// registry that serves its storage (the CDN of `support::cdn`).
+    pub fn storage_root(mut self, dir: &Path) -> RegistryOptions {
+        self.storage = Some(dir.to_path_buf());
+        self
+    }
+
     /// Starts the registry.
     pub fn start(self) -> Registry {
         Registry::start_with(self)
@@ -132,7 +141,12 @@ impl Registry {
             extra: yaml_fragment,
             tls,
             seed,
+            storage,
         } = opts;
+        assert!(
+            seed.is_none() || storage.is_none(),
+            "serve_storage_of and storage_root both name the storage"
+        );
         let yaml_fragment = yaml_fragment.as_str();
         // The registry silently lets a repeated top-level key replace ours, which would break
         // the readiness probe in confusing ways; refuse early instead.
@@ -151,9 +165,10 @@ impl Registry {
             seed.stop();
             Box::new(seed)
         });
-        let storage_root = match &seed {
-            Some(seed) => seed.storage_root.clone(),
-            None => dir.path().join("storage"),
+        let storage_root = match (&seed, storage) {
+            (Some(seed), _) => seed.storage_root.clone(),
+            (None, Some(storage)) => storage,
+            (None, None) => dir.path().join("storage"),
         };
         fs::create_dir_all(&storage_root).expect("create registry storage dir");
         let config_path = dir.path().join("config.yml");

@@ -816,16 +816,9 @@ pub fn token_registry_with_cdn(
     issuer: &TokenIssuer,
     seed: Registry,
 ) -> (Registry, super::cdn::Cdn) {
-    let port = super::cdn::free_port_on("127.0.0.2");
-    let reg = token_registry(
-        issuer,
-        seed,
-        &format!(
-            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.2:{port}/\n"
-        ),
-    );
-    let cdn = super::cdn::Cdn::start_with(reg.storage_root(), port, None, None);
-    (reg, cdn)
+    super::cdn::seeded_registry_with_cdn(seed, None, |seed, redirect| {
+        token_registry(issuer, seed, redirect)
+    })
 }
 
 /// The registry's `WWW-Authenticate` challenge for a request, parsed into its parameters
