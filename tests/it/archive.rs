@@ -14,7 +14,7 @@ use crate::interop::{
 };
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fastpull");
+const BIN: &str = crate::support::runner::FASTPULL_BIN;
 
 /// `fastpull --plain-http ARGS…`, whatever its outcome.
 fn fastpull_any(args: &[&OsStr]) -> Output {
