@@ -291,9 +291,19 @@ impl BlobFile {
     /// go through the file and writes fail. For a region that a new writer is about to
     /// take over, or before the file under it changes length.
     pub fn unmap(&self) {
-        if let Ok(mut map) = self.map.write() {
-            map.take();
-        }
+        let _ = self.drop_map();
+    }
+
+    /// Unmaps the file once every user of the map has let go (the write lock waits for
+    /// them); the dirty pages stay in the page cache.
+    fn drop_map(&self) -> Result<()> {
+        let map = self
+            .map
+            .write()
+            .map_err(|_| Error::Internal("blob map lock poisoned".into()))?
+            .take();
+        drop(map);
+        Ok(())
     }
 
     /// The blob's size.
@@ -363,12 +373,7 @@ impl BlobFile {
     /// a stopped pull), so the flush does not write-protect mapped pages one by one.
     pub fn flush_data(&self, unmap: bool) -> Result<()> {
         if unmap {
-            let map = self
-                .map
-                .write()
-                .map_err(|_| Error::Internal("blob map lock poisoned".into()))?
-                .take();
-            drop(map);
+            self.drop_map()?;
         }
         self.file
             .sync_data()
@@ -540,12 +545,7 @@ impl BlobFile {
     pub fn persist(&self) -> Result<()> {
         // Unmap first: the dirty pages stay in the page cache, and fsync writes them without
         // write-protecting live mappings page by page.
-        let map = self
-            .map
-            .write()
-            .map_err(|_| Error::Internal("blob map lock poisoned".into()))?
-            .take();
-        drop(map);
+        self.drop_map()?;
         if self.region {
             self.persisted.store(true, Ordering::Release);
             return Ok(());

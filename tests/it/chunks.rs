@@ -67,32 +67,6 @@ fn assert_holds(out: &Path, image: &Image) {
     assert_no_leftovers(out);
 }
 
-/// What a failed or interrupted pull may leave in the scratch directory: partial downloads
-/// with their resume journals, nothing else. Returns the digests (hex) kept.
-fn assert_only_resumable(out: &Path) -> Vec<String> {
-    let names: Vec<String> = std::fs::read_dir(out.join(".fastpull-tmp"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut kept = vec![];
-    for n in &names {
-        let (hex, ext) = n.split_once('.').unwrap_or((n, ""));
-        let other = match ext {
-            "partial" => format!("{hex}.journal"),
-            "journal" => format!("{hex}.partial"),
-            _ => panic!("left in .fastpull-tmp: {n} (of {names:?})"),
-        };
-        assert!(names.contains(&other), "{n} without {other}: {names:?}");
-        if ext == "partial" {
-            kept.push(hex.to_string());
-        }
-    }
-    kept
-}
-
 fn assert_no_leftovers(out: &Path) {
     if let Ok(rd) = std::fs::read_dir(out.join(".fastpull-tmp")) {
         let left: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();

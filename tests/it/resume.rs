@@ -326,33 +326,6 @@ fn assert_final_names_verify(dest: &Path, image: &Image) {
     }
 }
 
-/// What a stopped pull may leave in the scratch directory: partial downloads with their
-/// journals, nothing else. Returns the digests (hex) kept.
-fn assert_only_resumable(dest: &Path) -> Vec<String> {
-    let names: Vec<String> = std::fs::read_dir(scratch(dest))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut kept = vec![];
-    for n in &names {
-        let (hex, ext) = n.split_once('.').unwrap_or((n, ""));
-        let other = match ext {
-            "partial" => format!("{hex}.journal"),
-            "journal" => format!("{hex}.partial"),
-            _ => panic!("left in .fastpull-tmp: {n} (of {names:?})"),
-        };
-        assert!(names.contains(&other), "{n} without {other}: {names:?}");
-        if ext == "partial" {
-            kept.push(hex.to_string());
-        }
-    }
-    kept.sort();
-    kept
-}
-
 /// `skopeo inspect oci:DEST:TAG` reads the image: it finds the tag, the manifest and the
 /// config, and lists the layers pushed. skopeo is required (scripts/deps installs it).
 /// `dest` as seen in `fs`'s namespace, if given (skopeo then runs there too).

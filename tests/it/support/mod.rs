@@ -225,3 +225,30 @@ pub fn http_agent() -> ureq::Agent {
         .build()
         .new_agent()
 }
+
+/// What a stopped or failed pull may leave in DEST's scratch directory: partial downloads with
+/// their resume journals, nothing else. Returns the digests (hex) kept, sorted.
+pub fn assert_only_resumable(dest: &std::path::Path) -> Vec<String> {
+    let names: Vec<String> = std::fs::read_dir(dest.join(".fastpull-tmp"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut kept = vec![];
+    for n in &names {
+        let (hex, ext) = n.split_once('.').unwrap_or((n, ""));
+        let other = match ext {
+            "partial" => format!("{hex}.journal"),
+            "journal" => format!("{hex}.partial"),
+            _ => panic!("left in .fastpull-tmp: {n} (of {names:?})"),
+        };
+        assert!(names.contains(&other), "{n} without {other}: {names:?}");
+        if ext == "partial" {
+            kept.push(hex.to_string());
+        }
+    }
+    kept.sort();
+    kept
+}
