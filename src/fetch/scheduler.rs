@@ -275,6 +275,7 @@ impl Controller {
         // a pause) says nothing about what more connections would bring: no verdict from
         // it; growth goes on, as a per-connection limiter is what sends in bursts.
         let clean = self.win_busy * 4 >= self.win_ticks * 3;
+        let (busy, ticks) = (self.win_busy, self.win_ticks);
         self.restart_window(now);
         if n_avg < 0.5 {
             return; // nothing was flowing: no information
@@ -319,7 +320,7 @@ impl Controller {
                             until: now + self.settle(),
                         };
                     }
-                    tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, limit = self.limit, "fan-out: more connections paid; growing");
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, before_mb_per_s = g0 / 1e6, connections = n_avg, before = n0, clean, busy, ticks, limit = self.limit, "fan-out: more connections paid; growing");
                 } else if self.doubt.is_none() {
                     // One window is not a verdict (new connections starting up, a stall of
                     // our own): look once more.
