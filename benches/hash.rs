@@ -1,4 +1,4 @@
-//! The hashing core: fastpull's streaming sha256 (`fastpull::verify::Hasher`, backed by sha2)
+//! The hashing core: fastpull's streaming sha256 (`fastpull::bench_internals::Hasher`, backed by sha2)
 //! against ring, over the chunk sizes the network hands us. Compare the GB/s with
 //! `openssl speed -evp sha256` on the same machine (see perf/RESULTS.md).
 
@@ -24,7 +24,7 @@ fn hashing(c: &mut Criterion) {
             &chunk,
             |b, &chunk| {
                 b.iter(|| {
-                    let mut h = fastpull::verify::Hasher::new();
+                    let mut h = fastpull::bench_internals::Hasher::new();
                     for part in buf.chunks(chunk) {
                         h.update(black_box(part));
                     }
@@ -61,7 +61,7 @@ fn parallel(c: &mut Criterion) {
                     std::thread::scope(|s| {
                         for _ in 0..threads {
                             s.spawn(|| {
-                                let mut h = fastpull::verify::Hasher::new();
+                                let mut h = fastpull::bench_internals::Hasher::new();
                                 for part in buf.chunks(1 << 20) {
                                     h.update(black_box(part));
                                 }

@@ -8,8 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use fastpull::verify::{HashPool, InOrderHasher};
-use fastpull::write::{BlobFile, SpanWriter};
+use fastpull::bench_internals::{BlobFile, HashPool, InOrderHasher, SpanWriter};
 
 const SIZE: usize = 128 << 20;
 const CHUNK: u64 = 8 << 20;

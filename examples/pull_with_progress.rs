@@ -1,11 +1,12 @@
-//! Pull an image into an OCI layout, printing progress from the library's events.
+//! Pull an image into an OCI layout, printing progress from the library's events; Ctrl-C
+//! cancels the pull (what it wrote is kept for the next run to resume).
 //!
 //! `cargo run --example pull_with_progress -- alpine:3.20 ./alpine`
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use fastpull::{Client, Digest, Event, Reference, Reporter};
+use fastpull::{CancellationToken, Client, Digest, Event, EventKind, Reference, Reporter};
 
 /// Per blob to fetch: (bytes received, size).
 type Blobs = HashMap<Digest, (u64, u64)>;
@@ -23,8 +24,8 @@ impl Reporter for Progress {
             return;
         };
         let (blobs, last_tenth) = &mut *st;
-        match event {
-            Event::BlobPlanned {
+        match &event.kind {
+            EventKind::BlobPlanned {
                 digest,
                 size,
                 present: false,
@@ -32,7 +33,7 @@ impl Reporter for Progress {
             } => {
                 blobs.insert(*digest, (0, *size));
             }
-            Event::BlobProgress { digest, downloaded } => {
+            EventKind::BlobProgress { digest, downloaded } => {
                 if let Some(b) = blobs.get_mut(digest) {
                     b.0 = *downloaded;
                 }
@@ -43,7 +44,9 @@ impl Reporter for Progress {
                     println!("{}% of {} bytes", tenth * 10, total);
                 }
             }
-            Event::BlobDone { digest } => println!("{} verified", digest.short()),
+            EventKind::BlobDone { digest } => {
+                println!("{}: {} verified", event.pull, digest.short())
+            }
             _ => {}
         }
     }
@@ -56,10 +59,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: pull_with_progress IMAGE DEST".into());
     };
     let image: Reference = image.parse()?;
-    let client = Client::builder()
+    let client = Client::new()?;
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
+        }
+    });
+    let report = client
+        .request(&image, &dest)
         .reporter(Arc::new(Progress::default()))
-        .build()?;
-    let report = client.pull(&image, &dest).await?;
+        .cancel_on(cancel)
+        .await?;
     println!(
         "{} -> {} ({} bytes downloaded in {:.2?})",
         image, report.digest, report.bytes_downloaded, report.elapsed

@@ -37,7 +37,7 @@ def openssl(block):
 
 
 def main():
-    subprocess.run(["cargo", "bench", "--bench", "hash"], cwd=ROOT, check=True,
+    subprocess.run(["cargo", "bench", "--features", "bench-internals", "--bench", "hash"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     res = util.bench_meta(ROOT)
     cores = res["cores"]

@@ -41,7 +41,7 @@ def filesystem(path):
 
 
 def main():
-    subprocess.run(["cargo", "bench", "--bench", "write"], cwd=ROOT, check=True,
+    subprocess.run(["cargo", "bench", "--features", "bench-internals", "--bench", "write"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     tmp = tempfile.gettempdir()
     res = util.bench_meta(ROOT)

@@ -285,9 +285,6 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         ));
     }
     let mut builder = Client::builder()
-        .format(format)
-        .convert(conversion)
-        .replace(args.replace)
         .plain_http(args.plain_http)
         .connections(args.connections)
         .connections_per_blob(args.connections_per_blob.unwrap_or(args.connections))
@@ -296,12 +293,7 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .resume(!args.no_resume)
-        .repair_attempts(args.repair_attempts)
-        .reporter(console.clone());
-    for p in platforms {
-        builder = builder.platform(p);
-    }
-    builder = builder.all_platforms(args.all_platforms);
+        .repair_attempts(args.repair_attempts);
     let mut store = match &args.authfile {
         Some(path) => CredentialStore::from_file(path),
         None => CredentialStore::from_env(),
@@ -332,13 +324,31 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     }
     let client = builder.build()?;
     console.start(&reference);
-    // Ctrl-C (or SIGTERM, SIGHUP) drops the pull: in-flight requests stop, and what each blob has
-    // written is flushed and journaled for the next run (unless --no-resume).
-    let result = tokio::select! {
-        r = client.pull_to(&reference, &dest) => Some(r),
-        _ = interrupted() => None,
-    };
-    let Some(result) = result else {
+    // Ctrl-C (or SIGTERM, SIGHUP) cancels the pull: in-flight requests stop, and what each blob
+    // has written is flushed and journaled for the next run (unless --no-resume).
+    let cancel = fastpull::CancellationToken::new();
+    let on_signal = cancel.clone();
+    let signals = tokio::spawn(async move {
+        interrupted().await;
+        on_signal.cancel();
+    });
+    let mut request = client
+        .request(&reference, &dest.path)
+        .format(format)
+        .convert(conversion)
+        .replace(args.replace)
+        .all_platforms(args.all_platforms)
+        .reporter(console.clone())
+        .cancel_on(cancel);
+    for p in platforms {
+        request = request.platform(p);
+    }
+    if let Some(name) = &dest.name {
+        request = request.name(name.clone());
+    }
+    let result = request.await;
+    signals.abort();
+    if let Err(Error::Cancelled { .. }) = &result {
         console.interrupted();
         let scratch = dest.path.join(".fastpull-tmp");
         if format.is_archive() {
@@ -357,7 +367,7 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
             eprintln!("fastpull: interrupted; verified blobs are kept");
         }
         std::process::exit(130);
-    };
+    }
     let report = result?;
     if let Some(file) = &args.digestfile {
         let stored = if report.manifests.len() > 1 || args.all_platforms {

@@ -18,9 +18,10 @@ use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Destination, Format, ImageName, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::Plan;
-use crate::progress::{Event, NoReporter, Reporter};
+use crate::progress::{EventKind, NoReporter, PullId, PullReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
+use crate::request::{PullOptions, PullRequest};
 use crate::retry::RetryPolicy;
 use crate::stream::BlobReader;
 use crate::verify::{self, HashPool};
@@ -40,15 +41,8 @@ pub struct Client {
 
 struct Inner {
     transport: Transport,
-    /// The platforms wanted (this machine's unless the caller named some).
-    platforms: Vec<Platform>,
-    /// The caller named the platforms (a single-platform image is then checked).
-    platform_named: bool,
-    /// Every platform of an index.
-    all_platforms: bool,
-    format: Format,
-    conversion: Conversion,
-    replace: bool,
+    /// What a [`PullRequest`] starts from.
+    defaults: PullOptions,
     plain_http: bool,
     fetch: FetchOptions,
     retry: RetryPolicy,
@@ -63,11 +57,7 @@ struct Inner {
 /// Options for a [`Client`].
 #[derive(Clone)]
 pub struct ClientBuilder {
-    platforms: Vec<Platform>,
-    all_platforms: bool,
-    format: Format,
-    conversion: Conversion,
-    replace: bool,
+    defaults: PullOptions,
     plain_http: bool,
     connections: usize,
     connections_per_blob: usize,
@@ -92,11 +82,7 @@ pub struct ClientBuilder {
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
-            platforms: Vec::new(),
-            all_platforms: false,
-            format: Format::Oci,
-            conversion: Conversion::Keep,
-            replace: false,
+            defaults: PullOptions::default(),
             plain_http: false,
             connections: DEFAULT_CONNECTIONS,
             connections_per_blob: DEFAULT_CONNECTIONS,
@@ -126,22 +112,22 @@ impl ClientBuilder {
     /// shared. A single-platform image is checked against it (its config's os and
     /// architecture): a mismatch is [`Error::NoMatchingPlatform`].
     pub fn platform(mut self, platform: Platform) -> Self {
-        if !self.platforms.contains(&platform) {
-            self.platforms.push(platform);
+        if !self.defaults.platforms.contains(&platform) {
+            self.defaults.platforms.push(platform);
         }
         self
     }
 
     /// Every platform of a multi-platform image (the index and all its image manifests).
     pub fn all_platforms(mut self, yes: bool) -> Self {
-        self.all_platforms = yes;
+        self.defaults.all_platforms = yes;
         self
     }
 
     /// The on-disk layout (default: OCI image layout). With an archive format
     /// ([`Format::DockerArchive`], [`Format::OciArchive`]) the destination is a file.
     pub fn format(mut self, format: Format) -> Self {
-        self.format = format;
+        self.defaults.format = format;
         self
     }
 
@@ -150,7 +136,7 @@ impl ClientBuilder {
     /// a new digest ([`PullReport::manifest_digest`]); the registry's is kept in
     /// [`PullReport::source_manifest_digest`] and in an annotation. See [`crate::convert`].
     pub fn convert(mut self, conversion: Conversion) -> Self {
-        self.conversion = conversion;
+        self.defaults.conversion = conversion;
         self
     }
 
@@ -158,7 +144,7 @@ impl ClientBuilder {
     /// holds another repository's image (default: refused with [`Error::NameInUse`]; that
     /// image's blobs are left in the layout, unreferenced).
     pub fn replace(mut self, yes: bool) -> Self {
-        self.replace = yes;
+        self.defaults.replace = yes;
         self
     }
 
@@ -199,7 +185,7 @@ impl ClientBuilder {
     }
 
     /// Resume partial downloads (default on): a pull keeps what it wrote when it stops
-    /// (error, Ctrl-C, `kill -9`, power cut: see [`crate::resume`]) in the destination's
+    /// (error, Ctrl-C, `kill -9`, power cut: README "Resume") in the destination's
     /// scratch directory, and the next pull into that destination fetches only what is
     /// missing. Off: leftovers of earlier pulls are removed first and nothing is kept.
     pub fn resume(mut self, yes: bool) -> Self {
@@ -357,16 +343,7 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 transport,
-                platform_named: !self.platforms.is_empty(),
-                platforms: if self.platforms.is_empty() {
-                    vec![Platform::host()]
-                } else {
-                    self.platforms
-                },
-                all_platforms: self.all_platforms,
-                format: self.format,
-                conversion: self.conversion,
-                replace: self.replace,
+                defaults: self.defaults,
                 plain_http: self.plain_http,
                 fetch: FetchOptions {
                     connections: self.connections,
@@ -429,6 +406,8 @@ pub struct ManifestReport {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PullReport {
+    /// The pull's id (its events carried it).
+    pub pull_id: PullId,
     /// The reference pulled.
     pub reference: Reference,
     /// Digest of what the reference names (the index for multi-platform images): the
@@ -553,6 +532,7 @@ impl Client {
             Document::Index(entries) => {
                 let want = self
                     .inner
+                    .defaults
                     .platforms
                     .first()
                     .cloned()
@@ -594,21 +574,49 @@ impl Client {
         Ok(BlobReader::new(body, *digest, size))
     }
 
+    /// A pull of `reference` into `dest` (a directory, or a file for an archive format),
+    /// with this client's defaults: change what this pull needs (platform, format, name,
+    /// reporter, cancellation) on the [`PullRequest`], then `.await` it. Any number may run
+    /// at once on one client.
+    pub fn request(&self, reference: &Reference, dest: impl AsRef<Path>) -> PullRequest<'_> {
+        PullRequest::new(self, reference, dest.as_ref(), self.inner.defaults.clone())
+    }
+
     /// Pulls `reference` into the directory `dest` (created if needed), or the file `dest`
-    /// for an archive format. Blobs already verified there are kept; everything new is
-    /// verified before it gets its final name, and the manifest is recorded last.
+    /// for an archive format, with this client's defaults. Blobs already verified there are
+    /// kept; everything new is verified before it gets its final name, and the manifest is
+    /// recorded last. (`self.request(reference, dest).await`.)
     pub async fn pull(&self, reference: &Reference, dest: impl AsRef<Path>) -> Result<PullReport> {
-        self.pull_to(reference, &Destination::new(dest.as_ref()))
-            .await
+        self.request(reference, dest).await
     }
 
     /// As [`Client::pull`], recording the image under `dest.name` if it has one (see
     /// [`Destination`]).
     pub async fn pull_to(&self, reference: &Reference, dest: &Destination) -> Result<PullReport> {
+        let mut request = self.request(reference, &dest.path);
+        if let Some(name) = &dest.name {
+            request = request.name(name.clone());
+        }
+        request.await
+    }
+
+    /// The client's reporter (the default for its pulls).
+    pub(crate) fn default_reporter(&self) -> Arc<dyn Reporter> {
+        self.inner.reporter.clone()
+    }
+
+    /// One pull, as a [`PullRequest`] describes it.
+    pub(crate) async fn run_pull(
+        &self,
+        reference: &Reference,
+        dest: &Destination,
+        opts: &PullOptions,
+        reporter: &PullReporter,
+    ) -> Result<PullReport> {
         let inner = &*self.inner;
         let started = Instant::now();
         let name = ImageName::new(reference, dest.name.as_deref())?;
-        if inner.format == Format::DockerArchive && name.repo_tag.is_none() && dest.name.is_some() {
+        if opts.format == Format::DockerArchive && name.repo_tag.is_none() && dest.name.is_some() {
             return Err(Error::InvalidOption(format!(
                 "image name {:?}: a docker-archive names its image name:tag (RepoTags), not by digest",
                 dest.name.as_deref().unwrap_or_default()
@@ -616,16 +624,26 @@ impl Client {
         }
         let layout = Layout::open(
             &dest.path,
-            inner.format,
+            opts.format,
             inner.fetch.resume,
             &name,
-            inner.replace,
+            opts.replace,
         )?;
         let endpoints = self.endpoints(reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
             match self
-                .pull_from(endpoint, reference, &name, &layout, started)
+                .pull_from(
+                    endpoint,
+                    &Job {
+                        reference,
+                        name: &name,
+                        layout: &layout,
+                        opts,
+                        reporter,
+                        started,
+                    },
+                )
                 .await
             {
                 Ok(report) => {
@@ -635,7 +653,7 @@ impl Client {
                 Err(e) if endpoint.mirror && e.may_try_elsewhere() => {
                     // Blobs it verified stay; the next endpoint fetches only the rest.
                     tracing::warn!(mirror = %endpoint.host, error = %e, "mirror failed; trying {}", endpoints.get(i + 1).map_or("nothing", |n| n.host.as_str()));
-                    inner.reporter.report(&Event::EndpointFailed {
+                    reporter.report(EventKind::EndpointFailed {
                         host: endpoint.host.clone(),
                         error: e.to_string(),
                     });
@@ -667,14 +685,15 @@ impl Client {
         out
     }
 
-    async fn pull_from(
-        &self,
-        endpoint: &Endpoint,
-        reference: &Reference,
-        name: &ImageName,
-        layout: &Layout,
-        started: Instant,
-    ) -> Result<PullReport> {
+    async fn pull_from(&self, endpoint: &Endpoint, job: &Job<'_>) -> Result<PullReport> {
+        let Job {
+            reference,
+            name,
+            layout,
+            opts,
+            reporter,
+            started,
+        } = *job;
         let inner = &*self.inner;
         let dest = layout.path();
         let registry = Registry::connect(
@@ -687,11 +706,13 @@ impl Client {
             endpoint,
             reference,
         );
-        let Resolved { top, images } = self.resolve_images(&registry, reference, layout).await?;
+        let Resolved { top, images } = self
+            .resolve_images(&registry, reference, layout, opts)
+            .await?;
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
         // all: the index itself is, with every chosen manifest stored beside it.
-        let several = images.len() > 1 || inner.all_platforms;
-        if several && (inner.format.is_archive() || inner.conversion != Conversion::Keep) {
+        let several = images.len() > 1 || opts.all_platforms;
+        if several && (opts.format.is_archive() || opts.conversion != Conversion::Keep) {
             return Err(Error::InvalidOption(
                 "several platforms (--all-platforms, a repeated --platform) are pulled into a \
                  directory layout (oci, dir) without --convert; archives and conversion take one"
@@ -714,7 +735,7 @@ impl Client {
         }
         let received = parsed[0];
         // What is stored: the manifest as received, or as a conversion rewrote it.
-        let converted = match inner.conversion {
+        let converted = match opts.conversion {
             Conversion::Keep => None,
             Conversion::Oci => convert::to_oci(&image.bytes, &image.media_type, &image.digest)?,
         };
@@ -785,7 +806,7 @@ impl Client {
             round_trips = %registry.round_trips(),
             "resolved"
         );
-        inner.reporter.report(&Event::Resolved {
+        reporter.report(EventKind::Resolved {
             digest: top.digest,
             manifest_digest: image.digest,
             platform: platform.clone(),
@@ -810,7 +831,7 @@ impl Client {
             })
             .collect();
         for b in &blobs {
-            inner.reporter.report(&Event::BlobPlanned {
+            reporter.report(EventKind::BlobPlanned {
                 digest: b.digest,
                 size: b.size,
                 kind: b.kind,
@@ -829,7 +850,7 @@ impl Client {
         let fetcher = Fetcher {
             registry: &registry,
             layout,
-            reporter: &*inner.reporter,
+            reporter,
             hash_pool: &inner.hash_pool,
             // On a mirror, a blob that does not verify goes to the next endpoint at once.
             options: FetchOptions {
@@ -861,6 +882,7 @@ impl Client {
             .collect();
 
         Ok(PullReport {
+            pull_id: reporter.id,
             reference: reference.clone(),
             digest: top.digest,
             manifest_digest: stored_digest,
@@ -876,7 +898,7 @@ impl Client {
             fetch_time,
             elapsed: started.elapsed(),
             dest: dest.to_path_buf(),
-            format: inner.format,
+            format: opts.format,
         })
     }
 
@@ -886,15 +908,15 @@ impl Client {
         registry: &Registry,
         reference: &Reference,
         layout: &Layout,
+        opts: &PullOptions,
     ) -> Result<Resolved> {
-        let inner = &*self.inner;
         let top = registry
             .manifest(&reference.manifest_reference(), reference.digest(), None)
             .await?;
         match &top.document {
             Document::Image(m) => {
-                if inner.platform_named && !inner.all_platforms {
-                    self.check_platform(registry, reference, layout, &m.config)
+                if opts.platform_named() && !opts.all_platforms {
+                    self.check_platform(registry, reference, layout, &m.config, opts)
                         .await?;
                 }
                 Ok(Resolved {
@@ -903,11 +925,11 @@ impl Client {
                 })
             }
             Document::Index(entries) => {
-                let chosen: Vec<&manifest::IndexEntry> = if inner.all_platforms {
+                let chosen: Vec<&manifest::IndexEntry> = if opts.all_platforms {
                     manifest::all_images(entries)
                 } else {
                     let mut chosen: Vec<&manifest::IndexEntry> = Vec::new();
-                    for want in &inner.platforms {
+                    for want in &opts.wanted() {
                         let e = manifest::select(entries, want, &reference.to_string())?;
                         if !chosen.iter().any(|c| c.digest == e.digest) {
                             chosen.push(e);
@@ -942,6 +964,7 @@ impl Client {
         reference: &Reference,
         layout: &Layout,
         config: &BlobDescriptor,
+        opts: &PullOptions,
     ) -> Result<()> {
         const MAX_CONFIG: usize = 8 << 20;
         let bytes = registry.small_blob(&config.digest, MAX_CONFIG).await?;
@@ -952,16 +975,13 @@ impl Client {
             return Ok(());
         };
         let have = Platform::new(os, arch, field("variant"));
-        let fits = self
-            .inner
-            .platforms
+        let wanted = opts.wanted();
+        let fits = wanted
             .iter()
             .any(|want| want.compatible().contains(&have.normalized()));
         if !fits {
             return Err(Error::NoMatchingPlatform {
-                wanted: self
-                    .inner
-                    .platforms
+                wanted: wanted
                     .iter()
                     .map(|p| p.to_string())
                     .collect::<Vec<_>>()
@@ -975,6 +995,17 @@ impl Client {
     }
 }
 
+/// One pull, as it goes from endpoint to endpoint.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    reference: &'a Reference,
+    name: &'a ImageName,
+    layout: &'a Layout,
+    opts: &'a PullOptions,
+    reporter: &'a PullReporter,
+    started: Instant,
+}
+
 /// What a reference resolved to.
 struct Resolved {
     /// What the reference names (an index or an image manifest).
@@ -985,17 +1016,19 @@ struct Resolved {
 
 /// Which of `blobs` are already in place and verified (re-hashed, off the async threads).
 async fn verified_on_disk(layout: &Layout, blobs: &[BlobDescriptor]) -> Result<HashSet<Digest>> {
-    let checks = blobs.iter().map(|b| {
-        let path = layout.blob_path(&b.digest);
-        let (digest, size) = (b.digest, b.size);
-        async move {
-            let p = path.clone();
-            let ok = tokio::task::spawn_blocking(move || verify::file_matches(&p, &digest, size))
-                .await
-                .map_err(|e| Error::io("verify", &path, std::io::Error::other(e.to_string())))?
-                .map_err(|e| Error::io("verify", &path, e))?;
-            Ok::<_, Error>(ok.then_some(digest))
-        }
+    // Owned inputs: a closure over borrowed descriptors would make the pull's future
+    // not provably `Send` (rustc's higher-ranked closure inference), and pulls are spawned.
+    let wanted: Vec<(PathBuf, Digest, u64)> = blobs
+        .iter()
+        .map(|b| (layout.blob_path(&b.digest), b.digest, b.size))
+        .collect();
+    let checks = wanted.into_iter().map(|(path, digest, size)| async move {
+        let p = path.clone();
+        let ok = tokio::task::spawn_blocking(move || verify::file_matches(&p, &digest, size))
+            .await
+            .map_err(|e| Error::io("verify", &path, std::io::Error::other(e.to_string())))?
+            .map_err(|e| Error::io("verify", &path, e))?;
+        Ok::<_, Error>(ok.then_some(digest))
     });
     let found: Vec<Option<Digest>> = futures::stream::iter(checks)
         .buffer_unordered(4)

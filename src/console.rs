@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fastpull::{BlobKind, Digest, Error, Event, Format, PullReport, Reference, Reporter};
+use fastpull::{
+    BlobKind, Digest, Error, Event, EventKind, Format, PullReport, Reference, Reporter,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -286,8 +288,8 @@ impl Reporter for Console {
         };
         let st = &mut *st;
         let now = Instant::now();
-        match event {
-            Event::Resolved {
+        match &event.kind {
+            EventKind::Resolved {
                 digest,
                 manifest_digest,
                 platform,
@@ -299,7 +301,7 @@ impl Reporter for Console {
                     "platform": platform.as_ref().map(|p| p.to_string()),
                 }));
             }
-            Event::BlobPlanned {
+            EventKind::BlobPlanned {
                 digest,
                 size,
                 kind,
@@ -336,7 +338,7 @@ impl Reporter for Console {
                     _ => {}
                 }
             }
-            Event::BlobProgress { digest, downloaded } => {
+            EventKind::BlobProgress { digest, downloaded } => {
                 st.started.get_or_insert(now);
                 let Some(l) = st.layers.get_mut(digest) else {
                     return;
@@ -374,7 +376,7 @@ impl Reporter for Console {
                     Mode::Quiet => {}
                 }
             }
-            Event::BlobResumed { digest, present } => {
+            EventKind::BlobResumed { digest, present } => {
                 if let Some(l) = st.layers.get_mut(digest) {
                     l.resumed = *present;
                     l.received = *present;
@@ -394,7 +396,7 @@ impl Reporter for Console {
                     }
                 }
             }
-            Event::BlobRepairing {
+            EventKind::BlobRepairing {
                 digest,
                 actual,
                 attempt,
@@ -418,7 +420,7 @@ impl Reporter for Console {
                     ));
                 }
             }
-            Event::BlobRetrying {
+            EventKind::BlobRetrying {
                 digest,
                 attempt,
                 error,
@@ -437,7 +439,7 @@ impl Reporter for Console {
                     ));
                 }
             }
-            Event::EndpointFailed { host, error } => {
+            EventKind::EndpointFailed { host, error } => {
                 if self.mode == Mode::Json {
                     self.json(json!({
                         "event": "endpoint_failed",
@@ -461,7 +463,7 @@ impl Reporter for Console {
                 st.fetch_layers = 0;
                 st.done_layers = 0;
             }
-            Event::BlobDone { digest } => {
+            EventKind::BlobDone { digest } => {
                 let Some(l) = st.layers.get_mut(digest) else {
                     return;
                 };

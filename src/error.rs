@@ -228,6 +228,17 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+
+    /// The pull was cancelled ([`crate::PullRequest::cancel_on`]; the CLI's Ctrl-C, SIGTERM,
+    /// SIGHUP). Verified blobs stay; what each unfinished blob had written is journaled in
+    /// the destination's scratch directory for the next pull, unless resuming is off.
+    #[error("pull of {reference} into {} cancelled", .path.display())]
+    Cancelled {
+        /// The image.
+        reference: String,
+        /// The destination.
+        path: PathBuf,
+    },
 }
 
 fn human_bytes(n: u64) -> String {
@@ -267,6 +278,7 @@ fn fmt_message(msg: &str) -> String {
 
 /// Broad classes of failure; each has a documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Category {
     /// Bad arguments or configuration: reference, platform, options, stored credentials (exit 2).
     Usage,
@@ -279,6 +291,8 @@ pub enum Category {
     Io,
     /// A bug in fastpull (exit 1).
     Internal,
+    /// The pull was cancelled, or the CLI interrupted (exit 130, as a shell reports SIGINT).
+    Cancelled,
 }
 
 impl Category {
@@ -290,6 +304,7 @@ impl Category {
             Category::Verification => 4,
             Category::Io => 5,
             Category::Internal => 1,
+            Category::Cancelled => 130,
         }
     }
 }
@@ -318,6 +333,7 @@ impl Error {
             | Error::NoSpace { .. }
             | Error::NameInUse { .. } => Category::Io,
             Error::Internal(_) => Category::Internal,
+            Error::Cancelled { .. } => Category::Cancelled,
         }
     }
 
@@ -395,6 +411,10 @@ impl Error {
                 message: message.clone(),
             },
             Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Cancelled { reference, path } => Error::Cancelled {
+                reference: reference.clone(),
+                path: path.clone(),
+            },
             Error::Unreachable { url, reason } => Error::Unreachable {
                 url: url.clone(),
                 reason: reason.clone(),

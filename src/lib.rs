@@ -6,12 +6,13 @@
 //!
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
-//! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → [`plan`] (which
+//! `registry` (the HTTP API; [`manifest`] parsing and platform choice) → `plan` (which
 //! blobs, largest first, skipping what is already verified on disk) → `fetch` (the only
 //! concurrent stage: a scheduler that measures each server's goodput and decides how many
 //! connections it gets and where ranges are cut, and transfers retried and resumed on their
-//! own; see [`FanOut`]) → [`write`](mod@write) (preallocated, mmapped partial files written
-//! in spans, durable rename) + [`verify`] (an in-order sha256 per blob on a pool of CPU
+//! own; see [`FanOut`]) → `write` (preallocated, mmapped partial files written
+//! in spans, durable rename; `resume` journals what a stopped pull wrote) + `verify` (an
+//! in-order sha256 per blob on a pool of CPU
 //! threads, following the written prefix while later spans still arrive) → `layout`
 //! (`index.json` or `manifest.json`, written last; an archive is laid out before the fetch
 //! and its blobs land in place inside it: `archive`). [`convert`] rewrites a Docker
@@ -22,7 +23,12 @@
 //! sent it, after its sha256 was checked against the pinned digest and the
 //! `Docker-Content-Digest` header, unless a [`Conversion`] was asked for.
 //!
-//! The library never prints. Progress goes to a [`Reporter`] if you set one.
+//! The library never prints. Progress goes to a [`Reporter`] if you set one; every
+//! [`Event`] names its pull ([`PullId`]).
+//!
+//! A [`Client`] holds what pulls share (connections, credentials, TLS, tuning); each pull
+//! is a [`PullRequest`] with its own destination, [`Format`], platforms, reporter and
+//! cancellation, starting from the client's defaults.
 //!
 //! ```no_run
 //! # async fn run() -> fastpull::Result<()> {
@@ -35,6 +41,15 @@
 //! let image: Reference = "alpine:3.20".parse()?;
 //! let report = client.pull(&image, "./alpine").await?;
 //! println!("{} {} ({} bytes downloaded)", image, report.digest, report.bytes_downloaded);
+//!
+//! // One pull with its own options (see PullRequest).
+//! let cancel = fastpull::CancellationToken::new();
+//! let report = client
+//!     .request(&image, "./alpine.tar")
+//!     .format(Format::DockerArchive)
+//!     .platform("linux/amd64".parse()?)
+//!     .cancel_on(cancel.clone())
+//!     .await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -51,15 +66,16 @@ mod fetch;
 mod http;
 mod layout;
 pub mod manifest;
-pub mod plan;
+mod plan;
 pub mod progress;
 pub mod reference;
 mod registry;
-pub mod resume;
+mod request;
+mod resume;
 mod retry;
 mod stream;
-pub mod verify;
-pub mod write;
+mod verify;
+mod write;
 
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
@@ -74,6 +90,19 @@ pub use fetch::FanOut;
 pub use http::DEFAULT_CERT_DIRS;
 pub use layout::{Destination, Format, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, DIR_VERSION};
 pub use manifest::{BlobKind, Platform};
-pub use progress::{Event, Reporter};
+pub use progress::{Event, EventKind, NoReporter, PullId, Reporter};
+pub use request::PullRequest;
+/// Cancels a [`PullRequest`] ([`PullRequest::cancel_on`]); tokio-util's, re-exported.
+pub use tokio_util::sync::CancellationToken;
+pub use verify::sha256_backend;
+
+/// The hashing core and the writer, for `benches/` only (`--features bench-internals`):
+/// not part of the API, may change in any release.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod bench_internals {
+    pub use crate::verify::{HashPool, Hasher, InOrderHasher};
+    pub use crate::write::{BlobFile, SpanWriter};
+}
 pub use reference::Reference;
 pub use stream::BlobReader;

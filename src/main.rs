@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         format!(
             "{}\nsha256: {}",
             env!("CARGO_PKG_VERSION"),
-            fastpull::verify::sha256_backend()
+            fastpull::sha256_backend()
         )
         .into_boxed_str(),
     );

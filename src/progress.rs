@@ -1,13 +1,52 @@
 //! Progress events. The library never prints: it tells a [`Reporter`], and the CLI (or an
-//! embedding tool) decides what to show.
+//! embedding tool) decides what to show. Every [`Event`] names the pull it belongs to
+//! ([`PullId`]), so one reporter can follow several pulls at once.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::digest::Digest;
 use crate::manifest::{BlobKind, Platform};
 
-/// Something that happened during a pull.
+/// Which pull an [`Event`] belongs to: unique within the process, in the order the pulls
+/// were asked for ([`crate::PullRequest::id`], [`crate::PullReport::pull_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PullId(u64);
+
+impl PullId {
+    /// A new id, never handed out before in this process.
+    pub(crate) fn next() -> PullId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        PullId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The id as a number (1, 2, …).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for PullId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pull-{}", self.0)
+    }
+}
+
+/// Something that happened during a pull, and which pull.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum Event {
+pub struct Event {
+    /// The pull it happened in.
+    pub pull: PullId,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What happened (see [`Event`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum EventKind {
     /// The reference resolved: `digest` is what the tag names (an index or a manifest),
     /// `manifest_digest` the platform's image manifest.
     Resolved {
@@ -89,4 +128,24 @@ pub struct NoReporter;
 
 impl Reporter for NoReporter {
     fn report(&self, _event: &Event) {}
+}
+
+/// One pull's reporter: stamps each event with the pull's id.
+#[derive(Clone)]
+pub(crate) struct PullReporter {
+    pub(crate) id: PullId,
+    inner: Arc<dyn Reporter>,
+}
+
+impl PullReporter {
+    pub(crate) fn new(id: PullId, inner: Arc<dyn Reporter>) -> PullReporter {
+        PullReporter { id, inner }
+    }
+
+    pub(crate) fn report(&self, kind: EventKind) {
+        self.inner.report(&Event {
+            pull: self.id,
+            kind,
+        });
+    }
 }

@@ -39,6 +39,7 @@ impl Hasher {
     }
 
     /// Whether nothing was fed yet.
+    #[cfg(feature = "bench-internals")]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -119,11 +119,6 @@ impl Span {
 pub struct SpanRef(Arc<Span>);
 
 impl SpanRef {
-    /// The first byte of the span.
-    pub fn start(&self) -> u64 {
-        self.0.start
-    }
-
     /// The next byte its writer will write.
     pub fn position(&self) -> u64 {
         self.0.position()
@@ -132,11 +127,6 @@ impl SpanRef {
     /// Its current end (exclusive).
     pub fn end(&self) -> u64 {
         self.0.end()
-    }
-
-    /// Bytes still to write.
-    pub fn remaining(&self) -> u64 {
-        self.end().saturating_sub(self.position())
     }
 }
 
@@ -311,7 +301,9 @@ impl BlobFile {
         self.size
     }
 
-    /// The writer of everything not handed out yet: the whole blob, the first time.
+    /// The writer of everything not handed out yet: the whole blob, the first time (the
+    /// fetch hands out spans through the scheduler; tests and benches take the whole).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn writer(self: &Arc<Self>) -> Option<SpanWriter> {
         self.take(u64::MAX)
     }
@@ -455,7 +447,8 @@ impl BlobFile {
         prefix
     }
 
-    /// Reads written bytes back through the file (tests, and blobs without a map).
+    /// Reads written bytes back through the file.
+    #[cfg(test)]
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, self.base + offset)
     }
@@ -626,11 +619,6 @@ impl SpanWriter {
     /// The next byte to write.
     pub fn position(&self) -> u64 {
         self.span.position()
-    }
-
-    /// Bytes written so far, counted from the start of the span.
-    pub fn written(&self) -> u64 {
-        self.span.written.load(Ordering::Acquire)
     }
 
     /// Whether every byte of the (current) range is written.

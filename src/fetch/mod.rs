@@ -36,7 +36,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::manifest::BlobDescriptor;
-use crate::progress::{Event, Reporter};
+use crate::progress::{EventKind, PullReporter};
 use crate::registry::Registry;
 use crate::resume::{Journal, RangeSet};
 use crate::retry::RetryPolicy;
@@ -70,7 +70,7 @@ pub(crate) struct FetchOptions {
 pub(crate) struct Fetcher<'a> {
     pub registry: &'a Registry,
     pub layout: &'a Layout,
-    pub reporter: &'a dyn Reporter,
+    pub reporter: &'a PullReporter,
     pub hash_pool: &'a Arc<HashPool>,
     pub options: FetchOptions,
 }
@@ -472,7 +472,7 @@ impl Fetcher<'_> {
                             if let Some(bad) = runs[b].bad_pieces.take() {
                                 report_differences(&runs[b], bad).await;
                             }
-                            self.reporter.report(&Event::BlobDone { digest });
+                            self.reporter.report(EventKind::BlobDone { digest });
                         }
                         Finished::Mismatch(b, actual) => {
                             self.repair(&mut runs[b], actual)?;
@@ -515,7 +515,7 @@ impl Fetcher<'_> {
             Some(l) if fits && !l.present.is_empty() => {
                 let file = BlobFile::resume(&partial, &final_path, d.size, &l.present)?;
                 tracing::info!(blob = %d.digest, present = l.present.len(), of = d.size, "resuming a partial download");
-                self.reporter.report(&Event::BlobResumed {
+                self.reporter.report(EventKind::BlobResumed {
                     digest: d.digest,
                     present: l.present.len(),
                 });
@@ -593,7 +593,7 @@ impl Fetcher<'_> {
         }
         run.repairs += 1;
         tracing::warn!(blob = %expected, got = %actual, attempt = run.repairs, of = self.options.repair_attempts, "digest mismatch; fetching the blob again");
-        self.reporter.report(&Event::BlobRepairing {
+        self.reporter.report(EventKind::BlobRepairing {
             digest: expected,
             actual,
             attempt: run.repairs,

@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use super::Fetcher;
 use crate::error::{redact_url, Error, Result};
 use crate::manifest::BlobDescriptor;
-use crate::progress::Event;
+use crate::progress::EventKind;
 use crate::registry::{origin_of, BlobBody, BlobResponse};
 use crate::verify::InOrderHasher;
 use crate::write::{BlobFile, SpanWriter};
@@ -146,7 +146,7 @@ impl Fetcher<'_> {
             }
             attempt += 1;
             retried += 1;
-            self.reporter.report(&Event::BlobRetrying {
+            self.reporter.report(EventKind::BlobRetrying {
                 digest: s.desc.digest,
                 attempt: retried,
                 error: err.to_string(),
@@ -345,7 +345,7 @@ impl Fetcher<'_> {
             if since_poke >= 1 << 20 || complete {
                 since_poke = 0;
                 s.hasher.poke();
-                self.reporter.report(&Event::BlobProgress {
+                self.reporter.report(EventKind::BlobProgress {
                     digest: s.desc.digest,
                     downloaded: total,
                 });

@@ -66,7 +66,7 @@ fn expected_from_kernel() -> &'static str {
 #[test]
 fn sha256_is_the_hardware_one_where_the_cpu_has_it_and_version_names_it() {
     let want = expected_from_kernel();
-    assert_eq!(fastpull::verify::sha256_backend(), want);
+    assert_eq!(fastpull::sha256_backend(), want);
     match std::env::var(EXPECT_ENV) {
         Ok(expected) => assert_eq!(want, expected, "{EXPECT_ENV}"),
         Err(VarError::NotPresent) => {}
