@@ -326,3 +326,41 @@ fn a_cancelled_request_stops_and_the_next_pull_resumes() {
     let got = std::fs::read(out.join("blobs/sha256").join(hex(&layer.digest))).expect("layer");
     assert!(got == layer.bytes, "the resumed layer is the layer");
 }
+
+/// A registry that pages its tag list (distribution v3, GHCR, Harbor do; the 2.8 registry
+/// these tests run does not, so a canned server answers): `tags` follows `Link: <…>;
+/// rel="next"` page after page and returns every tag once.
+#[test]
+fn tags_follow_the_registrys_pages() {
+    use crate::support::canned::{Canned, CannedServer};
+    let page = |path: &str, tags: &[&str], next: Option<&str>| Canned {
+        path: path.to_string(),
+        status: 200,
+        headers: [("Content-Type".to_string(), "application/json".to_string())]
+            .into_iter()
+            .chain(next.map(|n| ("Link".to_string(), format!("<{n}>; rel=\"next\""))))
+            .collect(),
+        body: serde_json::json!({"name": "lib/many", "tags": tags})
+            .to_string()
+            .into_bytes(),
+        content_length: true,
+    };
+    let server = CannedServer::start(vec![
+        page(
+            "/v2/lib/many/tags/list",
+            &["a", "b"],
+            Some("/v2/lib/many/tags/list?last=b&n=2"),
+        ),
+        page(
+            "/v2/lib/many/tags/list?last=b&n=2",
+            &["c", "d"],
+            Some("/v2/lib/many/tags/list?last=d&n=2"),
+        ),
+        page("/v2/lib/many/tags/list?last=d&n=2", &["e"], None),
+    ]);
+    let r: Reference = format!("{}/lib/many:a", server.addr())
+        .parse()
+        .expect("ref");
+    let got = rt().block_on(client().tags(&r)).expect("tags");
+    assert_eq!(got, ["a", "b", "c", "d", "e"]);
+}
