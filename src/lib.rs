@@ -1,8 +1,9 @@
 //! # fastpull
 //!
 //! Pull container images (OCI / Docker registry v2) and leave a standard image on disk —
-//! an OCI image layout, skopeo's `dir:` layout, or one archive file that `docker load` /
-//! `podman load` take ([`Format`]) — having verified every byte.
+//! an OCI image layout, skopeo's `dir:` layout, one archive file that `docker load` /
+//! `podman load` take, or the image's root filesystem unpacked as `umoci unpack` would
+//! ([`Format`]) — having verified every byte.
 //!
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
@@ -58,6 +59,7 @@ mod registry;
 pub mod resume;
 mod retry;
 mod stream;
+mod unpack;
 pub mod verify;
 pub mod write;
 
@@ -77,3 +79,4 @@ pub use manifest::{BlobKind, Platform};
 pub use progress::{Event, Reporter};
 pub use reference::Reference;
 pub use stream::BlobReader;
+pub use unpack::UnpackSummary;
