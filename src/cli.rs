@@ -19,6 +19,7 @@ Examples:
   fastpull --all-platforms alpine:3.20 ./alpine-all
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --format docker-archive alpine:3.20 alpine.tar && docker load -i alpine.tar
+  fastpull --format rootfs alpine:3.20 ./alpine-rootfs
   fastpull --convert oci docker.io/library/debian:12 ./images:debian12
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
   echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
@@ -40,6 +41,13 @@ Output (--format):
                  repositories. `docker load -i DEST`, `podman load -i DEST`,
                  `skopeo copy docker-archive:DEST ...`.
   oci-archive    DEST is one tar file of an OCI image layout: `skopeo copy oci-archive:DEST ...`.
+  rootfs         DEST is the image's root filesystem, as `umoci unpack` leaves it (blobs are
+                 not kept). Every layer is verified (digest, and the config's diff_id) before
+                 DEST appears; a failure leaves DEST as it was (exit 4 for a bad layer). No
+                 entry can reach outside DEST. DEST must not exist or be an empty directory.
+                 As root, owners and device nodes are as in the image; otherwise umoci's
+                 rootless mode (owners in the user.rootlesscontainers xattr, device nodes
+                 as empty files). One platform.
   An archive is written as DEST.fastpull-partial, each blob straight to its place in it, and
   renamed to DEST only once every blob in it is verified. Archives are not resumed.
 
@@ -56,7 +64,8 @@ Exit codes:
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
-  4  verification: a blob or manifest did not match its digest or size
+  4  verification: a blob or manifest did not match its digest or size, or (rootfs) a
+     layer did not match its diff_id or cannot be unpacked safely
      (nothing is left under a final name)
   5  local I/O: destination unusable, in use, or its index.json gives the name to another
      repository's image (see --tag, --replace); permissions, disk full
@@ -96,7 +105,8 @@ pub struct Args {
     pub man: bool,
 
     /// Output: oci (OCI image layout), dir (skopeo's dir:), docker-archive (a tar for
-    /// `docker load`), oci-archive (a tar of an OCI layout).
+    /// `docker load`), oci-archive (a tar of an OCI layout), rootfs (the unpacked root
+    /// filesystem).
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
     pub format: String,
 
@@ -341,7 +351,13 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     let Some(result) = result else {
         console.interrupted();
         let scratch = dest.path.join(".fastpull-tmp");
-        if format.is_archive() {
+        if format == Format::Rootfs {
+            eprintln!(
+                "fastpull: interrupted; {} was not written (a root filesystem appears whole or \
+                 not at all; its staging directory beside it is removed)",
+                dest.path.display()
+            );
+        } else if format.is_archive() {
             eprintln!(
                 "fastpull: interrupted; {} was not written (an archive appears whole or not at \
                  all, and is not resumed)",

@@ -23,6 +23,7 @@ use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
 use crate::retry::RetryPolicy;
 use crate::stream::BlobReader;
+use crate::unpack::{self, Staging, UnpackSummary};
 use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
@@ -465,6 +466,8 @@ pub struct PullReport {
     pub dest: PathBuf,
     /// In which layout.
     pub format: Format,
+    /// With [`Format::Rootfs`]: what unpacking the layers did.
+    pub unpacked: Option<UnpackSummary>,
 }
 
 /// One blob of a [`PullReport`].
@@ -614,6 +617,9 @@ impl Client {
                 dest.name.as_deref().unwrap_or_default()
             )));
         }
+        if inner.format == Format::Rootfs {
+            return self.pull_rootfs(reference, dest, &name, started).await;
+        }
         let layout = Layout::open(
             &dest.path,
             inner.format,
@@ -621,15 +627,62 @@ impl Client {
             &name,
             inner.replace,
         )?;
+        let report = self
+            .pull_endpoints(reference, &name, &layout, started, None)
+            .await?;
+        layout.finish()?;
+        Ok(report)
+    }
+
+    /// `--format rootfs`: the blobs go to a scratch OCI layout in a staging directory
+    /// beside `dest` (fetched and verified as for any pull), the layers are unpacked there
+    /// (see [`crate::unpack`]), and the tree is renamed to `dest` once all are in. The
+    /// staging directory, blobs included, is removed whatever happens.
+    async fn pull_rootfs(
+        &self,
+        reference: &Reference,
+        dest: &Destination,
+        name: &ImageName,
+        started: Instant,
+    ) -> Result<PullReport> {
+        let inner = &*self.inner;
+        if inner.all_platforms || inner.platforms.len() > 1 {
+            return Err(Error::InvalidOption(
+                "--format rootfs unpacks one platform: give at most one --platform (and no \
+                 --all-platforms)"
+                    .into(),
+            ));
+        }
+        let staging = Staging::create(&dest.path)?;
+        let layout = Layout::open(&staging.blobs(), Format::Oci, false, name, true)?;
+        let mut report = self
+            .pull_endpoints(reference, name, &layout, started, Some(&staging))
+            .await?;
+        drop(layout);
+        staging.publish()?;
+        report.dest = dest.path.clone();
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// The pull from the mirrors of the reference's registry in turn, then the registry.
+    async fn pull_endpoints(
+        &self,
+        reference: &Reference,
+        name: &ImageName,
+        layout: &Layout,
+        started: Instant,
+        rootfs: Option<&Staging>,
+    ) -> Result<PullReport> {
+        let inner = &*self.inner;
         let endpoints = self.endpoints(reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
             match self
-                .pull_from(endpoint, reference, &name, &layout, started)
+                .pull_from(endpoint, reference, name, layout, started, rootfs)
                 .await
             {
                 Ok(report) => {
-                    layout.finish()?;
                     return Ok(report);
                 }
                 Err(e) if endpoint.mirror && e.may_try_elsewhere() => {
@@ -674,6 +727,7 @@ impl Client {
         name: &ImageName,
         layout: &Layout,
         started: Instant,
+        rootfs: Option<&Staging>,
     ) -> Result<PullReport> {
         let inner = &*self.inner;
         let dest = layout.path();
@@ -691,6 +745,11 @@ impl Client {
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
         // all: the index itself is, with every chosen manifest stored beside it.
         let several = images.len() > 1 || inner.all_platforms;
+        if several && inner.format == Format::Rootfs {
+            return Err(Error::InvalidOption(
+                "--format rootfs unpacks one platform; this pull would take several".into(),
+            ));
+        }
         if several && (inner.format.is_archive() || inner.conversion != Conversion::Keep) {
             return Err(Error::InvalidOption(
                 "several platforms (--all-platforms, a repeated --platform) are pulled into a \
@@ -850,7 +909,13 @@ impl Client {
             "blobs fetched and verified"
         );
 
-        layout.commit(&record)?;
+        let unpacked = match rootfs {
+            Some(staging) => Some(self.unpack_layers(layout, m, staging).await?),
+            None => {
+                layout.commit(&record)?;
+                None
+            }
+        };
         let manifests = images
             .iter()
             .map(|(m, p)| ManifestReport {
@@ -877,7 +942,53 @@ impl Client {
             elapsed: started.elapsed(),
             dest: dest.to_path_buf(),
             format: inner.format,
+            unpacked,
         })
+    }
+
+    /// Unpacks the layers of `m` (fetched and verified into `layout`) into the staging
+    /// tree, in manifest order, each checked against the config's diff_id.
+    async fn unpack_layers(
+        &self,
+        layout: &Layout,
+        m: &manifest::Manifest,
+        staging: &Staging,
+    ) -> Result<UnpackSummary> {
+        // The config's digest was verified by the fetch (or on disk) before it is trusted.
+        let config_path = layout.blob_path(&m.config.digest);
+        let config = tokio::fs::read(&config_path)
+            .await
+            .map_err(|e| Error::io("read", &config_path, e))?;
+        let what = format!("config {}", m.config.digest);
+        let ids = unpack::diff_ids(&config, &what)?;
+        if ids.len() != m.layers.len() {
+            return Err(Error::InvalidManifest {
+                what,
+                reason: format!(
+                    "the manifest lists {} layers, the config {} diff_ids",
+                    m.layers.len(),
+                    ids.len()
+                ),
+            });
+        }
+        let layers: Vec<unpack::Layer> = m
+            .layers
+            .iter()
+            .zip(ids)
+            .map(|(l, diff_id)| unpack::Layer {
+                digest: l.digest,
+                media_type: l.media_type.clone(),
+                path: layout.blob_path(&l.digest),
+                diff_id,
+            })
+            .collect();
+        staging.reset_rootfs()?;
+        let root = staging.rootfs();
+        let opts = unpack::Options::detect();
+        tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
+        tokio::task::spawn_blocking(move || unpack::unpack(&root, &layers, opts))
+            .await
+            .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
     }
 
     /// Reference → what it names and the image manifests of the platforms wanted.
