@@ -153,9 +153,9 @@ impl<'t> Engine<'t> {
     fn root_entry(&mut self, m: &Meta) -> Result<(), Fail> {
         if m.kind != Kind::Dir {
             return Err(Fail::Bad(format!(
-                "entry {:?} would change the root directory into a {:?}",
+                "entry {:?} would change the root directory into a {}",
                 show(&m.path),
-                m.kind
+                m.kind.name()
             )));
         }
         let fd = self.tree.open_root().map_err(Fail::io("open root"))?;

@@ -337,11 +337,11 @@ pub(crate) fn apply_layer<R: Read>(
                 return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)));
             }
             left.set(targuard::META_BUDGET.saturating_add(entry.size()));
-            let path = entry.path_bytes().into_owned();
             let meta = match targuard::meta(&mut entry) {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
-                Err(reason) => return Err(Fail::Bad(reason).into_error(&layer.digest, Some(&path))),
+                // The reason names the entry.
+                Err(reason) => return Err(Fail::Bad(reason).into_error(&layer.digest, None)),
             };
             if meta.size > *room {
                 return Err(Error::NoSpace {

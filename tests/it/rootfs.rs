@@ -796,6 +796,7 @@ fn hostile_layers_stay_inside_rootfs() {
                     text(&o)
                 );
                 let err = String::from_utf8_lossy(&o.stderr);
+                eprintln!("{}: {}", case.name, err.trim());
                 assert!(
                     err.contains(msg),
                     "{}: stderr should say {msg:?}:\n{}",
