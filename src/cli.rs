@@ -344,9 +344,12 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     console.start(&reference);
     // Ctrl-C (or SIGTERM, SIGHUP) drops the pull: in-flight requests stop, and what each blob has
     // written is flushed and journaled for the next run (unless --no-resume).
+    // `biased`, signals first: their handlers are in place before the pull's first step
+    // (which may create a directory that a signal's default action would leave behind).
     let result = tokio::select! {
-        r = client.pull_to(&reference, &dest) => Some(r),
+        biased;
         _ = interrupted() => None,
+        r = client.pull_to(&reference, &dest) => Some(r),
     };
     let Some(result) = result else {
         console.interrupted();

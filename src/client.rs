@@ -986,9 +986,14 @@ impl Client {
         let root = staging.rootfs();
         let opts = unpack::Options::detect();
         tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
-        tokio::task::spawn_blocking(move || unpack::unpack(&root, &layers, opts))
-            .await
-            .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
+        let (cancel, running) = staging.worker();
+        tokio::task::spawn_blocking(move || {
+            // Held while the tree is written: dropping the staging directory waits for it.
+            let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
+            unpack::unpack(&root, &layers, opts, &cancel)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
     }
 
     /// Reference → what it names and the image manifests of the platforms wanted.

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::Timespec;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timestamps, XattrFlags};
@@ -50,10 +51,16 @@ pub(crate) struct Engine<'t> {
     pub(crate) xattrs_skipped: u64,
     enotsup_warned: bool,
     buf: Vec<u8>,
+    /// Set when the pull is dropped (Ctrl-C): stop between two writes.
+    cancel: &'t AtomicBool,
 }
 
 impl<'t> Engine<'t> {
-    pub(crate) fn new(tree: &'t Tree, opts: Options) -> io::Result<Engine<'t>> {
+    pub(crate) fn new(
+        tree: &'t Tree,
+        opts: Options,
+        cancel: &'t AtomicBool,
+    ) -> io::Result<Engine<'t>> {
         let root_ino = ino_of(&rustix::fs::fstat(tree.root())?);
         Ok(Engine {
             tree,
@@ -66,7 +73,13 @@ impl<'t> Engine<'t> {
             xattrs_skipped: 0,
             enotsup_warned: false,
             buf: vec![0; 64 << 10],
+            cancel,
         })
+    }
+
+    /// The flag that stops unpacking.
+    pub(crate) fn cancel(&self) -> &'t AtomicBool {
+        self.cancel
     }
 
     /// A new layer starts: nothing of it is "upper" yet.
@@ -302,6 +315,9 @@ impl<'t> Engine<'t> {
         let want = if m.kind == Kind::File { m.size } else { 0 };
         let mut written = 0u64;
         loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Fail::Io("write", io::ErrorKind::Interrupted.into()));
+            }
             let n = match data.read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(n) => n,

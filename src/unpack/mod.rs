@@ -104,6 +104,8 @@ mod targuard;
 use std::io::{self, BufReader, Read};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, RenameFlags, Timestamps};
 use rustix::io::Errno;
@@ -234,8 +236,17 @@ pub(crate) fn diff_ids(config: &[u8], what: &str) -> Result<Vec<Digest>> {
 }
 
 /// Makes `root` (which must not exist) the root of a new tree and applies `layers` in
-/// order. Blocking.
-pub(crate) fn unpack(root: &Path, layers: &[Layer], opts: Options) -> Result<UnpackSummary> {
+/// order. Blocking. Stops early once `cancel` is set.
+pub(crate) fn unpack(
+    root: &Path,
+    layers: &[Layer],
+    opts: Options,
+    cancel: &AtomicBool,
+) -> Result<UnpackSummary> {
+    let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
+    if cancel.load(Ordering::Relaxed) {
+        return Err(stopped());
+    }
     rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", root, e.into()))?;
     let fd = rustix::fs::open(
@@ -268,7 +279,8 @@ pub(crate) fn unpack(root: &Path, layers: &[Layer], opts: Options) -> Result<Unp
     )
     .map_err(|e| Error::io("set times of", root, e.into()))?;
     let tree = resolve::Tree::new(fd);
-    let mut engine = apply::Engine::new(&tree, opts).map_err(|e| Error::io("stat", root, e))?;
+    let mut engine =
+        apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
     let mut summary = UnpackSummary::default();
     // Declared file sizes may not add up to more than the filesystem has free.
     let mut room = rustix::fs::fstatvfs(tree.root())
@@ -279,6 +291,9 @@ pub(crate) fn unpack(root: &Path, layers: &[Layer], opts: Options) -> Result<Unp
             std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
         let started = std::time::Instant::now();
         let entries = apply_layer(&mut engine, file, layer, &mut room)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
         tracing::info!(layer = %layer.digest, entries, secs = started.elapsed().as_secs_f64(), "layer applied");
         summary.layers += 1;
         summary.entries += entries;
@@ -320,12 +335,20 @@ pub(crate) fn apply_layer<R: Read>(
     let (budget, left) = targuard::Budget::new(decompress::Hashing::new(stream));
     let mut archive = tar::Archive::new(budget);
     engine.start_layer();
+    let cancel = engine.cancel();
     let mut count = 0u64;
     {
         let mut entries = archive
             .entries()
             .map_err(|e| bad(format!("cannot read the tar stream: {e}")))?;
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::io(
+                    "unpack",
+                    &layer.path,
+                    io::ErrorKind::Interrupted.into(),
+                ));
+            }
             left.set(targuard::META_BUDGET);
             let mut entry = match entries.next() {
                 None => break,
@@ -384,6 +407,10 @@ pub(crate) struct Staging {
     target: PathBuf,
     /// The destination is an existing empty directory (published by exchange).
     exchange: bool,
+    /// Set on drop: the unpacking thread (which holds `running`) stops at its next entry,
+    /// and the directory is removed once it has.
+    cancel: Arc<AtomicBool>,
+    running: Arc<Mutex<()>>,
 }
 
 impl Staging {
@@ -436,6 +463,8 @@ impl Staging {
                         dir,
                         target: target.to_path_buf(),
                         exchange,
+                        cancel: Arc::new(AtomicBool::new(false)),
+                        running: Arc::new(Mutex::new(())),
                     })
                 }
                 Err(Errno::EXIST) => continue,
@@ -452,6 +481,12 @@ impl Staging {
     /// Where the blobs go (a scratch OCI layout).
     pub(crate) fn blobs(&self) -> PathBuf {
         self.dir.join("blobs")
+    }
+
+    /// What the unpacking thread shares with this staging directory: the flag it stops on
+    /// and the lock it holds while it writes.
+    pub(crate) fn worker(&self) -> (Arc<AtomicBool>, Arc<Mutex<()>>) {
+        (self.cancel.clone(), self.running.clone())
     }
 
     /// Where the tree is built.
@@ -535,6 +570,17 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
+        // A pull dropped mid-unpack (Ctrl-C) leaves its thread running: stop it, and wait
+        // (briefly) until it no longer writes, so that nothing appears after the removal.
+        self.cancel.store(true, Ordering::Relaxed);
+        for _ in 0..200 {
+            match self.running.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => break,
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(25))
+                }
+            }
+        }
         let Some(name) = self.dir.file_name() else {
             return;
         };

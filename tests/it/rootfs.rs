@@ -938,3 +938,98 @@ fn rootfs_destination_rules() {
     assert_exit(&o, 2);
     assert!(!work.path().join("multi").exists());
 }
+
+/// The staging directory of a pull into `work/rootfs`, if there is one.
+fn staging_in(work: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(work)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".rootfs.fastpull-")
+        })
+        .map(|e| e.path())
+}
+
+/// Starts a rootfs pull of `image` into `work/rootfs`, waits until `ready` holds, sends
+/// SIGINT, and returns what the process did.
+fn interrupt_when(image: &str, work: &Path, ready: impl Fn() -> bool) -> Output {
+    let child = fastpull_command()
+        .args(["--plain-http", "--format", "rootfs", image])
+        .arg(work.join("rootfs"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fastpull");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ready() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    child.wait_with_output().expect("wait for fastpull")
+}
+
+#[test]
+fn interrupted_rootfs_pull_leaves_nothing() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+
+    // Stopped while the blobs download (slowly, through a capped proxy).
+    let slow = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(7, 1, 4 << 20))
+        .build();
+    push_image(&reg, "rootfs/slow", "t", &slow);
+    let proxy = CountingProxy::start(&reg.addr());
+    proxy.cap(
+        Which::PathContains("/blobs/".into()),
+        Cap::smooth(256 << 10),
+    );
+    let o = interrupt_when(
+        &format!("{}/rootfs/slow:t", proxy.addr()),
+        work.path(),
+        || staging_in(work.path()).is_some_and(|s| s.join("blobs").is_dir()),
+    );
+    assert_exit(&o, 130);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("was not written"),
+        "{}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "interrupted while downloading, it left {left:?}"
+    );
+
+    // Stopped while it unpacks (many entries, so that there is time to).
+    let mut t = Tar::default();
+    t.dir("many/", 0o755, T0);
+    for i in 0..30_000 {
+        t.file(&format!("many/f{i}"), 0o644, b"");
+    }
+    let many = image(vec![layer(&t.finish(), OCI_GZIP)]);
+    push_image(&reg, "rootfs/many", "t", &many);
+    let o = interrupt_when(&image_ref(&reg, "rootfs/many", "t"), work.path(), || {
+        staging_in(work.path()).is_some_and(|s| s.join("rootfs/many").is_dir())
+    });
+    if o.status.code() == Some(0) {
+        // The signal came after the rename: then the tree must be whole.
+        eprintln!("interrupted_rootfs_pull_leaves_nothing: the unpack finished before SIGINT");
+        assert_eq!(
+            std::fs::read_dir(work.path().join("rootfs/many"))
+                .unwrap()
+                .count(),
+            30_000
+        );
+        assert!(staging_in(work.path()).is_none());
+    } else {
+        assert_exit(&o, 130);
+        let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "interrupted while unpacking, it left {left:?}"
+        );
+    }
+}
