@@ -19,6 +19,7 @@ Examples:
   fastpull --all-platforms alpine:3.20 ./alpine-all
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --format docker-archive alpine:3.20 alpine.tar && docker load -i alpine.tar
+  fastpull --format rootfs alpine:3.20 ./alpine-rootfs
   fastpull --convert oci docker.io/library/debian:12 ./images:debian12
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
   echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
@@ -40,6 +41,13 @@ Output (--format):
                  repositories. `docker load -i DEST`, `podman load -i DEST`,
                  `skopeo copy docker-archive:DEST ...`.
   oci-archive    DEST is one tar file of an OCI image layout: `skopeo copy oci-archive:DEST ...`.
+  rootfs         DEST is the image's root filesystem, as `umoci unpack` leaves it (blobs are
+                 not kept). Every layer is verified (digest, and the config's diff_id) before
+                 DEST appears; a failure leaves DEST as it was (exit 4 for a bad layer). No
+                 entry can reach outside DEST. DEST must not exist or be an empty directory.
+                 As root, owners and device nodes are as in the image; otherwise umoci's
+                 rootless mode (owners in the user.rootlesscontainers xattr, device nodes
+                 as empty files). One platform.
   An archive is written as DEST.fastpull-partial, each blob straight to its place in it, and
   renamed to DEST only once every blob in it is verified. Archives are not resumed.
 
@@ -56,7 +64,8 @@ Exit codes:
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
-  4  verification: a blob or manifest did not match its digest or size
+  4  verification: a blob or manifest did not match its digest or size, or (rootfs) a
+     layer did not match its diff_id or cannot be unpacked safely
      (nothing is left under a final name)
   5  local I/O: destination unusable, in use, or its index.json gives the name to another
      repository's image (see --tag, --replace); permissions, disk full
@@ -96,7 +105,8 @@ pub struct Args {
     pub man: bool,
 
     /// Output: oci (OCI image layout), dir (skopeo's dir:), docker-archive (a tar for
-    /// `docker load`), oci-archive (a tar of an OCI layout).
+    /// `docker load`), oci-archive (a tar of an OCI layout), rootfs (the unpacked root
+    /// filesystem).
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
     pub format: String,
 
@@ -325,11 +335,14 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     let client = builder.build()?;
     console.start(&reference);
     // Ctrl-C (or SIGTERM, SIGHUP) cancels the pull: in-flight requests stop, and what each blob
-    // has written is flushed and journaled for the next run (unless --no-resume).
+    // has written is flushed and journaled for the next run (unless --no-resume). The handlers
+    // are in place before the pull's first step (which may create a directory that a signal's
+    // default action would leave behind).
+    let signals = Signals::register();
     let cancel = fastpull::CancellationToken::new();
     let on_signal = cancel.clone();
-    let signals = tokio::spawn(async move {
-        interrupted().await;
+    let watcher = tokio::spawn(async move {
+        signals.recv().await;
         on_signal.cancel();
     });
     let mut request = client
@@ -347,11 +360,17 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         request = request.name(name.clone());
     }
     let result = request.await;
-    signals.abort();
+    watcher.abort();
     if let Err(Error::Cancelled { .. }) = &result {
         console.interrupted();
         let scratch = dest.path.join(".fastpull-tmp");
-        if format.is_archive() {
+        if format == Format::Rootfs {
+            eprintln!(
+                "fastpull: interrupted; {} was not written (a root filesystem appears whole or \
+                 not at all; its staging directory beside it is removed)",
+                dest.path.display()
+            );
+        } else if format.is_archive() {
             eprintln!(
                 "fastpull: interrupted; {} was not written (an archive appears whole or not at \
                  all, and is not resumed)",
@@ -398,24 +417,44 @@ fn print_stdout(bytes: &[u8]) -> Result<(), Error> {
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT), SIGTERM or SIGHUP.
-async fn interrupted() {
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP, caught from the moment [`Signals::register`] returns.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
+    unix: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let unix = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(i), Ok(t), Ok(h)) => Some([i, t, h]),
+                _ => None,
+            };
+            Signals { unix }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Resolves on the first of them.
+    async fn recv(self) {
+        #[cfg(unix)]
+        if let Some([mut i, mut t, mut h]) = self.unix {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-                _ = hup.recv() => {}
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+                _ = h.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The first line of stdin, without its line ending.

@@ -24,6 +24,7 @@ use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
 use crate::request::{PullOptions, PullRequest};
 use crate::retry::RetryPolicy;
 use crate::stream::BlobReader;
+use crate::unpack::{self, Staging, UnpackSummary};
 use crate::verify::{self, HashPool};
 
 /// Default HTTP requests in flight (overall and per blob); see perf/RESULTS.md.
@@ -444,6 +445,8 @@ pub struct PullReport {
     pub dest: PathBuf,
     /// In which layout.
     pub format: Format,
+    /// With [`Format::Rootfs`]: what unpacking the layers did.
+    pub unpacked: Option<UnpackSummary>,
 }
 
 /// One blob of a [`PullReport`].
@@ -622,6 +625,16 @@ impl Client {
                 dest.name.as_deref().unwrap_or_default()
             )));
         }
+        let job = Job {
+            reference,
+            name: &name,
+            opts,
+            reporter,
+            started,
+        };
+        if opts.format == Format::Rootfs {
+            return self.pull_rootfs(dest, &job).await;
+        }
         let layout = Layout::open(
             &dest.path,
             opts.format,
@@ -629,31 +642,51 @@ impl Client {
             &name,
             opts.replace,
         )?;
-        let endpoints = self.endpoints(reference);
+        let report = self.pull_endpoints(&job, &layout, None).await?;
+        layout.finish()?;
+        Ok(report)
+    }
+
+    /// `--format rootfs`: the blobs go to a scratch OCI layout in a staging directory
+    /// beside `dest` (fetched and verified as for any pull), the layers are unpacked there
+    /// (see [`crate::unpack`]), and the tree is renamed to `dest` once all are in. The
+    /// staging directory, blobs included, is removed whatever happens.
+    async fn pull_rootfs(&self, dest: &Destination, job: &Job<'_>) -> Result<PullReport> {
+        if job.opts.all_platforms || job.opts.platforms.len() > 1 {
+            return Err(Error::InvalidOption(
+                "--format rootfs unpacks one platform: give at most one --platform (and no \
+                 --all-platforms)"
+                    .into(),
+            ));
+        }
+        let staging = Staging::create(&dest.path)?;
+        let layout = Layout::open(&staging.blobs(), Format::Oci, false, job.name, true)?;
+        let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
+        drop(layout);
+        staging.publish()?;
+        report.dest = dest.path.clone();
+        report.elapsed = job.started.elapsed();
+        Ok(report)
+    }
+
+    /// The pull from the mirrors of the reference's registry in turn, then the registry.
+    async fn pull_endpoints(
+        &self,
+        job: &Job<'_>,
+        layout: &Layout,
+        rootfs: Option<&Staging>,
+    ) -> Result<PullReport> {
+        let endpoints = self.endpoints(job.reference);
         let mut last = None;
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match self
-                .pull_from(
-                    endpoint,
-                    &Job {
-                        reference,
-                        name: &name,
-                        layout: &layout,
-                        opts,
-                        reporter,
-                        started,
-                    },
-                )
-                .await
-            {
+            match self.pull_from(endpoint, job, layout, rootfs).await {
                 Ok(report) => {
-                    layout.finish()?;
                     return Ok(report);
                 }
                 Err(e) if endpoint.mirror && e.may_try_elsewhere() => {
                     // Blobs it verified stay; the next endpoint fetches only the rest.
                     tracing::warn!(mirror = %endpoint.host, error = %e, "mirror failed; trying {}", endpoints.get(i + 1).map_or("nothing", |n| n.host.as_str()));
-                    reporter.report(EventKind::EndpointFailed {
+                    job.reporter.report(EventKind::EndpointFailed {
                         host: endpoint.host.clone(),
                         error: e.to_string(),
                     });
@@ -685,11 +718,16 @@ impl Client {
         out
     }
 
-    async fn pull_from(&self, endpoint: &Endpoint, job: &Job<'_>) -> Result<PullReport> {
+    async fn pull_from(
+        &self,
+        endpoint: &Endpoint,
+        job: &Job<'_>,
+        layout: &Layout,
+        rootfs: Option<&Staging>,
+    ) -> Result<PullReport> {
         let Job {
             reference,
             name,
-            layout,
             opts,
             reporter,
             started,
@@ -712,6 +750,11 @@ impl Client {
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
         // all: the index itself is, with every chosen manifest stored beside it.
         let several = images.len() > 1 || opts.all_platforms;
+        if several && opts.format == Format::Rootfs {
+            return Err(Error::InvalidOption(
+                "--format rootfs unpacks one platform; this pull would take several".into(),
+            ));
+        }
         if several && (opts.format.is_archive() || opts.conversion != Conversion::Keep) {
             return Err(Error::InvalidOption(
                 "several platforms (--all-platforms, a repeated --platform) are pulled into a \
@@ -871,7 +914,13 @@ impl Client {
             "blobs fetched and verified"
         );
 
-        layout.commit(&record)?;
+        let unpacked = match rootfs {
+            Some(staging) => Some(self.unpack_layers(layout, m, staging).await?),
+            None => {
+                layout.commit(&record)?;
+                None
+            }
+        };
         let manifests = images
             .iter()
             .map(|(m, p)| ManifestReport {
@@ -899,7 +948,58 @@ impl Client {
             elapsed: started.elapsed(),
             dest: dest.to_path_buf(),
             format: opts.format,
+            unpacked,
         })
+    }
+
+    /// Unpacks the layers of `m` (fetched and verified into `layout`) into the staging
+    /// tree, in manifest order, each checked against the config's diff_id.
+    async fn unpack_layers(
+        &self,
+        layout: &Layout,
+        m: &manifest::Manifest,
+        staging: &Staging,
+    ) -> Result<UnpackSummary> {
+        // The config's digest was verified by the fetch (or on disk) before it is trusted.
+        let config_path = layout.blob_path(&m.config.digest);
+        let config = tokio::fs::read(&config_path)
+            .await
+            .map_err(|e| Error::io("read", &config_path, e))?;
+        let what = format!("config {}", m.config.digest);
+        let ids = unpack::diff_ids(&config, &what)?;
+        if ids.len() != m.layers.len() {
+            return Err(Error::InvalidManifest {
+                what,
+                reason: format!(
+                    "the manifest lists {} layers, the config {} diff_ids",
+                    m.layers.len(),
+                    ids.len()
+                ),
+            });
+        }
+        let layers: Vec<unpack::Layer> = m
+            .layers
+            .iter()
+            .zip(ids)
+            .map(|(l, diff_id)| unpack::Layer {
+                digest: l.digest,
+                media_type: l.media_type.clone(),
+                path: layout.blob_path(&l.digest),
+                diff_id,
+            })
+            .collect();
+        staging.reset_rootfs()?;
+        let root = staging.rootfs();
+        let opts = unpack::Options::detect();
+        tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
+        let (cancel, running) = staging.worker();
+        tokio::task::spawn_blocking(move || {
+            // Held while the tree is written: dropping the staging directory waits for it.
+            let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
+            unpack::unpack(&root, &layers, opts, &cancel)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
     }
 
     /// Reference → what it names and the image manifests of the platforms wanted.
@@ -1000,7 +1100,6 @@ impl Client {
 struct Job<'a> {
     reference: &'a Reference,
     name: &'a ImageName,
-    layout: &'a Layout,
     opts: &'a PullOptions,
     reporter: &'a PullReporter,
     started: Instant,

@@ -266,6 +266,13 @@ impl Console {
             report.dest.display(),
             report.format
         ));
+        if let Some(u) = report.unpacked.as_ref().filter(|u| u.devices_emulated > 0) {
+            self.line(&format!(
+                "Note: {} device node(s) written as empty regular files: mknod needs root \
+                 outside a user namespace (umoci's rootless behaviour)",
+                u.devices_emulated
+            ));
+        }
         if matches!(report.format, Format::Oci | Format::OciArchive)
             && report.manifest_media_type.contains("docker")
         {

@@ -169,6 +169,33 @@ pub enum Error {
         actual: u64,
     },
 
+    /// A layer that cannot be unpacked as it stands (`--format rootfs`): malformed, or built
+    /// to reach outside the root filesystem, or read differently by different tar readers.
+    /// Nothing of it becomes visible.
+    #[error("layer {layer}{}: {reason}", .entry.as_ref().map(|e| format!(", entry {e:?}")).unwrap_or_default())]
+    Layer {
+        /// The layer's (compressed) digest.
+        layer: Digest,
+        /// The entry's path, if one entry is at fault.
+        entry: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Unpacking a layer (`--format rootfs`) failed on the local filesystem.
+    #[error("unpacking layer {layer}, entry {entry:?}: {op}: {source}")]
+    Unpack {
+        /// The layer's (compressed) digest.
+        layer: Digest,
+        /// The entry's path.
+        entry: String,
+        /// What we were doing ("create", "chown", …).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A local filesystem operation failed.
     #[error("{op} {}: {source}", .path.display())]
     Io {
@@ -285,7 +312,8 @@ pub enum Category {
     /// Network or registry: unreachable, refused, not found, unauthorized, no such platform,
     /// unsupported manifest (exit 3).
     Registry,
-    /// Content failed verification: digest or size mismatch (exit 4).
+    /// Content failed verification: digest or size mismatch, or a layer that cannot be
+    /// unpacked safely (`--format rootfs`) (exit 4).
     Verification,
     /// Local filesystem: permissions, full disk, unusable destination (exit 5).
     Io,
@@ -327,8 +355,11 @@ impl Error {
             | Error::ManifestTooLarge { .. }
             | Error::InvalidManifest { .. }
             | Error::NoMatchingPlatform { .. } => Category::Registry,
-            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Category::Verification,
+            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } | Error::Layer { .. } => {
+                Category::Verification
+            }
             Error::Io { .. }
+            | Error::Unpack { .. }
             | Error::Destination { .. }
             | Error::NoSpace { .. }
             | Error::NameInUse { .. } => Category::Io,
@@ -521,6 +552,26 @@ impl Error {
             Error::Destination { path, reason } => Error::Destination {
                 path: path.clone(),
                 reason: reason.clone(),
+            },
+            Error::Layer {
+                layer,
+                entry,
+                reason,
+            } => Error::Layer {
+                layer: *layer,
+                entry: entry.clone(),
+                reason: reason.clone(),
+            },
+            Error::Unpack {
+                layer,
+                entry,
+                op,
+                source,
+            } => Error::Unpack {
+                layer: *layer,
+                entry: entry.clone(),
+                op,
+                source: std::io::Error::new(source.kind(), source.to_string()),
             },
         }
     }

@@ -36,6 +36,7 @@ const LOCK_GRACE: Duration = Duration::from_secs(1);
 
 /// How the image is laid out on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Format {
     /// OCI image layout: `oci-layout`, `index.json`, `blobs/sha256/<hex>`.
     #[default]
@@ -47,6 +48,10 @@ pub enum Format {
     DockerArchive,
     /// One tar file holding an OCI image layout (skopeo's `oci-archive:`).
     OciArchive,
+    /// The image's root filesystem, unpacked as `umoci unpack` does (blobs are not kept):
+    /// every layer verified (compressed digest and diff_id) before the directory appears,
+    /// and no entry reaches outside it. One platform only.
+    Rootfs,
 }
 
 impl Format {
@@ -65,8 +70,9 @@ impl FromStr for Format {
             "dir" => Ok(Format::Dir),
             "docker-archive" => Ok(Format::DockerArchive),
             "oci-archive" => Ok(Format::OciArchive),
+            "rootfs" => Ok(Format::Rootfs),
             other => Err(Error::InvalidOption(format!(
-                "unknown format {other:?} (expected oci, dir, docker-archive or oci-archive)"
+                "unknown format {other:?} (expected oci, dir, docker-archive, oci-archive or rootfs)"
             ))),
         }
     }
@@ -79,6 +85,7 @@ impl std::fmt::Display for Format {
             Format::Dir => "dir layout",
             Format::DockerArchive => "docker-archive",
             Format::OciArchive => "oci-archive",
+            Format::Rootfs => "root filesystem",
         })
     }
 }
@@ -724,7 +731,7 @@ fn check_existing(root: &Path, format: Format) -> Result<()> {
         reason,
     };
     match format {
-        Format::Oci | Format::DockerArchive | Format::OciArchive => {
+        Format::Oci | Format::DockerArchive | Format::OciArchive | Format::Rootfs => {
             let p = root.join("oci-layout");
             let text = std::fs::read_to_string(&p).map_err(|_| {
                 bad("is not empty and is not an OCI image layout (no oci-layout file)".into())

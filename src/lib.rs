@@ -1,8 +1,9 @@
 //! # fastpull
 //!
 //! Pull container images (OCI / Docker registry v2) and leave a standard image on disk —
-//! an OCI image layout, skopeo's `dir:` layout, or one archive file that `docker load` /
-//! `podman load` take ([`Format`]) — having verified every byte.
+//! an OCI image layout, skopeo's `dir:` layout, one archive file that `docker load` /
+//! `podman load` take, or the image's root filesystem unpacked as `umoci unpack` would
+//! ([`Format`]) — having verified every byte.
 //!
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →
@@ -74,6 +75,7 @@ mod request;
 mod resume;
 mod retry;
 mod stream;
+mod unpack;
 mod verify;
 mod write;
 
@@ -96,6 +98,10 @@ pub use request::PullRequest;
 pub use tokio_util::sync::CancellationToken;
 pub use verify::sha256_backend;
 
+pub use reference::Reference;
+pub use stream::BlobReader;
+pub use unpack::UnpackSummary;
+
 /// The hashing core and the writer, for `benches/` only (`--features bench-internals`):
 /// not part of the API, may change in any release.
 #[cfg(feature = "bench-internals")]
@@ -104,5 +110,3 @@ pub mod bench_internals {
     pub use crate::verify::{HashPool, Hasher, InOrderHasher};
     pub use crate::write::{BlobFile, SpanWriter};
 }
-pub use reference::Reference;
-pub use stream::BlobReader;

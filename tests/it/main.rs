@@ -10,6 +10,7 @@ mod library;
 mod netpath;
 mod pull;
 mod resume;
+mod rootfs;
 mod sched;
 mod sha256;
 mod support;

@@ -313,6 +313,11 @@ fn assert_final_names_verify(dest: &Path, image: &Image) {
     for e in rd {
         let e = e.expect("dir entry");
         let name = e.file_name().to_string_lossy().into_owned();
+        // A final name is 64 hex digits; a kill during an atomic write (the config, a
+        // manifest) may leave its `.<hex>.<pid>.tmp`, which is no final name.
+        if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
         let bytes = std::fs::read(e.path()).expect("read blob");
         let ok = match known.iter().find(|(h, _)| *h == name) {
             Some((_, want)) => bytes == *want,

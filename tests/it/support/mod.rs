@@ -7,6 +7,7 @@ pub mod cdn;
 pub mod cli;
 pub mod counting;
 pub mod credhelper;
+pub mod fstree;
 pub mod htpasswd;
 pub mod image;
 pub mod microsocks;

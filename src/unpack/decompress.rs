@@ -1,0 +1,171 @@
+//! A layer's bytes to its uncompressed tar stream, hashed on the way for the diff_id.
+//!
+//! gzip: flate2's `bufread::MultiGzDecoder` on the zlib-rs backend (multi-member streams,
+//! as Go's gzip reads them; garbage after the last member is an error, as in Go). zstd: the
+//! `zstd` crate (libzstd), which reads several frames and skips skippable ones. The media
+//! type says which, and the first bytes must agree.
+
+use std::io::{self, BufRead, Read};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+
+/// How a layer is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compression {
+    /// A plain tar.
+    None,
+    /// gzip (one or more members).
+    Gzip,
+    /// zstd (one or more frames).
+    Zstd,
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A zstd skippable frame starts with 0x184D2A50..=0x184D2A5F (little endian).
+fn zstd_skippable(head: &[u8]) -> bool {
+    head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18]
+}
+
+/// What the first bytes of a blob look like.
+fn sniff(head: &[u8]) -> Compression {
+    if head.starts_with(&GZIP_MAGIC) {
+        Compression::Gzip
+    } else if head.starts_with(&ZSTD_MAGIC) || zstd_skippable(head) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+/// The compression `media_type` names and `head` (the blob's first bytes) shows; they must
+/// agree. Media types that name none (`…layer.v1.tar`, `…rootfs.diff.tar`, unknown ones) go
+/// by the bytes.
+pub(crate) fn detect(media_type: &str, head: &[u8]) -> Result<Compression, String> {
+    let seen = sniff(head);
+    let named = if media_type.ends_with("gzip") {
+        Some(Compression::Gzip)
+    } else if media_type.ends_with("zstd") {
+        Some(Compression::Zstd)
+    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        Some(Compression::None)
+    } else {
+        None
+    };
+    match named {
+        Some(c) if c != seen => Err(format!(
+            "media type {media_type} says {c:?} but the blob starts like {seen:?} data"
+        )),
+        Some(c) => Ok(c),
+        None => Ok(seen),
+    }
+}
+
+/// The uncompressed stream of `blob` (a buffered reader over the verified blob).
+pub(crate) fn decoder<'a, R: BufRead + 'a>(
+    c: Compression,
+    blob: R,
+) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match c {
+        Compression::None => Box::new(blob),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob)?),
+    })
+}
+
+/// Passes bytes through, hashing them (sha256) and counting them.
+pub(crate) struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Hashing<R> {
+    pub(crate) fn new(inner: R) -> Hashing<R> {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Reads what is left to the end (hashing it), then gives the digest and byte count.
+    pub(crate) fn finish(mut self) -> io::Result<(Digest, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((
+            Digest::from_bytes(self.hasher.finalize().into()),
+            self.bytes,
+        ))
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_and_magic_must_agree() {
+        let gz = [0x1f, 0x8b, 8, 0];
+        let zs = [0x28, 0xb5, 0x2f, 0xfd];
+        let tar = *b"etc/";
+        let oci = "application/vnd.oci.image.layer.v1.tar";
+        let docker = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+        assert_eq!(detect(&format!("{oci}+gzip"), &gz), Ok(Compression::Gzip));
+        assert_eq!(detect(docker, &gz), Ok(Compression::Gzip));
+        assert_eq!(detect(&format!("{oci}+zstd"), &zs), Ok(Compression::Zstd));
+        assert_eq!(
+            detect(&format!("{oci}+zstd"), &[0x5e, 0x2a, 0x4d, 0x18]),
+            Ok(Compression::Zstd)
+        );
+        assert_eq!(detect(oci, &tar), Ok(Compression::None));
+        assert!(detect(&format!("{oci}+gzip"), &tar).is_err());
+        assert!(detect(&format!("{oci}+zstd"), &gz).is_err());
+        assert!(detect(oci, &gz).is_err());
+        assert_eq!(
+            detect("application/octet-stream", &zs),
+            Ok(Compression::Zstd)
+        );
+    }
+
+    #[test]
+    fn gzip_members_are_all_read() {
+        use std::io::Write;
+        let mut out = Vec::new();
+        for part in [&b"hello "[..], b"world"] {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part).unwrap();
+            out.extend(e.finish().unwrap());
+        }
+        let mut s = String::new();
+        decoder(Compression::Gzip, &out[..])
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "hello world");
+    }
+
+    #[test]
+    fn zstd_frames_and_skippable_frames_are_read() {
+        let mut out = vec![0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3];
+        out.extend(zstd::encode_all(&b"hello "[..], 3).unwrap());
+        out.extend(zstd::encode_all(&b"world"[..], 3).unwrap());
+        let mut s = String::new();
+        decoder(Compression::Zstd, &out[..])
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "hello world");
+    }
+}

@@ -1,0 +1,605 @@
+//! `--format rootfs`: the image's root filesystem, unpacked as `umoci unpack` would, from
+//! verified blobs, into a private tree that becomes `ROOTFS` only once every layer is in.
+//!
+//! # Pipeline
+//!
+//! The blobs are fetched and verified by the ordinary pull into a scratch OCI layout inside
+//! a staging directory beside the destination, `ROOTFS/../.NAME.fastpull-XXXX/` (mode 0700,
+//! same filesystem). The config's digest is verified before its `rootfs.diff_ids` are read.
+//! Then each layer, in manifest order, goes through
+//!
+//! ```text
+//! verified blob file → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
+//!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
+//!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
+//! ```
+//!
+//! and the layer's diff_id is compared once its stream is read to the end (trailing bytes
+//! included, as umoci hashes them). A mismatch, a malformed or hostile layer, or any other
+//! failure removes the staging directory: `ROOTFS` is left as it was (a new one never
+//! appears). Once all layers are in, `STAGING/rootfs` is renamed to `ROOTFS`
+//! (`RENAME_NOREPLACE`; or `RENAME_EXCHANGE` with an existing *empty* directory, which is
+//! then removed; a non-empty one is refused before anything is fetched). The blobs are
+//! deleted with the staging directory. The per-layer applier consumes any `std::io::Read`,
+//! so it can later be fed from a blob's verified in-order prefix while the rest downloads.
+//!
+//! # Safety against hostile layers
+//!
+//! No entry can create, follow or modify anything outside the tree
+//! ([`resolve`](self::resolve)):
+//! - every directory an entry touches is opened from the root's fd with
+//!   `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`, or a component
+//!   walk with `O_NOFOLLOW` that resolves symlinks itself, clamped at the root, where openat2
+//!   is missing. Absolute symlinks and `..` resolve as if the root were `/`, as in umoci;
+//! - every change is one `*at()` call on that directory fd and a plain name: `openat(O_EXCL |
+//!   O_NOFOLLOW)`, `mkdirat`, `symlinkat`, `linkat` (targets resolved the same way), `mknodat`,
+//!   `unlinkat`; metadata through the new file's fd or with `AT_SYMLINK_NOFOLLOW`;
+//! - removal (replacing, whiteouts) walks directories by fd and never follows a symlink.
+//!
+//! So `../x` and `/x` land inside the root (as umoci's `CleanPath` makes them), a symlink to
+//! `/` or `..` followed by `link/x` writes beneath the root, a symlink replaced by a
+//! same-name directory is removed rather than followed, and hard links to `/etc/passwd` or
+//! `../../x` link to what those names mean inside the root (or fail if there is nothing).
+//! Whiteouts of `.wh.`, `.wh..` and `.wh...` (which would name the parent) are refused. The
+//! tar crate is used only as a parser; where it and Go's archive/tar would read an archive
+//! differently the layer is refused ([`targuard`](self::targuard)). Bounds: extension headers
+//! (GNU long names, PAX) 1 MiB each, 10 M entries a layer, paths of 4096 bytes and names of
+//! 255, 40 symlinks per path, and declared file sizes against the filesystem's free space.
+//!
+//! # Semantics (umoci's `UnpackEntry`)
+//!
+//! Entry by entry, in archive order:
+//! - the path is cleaned as umoci's `CleanPath` does; `./` changes the root's metadata and
+//!   must be a directory;
+//! - `.wh.NAME` removes NAME, `.wh..wh..opq` empties its directory, except what this layer
+//!   itself wrote (and the directories above it): umoci's "upper paths". A missing target is
+//!   fine; the whiteout itself is never created;
+//! - missing parent directories are made with mode 0777 less the umask, owned by us, with
+//!   the current time (as umoci's `MkdirAll`);
+//! - whatever is at the path is removed, unless a directory meets a directory (they merge);
+//! - then the file, directory, symlink (target verbatim), hard link (to an entry of this
+//!   layer or one below), fifo or device node is made;
+//! - metadata in umoci's order: owner (`chown`, which clears setuid/setgid and
+//!   security.capability), then mode, then xattrs (`SCHILY.xattr.*`; `security.selinux` and
+//!   `system.nfs4_acl` are never set; a directory merged over another gets exactly the new
+//!   entry's), then atime/mtime to the nanosecond. Hard links get none;
+//! - the parent directory's times are put back: adding or removing a child does not change
+//!   a directory that came from the image.
+//!
+//! The root is made 0755, root:root, with mtime at the epoch unless a `./` entry says
+//! otherwise, as umoci does.
+//!
+//! # Root and rootless
+//!
+//! As root (and not in a user namespace) ownership is set from the tar headers and device
+//! nodes are made. Otherwise this is umoci's rootless mode (`umoci unpack --rootless`):
+//! - no chown; an owner other than root:root is recorded in the xattr
+//!   `user.rootlesscontainers` (protobuf `Resource{uid, gid}`, 0 written as `NoopID`), and a
+//!   `user.rootlesscontainers` a layer brings is dropped;
+//! - device nodes become empty regular files with the node's permissions (umoci's
+//!   behaviour, kept so that both give the same tree; the count is logged in one line);
+//! - xattrs the kernel refuses (`trusted.*`, `security.capability`) are skipped;
+//! - directories keep u+rwx until every layer is in, then get their mode.
+//!
+//! In a user namespace as root, ownership is still set, but devices are emulated and
+//! refused xattrs skipped, as umoci does there.
+//!
+//! # Differences from umoci 0.4.7
+//!
+//! - A PAX global header (`g`) is skipped (containerd's behaviour); umoci refuses the layer.
+//! - Layers that Go's and tar-rs' readers would see differently are refused (see
+//!   [`targuard`](self::targuard)); so are whiteouts naming `.`, `..` or nothing (umoci would
+//!   remove the parent directory of `.wh..`).
+//! - A missing parent whose path crosses a non-directory is an error (newer umoci replaces
+//!   the non-directory).
+//! - A symlink entry counts as an upper path itself (umoci counts where it points).
+//! - umoci checks diff_ids only after unpacking; here they are checked before the tree
+//!   becomes visible.
+
+mod apply;
+mod decompress;
+mod resolve;
+mod targuard;
+
+use std::io::{self, BufReader, Read};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{Mode, OFlags, RenameFlags, Timestamps};
+use rustix::io::Errno;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// How ownership and device nodes are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Options {
+    /// No chown; ownership goes into `user.rootlesscontainers` (not root).
+    pub(crate) rootless: bool,
+    /// Device nodes become empty files, refused xattrs are skipped (not root, or in a user
+    /// namespace).
+    pub(crate) partial_rootless: bool,
+}
+
+impl Options {
+    /// Root outside a user namespace: everything as in the image. Otherwise rootless
+    /// (not root) or partly so (root in a user namespace).
+    pub(crate) fn detect() -> Options {
+        let root = rustix::process::geteuid().is_root();
+        let userns = in_user_namespace();
+        Options {
+            rootless: !root,
+            partial_rootless: !root || userns,
+        }
+    }
+}
+
+/// Whether this process runs in a user namespace (its uid map is not the identity over
+/// all ids), as runc's `RunningInUserNS`.
+fn in_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let f: Vec<&str> = map.split_whitespace().collect();
+            !(f.len() == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Why unpacking failed, before the layer's digest and the entry are added.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    /// The layer is malformed or hostile.
+    Bad(String),
+    /// A filesystem operation failed.
+    Io(&'static str, io::Error),
+    /// The layer's bytes could not be read (decompression, truncation).
+    Read(io::Error),
+}
+
+impl Fail {
+    fn io(op: &'static str) -> impl Fn(io::Error) -> Fail {
+        move |e| Fail::Io(op, e)
+    }
+
+    fn io_e(op: &'static str) -> impl Fn(Errno) -> Fail {
+        move |e| Fail::Io(op, e.into())
+    }
+
+    fn into_error(self, layer: &Digest, entry: Option<&[u8]>) -> Error {
+        let entry = entry.map(targuard::show);
+        match self {
+            Fail::Bad(reason) => Error::Layer {
+                layer: *layer,
+                entry,
+                reason,
+            },
+            Fail::Read(e) => Error::Layer {
+                layer: *layer,
+                entry,
+                reason: format!("cannot read the layer: {e}"),
+            },
+            Fail::Io(op, source) => Error::Unpack {
+                layer: *layer,
+                entry: entry.unwrap_or_default(),
+                op,
+                source,
+            },
+        }
+    }
+}
+
+/// One layer to apply: a verified blob file.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    /// The blob's digest (verified by the fetch).
+    pub(crate) digest: Digest,
+    /// Its media type, as the manifest gives it.
+    pub(crate) media_type: String,
+    /// The verified blob on disk.
+    pub(crate) path: PathBuf,
+    /// Its diff_id from the config (sha256 of the uncompressed tar).
+    pub(crate) diff_id: Digest,
+}
+
+/// What unpacking did (`--format rootfs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnpackSummary {
+    /// Layers applied.
+    pub layers: usize,
+    /// Tar entries applied (whiteouts included).
+    pub entries: u64,
+    /// Device nodes written as empty regular files (rootless, or in a user namespace).
+    pub devices_emulated: u64,
+    /// xattrs the filesystem or our privileges refused, skipped.
+    pub xattrs_skipped: u64,
+}
+
+/// The diff_ids of an image config (`rootfs.diff_ids`).
+pub(crate) fn diff_ids(config: &[u8], what: &str) -> Result<Vec<Digest>> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<Digest>,
+    }
+    let c: Config = serde_json::from_slice(config).map_err(|e| Error::InvalidManifest {
+        what: what.to_string(),
+        reason: format!("image config without usable rootfs.diff_ids: {e}"),
+    })?;
+    Ok(c.rootfs.diff_ids)
+}
+
+/// Makes `root` (which must not exist) the root of a new tree and applies `layers` in
+/// order. Blocking. Stops early once `cancel` is set.
+pub(crate) fn unpack(
+    root: &Path,
+    layers: &[Layer],
+    opts: Options,
+    cancel: &AtomicBool,
+) -> Result<UnpackSummary> {
+    let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
+    if cancel.load(Ordering::Relaxed) {
+        return Err(stopped());
+    }
+    rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
+        .map_err(|e| Error::io("create directory", root, e.into()))?;
+    let fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", root, e.into()))?;
+    // umoci: 0755, root:root, mtime at the epoch.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+        .map_err(|e| Error::io("chmod", root, e.into()))?;
+    if !opts.rootless {
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+        )
+        .map_err(|e| Error::io("chown", root, e.into()))?;
+    }
+    let epoch = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::fs::futimens(
+        &fd,
+        &Timestamps {
+            last_access: epoch,
+            last_modification: epoch,
+        },
+    )
+    .map_err(|e| Error::io("set times of", root, e.into()))?;
+    let tree = resolve::Tree::new(fd);
+    let mut engine =
+        apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
+    let mut summary = UnpackSummary::default();
+    // Declared file sizes may not add up to more than the filesystem has free.
+    let mut room = rustix::fs::fstatvfs(tree.root())
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(u64::MAX);
+    for layer in layers {
+        let file =
+            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+        let started = std::time::Instant::now();
+        let entries = apply_layer(&mut engine, file, layer, &mut room)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+        tracing::info!(layer = %layer.digest, entries, secs = started.elapsed().as_secs_f64(), "layer applied");
+        summary.layers += 1;
+        summary.entries += entries;
+    }
+    engine
+        .finish()
+        .map_err(|f| f.into_error(&layers.last().map_or(Digest::of(b""), |l| l.digest), None))?;
+    summary.devices_emulated = engine.devices_emulated;
+    summary.xattrs_skipped = engine.xattrs_skipped;
+    if summary.devices_emulated > 0 {
+        tracing::warn!(
+            count = summary.devices_emulated,
+            "device nodes written as empty files (not root, or in a user namespace; as umoci does)"
+        );
+    }
+    Ok(summary)
+}
+
+/// Applies one layer read from `blob` (any reader: a verified file now, a verified prefix
+/// later), checking its diff_id at the end. Returns the number of entries.
+pub(crate) fn apply_layer<R: Read>(
+    engine: &mut apply::Engine<'_>,
+    blob: R,
+    layer: &Layer,
+    room: &mut u64,
+) -> Result<u64> {
+    let bad = |reason: String| Error::Layer {
+        layer: layer.digest,
+        entry: None,
+        reason,
+    };
+    let mut blob = BufReader::with_capacity(1 << 20, blob);
+    let head = io::BufRead::fill_buf(&mut blob)
+        .map_err(|e| Error::io("read", &layer.path, e))?
+        .to_vec();
+    let compression = decompress::detect(&layer.media_type, &head).map_err(bad)?;
+    let stream = decompress::decoder(compression, blob)
+        .map_err(|e| bad(format!("cannot start decompressing ({compression:?}): {e}")))?;
+    let (budget, left) = targuard::Budget::new(decompress::Hashing::new(stream));
+    let mut archive = tar::Archive::new(budget);
+    engine.start_layer();
+    let cancel = engine.cancel();
+    let mut count = 0u64;
+    {
+        let mut entries = archive
+            .entries()
+            .map_err(|e| bad(format!("cannot read the tar stream: {e}")))?;
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::io(
+                    "unpack",
+                    &layer.path,
+                    io::ErrorKind::Interrupted.into(),
+                ));
+            }
+            left.set(targuard::META_BUDGET);
+            let mut entry = match entries.next() {
+                None => break,
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(bad(format!("tar stream, after {count} entries: {e}"))),
+            };
+            count += 1;
+            if count > targuard::MAX_ENTRIES {
+                return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)));
+            }
+            left.set(targuard::META_BUDGET.saturating_add(entry.size()));
+            let meta = match targuard::meta(&mut entry) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                // The reason names the entry.
+                Err(reason) => return Err(Fail::Bad(reason).into_error(&layer.digest, None)),
+            };
+            if meta.size > *room {
+                return Err(Error::NoSpace {
+                    path: layer.path.clone(),
+                    needed: meta.size,
+                    available: Some(*room),
+                });
+            }
+            *room -= meta.size;
+            engine
+                .apply(&meta, &mut entry)
+                .map_err(|f| f.into_error(&layer.digest, Some(&meta.path)))?;
+        }
+    }
+    left.set(u64::MAX);
+    let mut rest = archive.into_inner().into_inner();
+    targuard::check_end(&mut rest).map_err(|e| bad(e.to_string()))?;
+    let (actual, bytes) = rest
+        .finish()
+        .map_err(|e| bad(format!("cannot read the layer to its end: {e}")))?;
+    if actual != layer.diff_id {
+        return Err(Error::DigestMismatch {
+            what: format!(
+                "layer {} uncompressed ({bytes} bytes) against the config's rootfs.diff_ids",
+                layer.digest
+            ),
+            expected: layer.diff_id,
+            actual,
+        });
+    }
+    Ok(count)
+}
+
+/// The private directory a rootfs is built in, beside the destination; removed on drop
+/// unless published.
+pub(crate) struct Staging {
+    /// `.NAME.fastpull-XXXX` beside the destination.
+    dir: PathBuf,
+    /// The destination.
+    target: PathBuf,
+    /// The destination is an existing empty directory (published by exchange).
+    exchange: bool,
+    /// Set on drop: the unpacking thread (which holds `running`) stops at its next entry,
+    /// and the directory is removed once it has.
+    cancel: Arc<AtomicBool>,
+    running: Arc<Mutex<()>>,
+}
+
+impl Staging {
+    /// Checks `target` (missing, or an empty directory) and makes the staging directory
+    /// (0700) beside it.
+    pub(crate) fn create(target: &Path) -> Result<Staging> {
+        let dest_err = |reason: &str| Error::Destination {
+            path: target.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| dest_err("names no directory (it ends in '..' or is '/')"))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let exchange = match std::fs::symlink_metadata(target) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io("stat", target, e)),
+            Ok(m) if !m.is_dir() => return Err(dest_err("exists and is not a directory")),
+            Ok(_) => {
+                let mut rd = std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?;
+                if rd.next().is_some() {
+                    return Err(dest_err(
+                        "exists and is not empty: --format rootfs writes a new root filesystem \
+                         and does not unpack over an existing tree (remove it, or pick a new \
+                         directory)",
+                    ));
+                }
+                true
+            }
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io("create directory", &parent, e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        for i in 0..100u32 {
+            let dir = parent.join(format!(
+                ".{name}.fastpull-{:x}{:08x}",
+                std::process::id(),
+                nanos.wrapping_add(i)
+            ));
+            match rustix::fs::mkdir(&dir, Mode::from_raw_mode(0o700)) {
+                Ok(()) => {
+                    return Ok(Staging {
+                        dir,
+                        target: target.to_path_buf(),
+                        exchange,
+                        cancel: Arc::new(AtomicBool::new(false)),
+                        running: Arc::new(Mutex::new(())),
+                    })
+                }
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(Error::io("create directory", &dir, e.into())),
+            }
+        }
+        Err(Error::io(
+            "create directory",
+            &parent,
+            io::Error::other("no free staging name"),
+        ))
+    }
+
+    /// Where the blobs go (a scratch OCI layout).
+    pub(crate) fn blobs(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    /// What the unpacking thread shares with this staging directory: the flag it stops on
+    /// and the lock it holds while it writes.
+    pub(crate) fn worker(&self) -> (Arc<AtomicBool>, Arc<Mutex<()>>) {
+        (self.cancel.clone(), self.running.clone())
+    }
+
+    /// Where the tree is built.
+    pub(crate) fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// Starts over: removes a tree a failed attempt left (before another endpoint is tried).
+    pub(crate) fn reset_rootfs(&self) -> Result<()> {
+        let dir = rustix::fs::open(
+            &self.dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", &self.dir, e.into()))?;
+        resolve::remove_all(dir.as_fd(), c"rootfs")
+            .map_err(|e| Error::io("remove", self.rootfs(), e))
+    }
+
+    /// Renames the finished tree to the destination; the staging directory (blobs, and
+    /// the empty directory an exchange swapped out) is removed.
+    pub(crate) fn publish(self) -> Result<()> {
+        let parent_of = |p: &Path| match p.parent() {
+            Some(q) if !q.as_os_str().is_empty() => q.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let tparent = parent_of(&self.target);
+        let tdir = rustix::fs::open(&tparent, flags, Mode::empty())
+            .map_err(|e| Error::io("open", &tparent, e.into()))?;
+        let sdir = rustix::fs::open(&self.dir, flags | OFlags::NOFOLLOW, Mode::empty())
+            .map_err(|e| Error::io("open", &self.dir, e.into()))?;
+        let tname = self.target.file_name().unwrap_or_default();
+        let how = if self.exchange {
+            RenameFlags::EXCHANGE
+        } else {
+            RenameFlags::NOREPLACE
+        };
+        rustix::fs::renameat_with(&sdir, c"rootfs", &tdir, tname, how).map_err(|e| {
+            let e: io::Error = e.into();
+            if e.raw_os_error() == Some(libc::EEXIST) || e.raw_os_error() == Some(libc::ENOTEMPTY) {
+                Error::Destination {
+                    path: self.target.clone(),
+                    reason: "appeared while the image was unpacked; nothing was written to it"
+                        .into(),
+                }
+            } else if e.raw_os_error() == Some(libc::ENOENT) && self.exchange {
+                Error::Destination {
+                    path: self.target.clone(),
+                    reason: "was removed while the image was unpacked".into(),
+                }
+            } else {
+                Error::io("rename", &self.target, e)
+            }
+        })?;
+        if self.exchange {
+            // What was swapped out must still be the empty directory we checked; if
+            // something was put in it meanwhile, swap back and refuse.
+            let old_is_empty = std::fs::read_dir(self.rootfs())
+                .map(|mut rd| rd.next().is_none())
+                .unwrap_or(false);
+            if !old_is_empty {
+                let _ = rustix::fs::renameat_with(
+                    &sdir,
+                    c"rootfs",
+                    &tdir,
+                    tname,
+                    RenameFlags::EXCHANGE,
+                );
+                return Err(Error::Destination {
+                    path: self.target.clone(),
+                    reason: "was written to while the image was unpacked; left as it was".into(),
+                });
+            }
+        }
+        crate::write::sync_parent(&self.target)?;
+        Ok(())
+        // Drop removes the staging directory (blobs, the swapped-out empty directory).
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // A pull dropped mid-unpack (Ctrl-C) leaves its thread running: stop it, and wait
+        // (briefly) until it no longer writes, so that nothing appears after the removal.
+        self.cancel.store(true, Ordering::Relaxed);
+        for _ in 0..200 {
+            match self.running.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => break,
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(25))
+                }
+            }
+        }
+        let Some(name) = self.dir.file_name() else {
+            return;
+        };
+        let parent = match self.dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let Ok(pfd) = rustix::fs::open(
+            &parent,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        let Ok(cname) = std::ffi::CString::new(name.as_encoded_bytes()) else {
+            return;
+        };
+        if let Err(e) = resolve::remove_all(pfd.as_fd(), &cname) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove the staging directory");
+        }
+    }
+}

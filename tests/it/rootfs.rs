@@ -1,0 +1,1035 @@
+//! `--format rootfs`: the unpacked root filesystem equals `umoci unpack`'s (as root, and
+//! rootless), hostile layers cannot reach outside it, and it appears only once every layer
+//! is verified.
+//!
+//! Layers are written byte by byte here (ustar headers, PAX records, GNU long names), so
+//! that odd and hostile archives can be built as well as ordinary ones.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::interop::{fastpull, image_ref, require_tools, umoci_unpack};
+use crate::support::cli::assert_exit;
+use crate::support::fstree::{assert_same, snapshot};
+use crate::support::*;
+
+const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const OCI_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A tar stream written header by header.
+#[derive(Default)]
+struct Tar(Vec<u8>);
+
+/// Header fields of one entry.
+#[derive(Clone)]
+struct H {
+    flag: u8,
+    name: Vec<u8>,
+    link: Vec<u8>,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    size: u64,
+    dev: (u32, u32),
+}
+
+fn h(flag: u8, name: &str, mode: u32) -> H {
+    H {
+        flag,
+        name: name.as_bytes().to_vec(),
+        link: Vec::new(),
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: T0,
+        size: 0,
+        dev: (0, 0),
+    }
+}
+
+/// A time every entry has unless it says otherwise.
+const T0: u64 = 1_600_000_000;
+
+impl Tar {
+    /// A ustar header block for `e` (names of at most 100 bytes: longer ones go through
+    /// [`Tar::pax`] or [`Tar::gnu_long`]; the header keeps a truncated one).
+    fn header(e: &H) -> [u8; 512] {
+        let mut hd = tar::Header::new_ustar();
+        {
+            let old = hd.as_old_mut();
+            let n = e.name.len().min(100);
+            old.name = [0; 100];
+            old.name[..n].copy_from_slice(&e.name[..n]);
+            let l = e.link.len().min(100);
+            old.linkname = [0; 100];
+            old.linkname[..l].copy_from_slice(&e.link[..l]);
+        }
+        hd.set_entry_type(tar::EntryType::new(e.flag));
+        hd.set_mode(e.mode);
+        hd.set_uid(e.uid);
+        hd.set_gid(e.gid);
+        hd.set_mtime(e.mtime);
+        hd.set_size(e.size);
+        if e.flag == b'3' || e.flag == b'4' {
+            hd.set_device_major(e.dev.0).expect("device major");
+            hd.set_device_minor(e.dev.1).expect("device minor");
+        }
+        hd.set_cksum();
+        let mut out = [0u8; 512];
+        out.copy_from_slice(hd.as_bytes());
+        out
+    }
+
+    /// Appends a header and `data`, padded to a block.
+    fn raw(&mut self, e: &H, data: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(&Tar::header(e));
+        self.0.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        self.0.extend(std::iter::repeat_n(0u8, pad));
+        self
+    }
+
+    /// An entry whose header size is its data's length.
+    fn add(&mut self, mut e: H, data: &[u8]) -> &mut Self {
+        e.size = data.len() as u64;
+        self.raw(&e, data)
+    }
+
+    /// A PAX extended header (`x`) for the next entry.
+    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        let mut body = Vec::new();
+        for (k, v) in records {
+            let rest = 1 + k.len() + 1 + v.len() + 1; // " k=v\n"
+            let mut len = rest + 1;
+            while len.to_string().len() + rest != len {
+                len += 1;
+            }
+            body.extend_from_slice(format!("{len} {k}=").as_bytes());
+            body.extend_from_slice(v);
+            body.push(b'\n');
+        }
+        self.add(h(b'x', "././@PaxHeader", 0o644), &body.clone())
+    }
+
+    /// A GNU long name (`L`) or long link (`K`) for the next entry.
+    fn gnu_long(&mut self, flag: u8, name: &str) -> &mut Self {
+        let mut data = name.as_bytes().to_vec();
+        data.push(0);
+        let mut e = h(flag, "././@LongLink", 0o644);
+        e.mtime = 0;
+        // GNU long names go in GNU headers; a ustar header is what tar-rs also accepts.
+        self.add(e, &data)
+    }
+
+    fn dir(&mut self, name: &str, mode: u32, mtime: u64) -> &mut Self {
+        let mut e = h(b'5', name, mode);
+        e.mtime = mtime;
+        self.add(e, b"")
+    }
+
+    fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.add(h(b'0', name, mode), data)
+    }
+
+    fn owned(&mut self, name: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> &mut Self {
+        let mut e = h(b'0', name, mode);
+        e.uid = uid;
+        e.gid = gid;
+        self.add(e, data)
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        let mut e = h(b'2', name, 0o777);
+        e.link = target.as_bytes().to_vec();
+        self.add(e, b"")
+    }
+
+    fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
+        let mut e = h(b'1', name, 0o644);
+        e.link = target.as_bytes().to_vec();
+        self.add(e, b"")
+    }
+
+    fn whiteout(&mut self, name: &str) -> &mut Self {
+        self.file(name, 0o644, b"")
+    }
+
+    /// The two zero blocks that end an archive.
+    fn finish(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.0);
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+}
+
+/// A layer blob of `tar` with `media_type`, and its diff_id.
+fn layer(tar: &[u8], media_type: &str) -> (Blob, String) {
+    let bytes = match media_type {
+        OCI_GZIP => gzip(tar),
+        OCI_ZSTD => zstd::encode_all(tar, 3).expect("zstd into memory"),
+        _ => tar.to_vec(),
+    };
+    (Blob::new(media_type, bytes), sha256_digest(tar))
+}
+
+fn image(layers: Vec<(Blob, String)>) -> Image {
+    let mut b = ImageBuilder::new(Flavor::Oci);
+    for (blob, diff_id) in layers {
+        b = b.raw_layer(blob, diff_id);
+    }
+    b.build()
+}
+
+/// `fastpull --plain-http --format rootfs IMAGE DEST`, as the current user.
+fn pull_rootfs(image: &str, dest: &Path) -> Output {
+    fastpull_command()
+        .args(["--plain-http", "--format", "rootfs", image])
+        .arg(dest)
+        .output()
+        .expect("run fastpull")
+}
+
+/// Layers of an image with everything umoci's unpacking has rules for. The second layer
+/// is returned as a tar, to be compressed either way.
+fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
+    let long_pax = format!("long/{}", "p".repeat(120));
+    let long_gnu = format!("long/{}", "g".repeat(150));
+    let long_target = format!("/long/{}", "g".repeat(150));
+    let mut l0 = Tar::default();
+    l0.dir("./", 0o755, T0 + 1)
+        .dir("etc/", 0o755, T0 + 2)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .owned("etc/shadow", 0o640, 0, 42, b"root:*:19000::::::\n")
+        .dir("bin/", 0o755, T0 + 3)
+        .owned("bin/tool", 0o4755, 0, 0, b"#!/bin/sh\necho tool\n")
+        .owned("bin/sgid", 0o2755, 0, 50, b"sgid\n")
+        .dir("usr/", 0o755, T0 + 4)
+        .dir("usr/lib/", 0o755, T0 + 5)
+        .file("usr/lib/libfoo.so.1", 0o755, &[7u8; 3000])
+        .symlink("usr/lib/libfoo.so", "libfoo.so.1")
+        .symlink("usr/lib/abs", "/etc/passwd")
+        .dir("data/", 0o755, T0 + 6)
+        .file("data/a", 0o644, b"a")
+        .file("data/b", 0o644, b"b")
+        .dir("data/sub/", 0o700, T0 + 7)
+        .file("data/sub/c", 0o600, b"c")
+        .dir("gone/", 0o755, T0 + 8)
+        .file("gone/x", 0o644, b"x")
+        .file("gonefile", 0o644, b"gone")
+        .file("empty", 0o644, b"")
+        .owned("owned", 0o600, 1000, 1000, b"mine")
+        .dir("sticky/", 0o1777, T0 + 9)
+        .file("hl-base", 0o644, b"linked twice")
+        .hardlink("hl-same", "hl-base")
+        .pax(&[
+            ("SCHILY.xattr.user.test", b"hello"),
+            ("SCHILY.xattr.user.bin", &[0, 1, 2, 255]),
+        ])
+        .file("xattr-file", 0o644, b"xattrs")
+        .pax(&[("SCHILY.xattr.user.dir", b"1")])
+        .dir("xattr-dir/", 0o755, T0 + 10)
+        .pax(&[("mtime", b"1700000000.123456789")])
+        .file("ns-file", 0o644, b"nanoseconds")
+        .dir("long/", 0o755, T0 + 11)
+        .pax(&[("path", long_pax.as_bytes())])
+        .file(&long_pax[..100], 0o644, b"pax long name")
+        .gnu_long(b'L', &long_gnu)
+        .file(&long_gnu[..100], 0o644, b"gnu long name")
+        .gnu_long(b'K', &long_target)
+        .symlink("long-link", &long_target[..100])
+        .add(h(b'6', "fifo", 0o640), b"")
+        .dir("opq2/", 0o755, T0 + 13)
+        .file("opq2/old", 0o644, b"old")
+        .file("f2d", 0o644, b"a file, then a directory")
+        .dir("imp-parent/", 0o755, T0 + 12)
+        .file("imp-parent/implicit/f", 0o644, b"in an implicit dir");
+    if with_devices {
+        let mut c = h(b'3', "null-ish", 0o666);
+        c.dev = (1, 3);
+        let mut b = h(b'4', "loop-ish", 0o660);
+        b.dev = (7, 0);
+        b.gid = 6;
+        l0.add(c, b"").add(b, b"");
+    }
+    let l0 = l0.finish();
+
+    let mut l1 = Tar::default();
+    l1.whiteout(".wh.gonefile")
+        .whiteout(".wh.gone")
+        .dir("data/", 0o755, T0 + 20)
+        .file("data/new", 0o644, b"new")
+        .whiteout("data/.wh..wh..opq")
+        .hardlink("hl-lower", "etc/passwd")
+        .symlink("bin/tool", "/usr/lib/libfoo.so")
+        .dir("usr/lib/abs/", 0o750, T0 + 21)
+        .file("empty2", 0o000, b"")
+        .pax(&[("SCHILY.xattr.user.x", b"y")])
+        .dir("etc/", 0o750, T0 + 22)
+        .whiteout(".wh.never-existed");
+    let l1 = l1.finish();
+
+    let empty = Tar::default().finish();
+
+    let mut l3 = Tar::default();
+    l3.whiteout(".wh.hl-base")
+        .dir("newdir/", 0o755, T0 + 30)
+        .whiteout("newdir/.wh.nonexistent")
+        .file("sticky", 0o644, b"a file where a directory was")
+        .file("data/a", 0o644, b"a is back")
+        // An opaque marker before its siblings, a whiteout after a re-creation (both spare
+        // what this layer wrote), a file replaced by a directory.
+        .whiteout("opq2/.wh..wh..opq")
+        .file("opq2/fresh", 0o644, b"fresh")
+        .file(
+            "recreated",
+            0o644,
+            b"written, then whited out in the same layer",
+        )
+        .whiteout(".wh.recreated")
+        .dir("f2d/", 0o711, T0 + 31)
+        .file("f2d/x", 0o644, b"x");
+    let l3 = l3.finish();
+    vec![
+        (l0, OCI_GZIP),
+        (l1, OCI_ZSTD),
+        (empty, OCI_GZIP),
+        (l3, OCI_GZIP),
+    ]
+}
+
+/// Directories umoci and fastpull both give the current time (implicit ones, and the one
+/// an implicit directory was made in).
+const IMPLICIT: [&str; 2] = ["imp-parent", "imp-parent/implicit"];
+
+/// The same image twice: as built (a zstd layer), and with every layer gzip (umoci 0.4.7
+/// does not read zstd layers; the tars, hence the diff_ids, are the same).
+fn rich_images(with_devices: bool) -> (Image, Image) {
+    let tars = rich_layers(with_devices);
+    let as_built = image(tars.iter().map(|(t, mt)| layer(t, mt)).collect());
+    let gzip_only = image(tars.iter().map(|(t, _)| layer(t, OCI_GZIP)).collect());
+    let cfg = |i: &Image| -> serde_json::Value { serde_json::from_slice(&i.config.bytes).unwrap() };
+    assert_eq!(cfg(&as_built)["rootfs"], cfg(&gzip_only)["rootfs"]);
+    (as_built, gzip_only)
+}
+
+#[test]
+fn rootfs_equals_umoci_unpack() {
+    require_tools();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let root = rustix::process::geteuid().is_root();
+    let (as_built, gzip_only) = rich_images(root);
+    push_image(&reg, "rootfs/rich", "zstd", &as_built);
+    push_image(&reg, "rootfs/rich", "gzip", &gzip_only);
+
+    let ours = work.path().join("ours");
+    let o = pull_rootfs(&image_ref(&reg, "rootfs/rich", "zstd"), &ours);
+    assert!(
+        o.status.success(),
+        "fastpull --format rootfs failed:\n{}",
+        text(&o)
+    );
+    let ours_gz = work.path().join("ours-gz");
+    let o = pull_rootfs(&image_ref(&reg, "rootfs/rich", "gzip"), &ours_gz);
+    assert!(
+        o.status.success(),
+        "fastpull --format rootfs failed:\n{}",
+        text(&o)
+    );
+
+    let layout = work.path().join("layout");
+    fastpull(
+        &reg,
+        &[
+            OsStr::new(&image_ref(&reg, "rootfs/rich", "gzip")),
+            layout.as_os_str(),
+        ],
+    );
+    let theirs = umoci_unpack(&reg, &layout, "gzip", &work.path().join("bundle"));
+
+    let a = snapshot(&ours, &IMPLICIT);
+    let b = snapshot(&theirs, &IMPLICIT);
+    assert_same("fastpull (zstd layer)", &a, "umoci unpack", &b);
+    assert_same(
+        "fastpull (zstd layer)",
+        &a,
+        "fastpull (gzip layers)",
+        &snapshot(&ours_gz, &IMPLICIT),
+    );
+
+    // The walk compared what both wrote; check it holds what the image says, so that an
+    // agreement on something wrong cannot pass.
+    let line = |p: &str| {
+        a.get(p)
+            .unwrap_or_else(|| panic!("{p} missing: {a:#?}"))
+            .clone()
+    };
+    for gone in [
+        "gonefile",
+        "gone",
+        "data/b",
+        "data/sub",
+        "hl-base",
+        "never-existed",
+        "opq2/old",
+    ] {
+        assert!(!a.contains_key(gone), "{gone} should have been whited out");
+    }
+    assert!(line("data/new").contains("size=3"), "{}", line("data/new"));
+    assert!(line("opq2/fresh").starts_with("file") && line("recreated").starts_with("file"));
+    assert!(line("f2d").starts_with("dir mode=0711"), "{}", line("f2d"));
+    assert!(line("data/a").contains("size=9"), "{}", line("data/a"));
+    assert!(line("hl-lower").contains("nlink=2") && line("etc/passwd").contains("nlink=2"));
+    assert!(line("hl-same").contains("nlink=1"), "{}", line("hl-same"));
+    assert!(
+        line("bin/tool").starts_with("symlink")
+            && line("bin/tool").contains("-> /usr/lib/libfoo.so")
+    );
+    assert!(
+        line("bin/sgid").contains("mode=2755 uid=0 gid=50"),
+        "{}",
+        line("bin/sgid")
+    );
+    assert!(
+        line("owned").contains("mode=0600 uid=1000 gid=1000"),
+        "{}",
+        line("owned")
+    );
+    assert!(
+        line("etc").contains("mode=0750")
+            && line("etc").contains(&format!("mtime={}.000000000", T0 + 22))
+    );
+    assert!(line("etc").contains("xattr:user.x=79"), "{}", line("etc"));
+    assert!(line("xattr-file").contains("xattr:user.bin=000102ff xattr:user.test=68656c6c6f"));
+    assert!(
+        line("ns-file").contains("mtime=1700000000.123456789"),
+        "{}",
+        line("ns-file")
+    );
+    assert!(line("sticky").starts_with("file"), "{}", line("sticky"));
+    assert!(
+        line("usr/lib/abs").starts_with("dir mode=0750"),
+        "{}",
+        line("usr/lib/abs")
+    );
+    assert!(line("empty2").contains("mode=0000"));
+    assert!(line("fifo").starts_with("fifo mode=0640"));
+    assert!(line("/").contains(&format!("mode=0755 uid=0 gid=0 mtime={}.000000000", T0 + 1)));
+    assert!(a.contains_key(&format!("long/{}", "p".repeat(120))));
+    assert!(a.contains_key(&format!("long/{}", "g".repeat(150))));
+    assert!(line("long-link").contains(&format!("-> /long/{}", "g".repeat(150))));
+    assert!(line("imp-parent/implicit").starts_with("dir mode=0755"));
+    if root {
+        assert!(
+            line("null-ish").starts_with("char mode=0666") && line("null-ish").contains("rdev=103")
+        );
+        assert!(line("loop-ish").starts_with("block mode=0660 uid=0 gid=6"));
+    }
+    // Blobs are not kept; nothing else was left beside the root filesystem.
+    let mut names: Vec<String> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bundle", "layout", "ours", "ours-gz"]);
+}
+
+/// The uid and gid tests run rootless as (nobody).
+const NOBODY: u32 = 65534;
+
+/// Whether this test can run commands as another user: root, with `setpriv`.
+fn can_drop_privileges() -> bool {
+    rustix::process::geteuid().is_root()
+        && std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn setpriv_prefix() -> String {
+    format!("setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups")
+}
+
+#[test]
+fn rootless_equals_umoci_rootless() {
+    if !can_drop_privileges() {
+        eprintln!(
+            "SKIPPED rootless_equals_umoci_rootless: needs root and setpriv to run fastpull and \
+             umoci as an unprivileged user"
+        );
+        return;
+    }
+    require_tools();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::chown(work.path(), Some(NOBODY), Some(NOBODY)).expect("chown work dir");
+    let (as_built, gzip_only) = rich_images(true);
+    push_image(&reg, "rootfs/rootless", "zstd", &as_built);
+    push_image(&reg, "rootfs/rootless", "gzip", &gzip_only);
+    let home = work.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let runner = std::env::var(runner::RUNNER_ENV).unwrap_or_default();
+    let as_nobody = || {
+        let mut cmd = runner::fastpull_command_through(&format!("{} {runner}", setpriv_prefix()));
+        cmd.env("HOME", &home);
+        cmd
+    };
+    let ours = work.path().join("ours");
+    let o = as_nobody()
+        .args([
+            "--plain-http",
+            "--format",
+            "rootfs",
+            &image_ref(&reg, "rootfs/rootless", "zstd"),
+        ])
+        .arg(&ours)
+        .output()
+        .expect("run fastpull");
+    assert!(
+        o.status.success(),
+        "rootless fastpull --format rootfs failed:\n{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("2 device node(s) written as empty regular files")
+            || String::from_utf8_lossy(&o.stdout)
+                .contains("2 device node(s) written as empty regular files"),
+        "one summary line for the emulated devices:\n{}",
+        text(&o)
+    );
+
+    let layout = work.path().join("layout");
+    let o = as_nobody()
+        .args(["--plain-http", &image_ref(&reg, "rootfs/rootless", "gzip")])
+        .arg(&layout)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    let bundle = work.path().join("bundle");
+    let image = format!("{}:gzip", layout.display());
+    let mut umoci = std::process::Command::new("setpriv");
+    umoci
+        .args(setpriv_prefix().split_whitespace().skip(1))
+        .args(["umoci", "unpack", "--rootless", "--image", &image])
+        .arg(&bundle)
+        .env("HOME", &home);
+    let u = umoci.output().expect("run umoci");
+    assert!(
+        u.status.success(),
+        "umoci unpack --rootless failed:\n{}",
+        text(&u)
+    );
+
+    let a = snapshot(&ours, &IMPLICIT);
+    let b = snapshot(&bundle.join("rootfs"), &IMPLICIT);
+    assert_same("rootless fastpull", &a, "umoci unpack --rootless", &b);
+    let line = |p: &str| a.get(p).unwrap_or_else(|| panic!("{p} missing")).clone();
+    // Owned by us, the image's owner in user.rootlesscontainers (0 written as NoopID).
+    assert!(
+        line("owned").contains(&format!("uid={NOBODY} gid={NOBODY}")),
+        "{}",
+        line("owned")
+    );
+    assert!(
+        line("owned").contains("xattr:user.rootlesscontainers=08e80710e807"),
+        "{}",
+        line("owned")
+    );
+    assert!(
+        line("etc/shadow").contains("xattr:user.rootlesscontainers=08ffffffff0f102a"),
+        "{}",
+        line("etc/shadow")
+    );
+    assert!(line("null-ish").starts_with("file mode=0666") && line("null-ish").contains("size=0"));
+    assert!(!line("etc/passwd").contains("rootlesscontainers"));
+}
+
+/// One hostile case: a name, the layers, and what must happen.
+struct Case {
+    name: &'static str,
+    layers: Vec<Vec<u8>>,
+    /// `None`: the pull succeeds (the entry is contained) and `check` holds; `Some(text)`:
+    /// it fails with exit 4 and says `text`.
+    fails_with: Option<&'static str>,
+    check: fn(&Path),
+}
+
+fn no_check(_: &Path) {}
+
+fn hostile_cases(sentinel: &Path) -> Vec<Case> {
+    let s = sentinel.to_str().expect("utf-8 temp path").to_string();
+    let one = |t: &mut Tar| vec![t.finish()];
+    let mut cases = Vec::new();
+    cases.push(Case {
+        name: "../ and absolute names land inside",
+        layers: one(Tar::default()
+            .file("../escape-rel", 0o644, b"x")
+            .file("../../../escape-rel2", 0o644, b"x")
+            .add(h(b'0', &format!("{s}/abs-file"), 0o644), b"")),
+        fails_with: None,
+        check: |r| {
+            assert!(r.join("escape-rel").is_file() && r.join("escape-rel2").is_file());
+        },
+    });
+    cases.push(Case {
+        name: "symlink to an absolute path outside, then written through",
+        layers: one(Tar::default()
+            .symlink("out", &s)
+            .file("out/pwned", 0o644, b"x")),
+        fails_with: None,
+        check: |r| {
+            let inside: PathBuf = r.join(
+                r.parent()
+                    .unwrap()
+                    .join("sentinel")
+                    .strip_prefix("/")
+                    .unwrap(),
+            );
+            assert!(
+                inside.join("pwned").is_file(),
+                "the file went to {} inside",
+                inside.display()
+            );
+        },
+    });
+    cases.push(Case {
+        name: "symlink to .. (and to /), then written through",
+        layers: one(Tar::default()
+            .symlink("up", "../../../..")
+            .file("up/sentinel/pwned-up", 0o644, b"x")
+            .symlink("root", "/")
+            .file("root/pwned-root", 0o644, b"x")),
+        fails_with: None,
+        check: |r| {
+            assert!(r.join("sentinel/pwned-up").is_file());
+            assert!(r.join("pwned-root").is_file());
+        },
+    });
+    cases.push(Case {
+        name: "symlink, then a directory of the same name (CVE-2026-33056)",
+        layers: one(Tar::default().symlink("d", &s).dir("d/", 0o777, T0)),
+        fails_with: None,
+        check: |r| {
+            let md = std::fs::symlink_metadata(r.join("d")).unwrap();
+            assert!(md.is_dir() && md.mode() & 0o7777 == 0o777);
+        },
+    });
+    cases.push(Case {
+        name: "symlinked parent swapped in by an earlier layer",
+        layers: vec![
+            Tar::default().dir("p/", 0o755, T0).finish(),
+            Tar::default()
+                .whiteout(".wh.p")
+                .symlink("p", &s)
+                .file("p/pwned-swap", 0o644, b"x")
+                .finish(),
+        ],
+        fails_with: None,
+        check: |r| {
+            assert!(r
+                .join(
+                    r.parent()
+                        .unwrap()
+                        .join("sentinel/pwned-swap")
+                        .strip_prefix("/")
+                        .unwrap()
+                )
+                .is_file());
+        },
+    });
+    cases.push(Case {
+        name: "hard link to an absolute path outside",
+        layers: one(Tar::default().hardlink("hl", &format!("{s}/secret"))),
+        fails_with: Some("does not exist"),
+        check: no_check,
+    });
+    cases.push(Case {
+        name: "hard link to ../../x",
+        layers: one(Tar::default().hardlink("hl", "../../sentinel/secret")),
+        fails_with: Some("does not exist"),
+        check: no_check,
+    });
+    cases.push(Case {
+        name: "hard link through a symlink to outside",
+        layers: one(Tar::default().symlink("sl", &s).hardlink("hl", "sl/secret")),
+        fails_with: Some("does not exist"),
+        check: no_check,
+    });
+    for (name, wh) in [
+        ("whiteout .wh.", ".wh."),
+        ("whiteout .wh.. (the parent)", ".wh.."),
+        ("whiteout .wh...", ".wh..."),
+    ] {
+        cases.push(Case {
+            name,
+            layers: one(Tar::default()
+                .dir("sub/", 0o755, T0)
+                .whiteout(&format!("sub/{wh}"))),
+            fails_with: Some("names no file"),
+            check: no_check,
+        });
+    }
+    cases.push(Case {
+        name: "top-level .wh.. (would remove the root's parent)",
+        layers: one(Tar::default().whiteout(".wh..")),
+        fails_with: Some("names no file"),
+        check: no_check,
+    });
+    cases.push(Case {
+        name: "a symlink with data (size != 0)",
+        layers: one(Tar::default().raw(
+            &H {
+                size: 512,
+                link: b"target".to_vec(),
+                ..h(b'2', "sl", 0o777)
+            },
+            &Tar::header(&h(b'0', "smuggled", 0o644)),
+        )),
+        fails_with: Some("reads no data for it"),
+        check: no_check,
+    });
+    cases.push(Case {
+        // GHSA-3cv2-h65g-fgmm: a PAX size is the next *file's*, not the GNU long name's in
+        // between. Read as Go reads it: the file is empty, and what its header claimed as
+        // data is the next entry.
+        name: "PAX size before a GNU long name (tar-rs < 0.4.46 desync)",
+        layers: one(Tar::default()
+            .pax(&[("size", b"0")])
+            .gnu_long(b'L', &format!("pax-then-long-{}", "l".repeat(100)))
+            .raw(
+                &H {
+                    size: 512,
+                    ..h(b'0', "pax-then-long", 0o644)
+                },
+                &Tar::header(&h(b'0', "smuggled", 0o644)),
+            )),
+        fails_with: None,
+        check: |r| {
+            let long = r.join(format!("pax-then-long-{}", "l".repeat(100)));
+            assert_eq!(
+                std::fs::metadata(&long).unwrap().len(),
+                0,
+                "the PAX size applies"
+            );
+            assert!(
+                r.join("smuggled").is_file(),
+                "Go reads the next header there"
+            );
+        },
+    });
+    cases.push(Case {
+        name: "a zero block, then more entries",
+        layers: vec![zero_block_then_entry()],
+        fails_with: Some("single zero block"),
+        check: no_check,
+    });
+    cases.push(Case {
+        name: "root entry that is not a directory",
+        layers: one(Tar::default().symlink("./", &s)),
+        fails_with: Some("root directory"),
+        check: no_check,
+    });
+    cases.push(Case {
+        name: "a 4 MiB GNU long name",
+        layers: one(Tar::default()
+            .gnu_long(b'L', &"n".repeat(4 << 20))
+            .file("x", 0o644, b"")),
+        fails_with: Some("larger than"),
+        check: no_check,
+    });
+    cases
+}
+
+/// A single zero block followed by an entry: Go stops with an error, so must we.
+fn zero_block_then_entry() -> Vec<u8> {
+    let mut t = Tar::default();
+    t.file("first", 0o644, b"1");
+    let mut out = std::mem::take(&mut t.0);
+    out.extend_from_slice(&[0u8; 512]);
+    out.extend_from_slice(&Tar::header(&h(b'0', "hidden", 0o644)));
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn hostile_layers_stay_inside_rootfs() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let sentinel = work.path().join("sentinel");
+    std::fs::create_dir(&sentinel).unwrap();
+    std::fs::write(sentinel.join("secret"), b"do not touch").unwrap();
+    std::fs::set_permissions(
+        &sentinel,
+        std::os::unix::fs::PermissionsExt::from_mode(0o750),
+    )
+    .unwrap();
+    let before = snapshot(work.path(), &["/"]);
+    for (i, case) in hostile_cases(&sentinel).iter().enumerate() {
+        let img = image(case.layers.iter().map(|t| layer(t, OCI_GZIP)).collect());
+        let repo = format!("rootfs/hostile{i}");
+        push_image(&reg, &repo, "t", &img);
+        let dest = work.path().join("rootfs");
+        let o = pull_rootfs(&image_ref(&reg, &repo, "t"), &dest);
+        match case.fails_with {
+            None => {
+                assert!(
+                    o.status.success(),
+                    "{}: should be contained:\n{}",
+                    case.name,
+                    text(&o)
+                );
+                (case.check)(&dest);
+            }
+            Some(msg) => {
+                assert_eq!(
+                    o.status.code(),
+                    Some(4),
+                    "{}: exit 4 expected:\n{}",
+                    case.name,
+                    text(&o)
+                );
+                let err = String::from_utf8_lossy(&o.stderr);
+                eprintln!("{}: {}", case.name, err.trim());
+                assert!(
+                    err.contains(msg),
+                    "{}: stderr should say {msg:?}:\n{}",
+                    case.name,
+                    text(&o)
+                );
+                assert!(
+                    !dest.exists(),
+                    "{}: a failed pull left {}",
+                    case.name,
+                    dest.display()
+                );
+            }
+        }
+        // Nothing outside ROOTFS changed: the sentinel, its file, and no new names.
+        if dest.exists() {
+            remove_tree(&dest);
+        }
+        let after = snapshot(work.path(), &["/"]);
+        assert_same("before", &before, &format!("after {:?}", case.name), &after);
+    }
+    assert!(
+        !Path::new("/pwned-root").exists() && !Path::new("/escape-rel").exists(),
+        "something escaped to /"
+    );
+}
+
+/// Removes a tree a test unpacked (directories may have had their write bit taken away).
+fn remove_tree(p: &Path) {
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+rwx"])
+        .arg(p)
+        .status();
+    std::fs::remove_dir_all(p).unwrap_or_else(|e| panic!("remove {}: {e}", p.display()));
+}
+
+#[test]
+fn diff_id_mismatch_leaves_nothing() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let good = Tar::default().file("a", 0o644, b"a").finish();
+    let (blob, _) = layer(&good, OCI_GZIP);
+    let wrong = sha256_digest(b"not this layer");
+    let img = ImageBuilder::new(Flavor::Oci)
+        .raw_layer(blob, wrong.clone())
+        .build();
+    push_image(&reg, "rootfs/bad-diffid", "t", &img);
+    let dest = work.path().join("rootfs");
+    let o = pull_rootfs(&image_ref(&reg, "rootfs/bad-diffid", "t"), &dest);
+    assert_exit(&o, 4);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("diff_ids") && err.contains(&wrong),
+        "{}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "a failed pull left {left:?}");
+
+    // A second layer that fails leaves an existing empty ROOTFS as it was.
+    std::fs::create_dir(&dest).unwrap();
+    let img = ImageBuilder::new(Flavor::Oci)
+        .raw_layer(layer(&good, OCI_GZIP).0, sha256_digest(&good))
+        .raw_layer(layer(&good, OCI_TAR).0, wrong)
+        .build();
+    push_image(&reg, "rootfs/bad-diffid2", "t", &img);
+    let o = pull_rootfs(&image_ref(&reg, "rootfs/bad-diffid2", "t"), &dest);
+    assert_exit(&o, 4);
+    assert!(
+        std::fs::read_dir(&dest).unwrap().next().is_none(),
+        "ROOTFS was written to"
+    );
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        1,
+        "only ROOTFS is left"
+    );
+}
+
+#[test]
+fn rootfs_destination_rules() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = Tar::default().file("hello", 0o644, b"hi").finish();
+    let img = image(vec![layer(&tar, OCI_TAR)]);
+    push_image(&reg, "rootfs/dest", "t", &img);
+    let reference = image_ref(&reg, "rootfs/dest", "t");
+
+    // A non-empty directory is refused, untouched.
+    let full = work.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), b"mine").unwrap();
+    let o = pull_rootfs(&reference, &full);
+    assert_exit(&o, 5);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not empty"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"mine");
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+
+    // An empty directory is filled (exchanged), a missing one made.
+    for name in ["empty", "new/nested"] {
+        let dest = work.path().join(name);
+        if name == "empty" {
+            std::fs::create_dir(&dest).unwrap();
+        }
+        let o = pull_rootfs(&reference, &dest);
+        assert!(o.status.success(), "{name}:\n{}", text(&o));
+        assert_eq!(std::fs::read(dest.join("hello")).unwrap(), b"hi");
+        let md = std::fs::metadata(&dest).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o755);
+        assert_eq!(md.mtime(), 0, "the root's mtime is the epoch, as umoci's");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["empty", "full", "new"],
+        "no staging directory is left"
+    );
+
+    // Several platforms cannot be one root filesystem.
+    let o = fastpull_command()
+        .args([
+            "--plain-http",
+            "--format",
+            "rootfs",
+            "--all-platforms",
+            &reference,
+        ])
+        .arg(work.path().join("multi"))
+        .output()
+        .unwrap();
+    assert_exit(&o, 2);
+    assert!(!work.path().join("multi").exists());
+}
+
+/// The staging directory of a pull into `work/rootfs`, if there is one.
+fn staging_in(work: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(work)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".rootfs.fastpull-")
+        })
+        .map(|e| e.path())
+}
+
+/// Starts a rootfs pull of `image` into `work/rootfs`, waits until `ready` holds, sends
+/// SIGINT, and returns what the process did.
+fn interrupt_when(image: &str, work: &Path, ready: impl Fn() -> bool) -> Output {
+    let child = fastpull_command()
+        .args(["--plain-http", "--format", "rootfs", image])
+        .arg(work.join("rootfs"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fastpull");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ready() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    child.wait_with_output().expect("wait for fastpull")
+}
+
+#[test]
+fn interrupted_rootfs_pull_leaves_nothing() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+
+    // Stopped while the blobs download (slowly, through a capped proxy).
+    let slow = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(7, 1, 4 << 20))
+        .build();
+    push_image(&reg, "rootfs/slow", "t", &slow);
+    let proxy = CountingProxy::start(&reg.addr());
+    proxy.cap(
+        Which::PathContains("/blobs/".into()),
+        Cap::smooth(256 << 10),
+    );
+    let o = interrupt_when(
+        &format!("{}/rootfs/slow:t", proxy.addr()),
+        work.path(),
+        || staging_in(work.path()).is_some_and(|s| s.join("blobs").is_dir()),
+    );
+    assert_exit(&o, 130);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("was not written"),
+        "{}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "interrupted while downloading, it left {left:?}"
+    );
+
+    // Stopped while it unpacks (many entries, so that there is time to).
+    let mut t = Tar::default();
+    t.dir("many/", 0o755, T0);
+    for i in 0..30_000 {
+        t.file(&format!("many/f{i}"), 0o644, b"");
+    }
+    let many = image(vec![layer(&t.finish(), OCI_GZIP)]);
+    push_image(&reg, "rootfs/many", "t", &many);
+    let o = interrupt_when(&image_ref(&reg, "rootfs/many", "t"), work.path(), || {
+        staging_in(work.path()).is_some_and(|s| s.join("rootfs/many").is_dir())
+    });
+    if o.status.code() == Some(0) {
+        // The signal came after the rename: then the tree must be whole.
+        eprintln!("interrupted_rootfs_pull_leaves_nothing: the unpack finished before SIGINT");
+        assert_eq!(
+            std::fs::read_dir(work.path().join("rootfs/many"))
+                .unwrap()
+                .count(),
+            30_000
+        );
+        assert!(staging_in(work.path()).is_none());
+    } else {
+        assert_exit(&o, 130);
+        let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "interrupted while unpacking, it left {left:?}"
+        );
+    }
+}
