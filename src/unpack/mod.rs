@@ -102,7 +102,7 @@ mod resolve;
 mod targuard;
 
 use std::io::{self, BufReader, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -411,6 +411,69 @@ pub(crate) struct Staging {
     /// and the directory is removed once it has.
     cancel: Arc<AtomicBool>,
     running: Arc<Mutex<()>>,
+    /// The directory itself, open and `flock`ed for the life of the pull: a later pull
+    /// sweeps only staging directories nobody holds (what a `kill -9` or a power cut left).
+    _lock: OwnedFd,
+}
+
+/// A staging directory younger than this is never swept, held or not (it may be one that
+/// another pull has just made and not locked yet).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Removes the staging directories of `name` in `parent` that no running pull holds and
+/// that are older than [`STALE_AFTER`]: what a killed pull left. Each is removed through
+/// its parent's fd without following a symlink. Failures are logged, not fatal.
+fn sweep_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.fastpull-");
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let Ok(pfd) = rustix::fs::open(
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let file_name = e.file_name();
+        if !file_name.to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let old = md
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if !md.is_dir() || !old {
+            continue;
+        }
+        let Ok(cname) = std::ffi::CString::new(file_name.as_encoded_bytes()) else {
+            continue;
+        };
+        let Ok(fd) = rustix::fs::openat(
+            pfd.as_fd(),
+            cname.as_c_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        if rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue; // a running pull holds it
+        }
+        match resolve::remove_all(pfd.as_fd(), &cname) {
+            Ok(()) => {
+                tracing::info!(dir = %e.path().display(), "removed a staging directory a stopped pull left")
+            }
+            Err(err) => {
+                tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove a staging directory a stopped pull left")
+            }
+        }
+    }
 }
 
 impl Staging {
@@ -447,6 +510,7 @@ impl Staging {
             }
         };
         std::fs::create_dir_all(&parent).map_err(|e| Error::io("create directory", &parent, e))?;
+        sweep_stale(&parent, &name);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -459,13 +523,24 @@ impl Staging {
             ));
             match rustix::fs::mkdir(&dir, Mode::from_raw_mode(0o700)) {
                 Ok(()) => {
+                    let lock = rustix::fs::open(
+                        &dir,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .and_then(|fd| {
+                        rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                            .map(|()| fd)
+                    })
+                    .map_err(|e| Error::io("lock", &dir, e.into()))?;
                     return Ok(Staging {
                         dir,
                         target: target.to_path_buf(),
                         exchange,
                         cancel: Arc::new(AtomicBool::new(false)),
                         running: Arc::new(Mutex::new(())),
-                    })
+                        _lock: lock,
+                    });
                 }
                 Err(Errno::EXIST) => continue,
                 Err(e) => return Err(Error::io("create directory", &dir, e.into())),

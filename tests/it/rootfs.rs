@@ -1033,3 +1033,67 @@ fn interrupted_rootfs_pull_leaves_nothing() {
         );
     }
 }
+
+/// A staging directory a killed pull left beside ROOTFS (unlocked, older than 10 s) is
+/// removed by the next pull, without following the symlinks in it; one a running pull holds
+/// (its `flock`), or one just made, is left alone.
+#[test]
+fn stale_staging_directories_are_swept_held_and_young_ones_kept() {
+    use std::os::fd::AsFd;
+    use std::time::{Duration, SystemTime};
+    let reg = Registry::start();
+    let tar = Tar::default().file("hello", 0o644, b"hi").finish();
+    let img = image(vec![layer(&tar, OCI_TAR)]);
+    push_image(&reg, "rootfs/sweep", "t", &img);
+    let reference = image_ref(&reg, "rootfs/sweep", "t");
+    let work = tempfile::tempdir().expect("temp dir");
+    let sentinel = work.path().join("sentinel");
+    std::fs::create_dir(&sentinel).expect("sentinel");
+    std::fs::write(sentinel.join("keep"), b"mine").expect("sentinel file");
+    let staging = |tag: &str| work.path().join(format!(".root.fastpull-{tag}"));
+    let (stale, held, young) = (
+        staging("dead0001"),
+        staging("beef0002"),
+        staging("cafe0003"),
+    );
+    for d in [&stale, &held, &young] {
+        std::fs::create_dir_all(d.join("blobs/sha256")).expect("staging");
+        std::fs::write(d.join("blobs/sha256/x"), b"partial").expect("file");
+        std::os::unix::fs::symlink(&sentinel, d.join("out")).expect("symlink");
+    }
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for d in [&stale, &held] {
+        std::fs::File::open(d)
+            .and_then(|f| f.set_modified(hour_ago))
+            .expect("age the directory");
+    }
+    let lock = std::fs::File::open(&held).expect("open held");
+    rustix::fs::flock(
+        lock.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .expect("hold it as a running pull would");
+
+    let dest = work.path().join("root");
+    let o = pull_rootfs(&reference, &dest);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(dest.join("hello")).expect("hello"), b"hi");
+    assert!(
+        !stale.exists(),
+        "the stale staging directory is still there"
+    );
+    assert!(
+        held.join("blobs/sha256/x").is_file(),
+        "a held one was swept"
+    );
+    assert!(
+        young.join("blobs/sha256/x").is_file(),
+        "a young one was swept"
+    );
+    assert_eq!(
+        std::fs::read(sentinel.join("keep")).expect("sentinel"),
+        b"mine",
+        "the sweep followed a symlink"
+    );
+    drop(lock);
+}
