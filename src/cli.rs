@@ -385,7 +385,7 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         } else {
             eprintln!("fastpull: interrupted; verified blobs are kept");
         }
-        std::process::exit(130);
+        std::process::exit(fastpull::Category::Cancelled.exit_code());
     }
     let report = result?;
     if let Some(file) = &args.digestfile {

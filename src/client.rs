@@ -113,9 +113,7 @@ impl ClientBuilder {
     /// shared. A single-platform image is checked against it (its config's os and
     /// architecture): a mismatch is [`Error::NoMatchingPlatform`].
     pub fn platform(mut self, platform: Platform) -> Self {
-        if !self.defaults.platforms.contains(&platform) {
-            self.defaults.platforms.push(platform);
-        }
+        self.defaults.add_platform(platform);
         self
     }
 
@@ -533,13 +531,7 @@ impl Client {
         let image = match &top.document {
             Document::Image(_) => top,
             Document::Index(entries) => {
-                let want = self
-                    .inner
-                    .defaults
-                    .platforms
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(Platform::host);
+                let want = self.inner.defaults.first_wanted();
                 let e = manifest::select(entries, &want, &reference.to_string())?;
                 registry
                     .manifest(&e.digest.to_string(), Some(&e.digest), Some(e.size))
@@ -750,11 +742,6 @@ impl Client {
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
         // all: the index itself is, with every chosen manifest stored beside it.
         let several = images.len() > 1 || opts.all_platforms;
-        if several && opts.format == Format::Rootfs {
-            return Err(Error::InvalidOption(
-                "--format rootfs unpacks one platform; this pull would take several".into(),
-            ));
-        }
         if several && (opts.format.is_archive() || opts.conversion != Conversion::Keep) {
             return Err(Error::InvalidOption(
                 "several platforms (--all-platforms, a repeated --platform) are pulled into a \

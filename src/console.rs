@@ -173,7 +173,7 @@ impl Console {
     pub fn interrupted(&self) {
         self.clear();
         if self.mode == Mode::Json {
-            self.json(json!({"event": "interrupted", "exit_code": 130}));
+            self.json(json!({"event": "interrupted", "exit_code": fastpull::Category::Cancelled.exit_code()}));
         }
     }
 

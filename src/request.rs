@@ -20,7 +20,7 @@ use crate::progress::{PullId, PullReporter, Reporter};
 use crate::reference::Reference;
 
 /// What may differ from one pull to the next (the client's builder sets the defaults).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct PullOptions {
     /// The platforms named; empty: this machine's.
     pub platforms: Vec<Platform>,
@@ -31,18 +31,6 @@ pub(crate) struct PullOptions {
     pub replace: bool,
 }
 
-impl Default for PullOptions {
-    fn default() -> Self {
-        PullOptions {
-            platforms: Vec::new(),
-            all_platforms: false,
-            format: Format::Oci,
-            conversion: Conversion::Keep,
-            replace: false,
-        }
-    }
-}
-
 impl PullOptions {
     /// The platforms wanted: those named, or this machine's.
     pub fn wanted(&self) -> Vec<Platform> {
@@ -50,6 +38,21 @@ impl PullOptions {
             vec![Platform::host()]
         } else {
             self.platforms.clone()
+        }
+    }
+
+    /// The first platform wanted (what `config` picks from an index).
+    pub fn first_wanted(&self) -> Platform {
+        self.platforms
+            .first()
+            .cloned()
+            .unwrap_or_else(Platform::host)
+    }
+
+    /// Adds a platform, once.
+    pub fn add_platform(&mut self, platform: Platform) {
+        if !self.platforms.contains(&platform) {
+            self.platforms.push(platform);
         }
     }
 
@@ -147,9 +150,7 @@ impl<'c> PullRequest<'c> {
             self.options.platforms.clear();
             self.platform_set = true;
         }
-        if !self.options.platforms.contains(&platform) {
-            self.options.platforms.push(platform);
-        }
+        self.options.add_platform(platform);
         self
     }
 

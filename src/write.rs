@@ -592,7 +592,7 @@ fn no_space(e: std::io::Error, partial: &Path, size: u64) -> Error {
     if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
         || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
     {
-        let dir = partial.parent().unwrap_or(Path::new("."));
+        let dir = parent_dir(partial);
         // The destination, not its scratch directory, is what the user named.
         let dest = dir
             .parent()
@@ -772,10 +772,19 @@ pub(crate) fn persist(from: &Path, to: &Path) -> Result<()> {
 
 /// fsyncs the directory holding `path`, so a rename or create in it survives a crash.
 pub(crate) fn sync_parent(path: &Path) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("fsync", dir, e))
+}
+
+/// The directory `path` is in: its parent, or `.` for a bare name (whose `parent()` is
+/// `Some("")`, which opens nothing).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// Writes a small file atomically (temp file, fsync, rename, fsync dir).
@@ -801,6 +810,14 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_of_a_bare_name_is_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("app.tar")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("out/app.tar")), Path::new("out"));
+        assert_eq!(parent_dir(Path::new("/app.tar")), Path::new("/"));
+        sync_parent(Path::new("Cargo.toml")).expect("a bare name's directory is synced");
+    }
 
     fn blob(dir: &Path, size: u64) -> Arc<BlobFile> {
         BlobFile::create(&dir.join("b.partial"), &dir.join("b"), size).unwrap()

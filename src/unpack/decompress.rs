@@ -7,9 +7,8 @@
 
 use std::io::{self, BufRead, Read};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::digest::Digest;
+use crate::verify::Hasher;
 
 /// How a layer is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +49,7 @@ pub(crate) fn detect(media_type: &str, head: &[u8]) -> Result<Compression, Strin
         Some(Compression::Gzip)
     } else if media_type.ends_with("zstd") {
         Some(Compression::Zstd)
-    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+    } else if media_type.ends_with("tar") {
         Some(Compression::None)
     } else {
         None
@@ -79,26 +78,22 @@ pub(crate) fn decoder<'a, R: BufRead + 'a>(
 /// Passes bytes through, hashing them (sha256) and counting them.
 pub(crate) struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
-    bytes: u64,
+    hasher: Hasher,
 }
 
 impl<R: Read> Hashing<R> {
     pub(crate) fn new(inner: R) -> Hashing<R> {
         Hashing {
             inner,
-            hasher: Sha256::new(),
-            bytes: 0,
+            hasher: Hasher::new(),
         }
     }
 
     /// Reads what is left to the end (hashing it), then gives the digest and byte count.
     pub(crate) fn finish(mut self) -> io::Result<(Digest, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((
-            Digest::from_bytes(self.hasher.finalize().into()),
-            self.bytes,
-        ))
+        let bytes = self.hasher.len();
+        Ok((self.hasher.finish(), bytes))
     }
 }
 
@@ -106,7 +101,6 @@ impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
         Ok(n)
     }
 }

@@ -112,6 +112,7 @@ use rustix::io::Errno;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::write::parent_dir;
 
 /// How ownership and device nodes are handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,9 +299,12 @@ pub(crate) fn unpack(
         summary.layers += 1;
         summary.entries += entries;
     }
-    engine
-        .finish()
-        .map_err(|f| f.into_error(&layers.last().map_or(Digest::of(b""), |l| l.digest), None))?;
+    engine.finish().map_err(|f| {
+        f.into_error(
+            &layers.last().map_or_else(|| Digest::of(b""), |l| l.digest),
+            None,
+        )
+    })?;
     summary.devices_emulated = engine.devices_emulated;
     summary.xattrs_skipped = engine.xattrs_skipped;
     if summary.devices_emulated > 0 {
@@ -489,10 +493,7 @@ impl Staging {
             .ok_or_else(|| dest_err("names no directory (it ends in '..' or is '/')"))?
             .to_string_lossy()
             .into_owned();
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_dir(target).to_path_buf();
         let exchange = match std::fs::symlink_metadata(target) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(Error::io("stat", target, e)),
@@ -584,10 +585,7 @@ impl Staging {
     /// Renames the finished tree to the destination; the staging directory (blobs, and
     /// the empty directory an exchange swapped out) is removed.
     pub(crate) fn publish(self) -> Result<()> {
-        let parent_of = |p: &Path| match p.parent() {
-            Some(q) if !q.as_os_str().is_empty() => q.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent_of = |p: &Path| parent_dir(p).to_path_buf();
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let tparent = parent_of(&self.target);
         let tdir = rustix::fs::open(&tparent, flags, Mode::empty())
@@ -659,10 +657,7 @@ impl Drop for Staging {
         let Some(name) = self.dir.file_name() else {
             return;
         };
-        let parent = match self.dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = parent_dir(&self.dir).to_path_buf();
         let Ok(pfd) = rustix::fs::open(
             &parent,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,

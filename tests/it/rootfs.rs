@@ -112,7 +112,7 @@ impl Tar {
             body.extend_from_slice(v);
             body.push(b'\n');
         }
-        self.add(h(b'x', "././@PaxHeader", 0o644), &body.clone())
+        self.add(h(b'x', "././@PaxHeader", 0o644), &body)
     }
 
     /// A GNU long name (`L`) or long link (`K`) for the next entry.
