@@ -172,7 +172,7 @@ impl<'t> Engine<'t> {
             )));
         }
         let fd = self.tree.open_root().map_err(Fail::io("open root"))?;
-        self.meta_fd(&fd, m, true, true)?;
+        self.meta_fd(&fd, m, true, Some(self.root_ino))?;
         self.upper_dirs.insert(self.root_ino);
         Ok(())
     }
@@ -334,7 +334,7 @@ impl<'t> Engine<'t> {
             )));
         }
         let fd = OwnedFd::from(file);
-        self.meta_fd(&fd, m, false, false)
+        self.meta_fd(&fd, m, false, None)
     }
 
     /// A directory (or, over an existing one, its new metadata). Returns its identity.
@@ -351,8 +351,9 @@ impl<'t> Engine<'t> {
         }
         let fd = rustix::fs::openat(parent, name, dir_flags(), Mode::empty())
             .map_err(Fail::io_e("open"))?;
-        self.meta_fd(&fd, m, existing, true)?;
-        Ok(fd_ino(&fd))
+        let ino = fd_ino(&fd);
+        self.meta_fd(&fd, m, existing, Some(ino))?;
+        Ok(ino)
     }
 
     /// A hard link to an earlier entry (of this layer or one below). The target's
@@ -404,8 +405,15 @@ impl<'t> Engine<'t> {
 
     /// Owner, mode, xattrs and times on an open file or directory, in umoci's order
     /// (chown clears setuid/setgid, so chmod comes after; chown clears
-    /// security.capability, so xattrs come after that).
-    fn meta_fd(&mut self, fd: &OwnedFd, m: &Meta, clear: bool, dir: bool) -> Result<(), Fail> {
+    /// security.capability, so xattrs come after that). `dir`: the directory's identity,
+    /// when it is one.
+    fn meta_fd(
+        &mut self,
+        fd: &OwnedFd,
+        m: &Meta,
+        clear: bool,
+        dir: Option<Ino>,
+    ) -> Result<(), Fail> {
         if !self.opts.rootless {
             rustix::fs::fchown(
                 fd,
@@ -415,13 +423,13 @@ impl<'t> Engine<'t> {
             .map_err(Fail::io_e("chown"))?;
         }
         let mut mode = m.mode;
-        if dir && self.opts.rootless {
-            self.dir_modes.insert(fd_ino(fd), mode);
+        if let (Some(ino), true) = (dir, self.opts.rootless) {
+            self.dir_modes.insert(ino, mode);
             mode |= 0o700;
         }
         rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(Fail::io_e("chmod"))?;
         if clear {
-            self.clear_xattrs(XattrTarget::Fd(fd.as_fd()))?;
+            self.clear_xattrs(fd.as_fd())?;
         }
         for (k, v) in self.xattrs_of(m) {
             self.set_xattr(XattrTarget::Fd(fd.as_fd()), &k, &v)?;
@@ -515,13 +523,9 @@ impl<'t> Engine<'t> {
 
     /// Removes every xattr but the ones never touched (a directory merged over an existing
     /// one gets exactly the new entry's xattrs).
-    fn clear_xattrs(&mut self, t: XattrTarget<'_>) -> Result<(), Fail> {
+    fn clear_xattrs(&mut self, fd: BorrowedFd<'_>) -> Result<(), Fail> {
         let mut list = vec![0u8; 64 << 10];
-        let n = match t {
-            XattrTarget::Fd(fd) => rustix::fs::flistxattr(fd, &mut list[..]),
-            XattrTarget::Path(p) => rustix::fs::llistxattr(p, &mut list[..]),
-        };
-        let n = match n {
+        let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
             Ok(n) => n,
             Err(Errno::NOTSUP) => return Ok(()),
             Err(e) => return Err(Fail::Io("list xattrs of", e.into())),
@@ -531,11 +535,7 @@ impl<'t> Engine<'t> {
                 continue;
             }
             let name = cname(k).map_err(Fail::io("xattr name"))?;
-            let r = match t {
-                XattrTarget::Fd(fd) => rustix::fs::fremovexattr(fd, &name),
-                XattrTarget::Path(p) => rustix::fs::lremovexattr(p, &name),
-            };
-            match r {
+            match rustix::fs::fremovexattr(fd, &name) {
                 Ok(()) | Err(Errno::NODATA) => {}
                 Err(Errno::PERM) | Err(Errno::ACCESS) if self.opts.partial_rootless => {}
                 Err(e) => return Err(Fail::Io("remove xattr of", e.into())),
