@@ -21,14 +21,21 @@
 //!   the whole blob is never cut.
 //! - **Connections only while they pay.** Each origin has a controller that measures its
 //!   aggregate goodput over windows of a few round trips. It starts at [`INITIAL_LIMIT`]
-//!   connections, grows (×4 below four or while each added connection brings nearly what the
-//!   others do, else ×2) after each window in which the added
-//!   connections raised the goodput by at least [`MIN_GAIN`] of what the connections already
-//!   there delivered each, and falls back to where the goodput stopped rising when two
-//!   windows in a row say they did not. After a fall back it holds for a while and then probes again, so a limiter whose
-//!   burst ran out, or a link that freed up, is noticed. On a per-connection cap every added
-//!   connection adds its share and the pull fans out fully; on an uncapped origin the goodput
-//!   stays flat and the pull keeps a few long requests.
+//!   connections, grows (×4 from the start or while each added connection brings nearly what
+//!   the others do, else ×2) after each window in which the added connections raised the
+//!   goodput by at least [`MIN_GAIN`] of what the connections already there delivered each,
+//!   and falls back to where the goodput stopped rising when two windows in a row say they
+//!   did not. The evidence is guarded against the noise a short window carries: a window
+//!   with long silences (a limiter sending in bursts, a stall of our own) is stretched until
+//!   it averages over them; a step is judged against the median of what fewer connections
+//!   recently got, not one window that may have come out low; a long step that did not pay
+//!   is tried again halfway before falling back (new connections may still have been getting
+//!   going, or the knee lies between). After a fall back it holds for a while and then probes
+//!   again, and the hold ends at once when each connection gets less than half of what it got
+//!   when the verdict was taken (a limiter's burst ran out): a verdict lasts only as long as
+//!   the world it was taken in. On a per-connection cap every added connection adds its
+//!   share and the pull fans out fully; on an uncapped origin the goodput stays flat and the
+//!   pull keeps a few long requests.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
 //!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
@@ -60,6 +67,16 @@ const MIN_RACE: u64 = 256 << 10;
 const RACE_AHEAD: u64 = 256 << 10;
 /// A straggler is this many times slower than the origin's typical connection.
 const STRAGGLER: f64 = 3.0;
+/// A window with long silences is stretched up to this many windows before a verdict.
+const MAX_STRETCH: u32 = 4;
+/// A step to more than this many times the connections that did not pay is tried again
+/// halfway before falling back.
+const BISECT_ABOVE: f64 = 2.5;
+/// A hold ends early when each connection gets less than this share of what it got when
+/// the hold began.
+const HOLD_DROP: f64 = 0.5;
+/// Windows of history a step is judged against.
+const HISTORY_WINDOWS: u32 = 8;
 /// Shortest interval a flow's rate is measured over.
 const RATE_DT: Duration = Duration::from_millis(40);
 /// How long a piece should take at the rate transfers get.
@@ -184,6 +201,12 @@ struct Controller {
     /// The goodput of a window that said the last step did not pay, waiting for a second
     /// window to confirm it.
     doubt: Option<f64>,
+    /// Goodput per connection when the controller last decided to hold.
+    held_per: f64,
+    /// Trying the middle of a long step that did not pay.
+    bisecting: bool,
+    /// Recent windows: when each ended, its mean connections and its goodput.
+    history: std::collections::VecDeque<(Instant, f64, f64)>,
     /// Steps taken and fallen back (for the log).
     grew: u32,
     fell: u32,
@@ -206,6 +229,9 @@ impl Controller {
             win_busy: 0,
             typical: None,
             doubt: None,
+            history: std::collections::VecDeque::new(),
+            bisecting: false,
+            held_per: 0.0,
             grew: 0,
             fell: 0,
         }
@@ -228,6 +254,22 @@ impl Controller {
         (self.window() * 6).max(Duration::from_millis(800))
     }
 
+    /// The goodput a step is judged against: the reference window's, or, if higher, the
+    /// median of what the origin delivered with no more connections than the reference had
+    /// in the last few windows. One window that came out low (a stall of our own, blobs
+    /// between requests) must not make the next step look as if it paid.
+    fn reference(&self, (g0, n0): (f64, f64)) -> f64 {
+        let mut seen: Vec<f64> = self
+            .history
+            .iter()
+            .filter(|&&(_, n, _)| n <= n0 + 0.5)
+            .map(|&(_, _, g)| g)
+            .collect();
+        seen.push(g0);
+        seen.sort_by(f64::total_cmp);
+        g0.max(seen[seen.len() / 2])
+    }
+
     fn restart_window(&mut self, now: Instant) {
         self.win_start = now;
         self.win_bytes = 0;
@@ -241,7 +283,11 @@ impl Controller {
     /// cap), else ×2.
     fn grow(&mut self, max: usize, n: f64, linear: bool) {
         let n = n.round().max(1.0) as usize;
-        let to = if n < 4 || linear { n * 4 } else { n * 2 };
+        let to = if n <= INITIAL_LIMIT || linear {
+            n * 4
+        } else {
+            n * 2
+        };
         self.limit = to.max(self.limit).min(max).max(1);
     }
 
@@ -268,17 +314,32 @@ impl Controller {
         if elapsed < self.window() || self.win_ticks < 3 {
             return;
         }
+        // Bytes in most ticks: the window measured a flow. A window with long silences (a
+        // limiter sending in bursts, such as nginx's 2 MiB send chunks, each followed by a
+        // pause; or our own process starved of CPU) is too short to say what more
+        // connections bring: when it is to judge a step, it goes on, up to MAX_STRETCH
+        // windows, until it averages over the bursts, and the verdict is taken on the whole.
+        // (A baseline needs no verdict: the first step is taken anyway.)
+        let clean = self.win_busy * 4 >= self.win_ticks * 3;
+        if !clean && self.phase == Phase::Measuring && elapsed < self.window() * MAX_STRETCH {
+            return;
+        }
         let g = self.win_bytes as f64 / elapsed.as_secs_f64();
         let n_avg = self.win_n / self.win_ticks as f64;
-        // Bytes in most ticks: the window measured a flow. A window with long silences
-        // (a limiter sending in bursts, such as nginx's 2 MiB send chunks, each followed by
-        // a pause) says nothing about what more connections would bring: no verdict from
-        // it; growth goes on, as a per-connection limiter is what sends in bursts.
-        let clean = self.win_busy * 4 >= self.win_ticks * 3;
         let (busy, ticks) = (self.win_busy, self.win_ticks);
         self.restart_window(now);
         if n_avg < 0.5 {
             return; // nothing was flowing: no information
+        }
+        let g_ref = self.base.map(|b| self.reference(b));
+        self.history.push_back((now, n_avg, g));
+        let keep = self.window() * HISTORY_WINDOWS;
+        while self
+            .history
+            .front()
+            .is_some_and(|&(t, _, _)| now.duration_since(t) > keep)
+        {
+            self.history.pop_front();
         }
         match self.phase {
             Phase::Baseline => {
@@ -304,13 +365,20 @@ impl Controller {
                     self.base = Some((g, n_avg));
                     return;
                 }
+                let g0 = g_ref.unwrap_or(g0);
                 let per = g0 / n0.max(1.0);
-                let marginal = if clean {
-                    (g - g0) / (n_avg - n0)
-                } else {
-                    MIN_GAIN * per
-                };
-                if marginal >= MIN_GAIN * per {
+                let marginal = (g - g0) / (n_avg - n0);
+                if marginal >= MIN_GAIN * per && self.bisecting {
+                    // Halfway paid, all the way did not: the knee lies between. Stay here.
+                    self.doubt = None;
+                    self.bisecting = false;
+                    self.base = Some((g, n_avg));
+                    self.held_per = g / n_avg.max(1.0);
+                    self.phase = Phase::Holding {
+                        until: now + self.hold(),
+                    };
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, before_mb_per_s = g0 / 1e6, connections = n_avg, before = n0, limit = self.limit, "fan-out: halfway paid; holding");
+                } else if marginal >= MIN_GAIN * per {
                     self.doubt = None;
                     self.base = Some((g, n_avg));
                     if self.limit < max {
@@ -325,14 +393,30 @@ impl Controller {
                     // One window is not a verdict (new connections starting up, a stall of
                     // our own): look once more.
                     self.doubt = Some(g);
+                } else if n_avg > BISECT_ABOVE * n0 && !self.bisecting {
+                    // A long step that did not pay may still have paid halfway (the
+                    // connections just added were still getting going, or the knee lies
+                    // between): try the geometric middle against the same reference before
+                    // falling back all the way.
+                    self.doubt = None;
+                    self.bisecting = true;
+                    self.limit = ((n0.max(1.0) * n_avg).sqrt().round() as usize).max(1);
+                    self.phase = Phase::Settling {
+                        until: now + self.settle(),
+                    };
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, before_mb_per_s = g0 / 1e6, connections = n_avg, before = n0, limit = self.limit, "fan-out: the long step did not pay; trying halfway");
                 } else {
                     // Back to where the goodput stopped rising: as many connections as the
                     // gain measured would have needed at the old per-connection rate.
+                    self.bisecting = false;
                     let g = g.max(self.doubt.take().unwrap_or(0.0));
                     let knee = n0 + ((g - g0) / per).max(0.0);
                     self.limit = (knee.min(n_avg).round() as usize).max(1);
                     self.fell += 1;
                     self.base = Some((g, n_avg));
+                    // What a connection got when the reference was taken, or since if more:
+                    // if the world that reference saw goes away, so does this verdict.
+                    self.held_per = per.max(g / n_avg.max(1.0));
                     self.phase = Phase::Holding {
                         until: now + self.hold(),
                     };
@@ -341,9 +425,15 @@ impl Controller {
             }
             Phase::Holding { until } => {
                 self.base = Some((g, n_avg));
-                if now >= until && self.limit < max {
+                // Each connection now gets far less than when the verdict was taken: what
+                // it was taken on is gone (a limiter's burst ran out), so it no longer holds.
+                let fell_off = g / n_avg.max(1.0) < HOLD_DROP * self.held_per;
+                if (now >= until || fell_off) && self.limit < max {
                     // Probe again: the world may have changed (a burst ran out, other
                     // transfers ended, the link freed up).
+                    if fell_off {
+                        tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, "fan-out: each connection gets far less than when growth stopped; probing again");
+                    }
                     let n = n_avg.round().max(1.0) as usize;
                     self.limit = (n + (n / 2).max(2)).min(max);
                     self.grew += 1;
@@ -758,6 +848,38 @@ mod tests {
         let (n, c) = drive(|_, n| 700e6 / n as f64, 32, 3.0);
         assert!(n <= 4 * 4, "limit {n}");
         assert!(c.fell >= 1);
+    }
+
+    #[test]
+    fn a_burst_that_runs_out_ends_the_hold_at_once() {
+        // A limiter that lets everything through for 150 ms (shared 900 MB/s: more
+        // connections do not pay), then caps each connection at 25 MB/s: the hold taken on
+        // the burst's evidence ends as soon as the connections' rate falls, not 800 ms later.
+        let per = |t: Duration, n: usize| {
+            if t < Duration::from_millis(150) {
+                900e6 / n as f64
+            } else {
+                25e6
+            }
+        };
+        let (n, c) = drive(per, 64, 0.7);
+        assert!(c.fell >= 1, "the burst should have stopped growth once");
+        assert_eq!(n, 64);
+    }
+
+    #[test]
+    fn one_low_window_does_not_make_a_step_look_paid() {
+        // 700 MB/s shared, but one window in every five comes out at a third (a stall of our
+        // own): a step measured against such a window must not count as paid.
+        let per = |t: Duration, n: usize| {
+            let slot = t.as_millis() / 50;
+            let total = if slot % 5 == 2 { 230e6 } else { 700e6 };
+            total / n as f64
+        };
+        for max in [32, 64] {
+            let (n, _) = drive(per, max, 3.0);
+            assert!(n <= 16, "limit {n} of {max}");
+        }
     }
 
     #[test]
