@@ -5,23 +5,43 @@
 //!
 //! The blobs are fetched and verified by the ordinary pull into a scratch OCI layout inside
 //! a staging directory beside the destination, `ROOTFS/../.NAME.fastpull-XXXX/` (mode 0700,
-//! same filesystem). The config's digest is verified before its `rootfs.diff_ids` are read.
-//! Then each layer, in manifest order, goes through
+//! same filesystem), and the layers are unpacked *while they download*: a blocking task
+//! ([`unpack_streaming`]) waits for the config's fetch to verify it (its `rootfs.diff_ids`
+//! are trusted only then), then takes the layers in manifest order, each as soon as its
+//! first bytes are written:
 //!
 //! ```text
-//! verified blob file → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
+//! blob's contiguous written prefix (PrefixReader, blocks for more)
+//!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
 //!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
 //!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
 //! ```
 //!
-//! and the layer's diff_id is compared once its stream is read to the end (trailing bytes
-//! included, as umoci hashes them). A mismatch, a malformed or hostile layer, or any other
-//! failure removes the staging directory: `ROOTFS` is left as it was (a new one never
+//! The reader ([`crate::prefix::PrefixReader`]) is the second in-order consumer of the
+//! blob beside its hasher: it reads the bytes the fetch has written without a gap, through
+//! the blob's map, and never holds the download back (a slow unpack leaves the bytes in
+//! the file). Each layer's diff_id is compared once its stream is read to the end (trailing
+//! bytes included, as umoci hashes them); its compressed digest is the fetch's business, as
+//! for any pull. So layer *n* is unpacked while layers *n+1…* are still on the wire, and
+//! little is left to do after the last byte. Layers are still applied one after the other
+//! into one tree: per-layer staging trees unpacked in parallel and merged (DESIGN.md §4)
+//! are not built yet.
+//!
+//! What a stream read is trusted for: a layer that fails (bad tar, diff_id mismatch) while
+//! its blob is still unverified fails the pull only once that same fetch verifies. If the
+//! fetch does not verify (it is fetched again: a repair), or a blob is fetched again after
+//! the reader consumed part of it, the streamed tree is thrown away and, once every blob is
+//! verified, built again from the verified blob files into a fresh tree (the simplest
+//! correct choice; repairs are rare). The last step (directory modes, rootless) waits until
+//! every layer's blob is verified.
+//!
+//! Nothing becomes visible before every blob's digest and every layer's diff_id are
+//! verified. A mismatch, a malformed or hostile layer, a network error, Ctrl-C, or any
+//! other failure removes the staging directory: `ROOTFS` is left as it was (a new one never
 //! appears). Once all layers are in, `STAGING/rootfs` is renamed to `ROOTFS`
 //! (`RENAME_NOREPLACE`; or `RENAME_EXCHANGE` with an existing *empty* directory, which is
 //! then removed; a non-empty one is refused before anything is fetched). The blobs are
-//! deleted with the staging directory. The per-layer applier consumes any `std::io::Read`,
-//! so it can later be fed from a blob's verified in-order prefix while the rest downloads.
+//! deleted with the staging directory (they are not kept).
 //!
 //! # Safety against hostile layers
 //!
