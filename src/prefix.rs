@@ -386,6 +386,32 @@ mod tests {
         assert_eq!(reader.join().unwrap().unwrap(), data);
     }
 
+    /// A failure read from a fetch counts only if that fetch verifies; a blob verified
+    /// before the pull is read from its file.
+    #[test]
+    fn settled_waits_for_the_fetch_and_a_verified_blob_is_read_from_its_file() {
+        let (_dir, file, w, d) = setup(10);
+        let watch = w.get(&d).unwrap().clone();
+        watch.opened(file);
+        let waiter = {
+            let watch = watch.clone();
+            std::thread::spawn(move || watch.settled(1, &AtomicBool::new(false)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        watch.verified();
+        assert!(waiter.join().unwrap());
+        assert!(!watch.settled(2, &AtomicBool::new(false)));
+
+        let dir = tempfile::tempdir().unwrap();
+        let present = [d].into_iter().collect();
+        let w = Watchers::new([(d, dir.path().join("f"))], &present);
+        let cancel = Arc::new(AtomicBool::new(false));
+        match PrefixReader::open(w.get(&d).unwrap(), cancel).unwrap() {
+            Source::Verified(p) => assert_eq!(p, dir.path().join("f")),
+            Source::Following(_) => panic!("a verified blob is not followed"),
+        }
+    }
+
     #[test]
     fn an_abandoned_or_stopped_fetch_fails_the_reader() {
         for stop in [false, true] {

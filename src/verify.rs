@@ -322,6 +322,30 @@ mod tests {
         }
     }
 
+    /// The follower of a hasher hears of every poke, and the digest is unchanged.
+    #[tokio::test]
+    async fn a_follower_is_poked_with_the_hasher() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl PrefixConsumer for Count {
+            fn advanced(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(1).unwrap());
+        let data = vec![7u8; 10_000];
+        let blob = BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), 10_000).unwrap();
+        let count = Arc::new(Count(Default::default()));
+        let (h, rx) = InOrderHasher::with_follower(blob.clone(), pool, Some(count.clone()));
+        let mut w = blob.writer().unwrap();
+        for part in data.chunks(1000) {
+            w.append(part).unwrap();
+            h.poke();
+        }
+        assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
+        assert_eq!(count.0.load(Ordering::SeqCst), 10);
+    }
+
     #[test]
     fn file_matches_checks_size_and_content() {
         let dir = tempfile::tempdir().unwrap();
