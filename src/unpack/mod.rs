@@ -400,9 +400,9 @@ pub(crate) fn unpack_streaming(
                         // The bytes were the blob's: the failure is the layer's own.
                         Err(e) if watch.settled(generation, cancel) => Err(StreamEnd::Failed(e)),
                         Err(e) => Err(StreamEnd::Fallback(format!(
-                        "layer {} was read from a fetch that did not verify or was stopped ({e})",
-                        layer.digest
-                    ))),
+                            "layer {}: read from a fetch that did not verify, or stopped ({e})",
+                            layer.digest
+                        ))),
                     }
                 }
             }
