@@ -1126,12 +1126,13 @@ fn layers_unpack_while_later_layers_download() {
         .spawn()
         .expect("spawn fastpull");
     // Should streaming be broken, the pull would wait for the held blob for ever: a
-    // watchdog lets it go (and the check below fails).
+    // watchdog lets it go (and the check below fails). Generous, for qemu: it only bounds
+    // how long a broken build takes to fail.
     let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
         let (released, proxy_release) = (released.clone(), proxy.releaser());
         std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_secs(90));
             if !released.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 proxy_release();
             }
