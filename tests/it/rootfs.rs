@@ -1283,3 +1283,67 @@ fn a_layer_repaired_while_it_streams_gives_the_image_and_a_bad_one_leaves_nothin
     left.sort();
     assert_eq!(left, ["clean", "empty", "repaired"]);
 }
+
+/// A layer is unpacked from the part of it that has arrived: with one large layer's body
+/// held after 6 of its ~8 MiB (one request), the files of its first part appear in the
+/// staging tree while the rest is held; released, the pull completes. An ordering check:
+/// the file is seen while the blob cannot be complete.
+#[test]
+fn a_layer_unpacks_from_its_first_bytes_while_the_rest_is_held() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let seed = 14_101;
+    let img = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(seed, 8, 1 << 20))
+        .build();
+    push_image(&reg, "rootfs/prefix", "t", &img);
+    let proxy = CountingProxy::start(&reg.addr());
+    proxy.hold(&format!("/blobs/{}", img.layers[0].digest), 6 << 20);
+    let mut child = fastpull_command()
+        // One request, never re-issued while it is held (a re-issued range from 6 MiB
+        // would be relayed whole).
+        .args([
+            "--plain-http",
+            "--chunk-size",
+            "64M",
+            "--stall-timeout",
+            "600",
+        ])
+        .args(["--format", "rootfs"])
+        .arg(format!("{}/rootfs/prefix:t", proxy.addr()))
+        .arg(work.path().join("rootfs"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fastpull");
+    // file-4 starts past 4 MiB of the tar, well inside the 6 MiB relayed.
+    let early = format!("rootfs/layer-{seed}/file-4.bin");
+    // Generous, for qemu: only a broken build waits this long.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen_while_held = false;
+    while std::time::Instant::now() < deadline {
+        if staging_in(work.path()).is_some_and(|s| s.join(&early).exists()) {
+            let delivered = proxy.snapshot().delivered(&img.layers[0].digest);
+            seen_while_held = proxy.held() > 0 && delivered < img.layers[0].size();
+            break;
+        }
+        if child.try_wait().expect("poll fastpull").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    proxy.release();
+    let o = child.wait_with_output().expect("wait for fastpull");
+    assert!(o.status.success(), "fastpull failed:\n{}", text(&o));
+    assert!(
+        seen_while_held,
+        "{early} did not appear while the rest of the layer was held"
+    );
+    let dir = work.path().join(format!("rootfs/layer-{seed}"));
+    let mut sizes: Vec<u64> = std::fs::read_dir(&dir)
+        .expect("the layer's directory")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![1 << 20; 8]);
+}
