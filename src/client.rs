@@ -18,6 +18,7 @@ use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Destination, Format, ImageName, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::Plan;
+use crate::prefix::Watchers;
 use crate::progress::{EventKind, NoReporter, PullId, PullReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
@@ -877,6 +878,14 @@ impl Client {
             "planned"
         );
         let fetch_started = Instant::now();
+        // --format rootfs: the layers are unpacked while they download (see
+        // `crate::unpack`), by a blocking task that follows each blob's written prefix.
+        let mut stream = match rootfs {
+            Some(staging) => Some(self.start_unpack(layout, m, staging, &all, &present, reporter)?),
+            None => None,
+        };
+        let mut handle = stream.as_mut().and_then(|s| s.handle.take());
+        let watchers = stream.as_ref().map(|s| s.watchers.clone());
         let fetcher = Fetcher {
             registry: &registry,
             layout,
@@ -891,8 +900,42 @@ impl Client {
                 },
                 ..inner.fetch
             },
+            watch: watchers.as_deref(),
         };
-        let bytes_downloaded = fetcher.fetch_all(&plan.fetch).await?;
+        let fetch = fetcher.fetch_all(&plan.fetch);
+        tokio::pin!(fetch);
+        // Whichever ends first: an unpack that fails for good ends the pull at once.
+        let first = match handle.as_mut() {
+            None => Ok(fetch.as_mut().await),
+            Some(h) => tokio::select! {
+                r = fetch.as_mut() => Ok(r),
+                u = h => Err(joined(u)),
+            },
+        };
+        let (fetched, mut streamed) = match first {
+            Ok(r) => (r, None),
+            Err(u) => {
+                handle = None;
+                match u {
+                    Err(unpack::StreamEnd::Failed(e)) => (Err(e), None),
+                    u => (fetch.as_mut().await, Some(u)),
+                }
+            }
+        };
+        let bytes_downloaded = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                // The unpacker stops following and is waited for: the next endpoint (if
+                // any) starts a new tree in the same staging directory.
+                if let Some(w) = &watchers {
+                    w.stop();
+                }
+                if let Some(h) = handle {
+                    let _ = h.await;
+                }
+                return Err(e);
+            }
+        };
         let fetch_time = fetch_started.elapsed();
         tracing::info!(
             bytes = bytes_downloaded,
@@ -902,7 +945,40 @@ impl Client {
         );
 
         let unpacked = match rootfs {
-            Some(staging) => Some(self.unpack_layers(layout, m, staging).await?),
+            Some(staging) => {
+                if streamed.is_none() {
+                    if let Some(h) = handle {
+                        streamed = Some(joined(h.await));
+                    }
+                }
+                let last_byte = Instant::now();
+                // A blob fetched again after the unpacker had read part of it (a digest
+                // mismatch found after its layer was in): that layer's bytes were not
+                // the verified ones, so the tree is built again from the verified blobs.
+                let restarted = watchers
+                    .as_ref()
+                    .is_some_and(|w| w.restarted_under_reader());
+                let streamed = match streamed {
+                    Some(Ok(_)) if restarted => Some(Err(unpack::StreamEnd::Fallback(
+                        "a layer was fetched again after part of it had been unpacked".into(),
+                    ))),
+                    other => other,
+                };
+                let summary = match streamed {
+                    Some(Ok(summary)) => summary,
+                    Some(Err(unpack::StreamEnd::Failed(e))) => return Err(e),
+                    Some(Err(unpack::StreamEnd::Fallback(why))) => {
+                        tracing::warn!(reason = %why, "unpacking again from the verified blobs");
+                        self.unpack_layers(layout, m, staging, reporter).await?
+                    }
+                    None => self.unpack_layers(layout, m, staging, reporter).await?,
+                };
+                tracing::info!(
+                    after_last_blob_secs = last_byte.elapsed().as_secs_f64(),
+                    "unpacked"
+                );
+                Some(summary)
+            }
             None => {
                 layout.commit(&record)?;
                 None
@@ -946,6 +1022,7 @@ impl Client {
         layout: &Layout,
         m: &manifest::Manifest,
         staging: &Staging,
+        reporter: &PullReporter,
     ) -> Result<UnpackSummary> {
         // The config's digest was verified by the fetch (or on disk) before it is trusted.
         let config_path = layout.blob_path(&m.config.digest);
@@ -980,13 +1057,69 @@ impl Client {
         let opts = unpack::Options::detect();
         tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
         let (cancel, running) = staging.worker();
+        let reporter = reporter.clone();
         tokio::task::spawn_blocking(move || {
             // Held while the tree is written: dropping the staging directory waits for it.
             let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
-            unpack::unpack(&root, &layers, opts, &cancel)
+            unpack::unpack(&root, &layers, opts, &cancel, &mut layer_event(&reporter))
         })
         .await
         .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
+    }
+
+    /// Starts unpacking `m`'s layers into the staging tree while they download: a blocking
+    /// task that reads the config once it is verified, then each layer, in order, from
+    /// its fetch's written prefix (see [`unpack::unpack_streaming`]).
+    fn start_unpack(
+        &self,
+        layout: &Layout,
+        m: &manifest::Manifest,
+        staging: &Staging,
+        all: &[BlobDescriptor],
+        present: &HashSet<Digest>,
+        reporter: &PullReporter,
+    ) -> Result<StreamingUnpack> {
+        let watchers = Arc::new(Watchers::new(
+            all.iter().map(|b| (b.digest, layout.blob_path(&b.digest))),
+            present,
+        ));
+        let config = watchers
+            .get(&m.config.digest)
+            .cloned()
+            .ok_or_else(|| Error::Internal("the config is not followed".into()))?;
+        let layers: Vec<(Digest, String)> = m
+            .layers
+            .iter()
+            .map(|l| (l.digest, l.media_type.clone()))
+            .collect();
+        staging.reset_rootfs()?;
+        let root = staging.rootfs();
+        let opts = unpack::Options::detect();
+        tracing::info!(
+            layers = layers.len(),
+            rootless = opts.rootless,
+            "unpacking as the layers download"
+        );
+        let (cancel, running) = staging.worker();
+        let reporter = reporter.clone();
+        let w = watchers.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            // Held while the tree is written: dropping the staging directory waits for it.
+            let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
+            unpack::unpack_streaming(
+                &root,
+                &layers,
+                &config,
+                &w,
+                opts,
+                &cancel,
+                &mut layer_event(&reporter),
+            )
+        });
+        Ok(StreamingUnpack {
+            watchers,
+            handle: Some(handle),
+        })
     }
 
     /// Reference → what it names and the image manifests of the platforms wanted.
@@ -1079,6 +1212,45 @@ impl Client {
         }
         let path = layout.blob_path(&config.digest);
         crate::write::write_atomic(&path, &bytes)
+    }
+}
+
+/// A streaming unpack ([`Client::start_unpack`]) under way. Dropped, it stops following
+/// the downloads (its readers fail; the staging directory's drop waits for the thread).
+struct StreamingUnpack {
+    watchers: Arc<Watchers>,
+    handle: Option<tokio::task::JoinHandle<std::result::Result<UnpackSummary, unpack::StreamEnd>>>,
+}
+
+impl Drop for StreamingUnpack {
+    fn drop(&mut self) {
+        self.watchers.stop();
+    }
+}
+
+/// The unpacking task's result, its panic included.
+fn joined(
+    r: std::result::Result<
+        std::result::Result<UnpackSummary, unpack::StreamEnd>,
+        tokio::task::JoinError,
+    >,
+) -> std::result::Result<UnpackSummary, unpack::StreamEnd> {
+    r.unwrap_or_else(|e| {
+        Err(unpack::StreamEnd::Failed(Error::Internal(format!(
+            "unpacking thread: {e}"
+        ))))
+    })
+}
+
+/// Reports each layer unpacked ([`EventKind::LayerApplied`]).
+fn layer_event(reporter: &PullReporter) -> impl FnMut(usize, &unpack::Layer, unpack::Applied) + '_ {
+    move |index, layer, applied| {
+        reporter.report(EventKind::LayerApplied {
+            index,
+            digest: layer.digest,
+            uncompressed: applied.bytes,
+            entries: applied.entries,
+        })
     }
 }
 

@@ -209,6 +209,12 @@ impl Console {
                     "seconds": report.elapsed.as_secs_f64(),
                     "dest": report.dest.display().to_string(),
                     "format": report.format.to_string(),
+                    "unpacked": report.unpacked.as_ref().map(|u| json!({
+                        "layers": u.layers,
+                        "entries": u.entries,
+                        "devices_emulated": u.devices_emulated,
+                        "xattrs_skipped": u.xattrs_skipped,
+                    })),
                 }));
                 return;
             }
@@ -492,6 +498,22 @@ impl Reporter for Console {
                     _ => {}
                 }
             }
+            EventKind::LayerApplied {
+                index,
+                digest,
+                uncompressed,
+                entries,
+            } => match self.mode {
+                Mode::Json => self.json(json!({
+                    "event": "layer_applied",
+                    "index": index,
+                    "digest": digest.to_string(),
+                    "uncompressed": uncompressed,
+                    "entries": entries,
+                })),
+                Mode::Lines => self.line(&format!("{}: Unpacked", digest.short())),
+                _ => {}
+            },
             _ => {}
         }
     }

@@ -68,6 +68,7 @@ mod http;
 mod layout;
 pub mod manifest;
 mod plan;
+mod prefix;
 pub mod progress;
 pub mod reference;
 mod registry;

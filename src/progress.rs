@@ -114,6 +114,22 @@ pub enum EventKind {
         /// Blob digest.
         digest: Digest,
     },
+    /// `--format rootfs`: a layer is unpacked into the staging tree and its uncompressed
+    /// bytes match its diff_id (sent in layer order; it may come before the layer's
+    /// `BlobDone`, since layers are unpacked while they download, and nothing is visible
+    /// until every layer and blob is verified). Should a layer's blob have to be fetched
+    /// again after part of it was unpacked, the layers are unpacked again from the
+    /// verified blobs, and reported again.
+    LayerApplied {
+        /// Position of the layer in the manifest (0 is the bottom layer).
+        index: usize,
+        /// The layer's blob digest.
+        digest: Digest,
+        /// Bytes of its uncompressed tar.
+        uncompressed: u64,
+        /// Tar entries applied (whiteouts included).
+        entries: u64,
+    },
 }
 
 /// Receives [`Event`]s; called from the pull's tasks, so keep it quick.

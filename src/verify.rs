@@ -5,12 +5,13 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use sha2::Digest as _;
 use tokio::sync::oneshot;
 
 use crate::digest::Digest;
+use crate::prefix::PrefixConsumer;
 use crate::write::BlobFile;
 
 /// Incremental sha256 over a blob's bytes, in order. Backed by `sha2`, which picks SHA-NI on
@@ -130,11 +131,17 @@ impl HashPool {
 
 /// Hashes one blob in order while its chunks are still arriving: each [`InOrderHasher::poke`]
 /// schedules work on the pool, which hashes whatever contiguous prefix has been written
-/// since, so the digest is ready moments after the last byte lands.
+/// since, so the digest is ready moments after the last byte lands. It is one
+/// [`PrefixConsumer`] of the blob; another (the rootfs unpacker's watch) can ride along and
+/// is told whenever the hasher is.
 pub struct InOrderHasher {
     blob: Arc<BlobFile>,
     pool: Arc<HashPool>,
     scheduled: AtomicBool,
+    /// Another consumer of the same prefix, poked with the hasher.
+    follower: Option<Arc<dyn PrefixConsumer>>,
+    /// Itself, for [`PrefixConsumer::advanced`] (which has only `&self`).
+    me: Weak<InOrderHasher>,
     state: Mutex<HashState>,
 }
 
@@ -153,15 +160,29 @@ const WRITEBACK_STEP: u64 = 16 << 20;
 
 impl InOrderHasher {
     /// A hasher for `blob`; the receiver yields the digest once every byte is hashed.
+    /// (The fetch uses [`InOrderHasher::with_follower`].)
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn new(
         blob: Arc<BlobFile>,
         pool: Arc<HashPool>,
     ) -> (Arc<InOrderHasher>, oneshot::Receiver<io::Result<Digest>>) {
+        Self::with_follower(blob, pool, None)
+    }
+
+    /// As [`InOrderHasher::new`], with `follower` told of every [`InOrderHasher::poke`]
+    /// too: two consumers of one prefix, and the writers' hook point stays one call.
+    pub(crate) fn with_follower(
+        blob: Arc<BlobFile>,
+        pool: Arc<HashPool>,
+        follower: Option<Arc<dyn PrefixConsumer>>,
+    ) -> (Arc<InOrderHasher>, oneshot::Receiver<io::Result<Digest>>) {
         let (tx, rx) = oneshot::channel();
-        let h = Arc::new(InOrderHasher {
+        let h = Arc::new_cyclic(|me| InOrderHasher {
             blob,
             pool,
             scheduled: AtomicBool::new(false),
+            follower,
+            me: me.clone(),
             state: Mutex::new(HashState {
                 hasher: Hasher::new(),
                 written_back: 0,
@@ -171,12 +192,10 @@ impl InOrderHasher {
         (h, rx)
     }
 
-    /// Says more bytes may be written; cheap when hashing is already scheduled.
+    /// Says more bytes may be written; cheap when hashing is already scheduled. The
+    /// follower, if any, is told too.
     pub fn poke(self: &Arc<Self>) {
-        if !self.scheduled.swap(true, Ordering::AcqRel) {
-            let me = self.clone();
-            self.pool.pool.spawn(move || me.run());
-        }
+        self.advanced();
     }
 
     fn run(&self) {
@@ -237,6 +256,19 @@ impl InOrderHasher {
     }
 }
 
+impl PrefixConsumer for InOrderHasher {
+    fn advanced(&self) {
+        if let Some(f) = &self.follower {
+            f.advanced();
+        }
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            if let Some(me) = self.me.upgrade() {
+                self.pool.pool.spawn(move || me.run());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +320,30 @@ mod tests {
             let digest = rx.await.unwrap().unwrap();
             assert_eq!(digest, Digest::of(&data), "size {size} piece {piece}");
         }
+    }
+
+    /// The follower of a hasher hears of every poke, and the digest is unchanged.
+    #[tokio::test]
+    async fn a_follower_is_poked_with_the_hasher() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl PrefixConsumer for Count {
+            fn advanced(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(1).unwrap());
+        let data = vec![7u8; 10_000];
+        let blob = BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), 10_000).unwrap();
+        let count = Arc::new(Count(Default::default()));
+        let (h, rx) = InOrderHasher::with_follower(blob.clone(), pool, Some(count.clone()));
+        let mut w = blob.writer().unwrap();
+        for part in data.chunks(1000) {
+            w.append(part).unwrap();
+            h.poke();
+        }
+        assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
+        assert_eq!(count.0.load(Ordering::SeqCst), 10);
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::manifest::BlobDescriptor;
+use crate::prefix::{PrefixConsumer, Watchers};
 use crate::progress::{EventKind, PullReporter};
 use crate::registry::Registry;
 use crate::resume::{Journal, RangeSet};
@@ -73,6 +74,9 @@ pub(crate) struct Fetcher<'a> {
     pub reporter: &'a PullReporter,
     pub hash_pool: &'a Arc<HashPool>,
     pub options: FetchOptions,
+    /// Blobs followed by another in-order consumer (the rootfs unpacker): told when a
+    /// fetch of one opens its file, is abandoned for a repair, or verifies.
+    pub watch: Option<&'a Watchers>,
 }
 
 /// How often the scheduler measures.
@@ -472,6 +476,9 @@ impl Fetcher<'_> {
                             if let Some(bad) = runs[b].bad_pieces.take() {
                                 report_differences(&runs[b], bad).await;
                             }
+                            if let Some(w) = self.watch.and_then(|w| w.get(&digest)) {
+                                w.verified();
+                            }
                             self.reporter.report(EventKind::BlobDone { digest });
                         }
                         Finished::Mismatch(b, actual) => {
@@ -550,7 +557,13 @@ impl Fetcher<'_> {
     ) -> Option<SpanWriter> {
         let d = &run.desc;
         let writer = file.take(len);
-        let (hasher, rx) = InOrderHasher::new(file.clone(), self.hash_pool.clone());
+        let watch = self.watch.and_then(|w| w.get(&d.digest));
+        if let Some(w) = watch {
+            w.opened(file.clone());
+        }
+        let follower = watch.map(|w| w.clone() as Arc<dyn PrefixConsumer>);
+        let (hasher, rx) =
+            InOrderHasher::with_follower(file.clone(), self.hash_pool.clone(), follower);
         run.state = Some(Arc::new(BlobState {
             desc: d.clone(),
             file,
@@ -580,6 +593,9 @@ impl Fetcher<'_> {
             }
         }
         let expected = run.desc.digest;
+        if let Some(w) = self.watch.and_then(|w| w.get(&expected)) {
+            w.abandoned();
+        }
         if run.repairs >= self.options.repair_attempts {
             state.file.discard();
             return Err(Error::DigestMismatch {

@@ -5,23 +5,43 @@
 //!
 //! The blobs are fetched and verified by the ordinary pull into a scratch OCI layout inside
 //! a staging directory beside the destination, `ROOTFS/../.NAME.fastpull-XXXX/` (mode 0700,
-//! same filesystem). The config's digest is verified before its `rootfs.diff_ids` are read.
-//! Then each layer, in manifest order, goes through
+//! same filesystem), and the layers are unpacked *while they download*: a blocking task
+//! ([`unpack_streaming`]) waits for the config's fetch to verify it (its `rootfs.diff_ids`
+//! are trusted only then), then takes the layers in manifest order, each as soon as its
+//! first bytes are written:
 //!
 //! ```text
-//! verified blob file → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
+//! blob's contiguous written prefix (PrefixReader, blocks for more)
+//!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
 //!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
 //!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
 //! ```
 //!
-//! and the layer's diff_id is compared once its stream is read to the end (trailing bytes
-//! included, as umoci hashes them). A mismatch, a malformed or hostile layer, or any other
-//! failure removes the staging directory: `ROOTFS` is left as it was (a new one never
+//! The reader ([`crate::prefix::PrefixReader`]) is the second in-order consumer of the
+//! blob beside its hasher: it reads the bytes the fetch has written without a gap, through
+//! the blob's map, and never holds the download back (a slow unpack leaves the bytes in
+//! the file). Each layer's diff_id is compared once its stream is read to the end (trailing
+//! bytes included, as umoci hashes them); its compressed digest is the fetch's business, as
+//! for any pull. So layer *n* is unpacked while layers *n+1…* are still on the wire, and
+//! little is left to do after the last byte. Layers are still applied one after the other
+//! into one tree: per-layer staging trees unpacked in parallel and merged (DESIGN.md §4)
+//! are not built yet.
+//!
+//! What a stream read is trusted for: a layer that fails (bad tar, diff_id mismatch) while
+//! its blob is still unverified fails the pull only once that same fetch verifies. If the
+//! fetch does not verify (it is fetched again: a repair), or a blob is fetched again after
+//! the reader consumed part of it, the streamed tree is thrown away and, once every blob is
+//! verified, built again from the verified blob files into a fresh tree (the simplest
+//! correct choice; repairs are rare). The last step (directory modes, rootless) waits until
+//! every layer's blob is verified.
+//!
+//! Nothing becomes visible before every blob's digest and every layer's diff_id are
+//! verified. A mismatch, a malformed or hostile layer, a network error, Ctrl-C, or any
+//! other failure removes the staging directory: `ROOTFS` is left as it was (a new one never
 //! appears). Once all layers are in, `STAGING/rootfs` is renamed to `ROOTFS`
 //! (`RENAME_NOREPLACE`; or `RENAME_EXCHANGE` with an existing *empty* directory, which is
 //! then removed; a non-empty one is refused before anything is fetched). The blobs are
-//! deleted with the staging directory. The per-layer applier consumes any `std::io::Read`,
-//! so it can later be fed from a blob's verified in-order prefix while the rest downloads.
+//! deleted with the staging directory (they are not kept).
 //!
 //! # Safety against hostile layers
 //!
@@ -112,6 +132,7 @@ use rustix::io::Errno;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::prefix::{PrefixReader, PrefixWatch, Source, Watchers};
 use crate::write::parent_dir;
 
 /// How ownership and device nodes are handled.
@@ -236,17 +257,180 @@ pub(crate) fn diff_ids(config: &[u8], what: &str) -> Result<Vec<Digest>> {
     Ok(c.rootfs.diff_ids)
 }
 
+/// What applying one layer did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Applied {
+    /// Tar entries applied (whiteouts included).
+    pub(crate) entries: u64,
+    /// Bytes of the uncompressed tar (what its diff_id covers).
+    pub(crate) bytes: u64,
+}
+
+/// Why a streaming unpack ([`unpack_streaming`]) did not finish.
+#[derive(Debug)]
+pub(crate) enum StreamEnd {
+    /// The image cannot be unpacked (its verified bytes say so), or the disk failed.
+    Failed(Error),
+    /// The stream cannot be trusted or was stopped (a blob it read was fetched again, or
+    /// the pull stopped following): unpack again from the verified blobs, if the pull goes
+    /// on.
+    Fallback(String),
+}
+
+impl From<Error> for StreamEnd {
+    fn from(e: Error) -> StreamEnd {
+        StreamEnd::Failed(e)
+    }
+}
+
 /// Makes `root` (which must not exist) the root of a new tree and applies `layers` in
-/// order. Blocking. Stops early once `cancel` is set.
+/// order from their verified blob files. Blocking. Stops early once `cancel` is set.
+/// `on_layer` hears of each layer once it is in (index, layer, what it did).
 pub(crate) fn unpack(
     root: &Path,
     layers: &[Layer],
     opts: Options,
     cancel: &AtomicBool,
+    on_layer: &mut dyn FnMut(usize, &Layer, Applied),
 ) -> Result<UnpackSummary> {
+    let applied = unpack_each(
+        root,
+        layers,
+        opts,
+        cancel,
+        on_layer,
+        || Ok(()),
+        |_, engine, layer, room| {
+            let file =
+                std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+            Ok(apply_layer(engine, file, layer, room)?)
+        },
+    );
+    match applied {
+        Ok(summary) => Ok(summary),
+        Err(StreamEnd::Failed(e)) => Err(e),
+        Err(StreamEnd::Fallback(why)) => Err(Error::Internal(why)),
+    }
+}
+
+/// As [`unpack`], but each layer is read while it downloads: from a [`PrefixReader`] that
+/// follows its fetch (or its file, if it was verified before the pull). The config is
+/// read once its fetch has verified it. A layer that fails while its blob is not yet
+/// verified is a failure only if that fetch then verifies; if the blob is fetched again
+/// (its bytes did not match), or was fetched again after part of it was read, the stream
+/// ends with [`StreamEnd::Fallback`]: the caller unpacks from the verified files instead.
+pub(crate) fn unpack_streaming(
+    root: &Path,
+    manifest_layers: &[(Digest, String)],
+    config: &Arc<PrefixWatch>,
+    watchers: &Watchers,
+    opts: Options,
+    cancel: &Arc<AtomicBool>,
+    on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+) -> std::result::Result<UnpackSummary, StreamEnd> {
+    if let Err(e) = config.wait_verified(cancel) {
+        return Err(StreamEnd::Fallback(e.to_string()));
+    }
+    let path = config.path();
+    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    let what = format!("config {}", config.digest());
+    let ids = diff_ids(&bytes, &what)?;
+    if ids.len() != manifest_layers.len() {
+        return Err(StreamEnd::Failed(Error::InvalidManifest {
+            what,
+            reason: format!(
+                "the manifest lists {} layers, the config {} diff_ids",
+                manifest_layers.len(),
+                ids.len()
+            ),
+        }));
+    }
+    let mut layers = Vec::with_capacity(ids.len());
+    for ((digest, media_type), diff_id) in manifest_layers.iter().zip(ids) {
+        let watch = watchers
+            .get(digest)
+            .ok_or_else(|| Error::Internal(format!("layer {digest} is not followed")))?;
+        layers.push(Layer {
+            digest: *digest,
+            media_type: media_type.clone(),
+            path: watch.path().to_path_buf(),
+            diff_id,
+        });
+    }
+    // Before the last step (which, rootless, takes the write bit from directories that
+    // should not have it): every layer's blob verified, and none fetched again under the
+    // reader. A verified blob stays so; a tree that cannot be trusted is still removable.
+    let settle = || {
+        for l in &layers {
+            if let Some(w) = watchers.get(&l.digest) {
+                w.wait_verified(cancel)
+                    .map_err(|e| StreamEnd::Fallback(e.to_string()))?;
+            }
+        }
+        if watchers.restarted_under_reader() {
+            return Err(StreamEnd::Fallback(
+                "a layer was fetched again after part of it had been unpacked".into(),
+            ));
+        }
+        Ok(())
+    };
+    let summary = unpack_each(
+        root,
+        &layers,
+        opts,
+        cancel,
+        on_layer,
+        settle,
+        |_, engine, layer, room| {
+            let watch = watchers.get(&layer.digest).ok_or_else(|| {
+                Error::Internal(format!("layer {} is not followed", layer.digest))
+            })?;
+            match PrefixReader::open(watch, cancel.clone()) {
+                Err(e) => Err(StreamEnd::Fallback(e.to_string())),
+                Ok(Source::Verified(path)) => {
+                    let file =
+                        std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+                    Ok(apply_layer(engine, file, layer, room)?)
+                }
+                Ok(Source::Following(reader)) => {
+                    let generation = reader.generation();
+                    let watch = reader.watch().clone();
+                    match apply_layer(engine, reader, layer, room) {
+                        Ok(applied) => Ok(applied),
+                        // The bytes were the blob's: the failure is the layer's own.
+                        Err(e) if watch.settled(generation, cancel) => Err(StreamEnd::Failed(e)),
+                        Err(e) => Err(StreamEnd::Fallback(format!(
+                            "layer {}: read from a fetch that did not verify, or stopped ({e})",
+                            layer.digest
+                        ))),
+                    }
+                }
+            }
+        },
+    )?;
+    Ok(summary)
+}
+
+/// Makes the root of a new tree at `root` and applies `layers` in order, each read by
+/// `apply` (index, engine, layer, free space left); `settle` may still refuse the tree
+/// before its last step.
+fn unpack_each(
+    root: &Path,
+    layers: &[Layer],
+    opts: Options,
+    cancel: &AtomicBool,
+    on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    settle: impl FnOnce() -> std::result::Result<(), StreamEnd>,
+    mut apply: impl FnMut(
+        usize,
+        &mut apply::Engine<'_>,
+        &Layer,
+        &mut u64,
+    ) -> std::result::Result<Applied, StreamEnd>,
+) -> std::result::Result<UnpackSummary, StreamEnd> {
     let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
     if cancel.load(Ordering::Relaxed) {
-        return Err(stopped());
+        return Err(stopped().into());
     }
     rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", root, e.into()))?;
@@ -287,18 +471,18 @@ pub(crate) fn unpack(
     let mut room = rustix::fs::fstatvfs(tree.root())
         .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
         .unwrap_or(u64::MAX);
-    for layer in layers {
-        let file =
-            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+    for (i, layer) in layers.iter().enumerate() {
         let started = std::time::Instant::now();
-        let entries = apply_layer(&mut engine, file, layer, &mut room)?;
+        let applied = apply(i, &mut engine, layer, &mut room)?;
         if cancel.load(Ordering::Relaxed) {
-            return Err(stopped());
+            return Err(stopped().into());
         }
-        tracing::info!(layer = %layer.digest, entries, secs = started.elapsed().as_secs_f64(), "layer applied");
+        tracing::info!(layer = %layer.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), "layer applied");
         summary.layers += 1;
-        summary.entries += entries;
+        summary.entries += applied.entries;
+        on_layer(i, layer, applied);
     }
+    settle()?;
     engine.finish().map_err(|f| {
         f.into_error(
             &layers.last().map_or_else(|| Digest::of(b""), |l| l.digest),
@@ -316,14 +500,14 @@ pub(crate) fn unpack(
     Ok(summary)
 }
 
-/// Applies one layer read from `blob` (any reader: a verified file now, a verified prefix
-/// later), checking its diff_id at the end. Returns the number of entries.
+/// Applies one layer read from `blob` (a verified file, or the prefix of a fetch in
+/// progress), checking its diff_id at the end.
 pub(crate) fn apply_layer<R: Read>(
     engine: &mut apply::Engine<'_>,
     blob: R,
     layer: &Layer,
     room: &mut u64,
-) -> Result<u64> {
+) -> Result<Applied> {
     let bad = |reason: String| Error::Layer {
         layer: layer.digest,
         entry: None,
@@ -399,7 +583,10 @@ pub(crate) fn apply_layer<R: Read>(
             actual,
         });
     }
-    Ok(count)
+    Ok(Applied {
+        entries: count,
+        bytes,
+    })
 }
 
 /// The private directory a rootfs is built in, beside the destination; removed on drop

@@ -75,6 +75,17 @@ fn json_output_follows_the_documented_schema() {
         ),
         ("blob_done", &["event", "schema", "digest"]),
         (
+            "layer_applied",
+            &[
+                "event",
+                "schema",
+                "index",
+                "digest",
+                "uncompressed",
+                "entries",
+            ],
+        ),
+        (
             "done",
             &[
                 "event",
@@ -88,6 +99,7 @@ fn json_output_follows_the_documented_schema() {
                 "seconds",
                 "dest",
                 "format",
+                "unpacked",
             ],
         ),
     ];

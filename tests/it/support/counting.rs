@@ -592,6 +592,13 @@ impl CountingProxy {
         self.state.released.store(true, Ordering::SeqCst);
     }
 
+    /// What [`CountingProxy::release`] does, to be called from another thread (a test's
+    /// watchdog).
+    pub fn releaser(&self) -> impl FnOnce() + Send + 'static {
+        let state = self.state.clone();
+        move || state.released.store(true, Ordering::SeqCst)
+    }
+
     /// How many responses are waiting at their hold right now.
     pub fn held(&self) -> usize {
         self.state.held.load(Ordering::SeqCst)
