@@ -18,7 +18,6 @@ use crate::http::{TlsOptions, Transport, DEFAULT_CERT_DIRS};
 use crate::layout::{Destination, Format, ImageName, Layout, ManifestRecord};
 use crate::manifest::{self, BlobDescriptor, BlobKind, Document, Platform};
 use crate::plan::Plan;
-use crate::prefix::Watchers;
 use crate::progress::{EventKind, NoReporter, PullId, PullReporter, Reporter};
 use crate::reference::Reference;
 use crate::registry::{Access, Endpoint, FetchedManifest, Registry};
@@ -880,12 +879,13 @@ impl Client {
         let fetch_started = Instant::now();
         // --format rootfs: the layers are unpacked while they download (see
         // `crate::unpack`), by a blocking task that follows each blob's written prefix.
-        let mut stream = match rootfs {
-            Some(staging) => Some(self.start_unpack(layout, m, staging, &all, &present, reporter)?),
+        let mut session = match rootfs {
+            Some(staging) => Some(unpack::Session::start(
+                layout, m, staging, &all, &present, reporter,
+            )?),
             None => None,
         };
-        let mut handle = stream.as_mut().and_then(|s| s.handle.take());
-        let watchers = stream.as_ref().map(|s| s.watchers.clone());
+        let watchers = session.as_ref().map(|s| s.watchers());
         let fetcher = Fetcher {
             registry: &registry,
             layout,
@@ -903,38 +903,9 @@ impl Client {
             watch: watchers.as_deref(),
         };
         let fetch = fetcher.fetch_all(&plan.fetch);
-        tokio::pin!(fetch);
-        // Whichever ends first: an unpack that fails for good ends the pull at once.
-        let first = match handle.as_mut() {
-            None => Ok(fetch.as_mut().await),
-            Some(h) => tokio::select! {
-                r = fetch.as_mut() => Ok(r),
-                u = h => Err(joined(u)),
-            },
-        };
-        let (fetched, mut streamed) = match first {
-            Ok(r) => (r, None),
-            Err(u) => {
-                handle = None;
-                match u {
-                    Err(unpack::StreamEnd::Failed(e)) => (Err(e), None),
-                    u => (fetch.as_mut().await, Some(u)),
-                }
-            }
-        };
-        let bytes_downloaded = match fetched {
-            Ok(b) => b,
-            Err(e) => {
-                // The unpacker stops following and is waited for: the next endpoint (if
-                // any) starts a new tree in the same staging directory.
-                if let Some(w) = &watchers {
-                    w.stop();
-                }
-                if let Some(h) = handle {
-                    let _ = h.await;
-                }
-                return Err(e);
-            }
+        let bytes_downloaded = match session.as_mut() {
+            Some(s) => s.follow(fetch).await?,
+            None => fetch.await?,
         };
         let fetch_time = fetch_started.elapsed();
         tracing::info!(
@@ -944,45 +915,15 @@ impl Client {
             "blobs fetched and verified"
         );
 
-        let unpacked = match rootfs {
-            Some(staging) => {
-                if streamed.is_none() {
-                    if let Some(h) = handle {
-                        streamed = Some(joined(h.await));
-                    }
-                }
-                let last_byte = Instant::now();
-                // A blob fetched again after the unpacker had read part of it (a digest
-                // mismatch found after its layer was in): that layer's bytes were not
-                // the verified ones, so the tree is built again from the verified blobs.
-                let restarted = watchers
-                    .as_ref()
-                    .is_some_and(|w| w.restarted_under_reader());
-                let streamed = match streamed {
-                    Some(Ok(_)) if restarted => Some(Err(unpack::StreamEnd::Fallback(
-                        "a layer was fetched again after part of it had been unpacked".into(),
-                    ))),
-                    other => other,
-                };
-                let summary = match streamed {
-                    Some(Ok(summary)) => summary,
-                    Some(Err(unpack::StreamEnd::Failed(e))) => return Err(e),
-                    Some(Err(unpack::StreamEnd::Fallback(why))) => {
-                        tracing::warn!(reason = %why, "unpacking again from the verified blobs");
-                        self.unpack_layers(layout, m, staging, reporter).await?
-                    }
-                    None => self.unpack_layers(layout, m, staging, reporter).await?,
-                };
-                tracing::info!(
-                    after_last_blob_secs = last_byte.elapsed().as_secs_f64(),
-                    "unpacked"
-                );
-                Some(summary)
+        let unpacked = match (rootfs, session) {
+            (Some(staging), Some(session)) => {
+                Some(session.finish(layout, m, staging, reporter).await?)
             }
-            None => {
+            (None, None) => {
                 layout.commit(&record)?;
                 None
             }
+            _ => return Err(Error::Internal("a rootfs pull without its unpack".into())),
         };
         let manifests = images
             .iter()
@@ -1012,113 +953,6 @@ impl Client {
             dest: dest.to_path_buf(),
             format: opts.format,
             unpacked,
-        })
-    }
-
-    /// Unpacks the layers of `m` (fetched and verified into `layout`) into the staging
-    /// tree, in manifest order, each checked against the config's diff_id.
-    async fn unpack_layers(
-        &self,
-        layout: &Layout,
-        m: &manifest::Manifest,
-        staging: &Staging,
-        reporter: &PullReporter,
-    ) -> Result<UnpackSummary> {
-        // The config's digest was verified by the fetch (or on disk) before it is trusted.
-        let config_path = layout.blob_path(&m.config.digest);
-        let config = tokio::fs::read(&config_path)
-            .await
-            .map_err(|e| Error::io("read", &config_path, e))?;
-        let what = format!("config {}", m.config.digest);
-        let ids = unpack::diff_ids(&config, &what)?;
-        if ids.len() != m.layers.len() {
-            return Err(Error::InvalidManifest {
-                what,
-                reason: format!(
-                    "the manifest lists {} layers, the config {} diff_ids",
-                    m.layers.len(),
-                    ids.len()
-                ),
-            });
-        }
-        let layers: Vec<unpack::Layer> = m
-            .layers
-            .iter()
-            .zip(ids)
-            .map(|(l, diff_id)| unpack::Layer {
-                digest: l.digest,
-                media_type: l.media_type.clone(),
-                path: layout.blob_path(&l.digest),
-                diff_id,
-            })
-            .collect();
-        staging.reset_rootfs()?;
-        let root = staging.rootfs();
-        let opts = unpack::Options::detect();
-        tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
-        let (cancel, running) = staging.worker();
-        let reporter = reporter.clone();
-        tokio::task::spawn_blocking(move || {
-            // Held while the tree is written: dropping the staging directory waits for it.
-            let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
-            unpack::unpack(&root, &layers, opts, &cancel, &mut layer_event(&reporter))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
-    }
-
-    /// Starts unpacking `m`'s layers into the staging tree while they download: a blocking
-    /// task that reads the config once it is verified, then each layer, in order, from
-    /// its fetch's written prefix (see [`unpack::unpack_streaming`]).
-    fn start_unpack(
-        &self,
-        layout: &Layout,
-        m: &manifest::Manifest,
-        staging: &Staging,
-        all: &[BlobDescriptor],
-        present: &HashSet<Digest>,
-        reporter: &PullReporter,
-    ) -> Result<StreamingUnpack> {
-        let watchers = Arc::new(Watchers::new(
-            all.iter().map(|b| (b.digest, layout.blob_path(&b.digest))),
-            present,
-        ));
-        let config = watchers
-            .get(&m.config.digest)
-            .cloned()
-            .ok_or_else(|| Error::Internal("the config is not followed".into()))?;
-        let layers: Vec<(Digest, String)> = m
-            .layers
-            .iter()
-            .map(|l| (l.digest, l.media_type.clone()))
-            .collect();
-        staging.reset_rootfs()?;
-        let root = staging.rootfs();
-        let opts = unpack::Options::detect();
-        tracing::info!(
-            layers = layers.len(),
-            rootless = opts.rootless,
-            "unpacking as the layers download"
-        );
-        let (cancel, running) = staging.worker();
-        let reporter = reporter.clone();
-        let w = watchers.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            // Held while the tree is written: dropping the staging directory waits for it.
-            let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
-            unpack::unpack_streaming(
-                &root,
-                &layers,
-                &config,
-                &w,
-                opts,
-                &cancel,
-                &mut layer_event(&reporter),
-            )
-        });
-        Ok(StreamingUnpack {
-            watchers,
-            handle: Some(handle),
         })
     }
 
@@ -1212,45 +1046,6 @@ impl Client {
         }
         let path = layout.blob_path(&config.digest);
         crate::write::write_atomic(&path, &bytes)
-    }
-}
-
-/// A streaming unpack ([`Client::start_unpack`]) under way. Dropped, it stops following
-/// the downloads (its readers fail; the staging directory's drop waits for the thread).
-struct StreamingUnpack {
-    watchers: Arc<Watchers>,
-    handle: Option<tokio::task::JoinHandle<std::result::Result<UnpackSummary, unpack::StreamEnd>>>,
-}
-
-impl Drop for StreamingUnpack {
-    fn drop(&mut self) {
-        self.watchers.stop();
-    }
-}
-
-/// The unpacking task's result, its panic included.
-fn joined(
-    r: std::result::Result<
-        std::result::Result<UnpackSummary, unpack::StreamEnd>,
-        tokio::task::JoinError,
-    >,
-) -> std::result::Result<UnpackSummary, unpack::StreamEnd> {
-    r.unwrap_or_else(|e| {
-        Err(unpack::StreamEnd::Failed(Error::Internal(format!(
-            "unpacking thread: {e}"
-        ))))
-    })
-}
-
-/// Reports each layer unpacked ([`EventKind::LayerApplied`]).
-fn layer_event(reporter: &PullReporter) -> impl FnMut(usize, &unpack::Layer, unpack::Applied) + '_ {
-    move |index, layer, applied| {
-        reporter.report(EventKind::LayerApplied {
-            index,
-            digest: layer.digest,
-            uncompressed: applied.bytes,
-            entries: applied.entries,
-        })
     }
 }
 

@@ -119,7 +119,10 @@
 mod apply;
 mod decompress;
 mod resolve;
+mod session;
 mod targuard;
+
+pub(crate) use session::Session;
 
 use std::io::{self, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
