@@ -32,6 +32,9 @@
 #   uncapped-cold  the same, but each run's preparation waits COLD_PAUSE (3 s) after its sync,
 #              so that a VM's free page reporting has handed the freed memory back to the
 #              hypervisor (a first pull on an idle VM; see perf/README.md)
+#   rootfs500  (issue #14) perf/img500's root filesystem through the smooth-capped CDN:
+#              fastpull --format rootfs against skopeo copy + umoci unpack (perf/peers/skopeo-umoci)
+#   rootfs1g   the same for perf/img1g (one 1 GiB gzip layer) from the uncapped registry
 #   mem        peak RSS / RssAnon (sampled every 50 ms) of each tool pulling img1g: fastpull
 #              through the capped CDN and all three from the uncapped registry
 #   tune-capped500, tune-uncapped   fastpull -j {TUNE_J} x --chunk-size {TUNE_CHUNK}
@@ -84,7 +87,8 @@ if [ "$*" = matrix ]; then
 fi
 for s in "$@"; do
   case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
-    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped) ;;
+    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
+    rootfs500 | rootfs1g) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
@@ -137,8 +141,11 @@ tool_cmd() { # tool registry image dest
   fi
   # shellcheck disable=SC2206
   local fpa=(-q "${fpt[@]}" $FASTPULL_ARGS)
+  # The rootfs worlds (issue #14): fastpull writes the root filesystem itself.
+  [ "${FORMAT:-}" = rootfs ] && fpa+=(--format rootfs)
   case "$1" in
     fastpull) echo "$FP ${fpa[*]} $2/$3:latest $4" ;;
+    skopeo-umoci) echo "$root/perf/peers/skopeo-umoci ${pt[*]} $2/$3:latest $4" ;;
     skopeo) echo "skopeo copy -q ${skt[*]} --insecure-policy docker://$2/$3:latest oci:$4:latest" ;;
     skopeo-dir) echo "skopeo copy -q ${skt[*]} --insecure-policy docker://$2/$3:latest dir:$4" ;;
     oci-client) echo "$PEER ${pt[*]} $2/$3:latest $4" ;;
@@ -155,6 +162,19 @@ write_meta() { # scenario registry image [k=v...]
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
     cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
     fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" "$@"
+}
+
+# A tool's output is right: blobs named by their digests, or (rootfs worlds) the files the
+# layers leave, read back from the registry's storage.
+check_output() { # image tool dir
+  local json="$WORLD_DIR/images/${1#perf/}.json"
+  if [ "${FORMAT:-}" = rootfs ]; then
+    local tree=$3
+    [ "$2" = skopeo-umoci ] && tree=$3/bundle/rootfs
+    python3 "$root/perf/util.py" verify-rootfs "$json" "$STORAGE" "$tree"
+  else
+    python3 "$root/perf/util.py" verify "$json" "$3"
+  fi
 }
 
 bench() { # scenario registry image default-tools default-warmup [pause-after-sync]
@@ -175,12 +195,34 @@ bench() { # scenario registry image default-tools default-warmup [pause-after-sy
   log "$s: checking every tool's output (sha256 of each blob file = its name)"
   local fail=0
   for tool in $TOOLS; do
-    python3 "$root/perf/util.py" verify "$WORLD_DIR/images/${img#perf/}.json" "$dest/$tool" || fail=1
+    check_output "$img" "$tool" "$dest/$tool" || fail=1
   done
   rm -rf "$dest"
   [ "$fail" -eq 0 ] || { log "$s: a tool's output is wrong"; exit 1; }
-  [ "$MEM" = 1 ] && world_mem "$s" "$reg" "$img" "$TOOLS"
+  [ "${FORMAT:-}" = rootfs ] && rootfs_tail "$s" "$reg" "$img"
+  # (skopeo-umoci is a script: its own memory says nothing of skopeo's or umoci's.)
+  [ "$MEM" = 1 ] && world_mem "$s" "$reg" "$img" "${TOOLS/skopeo-umoci/}"
   return 0
+}
+
+# Rootfs worlds: RUNS more fastpull runs at -v, each timed whole and with the time from the
+# fetch's last byte to the finished tree (fastpull logs it as after_last_blob_secs):
+# $OUT/SCENARIO.tail.json.
+rootfs_tail() { # scenario registry image
+  local s=$1 dest="$DEST_ROOT/$1-tail" i t0 t1 runs=()
+  log "$s: $RUNS more fastpull runs at -v: last byte to rootfs"
+  for i in $(seq "$RUNS"); do
+    rm -rf "$dest"; sync
+    t0=$(date +%s%N)
+    # shellcheck disable=SC2046
+    $(tool_cmd fastpull "$2" "$3" "$dest" | sed 's/ -q / -v /') 2>"$DEST_ROOT/tail.log" >/dev/null
+    t1=$(date +%s%N)
+    runs+=("$(( (t1 - t0) / 1000000 )):$(sed -n 's/.*after_last_blob_secs=\([0-9.e-]*\).*/\1/p' "$DEST_ROOT/tail.log" | tail -1)")
+  done
+  rm -rf "$dest" "$DEST_ROOT/tail.log"
+  python3 -c 'import json, sys
+runs = [dict(total_s=int(a) / 1000, after_last_blob_s=float(b)) for a, b in (r.split(":") for r in sys.argv[2:])]
+json.dump(runs, open(sys.argv[1], "w"), indent=1)' "$OUT/$s.tail.json" "${runs[@]}"
 }
 
 # One more run per tool with /proc/PID/status sampled every 50 ms: $OUT/SCENARIO.mem.json.
@@ -192,7 +234,7 @@ world_mem() { # scenario registry image tools
     log "$s: $tool once more, sampling its memory"
     # shellcheck disable=SC2046
     python3 "$root/perf/util.py" mem "$OUT/$s.mem.json" "$tool" -- $(tool_cmd "$tool" "$reg" "$img" "$dest/$tool")
-    python3 "$root/perf/util.py" verify "$WORLD_DIR/images/${img#perf/}.json" "$dest/$tool" >/dev/null ||
+    check_output "$img" "$tool" "$dest/$tool" >/dev/null ||
       { log "$s: $tool's output (memory run) is wrong"; exit 1; }
   done
   rm -rf "$dest"
@@ -243,6 +285,8 @@ for s in "$@"; do
     rtt40-1g) bench rtt40-1g "$REG_RTT40" perf/img1g "$T3" 0 ;;
     rtt100-1g) bench rtt100-1g "$REG_RTT100" perf/img1g "$T3" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
+    rootfs500) FORMAT=rootfs bench rootfs500 "$REG" perf/img500 "fastpull skopeo-umoci" 0 ;;
+    rootfs1g) FORMAT=rootfs bench rootfs1g "$DIRECT" perf/img1g "fastpull skopeo-umoci" 1 ;;
     uncapped-cold) MEM=0 bench uncapped-cold "$DIRECT" perf/img500 "$T3 oci-client-fsync" 0 "$COLD_PAUSE" ;;
     mem) memory ;;
     tune-capped500) tune tune-capped500 "$REG" perf/img500 ;;

@@ -3,6 +3,10 @@
 
   util.py verify IMAGE_JSON DIR          every file under DIR named by 64 hex digits hashes to
                                          its name, and every blob of the image is there
+  util.py verify-rootfs IMAGE_JSON STORAGE DIR
+                                         DIR holds exactly the regular files the image's layers
+                                         (read from the registry's STORAGE) leave, same sizes
+                                         and sha256
   util.py mem OUT_JSON LABEL -- CMD...   run CMD, sample /proc/PID/status every 50 ms, append
                                          {label, wall_s, peak_rss_kib (VmHWM / ru_maxrss),
                                          peak_rss_anon_kib, peak_rss_file_kib, ...} to OUT_JSON
@@ -46,6 +50,57 @@ def verify(image_json, root):
         print("\n".join("  BAD " + b for b in bad))
         return 1
     print(f"  ok  {root}: {len(found)} files named by digest, all hashes match, all {len(info['blobs'])} blobs present")
+    return 0
+
+
+def verify_rootfs(image_json, storage, root):
+    """The tree at ROOT holds exactly the regular files the image's layers put there, in
+    order (a later layer's file replaces an earlier one's; `.wh.` whiteouts remove), each
+    with the right size and sha256. The layers are read from the registry's storage."""
+    import tarfile
+    def blob(digest):
+        hexd = digest.split(":", 1)[1]
+        return os.path.join(storage, "docker/registry/v2/blobs/sha256", hexd[:2], hexd, "data")
+
+    manifest = json.load(open(blob(json.load(open(image_json))["manifest"])))
+    want = {}
+    for layer in manifest["layers"]:
+        path = blob(layer["digest"])
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                name = os.path.normpath(m.name.lstrip("/"))
+                base = os.path.basename(name)
+                if base.startswith(".wh."):
+                    gone = os.path.join(os.path.dirname(name), base[4:])
+                    for k in [k for k in want if k == gone or k.startswith(gone + "/")]:
+                        del want[k]
+                    continue
+                if m.isfile():
+                    h = hashlib.sha256()
+                    f = tar.extractfile(m)
+                    for block in iter(lambda: f.read(4 << 20), b""):
+                        h.update(block)
+                    want[name] = (m.size, h.hexdigest())
+                else:
+                    want.pop(name, None)
+    got = {}
+    for dirpath, _, files in os.walk(root):
+        for fname in files:
+            path = os.path.join(dirpath, fname)
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(4 << 20), b""):
+                    h.update(block)
+            got[os.path.relpath(path, root)] = (os.path.getsize(path), h.hexdigest())
+    bad = [f"{root}: {k} missing" for k in want if k not in got]
+    bad += [f"{root}: {k} is {got[k]}, want {want[k]}" for k in want if k in got and got[k] != want[k]]
+    bad += [f"{root}: {k} should not be there" for k in got if k not in want]
+    if bad:
+        print("\n".join("  BAD " + b for b in bad[:20]))
+        return 1
+    print(f"  ok  {root}: {len(got)} regular files, sizes and sha256 as the layers say")
     return 0
 
 
@@ -179,6 +234,8 @@ def bench_meta(root, paths=("src", "benches", "Cargo.toml", "Cargo.lock")):
 def main(argv):
     if len(argv) >= 3 and argv[0] == "verify":
         return verify(argv[1], argv[2])
+    if len(argv) >= 4 and argv[0] == "verify-rootfs":
+        return verify_rootfs(argv[1], argv[2], argv[3])
     if len(argv) >= 5 and argv[0] == "mem" and argv[3] == "--":
         return mem(argv[1], argv[2], argv[4:])
     if len(argv) >= 2 and argv[0] == "meta":
