@@ -195,10 +195,12 @@ pub struct Coverage {
     /// Responses cut short at a `stop` set by a later request.
     pub cuts: usize,
     /// Bytes fetched twice because a response the proxy relayed whole within its cap's
-    /// burst (at line speed, before the client could read a byte of it) had its tail raced
-    /// by a later request: the bytes sat in the client's socket while the client, starved of
-    /// CPU (seen under qemu), read that connection slowly. No client can see them there;
-    /// they are allowed, and counted.
+    /// burst (at line speed, before the client could read a byte of it), or had relayed
+    /// whole before the later request was even made, had its tail cut or raced by that
+    /// request: the bytes sat in the client's socket while the client, starved of CPU (seen
+    /// under qemu and in full parallel runs), read that connection slowly. No client can see
+    /// them there; they are allowed, and counted. A response still being relayed when the
+    /// later request came is a scheduler fault.
     pub burst_dup: u64,
 }
 
@@ -401,9 +403,25 @@ impl Log {
                 .cap
                 .is_some_and(|c| p.complete && p.end - p.start <= c.burst)
         };
+        // The proxy had relayed all of `p` before request `q` was made: the bytes were in
+        // the client's socket, unread, when it decided to fetch them again.
+        let relayed_before = |p: &Piece, q: usize| {
+            let r = &self.reqs[p.req];
+            p.complete && r.writes.last().is_some_and(|w| w.1 < self.reqs[q].start)
+        };
+        let taker = |p: &Piece| {
+            pieces
+                .iter()
+                .filter(|q| q.req > p.req && q.start == p.stop)
+                .map(|q| q.req)
+                .next()
+        };
         for p in &pieces {
             relayed += p.relayed;
-            if p.complete && p.stop < p.end && in_burst(p) {
+            if p.complete
+                && p.stop < p.end
+                && (in_burst(p) || taker(p).is_some_and(|q| relayed_before(p, q)))
+            {
                 burst_dup += p.end - p.stop;
             } else if p.complete && p.stop < p.end {
                 problems.push(format!(
@@ -425,7 +443,9 @@ impl Log {
         let complete: Vec<&Piece> = pieces.iter().filter(|p| p.complete).collect();
         for (x, p) in complete.iter().enumerate() {
             for q in &complete[x + 1..] {
-                if p.start < q.end && q.start < p.end && !in_burst(p) && !in_burst(q) {
+                let in_socket = relayed_before(p, q.req) || relayed_before(q, p.req);
+                if p.start < q.end && q.start < p.end && !in_burst(p) && !in_burst(q) && !in_socket
+                {
                     problems.push(format!(
                         "complete responses #{} [{}, {}) and #{} [{}, {}) overlap",
                         p.req, p.start, p.end, q.req, q.start, q.end
