@@ -403,11 +403,20 @@ impl Log {
                 .cap
                 .is_some_and(|c| p.complete && p.end - p.start <= c.burst)
         };
-        // The proxy had relayed all of `p` before request `q` was made: the bytes were in
-        // the client's socket, unread, when it decided to fetch them again.
+        // The proxy had relayed all of `p` before request `q` was made on another connection,
+        // and `p`'s connection had asked for nothing since (so the client had not finished
+        // reading `p`): the bytes were in the client's socket, unread, when it decided to
+        // fetch them again.
         let relayed_before = |p: &Piece, q: usize| {
-            let r = &self.reqs[p.req];
-            p.complete && r.writes.last().is_some_and(|w| w.1 < self.reqs[q].start)
+            let (r, rq) = (&self.reqs[p.req], &self.reqs[q]);
+            let conn_moved_on = self
+                .reqs
+                .iter()
+                .any(|o| o.conn == r.conn && o.start > r.start && o.start < rq.start);
+            p.complete
+                && rq.conn != r.conn
+                && !conn_moved_on
+                && r.writes.last().is_some_and(|w| w.1 < rq.start)
         };
         let taker = |p: &Piece| {
             pieces
