@@ -356,17 +356,31 @@ mod tests {
         (dir, file, w, d)
     }
 
-    #[test]
-    fn reader_follows_the_prefix_and_ends_at_the_size() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let (_dir, file, w, d) = setup(data.len() as u64);
+    /// A fetch of a `size`-byte blob opened, and a reader following it.
+    fn following(
+        size: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<BlobFile>,
+        Watchers,
+        Arc<PrefixWatch>,
+        PrefixReader,
+    ) {
+        let (dir, file, w, d) = setup(size);
         let watch = w.get(&d).unwrap().clone();
         watch.opened(file.clone());
-        let Source::Following(mut r) =
+        let Source::Following(r) =
             PrefixReader::open(&watch, Arc::new(AtomicBool::new(false))).unwrap()
         else {
             panic!("not following")
         };
+        (dir, file, w, watch, r)
+    }
+
+    #[test]
+    fn reader_follows_the_prefix_and_ends_at_the_size() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, file, _w, watch, mut r) = following(data.len() as u64);
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             r.read_to_end(&mut got).map(|_| got)
@@ -415,14 +429,7 @@ mod tests {
     #[test]
     fn an_abandoned_or_stopped_fetch_fails_the_reader() {
         for stop in [false, true] {
-            let (_dir, file, w, d) = setup(1000);
-            let watch = w.get(&d).unwrap().clone();
-            watch.opened(file.clone());
-            let Source::Following(mut r) =
-                PrefixReader::open(&watch, Arc::new(AtomicBool::new(false))).unwrap()
-            else {
-                panic!("not following")
-            };
+            let (_dir, file, w, watch, mut r) = following(1000);
             let mut wr = file.writer().unwrap();
             wr.append(&[1u8; 10]).unwrap();
             let mut buf = [0u8; 100];
