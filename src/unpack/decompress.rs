@@ -4,8 +4,15 @@
 //! as Go's gzip reads them; garbage after the last member is an error, as in Go). zstd: the
 //! `zstd` crate (libzstd), which reads several frames and skips skippable ones. The media
 //! type says which, and the first bytes must agree.
+//!
+//! Decompression bombs: [`Ratio`] ends a layer whose uncompressed stream grows past
+//! [`MAX_RATIO`] times the compressed bytes read so far (plus [`RATIO_SLACK`]). deflate cannot
+//! expand more than 1032:1, so no well-formed gzip layer is refused; zstd can (about 32 768:1
+//! for long runs of one byte), and such a layer is refused with a message that says so.
 
+use std::cell::Cell;
 use std::io::{self, BufRead, Read};
+use std::rc::Rc;
 
 use crate::digest::Digest;
 use crate::verify::Hasher;
@@ -73,6 +80,83 @@ pub(crate) fn decoder<'a, R: BufRead + 'a>(
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob)?),
     })
+}
+
+/// The most uncompressed bytes a layer may give per compressed byte read: above deflate's
+/// own bound (1032:1), so that only zstd (or a stored tar, which has ratio 1) can reach it.
+pub(crate) const MAX_RATIO: u64 = 1100;
+
+/// Uncompressed bytes allowed before any ratio applies (a tiny layer's tar end blocks, say).
+pub(crate) const RATIO_SLACK: u64 = 1 << 20;
+
+/// Counts the compressed bytes read from `inner` into a shared cell.
+pub(crate) struct Counted<R> {
+    inner: R,
+    read: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Counted<R> {
+    /// `inner`, and the cell that tells how much has been read from it.
+    pub(crate) fn new(inner: R) -> (Counted<R>, Rc<Cell<u64>>) {
+        let read = Rc::new(Cell::new(0));
+        (
+            Counted {
+                inner,
+                read: read.clone(),
+            },
+            read,
+        )
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The uncompressed stream, failing once it has given more than [`MAX_RATIO`] bytes per
+/// compressed byte read (see the module doc).
+pub(crate) struct Ratio<R> {
+    inner: R,
+    compressed: Rc<Cell<u64>>,
+    out: u64,
+}
+
+impl<R: Read> Ratio<R> {
+    pub(crate) fn new(inner: R, compressed: Rc<Cell<u64>>) -> Ratio<R> {
+        Ratio {
+            inner,
+            compressed,
+            out: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Ratio<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        let allowed = self
+            .compressed
+            .get()
+            .saturating_mul(MAX_RATIO)
+            .saturating_add(RATIO_SLACK);
+        if self.out > allowed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "decompression bomb: {} uncompressed bytes from {} compressed (more than \
+                     {MAX_RATIO}:1)",
+                    self.out,
+                    self.compressed.get()
+                ),
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Passes bytes through, hashing them (sha256) and counting them.
@@ -148,6 +232,32 @@ mod tests {
             .read_to_string(&mut s)
             .unwrap();
         assert_eq!(s, "hello world");
+    }
+
+    /// Reads `c`-compressed `data` to the end through the bound, as `apply_layer` does.
+    fn bounded(c: Compression, data: &[u8]) -> io::Result<u64> {
+        let (counted, read) = Counted::new(data);
+        let stream = decoder(c, io::BufReader::with_capacity(64 << 10, counted))?;
+        io::copy(&mut Ratio::new(stream, read), &mut io::sink())
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_stopped_and_the_densest_gzip_is_not() {
+        // 64 MiB of one byte: zstd packs it into a few KiB (far past the bound); gzip into
+        // ~64 KiB, at deflate's own limit, which stays under it.
+        let big = vec![7u8; 64 << 20];
+        let zs = zstd::encode_all(&big[..], 3).unwrap();
+        let e = bounded(Compression::Zstd, &zs).unwrap_err();
+        assert!(e.to_string().contains("decompression bomb"), "{e}");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &big).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(bounded(Compression::Gzip, &gz).unwrap(), big.len() as u64);
+        // A plain tar has ratio 1.
+        assert_eq!(
+            bounded(Compression::None, &big[..4 << 20]).unwrap(),
+            4 << 20
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! ```text
 //! blob's contiguous written prefix (PrefixReader, blocks for more)
 //!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
+//!   → Ratio (at most 1100 bytes out per compressed byte in: decompression bombs)
 //!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
 //!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
 //! ```
@@ -516,6 +517,7 @@ pub(crate) fn apply_layer<R: Read>(
         entry: None,
         reason,
     };
+    let (blob, compressed) = decompress::Counted::new(blob);
     let mut blob = BufReader::with_capacity(1 << 20, blob);
     let head = io::BufRead::fill_buf(&mut blob)
         .map_err(|e| Error::io("read", &layer.path, e))?
@@ -523,6 +525,7 @@ pub(crate) fn apply_layer<R: Read>(
     let compression = decompress::detect(&layer.media_type, &head).map_err(bad)?;
     let stream = decompress::decoder(compression, blob)
         .map_err(|e| bad(format!("cannot start decompressing ({compression:?}): {e}")))?;
+    let stream = decompress::Ratio::new(stream, compressed);
     let (budget, left) = targuard::Budget::new(decompress::Hashing::new(stream));
     let mut archive = tar::Archive::new(budget);
     engine.start_layer();
