@@ -435,6 +435,10 @@ impl Directory {
             return Err(dest_err("is in use by another fastpull process"));
         }
         check_existing(root, format)?;
+        sweep_atomic_leftovers(root);
+        if format == Format::Oci {
+            sweep_atomic_leftovers(&root.join("blobs").join("sha256"));
+        }
         if format == Format::Oci && !replace {
             check_name(&read_index(&root.join("index.json"))?, root, name)?;
         }
@@ -649,6 +653,49 @@ impl Directory {
 }
 
 /// 64 lowercase hex digits: the file name of a blob.
+/// Removes from `dir` the temporary files an atomic write ([`write_atomic`]) leaves when its
+/// process is killed between create and rename: `.NAME.PID.tmp` for a NAME fastpull writes
+/// (a blob's hex, `index.json`, `oci-layout`, `version`, `manifest.json`,
+/// `<hex>.manifest.json`). Called with the destination locked, so no live pull owns them.
+/// Other files are left alone.
+fn sweep_atomic_leftovers(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(inner) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .filter(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(inner, _)| inner)
+        else {
+            continue;
+        };
+        let ours = is_blob_name(inner)
+            || matches!(
+                inner,
+                "index.json" | "oci-layout" | "version" | "manifest.json"
+            )
+            || inner
+                .strip_suffix(".manifest.json")
+                .is_some_and(is_blob_name);
+        if ours && e.file_type().is_ok_and(|t| t.is_file()) {
+            let p = e.path();
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    tracing::debug!(path = %p.display(), "removed a stopped pull's temporary file")
+                }
+                Err(err) => {
+                    tracing::debug!(path = %p.display(), error = %err, "cannot remove a temporary file")
+                }
+            }
+        }
+    }
+}
+
 fn is_blob_name(name: &str) -> bool {
     name.len() == 64
         && name
@@ -770,6 +817,42 @@ mod tests {
             &name("127.0.0.1:5000/x:latest"),
             false,
         )
+    }
+
+    #[test]
+    fn a_killed_atomic_write_leaves_nothing_for_the_next_pull() {
+        let hex = "ab".repeat(32);
+        for format in [Format::Oci, Format::Dir] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("d");
+            // An existing directory: one this pull created would go with its drop.
+            std::fs::create_dir(&root).unwrap();
+            drop(open(&root, format, true).unwrap());
+            let blobs = match format {
+                Format::Dir => root.clone(),
+                _ => root.join("blobs/sha256"),
+            };
+            let stale = [
+                root.join(".index.json.4242.tmp"),
+                root.join(format!(".{hex}.manifest.json.17.tmp")),
+                blobs.join(format!(".{hex}.99.tmp")),
+            ];
+            let theirs = [
+                root.join(".notes.12.tmp"),
+                root.join(".index.json.tmp"),
+                blobs.join(format!(".{hex}.x.tmp")),
+            ];
+            for p in stale.iter().chain(&theirs) {
+                std::fs::write(p, b"x").unwrap();
+            }
+            drop(open(&root, format, true).unwrap());
+            for p in &stale {
+                assert!(!p.exists(), "{format:?}: {} left", p.display());
+            }
+            for p in &theirs {
+                assert!(p.exists(), "{format:?}: {} removed", p.display());
+            }
+        }
     }
 
     fn record<'a>(name: &'a ImageName, bytes: &'a [u8]) -> ManifestRecord<'a> {

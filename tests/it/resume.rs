@@ -398,6 +398,20 @@ fn assert_complete_in(dest: &Path, image: &Image, o: &Output, fs: Option<(&Tmpfs
         "scratch left after a complete pull: {:?}",
         std::fs::read_dir(scratch(dest)).map(|rd| rd.count())
     );
+    // A kill during an atomic write left `.NAME.PID.tmp`: the next pull removes it.
+    for dir in [dest.to_path_buf(), dest.join("blobs/sha256")] {
+        let leftovers: Vec<String> = std::fs::read_dir(&dir)
+            .expect("read dest")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && n.ends_with(".tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left in {}: {leftovers:?}",
+            dir.display()
+        );
+    }
     match fs {
         Some((fs, inside)) => assert_skopeo_reads(inside, image, Some(fs)),
         None => assert_skopeo_reads(dest, image, None),
