@@ -303,6 +303,7 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         .retries(args.retries, Duration::from_millis(250))
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .resume(!args.no_resume)
+        .share_partials(true)
         .repair_attempts(args.repair_attempts);
     let mut store = match &args.authfile {
         Some(path) => CredentialStore::from_file(path),

@@ -77,6 +77,7 @@ pub struct ClientBuilder {
     proxy_from_env: bool,
     mirrors: Vec<(String, String)>,
     resume: bool,
+    share_partials: bool,
     repair_attempts: u32,
 }
 
@@ -102,6 +103,7 @@ impl Default for ClientBuilder {
             proxy_from_env: true,
             mirrors: Vec::new(),
             resume: true,
+            share_partials: false,
             repair_attempts: DEFAULT_REPAIR_ATTEMPTS,
         }
     }
@@ -189,6 +191,17 @@ impl ClientBuilder {
     /// missing. Off: leftovers of earlier pulls are removed first and nothing is kept.
     pub fn resume(mut self, yes: bool) -> Self {
         self.resume = yes;
+        self
+    }
+
+    /// Lets a pull take over the partial download of a blob that a stopped pull into
+    /// *another* destination kept (with resume on), through a per-user index of them in
+    /// `$XDG_STATE_HOME/fastpull/partials` (else `~/.local/state/fastpull/partials`). Off
+    /// by default in the library (an embedder may not want files in the user's state
+    /// directory); the CLI turns it on. A destination still being pulled into keeps its
+    /// files; only pairs on the same filesystem are moved.
+    pub fn share_partials(mut self, yes: bool) -> Self {
+        self.share_partials = yes;
         self
     }
 
@@ -352,6 +365,7 @@ impl ClientBuilder {
                     retry,
                     stall_timeout: self.stall_timeout,
                     resume: self.resume,
+                    share_partials: self.share_partials,
                     repair_attempts: self.repair_attempts,
                 },
                 retry,
@@ -633,7 +647,8 @@ impl Client {
             inner.fetch.resume,
             &name,
             opts.replace,
-        )?;
+        )?
+        .with_shared_partials(inner.fetch.resume && inner.fetch.share_partials);
         let report = self.pull_endpoints(&job, &layout, None).await?;
         layout.finish()?;
         Ok(report)

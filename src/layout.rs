@@ -17,6 +17,7 @@ use crate::archive::{self, Archive};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{BlobDescriptor, Platform};
+use crate::partials::Index;
 use crate::reference::Reference;
 use crate::write::{write_atomic, BlobFile};
 
@@ -370,6 +371,62 @@ impl Layout {
         }
     }
 
+    /// With `yes` (and a directory layout, and a user index: see [`Index::for_user`]),
+    /// partial downloads are shared with other destinations (see [`crate::partials`]).
+    pub(crate) fn with_shared_partials(mut self, yes: bool) -> Layout {
+        if let (true, Place::Dir(d)) = (yes, &mut self.place) {
+            d.shared = Index::for_user()
+                .and_then(|index| Some((index, std::fs::canonicalize(&d.tmp).ok()?)));
+        }
+        self
+    }
+
+    /// Before a blob's partial download is looked for: if this destination has none, takes
+    /// the one another destination kept (see [`crate::partials`]); its journal is then read
+    /// as any other. Returns the destination it came from.
+    pub(crate) fn adopt_partial(&self, digest: &Digest, size: u64) -> Option<PathBuf> {
+        let Place::Dir(d) = &self.place else {
+            return None;
+        };
+        let (index, scratch) = d.shared.as_ref()?;
+        let partial = d.partial_path(digest);
+        let journal = crate::resume::Journal::path_for(&partial);
+        if size < crate::partials::MIN_SIZE || journal.exists() {
+            return None;
+        }
+        let from = index.take(digest, scratch, &partial, &journal)?;
+        let from = from.parent().map(Path::to_path_buf).unwrap_or(from);
+        tracing::info!(blob = %digest, from = %from.display(), "taking over a partial download another destination kept");
+        Some(from)
+    }
+
+    /// A blob's journal exists here: other destinations may take its pair should this pull
+    /// stop (see [`crate::partials`]).
+    pub(crate) fn note_partial(&self, digest: &Digest, size: u64) {
+        if let Place::Dir(Directory {
+            shared: Some((index, scratch)),
+            ..
+        }) = &self.place
+        {
+            if size >= crate::partials::MIN_SIZE {
+                index.note(digest, scratch);
+            }
+        }
+    }
+
+    /// A blob is verified and in place: its pair is gone from the index.
+    pub(crate) fn forget_partial(&self, digest: &Digest, size: u64) {
+        if let Place::Dir(Directory {
+            shared: Some((index, scratch)),
+            ..
+        }) = &self.place
+        {
+            if size >= crate::partials::MIN_SIZE {
+                index.forget(digest, scratch);
+            }
+        }
+    }
+
     /// Records the manifest (a directory) or renames the verified archive into place: the
     /// last step, after every blob is in place.
     pub(crate) fn commit(&self, m: &ManifestRecord<'_>) -> Result<()> {
@@ -399,6 +456,9 @@ struct Directory {
     /// The destination did not exist before this pull.
     created: bool,
     committed: AtomicBool,
+    /// The user's index of partial downloads and this destination's scratch directory as
+    /// an absolute path (with resume; see [`crate::partials`]).
+    shared: Option<(Index, PathBuf)>,
     /// An flock on the destination directory itself.
     _lock: File,
 }
@@ -475,6 +535,7 @@ impl Directory {
             tmp,
             created,
             committed: AtomicBool::new(false),
+            shared: None,
             _lock: lock,
         })
     }

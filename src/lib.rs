@@ -67,6 +67,7 @@ mod fetch;
 mod http;
 mod layout;
 pub mod manifest;
+mod partials;
 mod plan;
 mod prefix;
 pub mod progress;

@@ -63,6 +63,8 @@ pub(crate) struct FetchOptions {
     pub stall_timeout: Duration,
     /// Keep partial downloads (with a journal) for the next pull, and resume them.
     pub resume: bool,
+    /// Index kept partial downloads for pulls into other destinations, and take theirs.
+    pub share_partials: bool,
     /// Times a blob whose digest does not match is fetched again before the pull fails.
     pub repair_attempts: u32,
 }
@@ -473,6 +475,7 @@ impl Fetcher<'_> {
                             finished += 1;
                             let b = runs.iter().position(|r| r.desc.digest == digest && !r.done).ok_or_else(|| internal("unknown blob verified"))?;
                             runs[b].done = true;
+                            self.layout.forget_partial(&digest, runs[b].desc.size);
                             if let Some(bad) = runs[b].bad_pieces.take() {
                                 report_differences(&runs[b], bad).await;
                             }
@@ -512,6 +515,9 @@ impl Fetcher<'_> {
         let final_path = self.layout.blob_path(&d.digest);
         let journal_path = Journal::path_for(&partial);
         let resumable = self.options.resume && run.repairs == 0;
+        if resumable {
+            self.layout.adopt_partial(&d.digest, d.size);
+        }
         let loaded = if resumable {
             Journal::load(&journal_path, &d.digest, d.size)
         } else {
@@ -542,6 +548,9 @@ impl Fetcher<'_> {
                 (file, journal)
             }
         };
+        if journal.is_some() {
+            self.layout.note_partial(&d.digest, d.size);
+        }
         Ok(self.start(run, file, journal, whole_request, len))
     }
 

@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::Digest as _;
 
-use crate::support::cli::{fastpull_cmd, image_of, Sandbox, RUN_TIMEOUT};
+use crate::support::cli::{assert_exit, fastpull_cmd, image_of, Sandbox, RUN_TIMEOUT};
 use crate::support::counting::Log;
 use crate::support::runner::under_emulation;
 use crate::support::*;
@@ -855,6 +855,93 @@ fn ctrl_c_then_the_rerun_fetches_only_what_is_missing() {
             "stopped once the journal claimed a share of the blob, yet nothing was kept"
         );
     }
+}
+
+/// A pull stopped (Ctrl-C) in one destination keeps its partial download; a pull needing
+/// the blob into another destination takes it over (src/partials.rs): it resumes, fetches at
+/// most what the first had not delivered plus 5%, and the first destination no longer holds
+/// the pair. While the first destination is locked (a pull running there), its files are
+/// left alone and the other pull fetches the blob in full.
+#[test]
+fn another_destination_takes_over_a_kept_partial_download() {
+    let reg = Registry::start();
+    let repo = "resume/elsewhere";
+    let image = stop_image(12_301);
+    push_image(&reg, repo, TAG, &image);
+    let sb = Sandbox::new();
+    // The runs share one index of partial downloads, as one user's runs do.
+    let state = tempfile::tempdir().expect("state dir");
+    let state_env = [("XDG_STATE_HOME", state.path().to_str().expect("utf-8 path"))];
+    let big = &image.layers[0];
+    let size = big.size();
+
+    let slow = throttled(&reg);
+    let (_a_dir, a) = dest();
+    let mut cmd = pull_cmd(&sb, &image_at(slow.addr(), repo), &a, &[]);
+    cmd.env("XDG_STATE_HOME", state.path());
+    let mut run = Run::start(cmd);
+    assert!(
+        run.until("a third of the blob journaled", || {
+            claimed(&a, &big.digest, size) >= size / 3
+        }),
+        "the first pull ended before a third of the blob was journaled"
+    );
+    run.signal(rustix::process::Signal::INT);
+    let first = run.wait();
+    let delivered = slow.settle().delivered(&big.digest);
+    assert_exit(&first, 130);
+    let claimed_a = claimed(&a, &big.digest, size);
+    assert!(claimed_a >= size / 3, "kept {claimed_a} of {size}");
+    let pair = |dest: &Path| {
+        (
+            partial(dest, &big.digest).exists(),
+            journal(dest, &big.digest).exists(),
+        )
+    };
+    assert_eq!(pair(&a), (true, true), "the stopped pull keeps its pair");
+
+    // A pull running in A (here: its lock held) keeps its files: B fetches in full.
+    {
+        let held = std::fs::File::open(&a).expect("open A");
+        held.lock().expect("lock A");
+        let (_b_dir, b) = dest();
+        let fast = rerun_proxy(&reg);
+        let o = sb.pull(&[], &state_env, &image_at(fast.addr(), repo), &b);
+        let relayed = fast.settle().relayed_for(&big.digest);
+        assert_complete(&b, &image, &o);
+        assert!(
+            !stdout(&o).contains("Resuming"),
+            "took over a locked destination's download:\n{}",
+            text(&o)
+        );
+        assert!(relayed >= size, "B fetched {relayed} of {size} bytes");
+        assert_eq!(
+            pair(&a),
+            (true, true),
+            "a locked destination's pair was touched"
+        );
+        assert_eq!(claimed(&a, &big.digest, size), claimed_a);
+    }
+
+    // Unlocked: C takes the pair over and fetches only what is missing.
+    let (_c_dir, c) = dest();
+    let fast = rerun_proxy(&reg);
+    let o = sb.pull(&[], &state_env, &image_at(fast.addr(), repo), &c);
+    let relayed = fast.settle().relayed_for(&big.digest);
+    assert_complete(&c, &image, &o);
+    assert!(
+        stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "C did not resume A's partial download:\n{}",
+        text(&o)
+    );
+    let bound = rerun_bound(size, delivered);
+    assert!(
+        relayed <= bound,
+        "C fetched {relayed} bytes of the {size}-byte blob; A had delivered {delivered} \
+         (claimed {claimed_a}), so at most {bound} were due\n{}",
+        text(&o)
+    );
+    assert_eq!(pair(&a), (false, false), "the pair moved out of A");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -83,10 +83,23 @@ pub fn fastpull_command() -> Command {
 pub fn fastpull_command_through(runner: &str) -> Command {
     let mut cmd = runner_command(runner);
     cmd.env("HOME", empty_home());
+    // Each run its own index of partial downloads (src/partials.rs), so that no test takes
+    // over another's; a test that wants two runs to share one sets XDG_STATE_HOME itself.
+    cmd.env("XDG_STATE_HOME", own_state_dir());
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
     cmd
+}
+
+/// A state directory no other fastpull run of these tests uses (created by fastpull if it
+/// writes there), under cargo's scratch dir for tests.
+fn own_state_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("fastpull-state")
+        .join(format!("{}-{n}", std::process::id()))
 }
 
 /// The fastpull binary, through `runner` if there is one.
