@@ -63,6 +63,10 @@ pub(crate) fn detect(media_type: &str, head: &[u8]) -> Result<Compression, Strin
     }
 }
 
+/// How much one read of a layer blob asks for: the capacity of the `BufReader` the
+/// decoders read from, and what one [`crate::prefix::PrefixReader`] read copies at most.
+pub(crate) const BLOB_BUF: usize = 1 << 20;
+
 /// The uncompressed stream of `blob` (a buffered reader over the verified blob).
 pub(crate) fn decoder<'a, R: BufRead + 'a>(
     c: Compression,
@@ -73,6 +77,16 @@ pub(crate) fn decoder<'a, R: BufRead + 'a>(
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob)?),
     })
+}
+
+/// A layer blob's uncompressed stream, opened as `apply_layer` opens it (a `BLOB_BUF`
+/// buffer, the first bytes checked against `media_type`, `decoder`), for
+/// benches/decompress.rs.
+#[cfg(feature = "bench-internals")]
+pub fn layer_stream<'a, R: Read + 'a>(media_type: &str, blob: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut blob = io::BufReader::with_capacity(BLOB_BUF, blob);
+    let c = detect(media_type, blob.fill_buf()?).map_err(io::Error::other)?;
+    decoder(c, blob)
 }
 
 /// Passes bytes through, hashing them (sha256) and counting them.
