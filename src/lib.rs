@@ -104,11 +104,12 @@ pub use reference::Reference;
 pub use stream::BlobReader;
 pub use unpack::UnpackSummary;
 
-/// The hashing core and the writer, for `benches/` only (`--features bench-internals`):
-/// not part of the API, may change in any release.
+/// The hashing core, the writer and the layer decoders, for `benches/` only (`--features
+/// bench-internals`): not part of the API, may change in any release.
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod bench_internals {
+    pub use crate::unpack::layer_stream;
     pub use crate::verify::{HashPool, Hasher, InOrderHasher};
     pub use crate::write::{BlobFile, SpanWriter};
 }

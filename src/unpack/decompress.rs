@@ -3,7 +3,8 @@
 //! gzip: flate2's `bufread::MultiGzDecoder` on the zlib-rs backend (multi-member streams,
 //! as Go's gzip reads them; garbage after the last member is an error, as in Go). zstd: the
 //! `zstd` crate (libzstd), which reads several frames and skips skippable ones. The media
-//! type says which, and the first bytes must agree.
+//! type says which, and the first bytes must agree. benches/decompress.rs measures both
+//! against the alternatives (perf/DECOMPRESS.md).
 //!
 //! Decompression bombs: [`Ratio`] ends a layer whose uncompressed stream grows past
 //! [`MAX_RATIO`] times the compressed bytes read so far (plus [`RATIO_SLACK`]). deflate cannot
@@ -69,6 +70,10 @@ pub(crate) fn detect(media_type: &str, head: &[u8]) -> Result<Compression, Strin
         None => Ok(seen),
     }
 }
+
+/// How much one read of a layer blob asks for: the capacity of the `BufReader` the
+/// decoders read from, and what one [`crate::prefix::PrefixReader`] read copies at most.
+pub(crate) const BLOB_BUF: usize = 1 << 20;
 
 /// The uncompressed stream of `blob` (a buffered reader over the verified blob).
 pub(crate) fn decoder<'a, R: BufRead + 'a>(
@@ -157,6 +162,16 @@ impl<R: Read> Read for Ratio<R> {
         }
         Ok(n)
     }
+}
+
+/// A layer blob's uncompressed stream, opened as `apply_layer` opens it (a `BLOB_BUF`
+/// buffer, the first bytes checked against `media_type`, `decoder`), for
+/// benches/decompress.rs.
+#[cfg(feature = "bench-internals")]
+pub fn layer_stream<'a, R: Read + 'a>(media_type: &str, blob: R) -> io::Result<Box<dyn Read + 'a>> {
+    let mut blob = io::BufReader::with_capacity(BLOB_BUF, blob);
+    let c = detect(media_type, blob.fill_buf()?).map_err(io::Error::other)?;
+    decoder(c, blob)
 }
 
 /// Passes bytes through, hashing them (sha256) and counting them.

@@ -119,6 +119,8 @@
 
 mod apply;
 mod decompress;
+#[cfg(feature = "bench-internals")]
+pub use decompress::layer_stream;
 mod resolve;
 mod session;
 mod targuard;
@@ -518,7 +520,7 @@ pub(crate) fn apply_layer<R: Read>(
         reason,
     };
     let (blob, compressed) = decompress::Counted::new(blob);
-    let mut blob = BufReader::with_capacity(1 << 20, blob);
+    let mut blob = BufReader::with_capacity(decompress::BLOB_BUF, blob);
     let head = io::BufRead::fill_buf(&mut blob)
         .map_err(|e| Error::io("read", &layer.path, e))?
         .to_vec();
