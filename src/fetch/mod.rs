@@ -564,6 +564,13 @@ impl Fetcher<'_> {
         let follower = watch.map(|w| w.clone() as Arc<dyn PrefixConsumer>);
         let (hasher, rx) =
             InOrderHasher::with_follower(file.clone(), self.hash_pool.clone(), follower);
+        // A resumed file already holds a prefix: hash it now, while the missing bytes
+        // download, not once the first of them lands (or the last, if it is at the end).
+        let resumed_prefix = file.contiguous_prefix();
+        if resumed_prefix > 0 {
+            tracing::debug!(blob = %d.digest, prefix = resumed_prefix, "hashing the bytes already there while the rest downloads");
+            hasher.poke();
+        }
         run.state = Some(Arc::new(BlobState {
             desc: d.clone(),
             file,

@@ -15,6 +15,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,8 @@ struct Run {
     child: Child,
     readers: Option<Readers>,
     started: Instant,
+    /// What the process has written to stderr so far (the reader thread appends).
+    err_so_far: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Run {
@@ -57,6 +60,8 @@ impl Run {
         let started = Instant::now();
         let mut so = child.stdout.take().expect("stdout");
         let mut se = child.stderr.take().expect("stderr");
+        let err_so_far = Arc::new(Mutex::new(Vec::new()));
+        let sink = err_so_far.clone();
         let readers = (
             std::thread::spawn(move || {
                 let mut v = Vec::new();
@@ -64,8 +69,16 @@ impl Run {
                 v
             }),
             std::thread::spawn(move || {
-                let mut v = Vec::new();
-                let _ = se.read_to_end(&mut v);
+                let mut buf = [0u8; 8192];
+                loop {
+                    match se.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => sink.lock().expect("stderr buffer").extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+                let v = sink.lock().expect("stderr buffer").clone();
                 v
             }),
         );
@@ -73,7 +86,14 @@ impl Run {
             child,
             readers: Some(readers),
             started,
+            err_so_far,
         }
+    }
+
+    /// Whether what the process wrote to stderr so far holds `needle`.
+    fn stderr_has(&self, needle: &str) -> bool {
+        let err = self.err_so_far.lock().expect("stderr buffer");
+        String::from_utf8_lossy(&err).contains(needle)
     }
 
     fn exited(&mut self) -> bool {
@@ -855,6 +875,80 @@ fn ctrl_c_then_the_rerun_fetches_only_what_is_missing() {
             "stopped once the journal claimed a share of the blob, yet nothing was kept"
         );
     }
+}
+
+/// A pull of `image` into `dest` over one connection, its big blob's response held by a
+/// proxy after `hold_after` bytes, stopped by Ctrl-C once those are journaled: it leaves
+/// the pair (partial file, journal) of the big blob holding `0..hold_after`.
+fn interrupted_at(reg: &Registry, sb: &Sandbox, repo: &str, image: &Image, dest: &Path, hold_after: u64) {
+    let big = &image.layers[0];
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), hold_after);
+    let mut run = Run::start(pull_cmd(
+        sb,
+        &image_at(held.addr(), repo),
+        dest,
+        &["-j", "1", "--stall-timeout", "300"],
+    ));
+    run.expect("the held bytes journaled", || {
+        held.held() == 1 && claimed(dest, &big.digest, big.size()) == hold_after
+    });
+    run.signal(rustix::process::Signal::INT);
+    let o = run.wait();
+    held.release();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert_eq!(
+        claims(dest, &big.digest, big.size()),
+        vec![0..hold_after],
+        "the interrupted pull kept its prefix"
+    );
+}
+
+/// A resumed blob's bytes already there are hashed while the missing ones download, not
+/// after: with every response for the rest held at its first byte by the proxy, the
+/// in-order hasher still reaches the end of the resumed prefix (said at `-vvv`).
+#[test]
+fn a_resumed_prefix_is_hashed_while_the_rest_is_still_on_the_wire() {
+    let reg = Registry::start();
+    let image = image_of(12_051, &[8 * MIB as usize + 3, 3000]);
+    let repo = "resume/overlap";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    let prefix = 3 * MIB;
+    interrupted_at(&reg, &sb, repo, &image, &out, prefix);
+
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), 0);
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(held.addr(), repo),
+        &out,
+        &["-vvv", "--stall-timeout", "300"],
+    ));
+    let line = format!("hashed={prefix} of={}", big.size());
+    let err = run.err_so_far.clone();
+    run.expect("the resumed prefix hashed while the rest is held", || {
+        held.held() >= 1 && has_line(&err, "hashed up to the written prefix", &line)
+    });
+    assert_eq!(
+        held.snapshot().relayed_for(&big.digest),
+        0,
+        "no byte of the rest had come yet"
+    );
+    held.release();
+    let o = run.wait();
+    assert_complete(&out, &image, &o);
+    assert!(stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])), "{}", text(&o));
+}
+
+/// Whether a line of a process's stderr so far ([`Run::err_so_far`]) holds both `a` and `b`.
+fn has_line(err: &Mutex<Vec<u8>>, a: &str, b: &str) -> bool {
+    let err = err.lock().expect("stderr buffer");
+    String::from_utf8_lossy(&err)
+        .lines()
+        .any(|l| l.contains(a) && l.contains(b))
 }
 
 // ---------------------------------------------------------------------------------------------
