@@ -177,18 +177,22 @@ impl BlobFile {
             .open(partial)
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
-            let allocated = if resuming {
-                Ok(())
-            } else {
-                preallocate(&file, size).map_err(|e| no_space(e, partial, size))
-            };
+            // A resumed file is allocated too: an earlier pull may have left it sparse (a
+            // filesystem without fallocate, a copy), and a hole written through the map on a
+            // full disk is a SIGBUS, not an error. Only the holes take space.
+            let missing = size.saturating_sub(present.len());
+            let allocated =
+                preallocate(&file, size).map_err(|e| no_space(e, partial, missing.max(1)));
             let mapped = allocated
                 .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
             match mapped {
                 Ok(m) => Some(m),
                 Err(e) => {
-                    // A full disk must not keep what fallocate took.
-                    let _ = std::fs::remove_file(partial);
+                    // A full disk must not keep what fallocate took; a resumed file keeps
+                    // its bytes (and its journal) for a pull with more room.
+                    if !resuming {
+                        let _ = std::fs::remove_file(partial);
+                    }
                     return Err(e);
                 }
             }
@@ -963,6 +967,23 @@ mod tests {
         assert_eq!(w.range(), 0..300);
         let rest = b.take(u64::MAX).unwrap();
         assert_eq!(rest.range(), 400..1000);
+
+        // A sparse file (an earlier pull on a filesystem without fallocate, a copy) gets
+        // its holes allocated: a hole written through the map on a full disk is a SIGBUS.
+        let sparse = std::fs::File::create(&partial).unwrap();
+        sparse.set_len(4 << 20).unwrap();
+        sparse.write_all_at(&data[..100], 0).unwrap();
+        drop(sparse);
+        use std::os::unix::fs::MetadataExt;
+        let some: RangeSet = std::iter::once(0..100u64).collect();
+        assert!(std::fs::metadata(&partial).unwrap().blocks() * 512 < 1 << 20);
+        let b = BlobFile::resume(&partial, &fin, 4 << 20, &some).unwrap();
+        assert!(
+            std::fs::metadata(&partial).unwrap().blocks() * 512 >= 4 << 20,
+            "a resumed sparse partial is preallocated"
+        );
+        assert_eq!(b.unassigned(), (4 << 20) - 100);
+        let some: RangeSet = std::iter::once(300..400u64).collect();
 
         // A file of the wrong length starts over.
         std::fs::write(&partial, b"short").unwrap();
