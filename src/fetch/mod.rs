@@ -529,14 +529,21 @@ impl Fetcher<'_> {
                 (file, Some(l.journal))
             }
             _ => {
+                // The old journal goes first: were the process stopped between the
+                // truncation of the partial file and its new journal, an old journal that
+                // checks would claim bytes of a zeroed file. (Made durable before the
+                // truncation only when there was one: a power cut must not bring it back.)
+                if std::fs::remove_file(&journal_path).is_ok() {
+                    crate::write::sync_parent(&journal_path)?;
+                }
                 let file = BlobFile::create(&partial, &final_path, d.size)?;
+                crate::stop_hook::reached("fresh");
                 let journal = if self.options.resume {
                     Some(
                         Journal::create(&journal_path, &d.digest, d.size)
                             .map_err(|e| Error::io("create", &journal_path, e))?,
                     )
                 } else {
-                    let _ = std::fs::remove_file(&journal_path);
                     None
                 };
                 (file, journal)

@@ -951,6 +951,63 @@ fn has_line(err: &Mutex<Vec<u8>>, a: &str, b: &str) -> bool {
         .any(|l| l.contains(a) && l.contains(b))
 }
 
+/// The marker a pull stopped by `FASTPULL_TEST_STOP=PHASE` prints (src/stop_hook.rs;
+/// feature `bench-internals`, which the tests are built with).
+fn stop_marker(phase: &str) -> String {
+    format!("fastpull-test-stop: {phase}")
+}
+
+/// A partial file that cannot be resumed (here: of the wrong length) is created again from
+/// scratch; its old journal, which checks and claims bytes, is removed before the file is
+/// truncated, so a `kill -9` between the new file and its new journal leaves no journal
+/// claiming bytes of a zeroed file.
+#[test]
+fn a_partial_started_over_never_sits_under_its_old_journal() {
+    let reg = Registry::start();
+    let image = image_of(12_061, &[6 * MIB as usize + 3, 3000]);
+    let repo = "resume/fresh";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    interrupted_at(&reg, &sb, repo, &image, &out, 2 * MIB);
+    // The partial file loses its last byte: the journal still checks, the file does not fit.
+    let p = partial(&out, &big.digest);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .and_then(|f| f.set_len(big.size() - 1))
+        .expect("shorten the partial file");
+
+    let mut cmd = pull_cmd(&sb, &image_at(&reg.addr(), repo), &out, &["-j", "1"]);
+    cmd.env("FASTPULL_TEST_STOP", "fresh");
+    let mut run = Run::start(cmd);
+    let err = run.err_so_far.clone();
+    run.expect("the stop between the new partial file and its journal", || {
+        has_line(&err, &stop_marker("fresh"), "")
+    });
+    run.signal(rustix::process::Signal::KILL);
+    let o = run.wait();
+    assert_eq!(
+        std::fs::metadata(&p).map(|m| m.len()).ok(),
+        Some(big.size()),
+        "the partial file was created again\n{}",
+        text(&o)
+    );
+    assert!(
+        !journal(&out, &big.digest).exists(),
+        "killed between the new partial file and its journal, the old journal is still there: {:?}",
+        claims(&out, &big.digest, big.size())
+    );
+    let o = sb.pull(&[], &[], &image_at(&reg.addr(), repo), &out);
+    assert_complete(&out, &image, &o);
+    assert!(
+        !stdout(&o).contains("Resuming") && !stdout(&o).contains("did not verify"),
+        "{}",
+        text(&o)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Self-repair
 // ---------------------------------------------------------------------------------------------
