@@ -85,14 +85,14 @@ const TICK: Duration = Duration::from_millis(10);
 /// How often each blob's journal gets `W` records for what was written since.
 const JOURNAL_EVERY: Duration = Duration::from_millis(50);
 
-/// How often a blob's data is flushed (fdatasync) and its journal gets `D` records, if it
-/// grew by at least [`DURABLE_MIN`]: what a power cut may cost. Not more often: an
-/// fdatasync of a file that is still mapped and written write-protects its dirty pages one
-/// by one (measured: every second on a 1 GiB layer at ~500 MB/s cost 0.2-1.5 s of CPU per
-/// GB and ~25% of the time). `kill -9` and crashes of fastpull are covered by the `W`
-/// records in between; a stop (Ctrl-C, error) flushes everything.
+/// How often each unfinished blob that grew since its last checkpoint has its data flushed
+/// (fdatasync) and its journal given `D` records: what a power cut may cost, whatever the
+/// blob's size or rate (a blob that finishes within the first period needs none). Not more
+/// often: an fdatasync of a file that is still mapped and written write-protects its dirty
+/// pages one by one (measured: every second on a 1 GiB layer at ~500 MB/s cost 0.2-1.5 s
+/// of CPU per GB and ~25% of the time). `kill -9` and crashes of fastpull are covered by
+/// the `W` records in between; a stop (Ctrl-C, error) flushes everything.
 pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(5);
-const DURABLE_MIN: u64 = 64 << 20;
 
 /// Piece size for telling which parts of a blob differed between a bad and a good fetch.
 const REPAIR_PIECE: u64 = 1 << 20;
@@ -690,8 +690,8 @@ fn journal_written(runs: &[BlobRun]) -> Result<()> {
     Ok(())
 }
 
-/// Flushes each unfinished blob that grew by [`DURABLE_MIN`] since its last flush and
-/// journals what the flush covers (`D`), on a blocking thread, one flush per blob at a time.
+/// Flushes each unfinished blob that grew since its last flush and journals what the flush
+/// covers (`D`), on a blocking thread, one flush per blob at a time.
 fn journal_durable(runs: &[BlobRun]) {
     for run in runs.iter().filter(|r| !r.done) {
         let Some(state) = run.state.as_ref() else {
@@ -702,8 +702,7 @@ fn journal_durable(runs: &[BlobRun]) {
         };
         let durable = journal.lock().map_or(u64::MAX, |j| j.durable());
         let written = state.file.written();
-        if written.len() < durable.saturating_add(DURABLE_MIN)
-            || state.flushing.swap(true, Ordering::AcqRel)
+        if written.len() <= durable || state.flushing.swap(true, Ordering::AcqRel)
         {
             continue;
         }

@@ -1008,6 +1008,71 @@ fn a_partial_started_over_never_sits_under_its_old_journal() {
     );
 }
 
+/// `journal`'s text as if written in another boot: its header's boot id replaced (and the
+/// header's check made again), so that only its `D` records are believed, as after a power
+/// cut (src/resume.rs).
+fn as_after_reboot(text: &str) -> String {
+    let (head, rest) = text.split_once('\n').expect("a journal header");
+    let (body, _check) = head.rsplit_once(' ').expect("a header check");
+    let (before, boot) = body.rsplit_once(' ').expect("a boot id");
+    assert_eq!(boot, boot_id(), "the header names this boot");
+    let other = "00000000-0000-4000-8000-000000000000";
+    format!("{}{rest}", journal_line(&format!("{before} {other}")))
+}
+
+/// A blob of a few MiB on a slow link gets durable checkpoints (`D` records: data flushed,
+/// then the journal) every 5 s like a big one, so a power cut costs it at most those 5 s:
+/// `kill -9` once one is there, make the journal look written in another boot (only `D`
+/// records count then), and the rerun resumes the `D` bytes and fetches only the rest.
+#[test]
+fn a_small_slow_blob_survives_a_power_cut_with_its_durable_bytes() {
+    let reg = Registry::start();
+    let image = image_of(12_071, &[4 * MIB as usize + 7, 3000]);
+    let repo = "resume/powercut";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let size = big.size();
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    let slow = CountingProxy::start(&reg.addr());
+    // 16 s for the blob over one connection: a checkpoint comes after 5 s.
+    slow.cap(Which::All, Cap::smooth(256 << 10));
+    let mut run = Run::start(pull_cmd(&sb, &image_at(slow.addr(), repo), &out, &["-j", "1"]));
+    let durable = || {
+        std::fs::read_to_string(journal(&out, &big.digest))
+            .map(|t| total(&claims_in(&t, &big.digest, size, "D")))
+            .unwrap_or(0)
+    };
+    run.expect("a D record for the slow blob", || durable() > 0);
+    run.signal(rustix::process::Signal::KILL);
+    let o = run.wait();
+    slow.settle();
+    assert!(!o.status.success(), "the pull finished before it was killed\n{}", text(&o));
+    let text0 = std::fs::read_to_string(journal(&out, &big.digest)).expect("journal");
+    let rebooted = as_after_reboot(&text0);
+    std::fs::write(journal(&out, &big.digest), &rebooted).expect("write journal");
+    let kept = claims_in(&rebooted, &big.digest, size, "WD");
+    assert_eq!(kept, claims_in(&text0, &big.digest, size, "D"), "only D records count now");
+    let kept = total(&kept);
+    assert!(kept > 0 && kept < size, "{text0}");
+
+    let fast = rerun_proxy(&reg);
+    let o = sb.pull(&[], &[], &image_at(fast.addr(), repo), &out);
+    let log = fast.settle();
+    assert_complete(&out, &image, &o);
+    assert!(
+        stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "{}",
+        text(&o)
+    );
+    let fetched = log.relayed_for(&big.digest);
+    assert!(
+        fetched <= rerun_bound(size, kept),
+        "with {kept} durable bytes of {size}, the rerun fetched {fetched}\n{}",
+        log.describe()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Self-repair
 // ---------------------------------------------------------------------------------------------
