@@ -561,6 +561,7 @@ impl Directory {
         entries.push(m.index_entry());
         let json = serde_json::to_vec(&index)
             .map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
+        crate::stop_hook::reached("index");
         write_atomic(&path, &json)
     }
 

@@ -593,25 +593,37 @@ impl Spans {
 
 /// The error for a failed preallocation: a full disk says how much was needed.
 fn no_space(e: std::io::Error, partial: &Path, size: u64) -> Error {
-    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
-        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
-    {
-        let dir = parent_dir(partial);
-        // The destination, not its scratch directory, is what the user named.
-        let dest = dir
-            .parent()
-            .filter(|_| dir.ends_with(".fastpull-tmp"))
-            .unwrap_or(dir);
-        let available = rustix::fs::statvfs(dir)
-            .ok()
-            .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
-        return Error::NoSpace {
-            path: dest.to_path_buf(),
-            needed: size,
-            available,
-        };
+    or_no_space("preallocate", partial, size, e)
+}
+
+/// `Error::NoSpace` for a full disk (or quota) met while writing `size` bytes to `path`,
+/// naming the destination the user gave (not its scratch or blob directory) and what is
+/// free there; any other error as `Error::Io` with `op`.
+pub(crate) fn or_no_space(op: &'static str, path: &Path, size: u64, e: std::io::Error) -> Error {
+    let full = [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT]
+        .iter()
+        .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
+    if !full {
+        return Error::io(op, path, e);
     }
-    Error::io("preallocate", partial, e)
+    let dir = parent_dir(path);
+    let dest = if dir.ends_with(".fastpull-tmp") {
+        dir.parent()
+    } else if dir.ends_with("blobs/sha256") {
+        dir.parent().and_then(Path::parent)
+    } else {
+        None
+    }
+    .filter(|p| !p.as_os_str().is_empty())
+    .unwrap_or(dir);
+    let available = rustix::fs::statvfs(dir)
+        .ok()
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+    Error::NoSpace {
+        path: dest.to_path_buf(),
+        needed: size,
+        available,
+    }
 }
 
 impl SpanWriter {
@@ -791,18 +803,21 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Writes a small file atomically (temp file, fsync, rename, fsync dir).
+/// Writes a small file atomically (temp file, fsync, rename, fsync dir). A full disk is
+/// `Error::NoSpace`, naming the destination and the file's size.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let size = bytes.len() as u64;
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = File::create(&tmp).map_err(|e| or_no_space("create", &tmp, size, e))?;
         f.write_all(bytes)
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            .map_err(|e| or_no_space("write", &tmp, size, e))?;
+        f.sync_all()
+            .map_err(|e| or_no_space("fsync", &tmp, size, e))?;
         persist(&tmp, path)
     })();
     if result.is_err() {

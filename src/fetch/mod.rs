@@ -538,11 +538,15 @@ impl Fetcher<'_> {
                 }
                 let file = BlobFile::create(&partial, &final_path, d.size)?;
                 crate::stop_hook::reached("fresh");
+                // The journal is an optimisation: without one (a full disk) the blob is
+                // fetched as usual, only not kept when the pull stops.
                 let journal = if self.options.resume {
-                    Some(
-                        Journal::create(&journal_path, &d.digest, d.size)
-                            .map_err(|e| Error::io("create", &journal_path, e))?,
-                    )
+                    Journal::create(&journal_path, &d.digest, d.size)
+                        .inspect_err(|e| {
+                            tracing::warn!(blob = %d.digest, journal = %journal_path.display(), error = %e, "cannot start a resume journal; this blob is not kept if the pull stops");
+                            let _ = std::fs::remove_file(&journal_path);
+                        })
+                        .ok()
                 } else {
                     None
                 };
@@ -671,7 +675,9 @@ impl Fetcher<'_> {
     }
 }
 
-/// Appends `W` records for what each unfinished blob has written since the last time.
+/// Appends `W` records for what each unfinished blob has written since the last time. A
+/// journal that cannot be appended to (a full disk) is left as it is, with a warning: the
+/// journal is an optimisation, and the pull goes on.
 fn journal_written(runs: &[BlobRun]) -> Result<()> {
     for run in runs.iter().filter(|r| !r.done) {
         let Some(state) = run.state.as_ref() else {
@@ -684,8 +690,9 @@ fn journal_written(runs: &[BlobRun]) -> Result<()> {
         let mut j = journal
             .lock()
             .map_err(|_| internal("journal lock poisoned"))?;
-        j.record_written(&written)
-            .map_err(|e| Error::io("append to", j.path(), e))?;
+        if let Err(e) = j.record_written(&written) {
+            tracing::warn!(blob = %state.desc.digest, journal = %j.path().display(), error = %e, "cannot append to the resume journal; it keeps claiming only what it claimed before");
+        }
     }
     Ok(())
 }

@@ -1722,3 +1722,45 @@ fn a_full_disk_stops_the_pull_keeping_its_work_and_the_rerun_completes() {
         log2.describe()
     );
 }
+
+/// A disk that is full when `index.json` is written (every blob already in place): the pull
+/// fails with exit 5 and the disk-full message naming the destination and the bytes
+/// needed, not a bare I/O error; with space freed, the same command completes.
+#[test]
+fn a_full_disk_at_index_json_names_the_destination() {
+    let image = image_of(12_651, &[MIB as usize + 3, 3000]);
+    let reg = Registry::start();
+    let repo = "resume/full-index";
+    push_image(&reg, repo, TAG, &image);
+    let fs = Tmpfs::mount(8 * 1024);
+    let out_inside = fs.dir.join("out");
+    let out = fs.outside("out");
+    let sb = Sandbox::new();
+    let pull = || {
+        crate::support::cli::run(
+            fs.inside(&pull_cmd(&sb, &image_at(&reg.addr(), repo), &out_inside, &[])),
+            None,
+        )
+    };
+    let o = pull();
+    assert_complete_in(&out, &image, &o, Some((&fs, &out_inside)));
+    std::fs::remove_file(out.join("index.json")).expect("remove index.json");
+    // Fill the filesystem to its last page.
+    let fill = fs.dir.join("fill");
+    let mut cat = Command::new("sh");
+    cat.args(["-c", "cat /dev/zero > \"$1\"; true", "sh"]).arg(&fill);
+    let f = fs.inside(&cat).output().expect("fill the tmpfs");
+    assert!(f.status.success(), "{}", text(&f));
+    let o = pull();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("no space left in {}:", out_inside.display()))
+            && err.contains("more needed"),
+        "the error names the destination and what was needed:\n{err}"
+    );
+    assert!(!out.join("index.json").exists());
+    std::fs::remove_file(fs.outside("fill")).expect("free space");
+    let o = pull();
+    assert_complete_in(&out, &image, &o, Some((&fs, &out_inside)));
+}
