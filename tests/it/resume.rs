@@ -447,7 +447,7 @@ fn with_range(bytes: &[u8], r: Range<u64>, fill: impl Fn(u64) -> u8) -> Vec<u8> 
     v
 }
 
-/// How `-v` names the pieces of a repaired blob that differed when the bytes in `r` did:
+/// How the console names the pieces of a repaired blob that differed when the bytes in `r` did:
 /// the REPAIR_PIECE pieces overlapping it, merged, as `first-last`.
 fn differing_pieces(r: Range<u64>, size: u64) -> String {
     let a = r.start / REPAIR_PIECE * REPAIR_PIECE;
@@ -455,25 +455,24 @@ fn differing_pieces(r: Range<u64>, size: u64) -> String {
     format!("{a}-{}", b - 1)
 }
 
-/// The value of field `name` in a `-v` log line (`name=value`), if it has it.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..].split_whitespace().next()
-}
-
-/// The `-v` line saying which pieces of a repaired blob differed, as (ranges, bytes).
-fn repaired(o: &Output) -> (String, String) {
-    let err = stderr(o);
-    let line = err
+/// The console lines (default flags) saying which pieces two fetches of a blob that failed
+/// its digest differed in, as (earlier, later, ranges): `"-"` for ranges when they were the
+/// same.
+fn differed(o: &Output) -> Vec<(u32, u32, String)> {
+    stdout(o)
         .lines()
-        .find(|l| l.contains("repaired: these byte ranges differed"))
-        .unwrap_or_else(|| panic!("no \"repaired\" log line:\n{}", text(o)));
-    (
-        field(line, "ranges").unwrap_or_default().to_string(),
-        field(line, "differing_bytes")
-            .unwrap_or_default()
-            .to_string(),
-    )
+        .filter_map(|l| {
+            let rest = l.split_once(": Fetches ")?.1;
+            let (earlier, rest) = rest.split_once(" and ")?;
+            let (later, rest) = rest.split_once(' ')?;
+            let ranges = match rest.strip_prefix("differed in bytes ") {
+                Some(r) => r.split(' ').next()?.to_string(),
+                None if rest.starts_with("were the same") => "-".to_string(),
+                None => return None,
+            };
+            Some((earlier.parse().ok()?, later.parse().ok()?, ranges))
+        })
+        .collect()
 }
 
 /// Copies the tree at `from` to `to` (regular files and directories).
@@ -1101,7 +1100,8 @@ fn corrupting(repo: &str, seed: u64, at: u64, times: usize) -> (Registry, FaultP
 const FLIP_AT: u64 = 777_777;
 
 /// A hop that corrupts one range once: the blob fails its digest, is fetched again (one
-/// repair, said on the console) and the pull succeeds; `-v` names the piece that differed.
+/// repair, said on the console) and the pull succeeds; the console names the piece that
+/// differed between the bad fetch and the good one.
 #[test]
 fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     let (_reg, proxy, image) = corrupting("resume/corrupt1", 12_201, FLIP_AT, 1);
@@ -1111,12 +1111,7 @@ fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     }));
     let sb = Sandbox::new();
     let (_d, out) = dest();
-    let o = sb.pull(
-        &["-v"],
-        &[],
-        &image_at(proxy.addr(), "resume/corrupt1"),
-        &out,
-    );
+    let o = sb.pull(&[], &[], &image_at(proxy.addr(), "resume/corrupt1"), &out);
     assert_complete(&out, &image, &o);
     let faulted = proxy
         .blob_requests(&big.digest)
@@ -1138,18 +1133,38 @@ fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     assert!(console.contains(&line), "{line:?} missing:\n{}", text(&o));
     let ranges = differing_pieces(FLIP_AT..FLIP_AT + 1, big.size());
     assert_eq!(
-        repaired(&o),
-        (ranges, REPAIR_PIECE.to_string()),
-        "-v names the piece holding byte {FLIP_AT}"
+        differed(&o),
+        vec![(1, 2, ranges)],
+        "the console names the piece holding byte {FLIP_AT}\n{}",
+        text(&o)
     );
 }
 
-/// A hop that corrupts the blob every time: after its repairs the pull fails (exit 4)
-/// naming both digests, with nothing under the blob's final name and no partial kept.
+/// A hop that corrupts the blob every time (the first time elsewhere): after its repairs
+/// the pull fails (exit 4) naming both digests, with nothing under the blob's final name
+/// and no partial kept; the console says which pieces each failed fetch differed in from
+/// the next (fetches 1 and 2: the piece holding both flipped bytes; 2 and 3: none, the same
+/// bytes came twice), and so does the error, for the last two.
 #[test]
 fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
     let (_reg, proxy, image) = corrupting("resume/corrupt-all", 12_301, FLIP_AT, usize::MAX);
     let big = &image.layers[0];
+    // The first fetch is corrupted at another byte (the rule added first is used first).
+    let first_flip = 100_000;
+    let proxy = {
+        let p = FaultProxy::start(&_reg.addr());
+        p.add(
+            Rule::new(&format!("/blobs/{}", big.digest), Fault::Corrupt { at: first_flip })
+                .range_start(0)
+                .times(1),
+        );
+        p.add(
+            Rule::new(&format!("/blobs/{}", big.digest), Fault::Corrupt { at: FLIP_AT as usize })
+                .range_start(0),
+        );
+        drop(proxy);
+        p
+    };
     let bad = digest_of(&with_range(&big.bytes, FLIP_AT..FLIP_AT + 1, |i| {
         big.bytes[i as usize] ^ 0x5a
     }));
@@ -1177,6 +1192,17 @@ fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
         text(&o)
     );
     assert!(console.contains("(repair 2)"), "{}", text(&o));
+    let piece = differing_pieces(first_flip as u64..FLIP_AT + 1, big.size());
+    assert_eq!(
+        differed(&o),
+        vec![(1, 2, piece), (2, 3, "-".to_string())],
+        "{}",
+        text(&o)
+    );
+    assert!(
+        err.contains("fetched 3 times; fetches 2 and 3 were the same, byte for byte"),
+        "the error says the last two fetches were the same:\n{err}"
+    );
     assert!(
         !final_path(&out, &big.digest).exists(),
         "a blob that never matched is under its final name"
@@ -1205,8 +1231,10 @@ fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
 /// A journal that claims bytes never written, a torn journal, a journal line that does not
 /// check, and a partial file changed behind its journal's back, each made from the state a
 /// real pull left when interrupted:
-/// every pull ends with the right digest (repairing when it must), and nothing wrong is ever
-/// put under a final name, not even when repairs are not allowed.
+/// every pull ends with the right digest, and nothing wrong is ever put under a final name.
+/// A resumed blob that fails its digest is fetched again from scratch without using a
+/// repair (the journal lied, not the registry), so it succeeds with `--repair-attempts 0`
+/// too, and the console names the pieces the lie covered.
 #[test]
 fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
     let reg = Registry::start();
@@ -1288,42 +1316,34 @@ fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
         );
     };
     let lied_digest = digest_of(&with_range(&big.bytes, lie.clone(), garbage));
-    // 1a. Without repairs: the pull fails, and the blob is not put in place.
-    let d = work.path().join("lie-no-repair");
-    claim_garbage(&d);
-    let (o, _) = pull_into(&d, &["--repair-attempts", "0"]);
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        stderr(&o).contains(&lied_digest),
-        "the mismatch names the digest of what the journal made up: {lied_digest}\n{}",
-        text(&o)
-    );
-    assert!(
-        !final_path(&d, &big.digest).exists(),
-        "a blob whose journal lied was put in place"
-    );
-    assert_final_names_verify(&d, &image);
-    assert!(!partial(&d, &big.digest).exists() && !journal(&d, &big.digest).exists());
-    // 1b. With the default repairs: resumed, caught, fetched again, in place.
-    let d = work.path().join("lie");
-    claim_garbage(&d);
-    let (o, _) = pull_into(&d, &["-v"]);
-    assert_complete(&d, &image, &o);
-    let console = stdout(&o);
-    assert!(
-        console.contains(&format!("{short}: Resuming"))
-            && console.contains(&format!(
-                "{short}: Digest mismatch (got {lied_digest}); fetching it again (repair 1)"
-            ))
-            && console.matches("Digest mismatch").count() == 1,
-        "{}",
-        text(&o)
-    );
-    assert_eq!(
-        repaired(&o).0,
-        differing_pieces(lie.clone(), size),
-        "-v names the pieces the lie {lie:?} covered"
-    );
+    // 1a. Without repairs, and 1b. with the default: resumed, caught, fetched again from
+    // scratch (no repair used), in place.
+    for (name, args) in [("lie-no-repair", &["--repair-attempts", "0"][..]), ("lie", &[][..])] {
+        let d = work.path().join(name);
+        claim_garbage(&d);
+        let (o, log) = pull_into(&d, args);
+        assert_complete(&d, &image, &o);
+        let console = stdout(&o);
+        assert!(
+            console.contains(&format!("{short}: Resuming"))
+                && console.contains(&format!(
+                    "{short}: Resumed bytes did not verify (got {lied_digest}); fetching it again from scratch"
+                ))
+                && !console.contains("Digest mismatch"),
+            "{name}: {}",
+            text(&o)
+        );
+        assert!(
+            log.relayed_for(&big.digest) >= size,
+            "{name}: the blob was fetched whole again\n{}",
+            log.describe()
+        );
+        assert_eq!(
+            differed(&o),
+            vec![(1, 2, differing_pieces(lie.clone(), size))],
+            "{name}: the console names the pieces the lie {lie:?} covered"
+        );
+    }
 
     // 2 and 3. A journal edited so that its records up to some line are believed and
     // nothing after: the rerun resumes what they claim, fetches exactly the rest (at least
@@ -1391,22 +1411,22 @@ fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
     let flipped = digest_of(&with_range(&big.bytes, at..at + 1, |i| {
         big.bytes[i as usize] ^ 0xff
     }));
-    let (o, _) = pull_into(&d, &["-v"]);
+    let (o, _) = pull_into(&d, &[]);
     assert_complete(&d, &image, &o);
     let console = stdout(&o);
     assert!(
         console.contains(&format!("{short}: Resuming"))
             && console.contains(&format!(
-                "{short}: Digest mismatch (got {flipped}); fetching it again (repair 1)"
+                "{short}: Resumed bytes did not verify (got {flipped}); fetching it again from scratch"
             ))
-            && console.matches("Digest mismatch").count() == 1,
+            && !console.contains("Digest mismatch"),
         "{}",
         text(&o)
     );
     assert_eq!(
-        repaired(&o).0,
-        differing_pieces(at..at + 1, size),
-        "-v names the piece holding byte {at}"
+        differed(&o),
+        vec![(1, 2, differing_pieces(at..at + 1, size))],
+        "the console names the piece holding byte {at}"
     );
 }
 
