@@ -1072,6 +1072,59 @@ fn a_small_slow_blob_survives_a_power_cut_with_its_durable_bytes() {
     );
 }
 
+/// `--no-resume` keeps nothing and uses nothing: Ctrl-C leaves no scratch directory (its
+/// partial download removed, no journal); and a pair an earlier pull kept is ignored and
+/// removed by a pull with `--no-resume`, which fetches the whole blob.
+#[test]
+fn no_resume_keeps_nothing_and_ignores_what_was_kept() {
+    let reg = Registry::start();
+    let image = image_of(12_081, &[6 * MIB as usize + 3, 3000]);
+    let repo = "resume/no-resume";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+
+    // Ctrl-C with --no-resume, once the held response's bytes are in the partial file.
+    let (_d, out) = dest();
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), MIB);
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(held.addr(), repo),
+        &out,
+        &["--no-resume", "-j", "1", "--stall-timeout", "300"],
+    ));
+    run.expect("the response held with the partial file there", || {
+        held.held() == 1 && partial(&out, &big.digest).exists()
+    });
+    assert!(!journal(&out, &big.digest).exists(), "a journal without resume");
+    run.signal(rustix::process::Signal::INT);
+    let o = run.wait();
+    held.release();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(
+        !scratch(&out).exists(),
+        "--no-resume stopped by Ctrl-C left {:?}",
+        std::fs::read_dir(scratch(&out)).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+
+    // A pair kept by a pull with resume; the next pull with --no-resume fetches it all.
+    let (_d, out) = dest();
+    interrupted_at(&reg, &sb, repo, &image, &out, 2 * MIB);
+    let counting = CountingProxy::start(&reg.addr());
+    let o = sb.pull(&["--no-resume"], &[], &image_at(counting.addr(), repo), &out);
+    let log = counting.settle();
+    assert_complete(&out, &image, &o);
+    assert!(!stdout(&o).contains("Resuming"), "{}", text(&o));
+    assert!(
+        log.relayed_for(&big.digest) >= big.size(),
+        "--no-resume fetched only {} of the {} bytes\n{}",
+        log.relayed_for(&big.digest),
+        big.size(),
+        log.describe()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Self-repair
 // ---------------------------------------------------------------------------------------------
