@@ -438,7 +438,10 @@ mod tests {
             return; // no /dev/full here
         };
         j.file = full;
-        assert!(j.record_written(&set(&[0..200])).is_err(), "the disk is full");
+        assert!(
+            j.record_written(&set(&[0..200])).is_err(),
+            "the disk is full"
+        );
         assert!(j.record_written(&set(&[0..300])).is_ok(), "not tried again");
         assert!(j.record_durable(&set(&[0..300])).is_ok(), "not tried again");
         drop(j);

@@ -547,9 +547,11 @@ impl BlobFile {
             self.persisted.store(true, Ordering::Release);
             return Ok(());
         }
+        crate::stop_hook::reached("fsync", &self.final_path);
         self.file
             .sync_all()
             .map_err(|e| Error::io("fsync", &self.partial, e))?;
+        crate::stop_hook::reached("rename", &self.final_path);
         persist(&self.partial, &self.final_path)?;
         self.persisted.store(true, Ordering::Release);
         Ok(())

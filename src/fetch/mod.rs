@@ -575,7 +575,7 @@ impl Fetcher<'_> {
                     crate::write::sync_parent(&journal_path)?;
                 }
                 let file = BlobFile::create(&partial, &final_path, d.size)?;
-                crate::stop_hook::reached("fresh");
+                crate::stop_hook::reached("fresh", &partial);
                 // The journal is an optimisation: without one (a full disk) the blob is
                 // fetched as usual, only not kept when the pull stops.
                 let journal = if self.options.resume {
@@ -814,8 +814,7 @@ fn journal_durable(runs: &[BlobRun]) {
         };
         let durable = journal.lock().map_or(u64::MAX, |j| j.durable());
         let written = state.file.written();
-        if written.len() <= durable || state.flushing.swap(true, Ordering::AcqRel)
-        {
+        if written.len() <= durable || state.flushing.swap(true, Ordering::AcqRel) {
             continue;
         }
         let state = state.clone();
@@ -939,6 +938,7 @@ async fn finish(
     races: u32,
 ) -> Result<Finished> {
     let path = s.file.final_path().to_path_buf();
+    crate::stop_hook::reached("hash", &path);
     let actual = rx
         .await
         .map_err(|_| internal("hasher went away"))?

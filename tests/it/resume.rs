@@ -73,7 +73,10 @@ impl Run {
                 loop {
                     match se.read(&mut buf) {
                         Ok(0) => break,
-                        Ok(n) => sink.lock().expect("stderr buffer").extend_from_slice(&buf[..n]),
+                        Ok(n) => sink
+                            .lock()
+                            .expect("stderr buffer")
+                            .extend_from_slice(&buf[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(_) => break,
                     }
@@ -88,12 +91,6 @@ impl Run {
             started,
             err_so_far,
         }
-    }
-
-    /// Whether what the process wrote to stderr so far holds `needle`.
-    fn stderr_has(&self, needle: &str) -> bool {
-        let err = self.err_so_far.lock().expect("stderr buffer");
-        String::from_utf8_lossy(&err).contains(needle)
     }
 
     fn exited(&mut self) -> bool {
@@ -528,12 +525,11 @@ enum Point {
     Journaled(f64),
     /// When the big blob's partial file appears (preallocated, nothing written).
     PartialAppears,
-    /// When every byte of the big blob is journaled (hashing, fsync, rename to come).
-    AllJournaled,
-    /// When the big blob's final name appears (renamed; its journal and index.json to come).
-    FinalAppears,
-    /// When index.json appears (the last step).
-    IndexAppears,
+    /// When the pull stops itself at a phase (`FASTPULL_TEST_STOP`, src/stop_hook.rs): the
+    /// big blob written whole, its digest pending (`hash`); verified, about to be flushed
+    /// (`fsync`) or renamed (`rename`); `index.json` about to be written (`index`).
+    /// These moments are too short to hit by the clock.
+    Stop(&'static str),
     /// After the pull exited by itself.
     AfterExit,
 }
@@ -558,9 +554,10 @@ fn base_seed() -> u64 {
 
 /// `kinds` stop points drawn from `base`: each `t` a time point, spread evenly over the pull
 /// (one in each of as many strata of `[0, 1)`, at a seeded place in it), each `j` a share
-/// of the blob journaled, the other letters the events of [`Point`]: `p` partial file, `a`
-/// all journaled, `f` final name, `i` index.json, `x` exited. The signal follows an event
-/// after a seeded 0–20 ms (`j`, `p`), or 0–2 ms for the short windows at the end.
+/// of the blob journaled, the other letters the events of [`Point`]: `p` partial file, `x`
+/// exited, and the phases a pull stops itself at ([`Point::Stop`]): `h` hash, `s` fsync,
+/// `r` rename, `n` index.json. The signal follows an event after a seeded 0–20 ms (`j`,
+/// `p`), at once at a stop.
 fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
     let times = kinds.matches('t').count() as f64;
     let mut k = 0.0;
@@ -571,7 +568,6 @@ fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
             let seed = base + i as u64;
             let mut rng = StdRng::seed_from_u64(seed);
             let u: f64 = rng.random();
-            let late = rng.random_range(0..3);
             let early = rng.random_range(0..20);
             let (point, after) = match c {
                 't' => {
@@ -580,9 +576,10 @@ fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
                 }
                 'j' => (Point::Journaled(0.05 + 0.9 * u), early),
                 'p' => (Point::PartialAppears, early),
-                'a' => (Point::AllJournaled, late),
-                'f' => (Point::FinalAppears, late),
-                'i' => (Point::IndexAppears, late),
+                'h' => (Point::Stop("hash"), 0),
+                's' => (Point::Stop("fsync"), 0),
+                'r' => (Point::Stop("rename"), 0),
+                'n' => (Point::Stop("index"), 0),
                 'x' => (Point::AfterExit, 0),
                 _ => unreachable!("kind {c}"),
             };
@@ -639,6 +636,8 @@ fn rerun_proxy(reg: &Registry) -> CountingProxy {
 struct StopResult {
     /// When the signal went (or the pull exited), from its start.
     stopped_at: Duration,
+    /// The signal stopped the pull (it had not exited by itself).
+    stopped: bool,
     delivered: u64,
     claimed: u64,
     rerun: u64,
@@ -663,7 +662,18 @@ fn stop_and_rerun(
     let ctx = format!("seed {} point {:?} +{:?}", kp.seed, kp.point, kp.after);
     let slow = throttled(reg);
     let (_d, out) = dest();
-    let mut run = Run::start(pull_cmd(sb, &image_at(slow.addr(), repo), &out, &[]));
+    let mut cmd = pull_cmd(sb, &image_at(slow.addr(), repo), &out, &[]);
+    if let Point::Stop(phase) = kp.point {
+        // At the big blob (index.json is one file).
+        let at = if phase == "index" {
+            "index.json"
+        } else {
+            hex(&big.digest)
+        };
+        cmd.env("FASTPULL_TEST_STOP", format!("{phase}@{at}"));
+    }
+    let mut run = Run::start(cmd);
+    let err = run.err_so_far.clone();
     let reached = match kp.point {
         Point::Time(f) => {
             let at = run.started + pull_time.mul_f64(f);
@@ -675,13 +685,12 @@ fn stop_and_rerun(
         Point::PartialAppears => {
             run.until("the partial file", || partial(&out, &big.digest).exists())
         }
-        Point::AllJournaled => run.until("every byte journaled", || {
-            claimed(&out, &big.digest, size) == size || final_path(&out, &big.digest).exists()
-        }),
-        Point::FinalAppears => {
-            run.until("the final name", || final_path(&out, &big.digest).exists())
+        Point::Stop(phase) => {
+            run.expect(&stop_marker(phase), || {
+                has_line(&err, &stop_marker(phase), "")
+            });
+            true
         }
-        Point::IndexAppears => run.until("index.json", || out.join("index.json").exists()),
         Point::AfterExit => run.until("the exit", || false),
     };
     if reached {
@@ -784,6 +793,7 @@ fn stop_and_rerun(
     }
     StopResult {
         stopped_at: since,
+        stopped,
         delivered,
         claimed: claimed_before,
         rerun,
@@ -794,7 +804,9 @@ fn stop_and_rerun(
 /// `kill -9` at 20 seeded points spread over a throttled multi-piece pull (download,
 /// hashing, fsync, rename, index.json), then a rerun with default flags: it exits 0, the
 /// image verifies and skopeo reads it, and it fetches at most what the killed run had not
-/// delivered of the big blob, plus 5% of it (see [`rerun_bound`]).
+/// delivered of the big blob, plus 5% of it (see [`rerun_bound`]). The short phases at the
+/// end are reached by the pull stopping itself there ([`Point::Stop`]), so nearly every
+/// point is a real kill (checked), not a signal to a pull that had already exited.
 #[test]
 fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     let reg = Registry::start();
@@ -804,16 +816,18 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     // Natively 20 points; under qemu (where a pull takes far longer) 8, each kind once. The
     // first (`x`) lets the pull finish: its time places the time points.
     let kinds = if under_emulation() {
-        "xtjptafi"
+        "xtjphsrn"
     } else {
-        "xtttjttpttaftjtittjt"
+        "xtttjttpthsrtjtnttjt"
     };
     let base = base_seed();
     println!("kill -9 points from seed {base} (FASTPULL_TEST_SEED={base} reproduces them)");
     let size = image.layers[0].size();
     let mut pull_time = Duration::ZERO;
     let mut worst: Option<(u64, String)> = None;
-    for (i, kp) in kill_points(base, kinds).into_iter().enumerate() {
+    let mut killed = 0;
+    let points = kill_points(base, kinds);
+    for (i, kp) in points.iter().copied().enumerate() {
         println!("point {i}: {kp:?}");
         let r = stop_and_rerun(
             &reg,
@@ -828,6 +842,13 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
             assert!(matches!(kp.point, Point::AfterExit));
             pull_time = r.stopped_at;
         }
+        if matches!(kp.point, Point::Stop(_)) {
+            assert!(
+                r.stopped,
+                "point {i}: the pull stopped at {kp:?} was not killed there"
+            );
+        }
+        killed += usize::from(r.stopped);
         // How much of the 5% allowance the rerun used.
         let used = (r.rerun + r.delivered).saturating_sub(size);
         let line = format!(
@@ -846,6 +867,14 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     if let Some((_, w)) = worst {
         println!("closest to the bound: {w}");
     }
+    // Every point but the first (which lets the pull finish) is meant to kill it; a time
+    // point late in the pull may come after the exit, but few may.
+    let meant = points.len() - 1;
+    println!("{killed} of {meant} points were real kills");
+    assert!(
+        killed * 4 >= meant * 3,
+        "only {killed} of {meant} points killed the pull; the others came after it exited"
+    );
 }
 
 /// Ctrl-C at three seeded points of the download, then a rerun: the first run exits 130
@@ -879,7 +908,14 @@ fn ctrl_c_then_the_rerun_fetches_only_what_is_missing() {
 /// A pull of `image` into `dest` over one connection, its big blob's response held by a
 /// proxy after `hold_after` bytes, stopped by Ctrl-C once those are journaled: it leaves
 /// the pair (partial file, journal) of the big blob holding `0..hold_after`.
-fn interrupted_at(reg: &Registry, sb: &Sandbox, repo: &str, image: &Image, dest: &Path, hold_after: u64) {
+fn interrupted_at(
+    reg: &Registry,
+    sb: &Sandbox,
+    repo: &str,
+    image: &Image,
+    dest: &Path,
+    hold_after: u64,
+) {
     let big = &image.layers[0];
     let held = CountingProxy::start(&reg.addr());
     held.hold(hex(&big.digest), hold_after);
@@ -939,7 +975,11 @@ fn a_resumed_prefix_is_hashed_while_the_rest_is_still_on_the_wire() {
     held.release();
     let o = run.wait();
     assert_complete(&out, &image, &o);
-    assert!(stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])), "{}", text(&o));
+    assert!(
+        stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "{}",
+        text(&o)
+    );
 }
 
 /// Whether a line of a process's stderr so far ([`Run::err_so_far`]) holds both `a` and `b`.
@@ -979,12 +1019,13 @@ fn a_partial_started_over_never_sits_under_its_old_journal() {
         .expect("shorten the partial file");
 
     let mut cmd = pull_cmd(&sb, &image_at(&reg.addr(), repo), &out, &["-j", "1"]);
-    cmd.env("FASTPULL_TEST_STOP", "fresh");
+    cmd.env("FASTPULL_TEST_STOP", format!("fresh@{}", hex(&big.digest)));
     let mut run = Run::start(cmd);
     let err = run.err_so_far.clone();
-    run.expect("the stop between the new partial file and its journal", || {
-        has_line(&err, &stop_marker("fresh"), "")
-    });
+    run.expect(
+        "the stop between the new partial file and its journal",
+        || has_line(&err, &stop_marker("fresh"), ""),
+    );
     run.signal(rustix::process::Signal::KILL);
     let o = run.wait();
     assert_eq!(
@@ -1036,7 +1077,12 @@ fn a_small_slow_blob_survives_a_power_cut_with_its_durable_bytes() {
     let slow = CountingProxy::start(&reg.addr());
     // 16 s for the blob over one connection: a checkpoint comes after 5 s.
     slow.cap(Which::All, Cap::smooth(256 << 10));
-    let mut run = Run::start(pull_cmd(&sb, &image_at(slow.addr(), repo), &out, &["-j", "1"]));
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(slow.addr(), repo),
+        &out,
+        &["-j", "1"],
+    ));
     let durable = || {
         std::fs::read_to_string(journal(&out, &big.digest))
             .map(|t| total(&claims_in(&t, &big.digest, size, "D")))
@@ -1046,12 +1092,20 @@ fn a_small_slow_blob_survives_a_power_cut_with_its_durable_bytes() {
     run.signal(rustix::process::Signal::KILL);
     let o = run.wait();
     slow.settle();
-    assert!(!o.status.success(), "the pull finished before it was killed\n{}", text(&o));
+    assert!(
+        !o.status.success(),
+        "the pull finished before it was killed\n{}",
+        text(&o)
+    );
     let text0 = std::fs::read_to_string(journal(&out, &big.digest)).expect("journal");
     let rebooted = as_after_reboot(&text0);
     std::fs::write(journal(&out, &big.digest), &rebooted).expect("write journal");
     let kept = claims_in(&rebooted, &big.digest, size, "WD");
-    assert_eq!(kept, claims_in(&text0, &big.digest, size, "D"), "only D records count now");
+    assert_eq!(
+        kept,
+        claims_in(&text0, &big.digest, size, "D"),
+        "only D records count now"
+    );
     let kept = total(&kept);
     assert!(kept > 0 && kept < size, "{text0}");
 
@@ -1097,7 +1151,10 @@ fn no_resume_keeps_nothing_and_ignores_what_was_kept() {
     run.expect("the response held with the partial file there", || {
         held.held() == 1 && partial(&out, &big.digest).exists()
     });
-    assert!(!journal(&out, &big.digest).exists(), "a journal without resume");
+    assert!(
+        !journal(&out, &big.digest).exists(),
+        "a journal without resume"
+    );
     run.signal(rustix::process::Signal::INT);
     let o = run.wait();
     held.release();
@@ -1105,14 +1162,22 @@ fn no_resume_keeps_nothing_and_ignores_what_was_kept() {
     assert!(
         !scratch(&out).exists(),
         "--no-resume stopped by Ctrl-C left {:?}",
-        std::fs::read_dir(scratch(&out)).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect::<Vec<_>>())
+        std::fs::read_dir(scratch(&out)).map(|rd| rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>())
     );
 
     // A pair kept by a pull with resume; the next pull with --no-resume fetches it all.
     let (_d, out) = dest();
     interrupted_at(&reg, &sb, repo, &image, &out, 2 * MIB);
     let counting = CountingProxy::start(&reg.addr());
-    let o = sb.pull(&["--no-resume"], &[], &image_at(counting.addr(), repo), &out);
+    let o = sb.pull(
+        &["--no-resume"],
+        &[],
+        &image_at(counting.addr(), repo),
+        &out,
+    );
     let log = counting.settle();
     assert_complete(&out, &image, &o);
     assert!(!stdout(&o).contains("Resuming"), "{}", text(&o));
@@ -1207,13 +1272,21 @@ fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
     let proxy = {
         let p = FaultProxy::start(&_reg.addr());
         p.add(
-            Rule::new(&format!("/blobs/{}", big.digest), Fault::Corrupt { at: first_flip })
-                .range_start(0)
-                .times(1),
+            Rule::new(
+                &format!("/blobs/{}", big.digest),
+                Fault::Corrupt { at: first_flip },
+            )
+            .range_start(0)
+            .times(1),
         );
         p.add(
-            Rule::new(&format!("/blobs/{}", big.digest), Fault::Corrupt { at: FLIP_AT as usize })
-                .range_start(0),
+            Rule::new(
+                &format!("/blobs/{}", big.digest),
+                Fault::Corrupt {
+                    at: FLIP_AT as usize,
+                },
+            )
+            .range_start(0),
         );
         drop(proxy);
         p
@@ -1371,7 +1444,10 @@ fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
     let lied_digest = digest_of(&with_range(&big.bytes, lie.clone(), garbage));
     // 1a. Without repairs, and 1b. with the default: resumed, caught, fetched again from
     // scratch (no repair used), in place.
-    for (name, args) in [("lie-no-repair", &["--repair-attempts", "0"][..]), ("lie", &[][..])] {
+    for (name, args) in [
+        ("lie-no-repair", &["--repair-attempts", "0"][..]),
+        ("lie", &[][..]),
+    ] {
         let d = work.path().join(name);
         claim_garbage(&d);
         let (o, log) = pull_into(&d, args);
@@ -1811,7 +1887,12 @@ fn a_full_disk_at_index_json_names_the_destination() {
     let sb = Sandbox::new();
     let pull = || {
         crate::support::cli::run(
-            fs.inside(&pull_cmd(&sb, &image_at(&reg.addr(), repo), &out_inside, &[])),
+            fs.inside(&pull_cmd(
+                &sb,
+                &image_at(&reg.addr(), repo),
+                &out_inside,
+                &[],
+            )),
             None,
         )
     };
@@ -1821,7 +1902,8 @@ fn a_full_disk_at_index_json_names_the_destination() {
     // Fill the filesystem to its last page.
     let fill = fs.dir.join("fill");
     let mut cat = Command::new("sh");
-    cat.args(["-c", "cat /dev/zero > \"$1\"; true", "sh"]).arg(&fill);
+    cat.args(["-c", "cat /dev/zero > \"$1\"; true", "sh"])
+        .arg(&fill);
     let f = fs.inside(&cat).output().expect("fill the tmpfs");
     assert!(f.status.success(), "{}", text(&f));
     let o = pull();
