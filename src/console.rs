@@ -433,6 +433,59 @@ impl Reporter for Console {
                     ));
                 }
             }
+            EventKind::BlobRestarting { digest, actual } => {
+                if let Some(l) = st.layers.get_mut(digest) {
+                    st.received = st.received.saturating_sub(l.received);
+                    l.resumed = 0;
+                    l.received = 0;
+                }
+                if self.mode == Mode::Json {
+                    self.json(json!({
+                        "event": "blob_restarting",
+                        "digest": digest.to_string(),
+                        "actual": actual.to_string(),
+                    }));
+                } else {
+                    self.line(&format!(
+                        "{}: Resumed bytes did not verify (got {actual}); fetching it again from scratch",
+                        digest.short()
+                    ));
+                }
+            }
+            EventKind::BlobDiffered {
+                digest,
+                earlier,
+                later,
+                ranges,
+            } => {
+                let list: Vec<String> = ranges
+                    .iter()
+                    .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
+                    .collect();
+                let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+                if self.mode == Mode::Json {
+                    self.json(json!({
+                        "event": "blob_differed",
+                        "digest": digest.to_string(),
+                        "earlier": earlier,
+                        "later": later,
+                        "ranges": list,
+                        "bytes": bytes,
+                    }));
+                } else if list.is_empty() {
+                    self.line(&format!(
+                        "{}: Fetches {earlier} and {later} were the same, byte for byte",
+                        digest.short()
+                    ));
+                } else {
+                    self.line(&format!(
+                        "{}: Fetches {earlier} and {later} differed in bytes {} ({})",
+                        digest.short(),
+                        list.join(","),
+                        human_bytes(bytes)
+                    ));
+                }
+            }
             EventKind::BlobRetrying {
                 digest,
                 attempt,

@@ -622,6 +622,7 @@ impl Directory {
         entries.push(m.index_entry());
         let json = serde_json::to_vec(&index)
             .map_err(|e| Error::io("serialize", &path, std::io::Error::other(e)))?;
+        crate::stop_hook::reached("index", &path);
         write_atomic(&path, &json)
     }
 

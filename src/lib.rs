@@ -76,6 +76,7 @@ mod registry;
 mod request;
 mod resume;
 mod retry;
+mod stop_hook;
 mod stream;
 mod unpack;
 mod verify;

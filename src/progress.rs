@@ -92,6 +92,29 @@ pub enum EventKind {
         /// Which repair this is (1-based).
         attempt: u32,
     },
+    /// A blob resumed from an earlier pull's bytes did not match its digest (the journal or
+    /// the partial file was wrong): it is fetched again from scratch, not counted as a
+    /// repair.
+    BlobRestarting {
+        /// Blob digest (expected).
+        digest: Digest,
+        /// What the bytes hashed to.
+        actual: Digest,
+    },
+    /// Two fetches of a blob that failed its digest, compared in 1 MiB pieces: the byte
+    /// ranges that differed (empty: the same bytes both times, so the source sends them
+    /// every time). Fetch `earlier` did not verify; `later` is the next fetch, verified or
+    /// not. A hop that corrupts bytes shows where.
+    BlobDiffered {
+        /// Blob digest.
+        digest: Digest,
+        /// The earlier fetch (1-based).
+        earlier: u32,
+        /// The later fetch.
+        later: u32,
+        /// Byte ranges (end exclusive) of the pieces that differed.
+        ranges: Vec<std::ops::Range<u64>>,
+    },
     /// An attempt failed and the blob will be fetched again.
     BlobRetrying {
         /// Blob digest.

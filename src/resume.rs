@@ -158,6 +158,9 @@ pub(crate) struct Journal {
     durable: RangeSet,
     /// The journal's name in its directory has been flushed.
     entry_durable: bool,
+    /// An append failed (a full disk): nothing more is appended, so the journal keeps
+    /// claiming only what it claimed before (a torn last line ends what is believed).
+    failed: bool,
 }
 
 /// What a journal found on disk says is already in the partial file.
@@ -191,6 +194,7 @@ impl Journal {
             written: RangeSet::new(),
             durable: RangeSet::new(),
             entry_durable: false,
+            failed: false,
         })
     }
 
@@ -238,22 +242,24 @@ impl Journal {
                 written,
                 durable,
                 entry_durable: true,
+                failed: false,
             },
         })
     }
 
     /// Appends `W` records for what `now_written` adds to what is recorded. Not flushed:
-    /// believed only in this boot.
+    /// believed only in this boot. After a failed append (see [`Journal::failed`]) it
+    /// appends nothing more.
     pub(crate) fn record_written(&mut self, now_written: &RangeSet) -> std::io::Result<()> {
         let new = now_written.minus(&self.written);
-        if new.is_empty() {
+        if new.is_empty() || self.failed {
             return Ok(());
         }
         let mut text = String::new();
         for r in new.iter().filter(|r| r.end <= self.size) {
             text.push_str(&line(&format!("W {} {}", r.start, r.end)));
         }
-        self.file.write_all(text.as_bytes())?;
+        self.append(&text)?;
         self.written.extend(&new);
         Ok(())
     }
@@ -262,14 +268,14 @@ impl Journal {
     /// for, after capturing it) and flushes the journal.
     pub(crate) fn record_durable(&mut self, flushed: &RangeSet) -> std::io::Result<()> {
         let new = flushed.minus(&self.durable);
-        if new.is_empty() {
+        if new.is_empty() || self.failed {
             return Ok(());
         }
         let mut text = String::new();
         for r in new.iter().filter(|r| r.end <= self.size) {
             text.push_str(&line(&format!("D {} {}", r.start, r.end)));
         }
-        self.file.write_all(text.as_bytes())?;
+        self.append(&text)?;
         self.file.sync_data()?;
         if !self.entry_durable {
             crate::write::sync_parent(&self.path)
@@ -279,6 +285,13 @@ impl Journal {
         self.durable.extend(&new);
         self.written.extend(&new);
         Ok(())
+    }
+
+    /// Appends `text`; on failure, marks the journal failed (nothing is appended again).
+    fn append(&mut self, text: &str) -> std::io::Result<()> {
+        let r = self.file.write_all(text.as_bytes());
+        self.failed = r.is_err();
+        r
     }
 
     /// Bytes the `D` records claim.
@@ -410,6 +423,30 @@ mod tests {
         )
         .unwrap();
         assert!(Journal::load(&p, &d, 1000).is_none());
+    }
+
+    /// A full disk met while appending (here /dev/full): the append fails once, and the
+    /// journal is then left alone, claiming what it claimed before.
+    #[test]
+    fn a_journal_that_cannot_be_appended_to_is_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.journal");
+        let d = Digest::of(b"blob");
+        let mut j = Journal::create(&p, &d, 1000).unwrap();
+        j.record_written(&set(&[0..100])).unwrap();
+        let Ok(full) = OpenOptions::new().append(true).open("/dev/full") else {
+            return; // no /dev/full here
+        };
+        j.file = full;
+        assert!(
+            j.record_written(&set(&[0..200])).is_err(),
+            "the disk is full"
+        );
+        assert!(j.record_written(&set(&[0..300])).is_ok(), "not tried again");
+        assert!(j.record_durable(&set(&[0..300])).is_ok(), "not tried again");
+        drop(j);
+        let l = Journal::load(&p, &d, 1000).unwrap();
+        assert!(l.present.len() <= 100, "claims only what it did before");
     }
 
     #[test]

@@ -242,6 +242,7 @@ impl InOrderHasher {
             }
             let hashed = st.hasher.len();
             drop(st);
+            tracing::trace!(hashed, of = self.blob.size(), partial = %self.blob.partial_path().display(), "hashed up to the written prefix");
             // A read-modify-write (not a plain store) so that it and a writer's swap in
             // poke() are ordered: one of the two always sees the other.
             self.scheduled.swap(false, Ordering::AcqRel);

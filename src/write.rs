@@ -177,18 +177,22 @@ impl BlobFile {
             .open(partial)
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
-            let allocated = if resuming {
-                Ok(())
-            } else {
-                preallocate(&file, size).map_err(|e| no_space(e, partial, size))
-            };
+            // A resumed file is allocated too: an earlier pull may have left it sparse (a
+            // filesystem without fallocate, a copy), and a hole written through the map on a
+            // full disk is a SIGBUS, not an error. Only the holes take space.
+            let missing = size.saturating_sub(present.len());
+            let allocated =
+                preallocate(&file, size).map_err(|e| no_space(e, partial, missing.max(1)));
             let mapped = allocated
                 .and_then(|()| MmapRaw::map_raw(&file).map_err(|e| Error::io("mmap", partial, e)));
             match mapped {
                 Ok(m) => Some(m),
                 Err(e) => {
-                    // A full disk must not keep what fallocate took.
-                    let _ = std::fs::remove_file(partial);
+                    // A full disk must not keep what fallocate took; a resumed file keeps
+                    // its bytes (and its journal) for a pull with more room.
+                    if !resuming {
+                        let _ = std::fs::remove_file(partial);
+                    }
                     return Err(e);
                 }
             }
@@ -543,9 +547,11 @@ impl BlobFile {
             self.persisted.store(true, Ordering::Release);
             return Ok(());
         }
+        crate::stop_hook::reached("fsync", &self.final_path);
         self.file
             .sync_all()
             .map_err(|e| Error::io("fsync", &self.partial, e))?;
+        crate::stop_hook::reached("rename", &self.final_path);
         persist(&self.partial, &self.final_path)?;
         self.persisted.store(true, Ordering::Release);
         Ok(())
@@ -589,25 +595,37 @@ impl Spans {
 
 /// The error for a failed preallocation: a full disk says how much was needed.
 fn no_space(e: std::io::Error, partial: &Path, size: u64) -> Error {
-    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
-        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
-    {
-        let dir = parent_dir(partial);
-        // The destination, not its scratch directory, is what the user named.
-        let dest = dir
-            .parent()
-            .filter(|_| dir.ends_with(".fastpull-tmp"))
-            .unwrap_or(dir);
-        let available = rustix::fs::statvfs(dir)
-            .ok()
-            .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
-        return Error::NoSpace {
-            path: dest.to_path_buf(),
-            needed: size,
-            available,
-        };
+    or_no_space("preallocate", partial, size, e)
+}
+
+/// `Error::NoSpace` for a full disk (or quota) met while writing `size` bytes to `path`,
+/// naming the destination the user gave (not its scratch or blob directory) and what is
+/// free there; any other error as `Error::Io` with `op`.
+pub(crate) fn or_no_space(op: &'static str, path: &Path, size: u64, e: std::io::Error) -> Error {
+    let full = [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT]
+        .iter()
+        .any(|n| e.raw_os_error() == Some(n.raw_os_error()));
+    if !full {
+        return Error::io(op, path, e);
     }
-    Error::io("preallocate", partial, e)
+    let dir = parent_dir(path);
+    let dest = if dir.ends_with(".fastpull-tmp") {
+        dir.parent()
+    } else if dir.ends_with("blobs/sha256") {
+        dir.parent().and_then(Path::parent)
+    } else {
+        None
+    }
+    .filter(|p| !p.as_os_str().is_empty())
+    .unwrap_or(dir);
+    let available = rustix::fs::statvfs(dir)
+        .ok()
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+    Error::NoSpace {
+        path: dest.to_path_buf(),
+        needed: size,
+        available,
+    }
 }
 
 impl SpanWriter {
@@ -787,18 +805,21 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Writes a small file atomically (temp file, fsync, rename, fsync dir).
+/// Writes a small file atomically (temp file, fsync, rename, fsync dir). A full disk is
+/// `Error::NoSpace`, naming the destination and the file's size.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let size = bytes.len() as u64;
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = File::create(&tmp).map_err(|e| or_no_space("create", &tmp, size, e))?;
         f.write_all(bytes)
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            .map_err(|e| or_no_space("write", &tmp, size, e))?;
+        f.sync_all()
+            .map_err(|e| or_no_space("fsync", &tmp, size, e))?;
         persist(&tmp, path)
     })();
     if result.is_err() {
@@ -963,6 +984,23 @@ mod tests {
         assert_eq!(w.range(), 0..300);
         let rest = b.take(u64::MAX).unwrap();
         assert_eq!(rest.range(), 400..1000);
+
+        // A sparse file (an earlier pull on a filesystem without fallocate, a copy) gets
+        // its holes allocated: a hole written through the map on a full disk is a SIGBUS.
+        let sparse = std::fs::File::create(&partial).unwrap();
+        sparse.set_len(4 << 20).unwrap();
+        sparse.write_all_at(&data[..100], 0).unwrap();
+        drop(sparse);
+        use std::os::unix::fs::MetadataExt;
+        let some: RangeSet = std::iter::once(0..100u64).collect();
+        assert!(std::fs::metadata(&partial).unwrap().blocks() * 512 < 1 << 20);
+        let b = BlobFile::resume(&partial, &fin, 4 << 20, &some).unwrap();
+        assert!(
+            std::fs::metadata(&partial).unwrap().blocks() * 512 >= 4 << 20,
+            "a resumed sparse partial is preallocated"
+        );
+        assert_eq!(b.unassigned(), (4 << 20) - 100);
+        let some: RangeSet = std::iter::once(300..400u64).collect();
 
         // A file of the wrong length starts over.
         std::fs::write(&partial, b"short").unwrap();

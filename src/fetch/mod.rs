@@ -17,7 +17,11 @@
 //! (and flushes it with the data every [`DURABLE_EVERY`]); a pull that stops for any reason
 //! (error, Ctrl-C, a dropped future) keeps what it wrote, flushed and journaled, for the next
 //! one. A blob whose digest does not match is fetched again, from scratch, up to
-//! [`FetchOptions::repair_attempts`] times, and the pieces that differed are logged.
+//! [`FetchOptions::repair_attempts`] times; a resumed blob that does not match (a journal
+//! or partial file that lied) is first fetched again from scratch without counting as a
+//! repair. Each failed fetch is hashed in pieces and compared with the next fetch, and the
+//! pieces that differed are reported ([`EventKind::BlobDiffered`]): a corrupting hop shows
+//! where.
 
 mod scheduler;
 mod transfer;
@@ -27,8 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, Shared};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 pub use scheduler::FanOut;
 
@@ -87,17 +92,31 @@ const TICK: Duration = Duration::from_millis(10);
 /// How often each blob's journal gets `W` records for what was written since.
 const JOURNAL_EVERY: Duration = Duration::from_millis(50);
 
-/// How often a blob's data is flushed (fdatasync) and its journal gets `D` records, if it
-/// grew by at least [`DURABLE_MIN`]: what a power cut may cost. Not more often: an
-/// fdatasync of a file that is still mapped and written write-protects its dirty pages one
-/// by one (measured: every second on a 1 GiB layer at ~500 MB/s cost 0.2-1.5 s of CPU per
-/// GB and ~25% of the time). `kill -9` and crashes of fastpull are covered by the `W`
-/// records in between; a stop (Ctrl-C, error) flushes everything.
+/// How often each unfinished blob that grew since its last checkpoint has its data flushed
+/// (fdatasync) and its journal given `D` records: what a power cut may cost, whatever the
+/// blob's size or rate (a blob that finishes within the first period needs none). Not more
+/// often: an fdatasync of a file that is still mapped and written write-protects its dirty
+/// pages one by one (measured: every second on a 1 GiB layer at ~500 MB/s cost 0.2-1.5 s
+/// of CPU per GB and ~25% of the time). `kill -9` and crashes of fastpull are covered by
+/// the `W` records in between; a stop (Ctrl-C, error) flushes everything.
 pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(5);
-const DURABLE_MIN: u64 = 64 << 20;
 
 /// Piece size for telling which parts of a blob differed between a bad and a good fetch.
 const REPAIR_PIECE: u64 = 1 << 20;
+
+/// The [`REPAIR_PIECE`] hashes of one fetch of a blob, being computed (`None`: they could
+/// not be). Shared: a failed fetch is compared with the one before it and the one after.
+type PieceHashes = Shared<BoxFuture<'static, Option<Arc<Vec<[u8; 32]>>>>>;
+
+/// Which fetch of a blob (1-based) and its piece hashes.
+struct Pieces {
+    fetch: u32,
+    hashes: PieceHashes,
+}
+
+/// Two fetches of a blob compared piece by piece: (blob, earlier fetch, later fetch, the
+/// byte ranges that differed, if both could be hashed).
+type Comparison = BoxFuture<'static, (usize, u32, u32, Option<RangeSet>)>;
 
 /// A blob of the pull, as the loop sees it.
 struct BlobRun {
@@ -107,10 +126,16 @@ struct BlobRun {
     running: usize,
     splits: u32,
     races: u32,
-    /// Fetches of this blob that ended in a digest mismatch.
+    /// Fetches started (the current one included).
+    fetches: u32,
+    /// The current fetch reopened bytes an earlier pull left.
+    resumed: bool,
+    /// A resumed fetch did not verify: the blob is fetched from scratch (never resumed).
+    restarted: bool,
+    /// Fetches of this blob that ended in a digest mismatch and counted as repairs.
     repairs: u32,
-    /// The piece hashes of the last bad fetch, being computed.
-    bad_pieces: Option<tokio::task::JoinHandle<std::io::Result<Vec<[u8; 32]>>>>,
+    /// The piece hashes of the last fetch that did not verify.
+    pieces: Option<Pieces>,
     /// Verified and in place.
     done: bool,
 }
@@ -124,8 +149,11 @@ impl BlobRun {
             running: 0,
             splits: 0,
             races: 0,
+            fetches: 0,
+            resumed: false,
+            restarted: false,
             repairs: 0,
-            bad_pieces: None,
+            pieces: None,
             done: false,
         }
     }
@@ -145,9 +173,6 @@ impl Drop for Runs {
             let Some(state) = run.state.as_ref() else {
                 continue;
             };
-            if let Some(bad) = &run.bad_pieces {
-                bad.abort();
-            }
             let kept = self.resume && keep_for_resume(state);
             if !kept {
                 state.file.discard();
@@ -253,6 +278,7 @@ impl Fetcher<'_> {
         let mut flows: Vec<FlowRun> = Vec::new();
         let mut jobs = FuturesUnordered::new();
         let mut finishing = FuturesUnordered::new();
+        let mut comparing: FuturesUnordered<Comparison> = FuturesUnordered::new();
         let mut to_open: VecDeque<usize> = (0..runs.len()).collect();
         let mut no_space: Option<Error> = None;
         let mut last_journal = Instant::now();
@@ -417,7 +443,7 @@ impl Fetcher<'_> {
                 runs[blob].running += 1;
                 jobs.push(self.run_flow(id, state, stats, writer, lane, first));
             }
-            if jobs.is_empty() && finishing.is_empty() {
+            if jobs.is_empty() && finishing.is_empty() && comparing.is_empty() {
                 break;
             }
             tokio::select! {
@@ -476,8 +502,12 @@ impl Fetcher<'_> {
                             let b = runs.iter().position(|r| r.desc.digest == digest && !r.done).ok_or_else(|| internal("unknown blob verified"))?;
                             runs[b].done = true;
                             self.layout.forget_partial(&digest, runs[b].desc.size);
-                            if let Some(bad) = runs[b].bad_pieces.take() {
-                                report_differences(&runs[b], bad).await;
+                            // Compared with the last fetch that did not verify, in the
+                            // background.
+                            let good = runs[b].state.as_ref().map(|s| s.file.final_path().to_path_buf());
+                            if let (Some(bad), Some(good)) = (runs[b].pieces.take(), good) {
+                                let good = Pieces { fetch: runs[b].fetches, hashes: hash_pieces(good, false) };
+                                comparing.push(compare(b, runs[b].desc.size, bad, good));
                             }
                             if let Some(w) = self.watch.and_then(|w| w.get(&digest)) {
                                 w.verified();
@@ -485,10 +515,15 @@ impl Fetcher<'_> {
                             self.reporter.report(EventKind::BlobDone { digest });
                         }
                         Finished::Mismatch(b, actual) => {
-                            self.repair(&mut runs[b], actual)?;
+                            if let Some(c) = self.refetch(&mut runs[b], b, actual).await? {
+                                comparing.push(c);
+                            }
                             to_open.push_back(b);
                         }
                     }
+                }
+                Some((b, earlier, later, ranges)) = comparing.next() => {
+                    self.report_differences(&runs[b], earlier, later, ranges.as_ref());
                 }
             }
         }
@@ -506,6 +541,8 @@ impl Fetcher<'_> {
     /// is believable), its journal and its hasher; returns the writer of its first `len`
     /// missing bytes, `None` if none are missing.
     fn open(&self, run: &mut BlobRun, whole_request: bool, len: u64) -> Result<Option<SpanWriter>> {
+        run.fetches += 1;
+        run.resumed = false;
         let d = &run.desc;
         // In an archive, the blob's place inside it (no journal: archives are not resumed).
         if let Some(region) = self.layout.region(&d.digest)? {
@@ -514,7 +551,7 @@ impl Fetcher<'_> {
         let partial = self.layout.partial_path(&d.digest);
         let final_path = self.layout.blob_path(&d.digest);
         let journal_path = Journal::path_for(&partial);
-        let resumable = self.options.resume && run.repairs == 0;
+        let resumable = self.options.resume && run.repairs == 0 && !run.restarted;
         if resumable {
             self.layout.adopt_partial(&d.digest, d.size);
         }
@@ -528,6 +565,7 @@ impl Fetcher<'_> {
             Some(l) if fits && !l.present.is_empty() => {
                 let file = BlobFile::resume(&partial, &final_path, d.size, &l.present)?;
                 tracing::info!(blob = %d.digest, present = l.present.len(), of = d.size, "resuming a partial download");
+                run.resumed = true;
                 self.reporter.report(EventKind::BlobResumed {
                     digest: d.digest,
                     present: l.present.len(),
@@ -535,14 +573,25 @@ impl Fetcher<'_> {
                 (file, Some(l.journal))
             }
             _ => {
+                // The old journal goes first: were the process stopped between the
+                // truncation of the partial file and its new journal, an old journal that
+                // checks would claim bytes of a zeroed file. (Made durable before the
+                // truncation only when there was one: a power cut must not bring it back.)
+                if std::fs::remove_file(&journal_path).is_ok() {
+                    crate::write::sync_parent(&journal_path)?;
+                }
                 let file = BlobFile::create(&partial, &final_path, d.size)?;
+                crate::stop_hook::reached("fresh", &partial);
+                // The journal is an optimisation: without one (a full disk) the blob is
+                // fetched as usual, only not kept when the pull stops.
                 let journal = if self.options.resume {
-                    Some(
-                        Journal::create(&journal_path, &d.digest, d.size)
-                            .map_err(|e| Error::io("create", &journal_path, e))?,
-                    )
+                    Journal::create(&journal_path, &d.digest, d.size)
+                        .inspect_err(|e| {
+                            tracing::warn!(blob = %d.digest, journal = %journal_path.display(), error = %e, "cannot start a resume journal; this blob is not kept if the pull stops");
+                            let _ = std::fs::remove_file(&journal_path);
+                        })
+                        .ok()
                 } else {
-                    let _ = std::fs::remove_file(&journal_path);
                     None
                 };
                 (file, journal)
@@ -573,6 +622,13 @@ impl Fetcher<'_> {
         let follower = watch.map(|w| w.clone() as Arc<dyn PrefixConsumer>);
         let (hasher, rx) =
             InOrderHasher::with_follower(file.clone(), self.hash_pool.clone(), follower);
+        // A resumed file already holds a prefix: hash it now, while the missing bytes
+        // download, not once the first of them lands (or the last, if it is at the end).
+        let resumed_prefix = file.contiguous_prefix();
+        if resumed_prefix > 0 {
+            tracing::debug!(blob = %d.digest, prefix = resumed_prefix, "hashing the bytes already there while the rest downloads");
+            hasher.poke();
+        }
         run.state = Some(Arc::new(BlobState {
             desc: d.clone(),
             file,
@@ -589,29 +645,45 @@ impl Fetcher<'_> {
         writer
     }
 
-    /// A fetch of `run` ended with the wrong digest: sets it up to be fetched again from
-    /// scratch, or fails the pull when it has had its repairs.
-    fn repair(&self, run: &mut BlobRun, actual: Digest) -> Result<()> {
-        let state = run
-            .state
-            .take()
-            .ok_or_else(|| internal("repair of an unopened blob"))?;
-        if let Some(j) = &state.journal {
-            if let Ok(j) = j.lock() {
-                let _ = std::fs::remove_file(j.path());
-            }
-        }
+    /// A fetch of `run` (blob `b`) ended with the wrong digest: sets it up to be fetched
+    /// again from scratch, or fails the pull when it has had its repairs. A fetch that
+    /// resumed bytes an earlier pull left is fetched again without counting as a repair:
+    /// the journal or the partial file lied, not the registry. Returns the comparison of
+    /// this fetch with the previous failed one, to be reported when it is ready.
+    async fn refetch(
+        &self,
+        run: &mut BlobRun,
+        b: usize,
+        actual: Digest,
+    ) -> Result<Option<Comparison>> {
+        let resumed = run.resumed;
+        let comparison = self.set_aside(run, b)?;
         let expected = run.desc.digest;
-        if let Some(w) = self.watch.and_then(|w| w.get(&expected)) {
-            w.abandoned();
+        if resumed {
+            run.restarted = true;
+            tracing::warn!(blob = %expected, got = %actual, "the bytes an earlier pull left did not verify (its journal or partial file was wrong); fetching the blob again from scratch (not a repair)");
+            self.reporter.report(EventKind::BlobRestarting {
+                digest: expected,
+                actual,
+            });
+            return Ok(comparison);
         }
         if run.repairs >= self.options.repair_attempts {
-            state.file.discard();
+            // The pull fails: say which pieces the last two fetches differed in first.
+            let mut what = format!("blob {expected} (fetched {} times)", run.fetches);
+            if let Some(c) = comparison {
+                let (_, earlier, later, ranges) = c.await;
+                if let Some(r) = &ranges {
+                    what = format!(
+                        "blob {expected} (fetched {} times; {})",
+                        run.fetches,
+                        differed_text(earlier, later, r)
+                    );
+                }
+                self.report_differences(run, earlier, later, ranges.as_ref());
+            }
             return Err(Error::DigestMismatch {
-                what: format!(
-                    "blob {expected} (fetched {} times)",
-                    run.repairs.saturating_add(1)
-                ),
+                what,
                 expected,
                 actual,
             });
@@ -623,28 +695,79 @@ impl Fetcher<'_> {
             actual,
             attempt: run.repairs,
         });
-        // Keep the bad bytes aside just long enough to hash them piece by piece, for the
-        // comparison with the good fetch (not a region of an archive: its bytes stay in
-        // place, to be overwritten).
+        Ok(comparison)
+    }
+
+    /// Puts a fetch that did not verify aside: its journal removed, its bytes hashed in
+    /// pieces in the background (not a region of an archive: its bytes stay in place, to
+    /// be overwritten) and compared with the previous failed fetch's, its state reset.
+    fn set_aside(&self, run: &mut BlobRun, b: usize) -> Result<Option<Comparison>> {
+        let state = run
+            .state
+            .take()
+            .ok_or_else(|| internal("repair of an unopened blob"))?;
+        if let Some(j) = &state.journal {
+            if let Ok(j) = j.lock() {
+                let _ = std::fs::remove_file(j.path());
+            }
+        }
+        if let Some(w) = self.watch.and_then(|w| w.get(&run.desc.digest)) {
+            w.abandoned();
+        }
         let bad = state.file.partial_path().with_extension("bad");
         let moved =
             !state.file.is_region() && std::fs::rename(state.file.partial_path(), &bad).is_ok();
         state.file.discard();
-        if let Some(old) = run.bad_pieces.take() {
-            old.abort();
-        }
-        run.bad_pieces = moved.then(|| {
-            tokio::task::spawn_blocking(move || {
-                let pieces = piece_hashes(&bad);
-                let _ = std::fs::remove_file(&bad);
-                pieces
-            })
+        let this = moved.then(|| Pieces {
+            fetch: run.fetches,
+            hashes: hash_pieces(bad, true),
         });
+        let comparison = match (run.pieces.take(), &this) {
+            (Some(before), Some(this)) => Some(compare(
+                b,
+                run.desc.size,
+                before,
+                Pieces {
+                    fetch: this.fetch,
+                    hashes: this.hashes.clone(),
+                },
+            )),
+            _ => None,
+        };
+        run.pieces = this;
         run.digest_rx = None;
         run.running = 0;
         run.splits = 0;
         run.races = 0;
-        Ok(())
+        run.resumed = false;
+        Ok(comparison)
+    }
+
+    /// Says which pieces two fetches of `run` differed in (a warning and an event).
+    fn report_differences(
+        &self,
+        run: &BlobRun,
+        earlier: u32,
+        later: u32,
+        ranges: Option<&RangeSet>,
+    ) {
+        let Some(ranges) = ranges else {
+            return;
+        };
+        tracing::warn!(
+            blob = %run.desc.digest,
+            earlier,
+            later,
+            differing_bytes = ranges.len(),
+            ranges = %ranges_text(ranges),
+            "byte ranges that differed between two fetches of a blob that failed its digest"
+        );
+        self.reporter.report(EventKind::BlobDiffered {
+            digest: run.desc.digest,
+            earlier,
+            later,
+            ranges: ranges.iter().cloned().collect(),
+        });
     }
 
     async fn run_flow(
@@ -666,7 +789,9 @@ impl Fetcher<'_> {
     }
 }
 
-/// Appends `W` records for what each unfinished blob has written since the last time.
+/// Appends `W` records for what each unfinished blob has written since the last time. A
+/// journal that cannot be appended to (a full disk) is left as it is, with a warning: the
+/// journal is an optimisation, and the pull goes on.
 fn journal_written(runs: &[BlobRun]) -> Result<()> {
     for run in runs.iter().filter(|r| !r.done) {
         let Some(state) = run.state.as_ref() else {
@@ -679,14 +804,15 @@ fn journal_written(runs: &[BlobRun]) -> Result<()> {
         let mut j = journal
             .lock()
             .map_err(|_| internal("journal lock poisoned"))?;
-        j.record_written(&written)
-            .map_err(|e| Error::io("append to", j.path(), e))?;
+        if let Err(e) = j.record_written(&written) {
+            tracing::warn!(blob = %state.desc.digest, journal = %j.path().display(), error = %e, "cannot append to the resume journal; it keeps claiming only what it claimed before");
+        }
     }
     Ok(())
 }
 
-/// Flushes each unfinished blob that grew by [`DURABLE_MIN`] since its last flush and
-/// journals what the flush covers (`D`), on a blocking thread, one flush per blob at a time.
+/// Flushes each unfinished blob that grew since its last flush and journals what the flush
+/// covers (`D`), on a blocking thread, one flush per blob at a time.
 fn journal_durable(runs: &[BlobRun]) {
     for run in runs.iter().filter(|r| !r.done) {
         let Some(state) = run.state.as_ref() else {
@@ -697,9 +823,7 @@ fn journal_durable(runs: &[BlobRun]) {
         };
         let durable = journal.lock().map_or(u64::MAX, |j| j.durable());
         let written = state.file.written();
-        if written.len() < durable.saturating_add(DURABLE_MIN)
-            || state.flushing.swap(true, Ordering::AcqRel)
-        {
+        if written.len() <= durable || state.flushing.swap(true, Ordering::AcqRel) {
             continue;
         }
         let state = state.clone();
@@ -750,42 +874,68 @@ fn piece_hashes(path: &std::path::Path) -> std::io::Result<Vec<[u8; 32]>> {
     }
 }
 
-/// Logs which pieces of a repaired blob differed between the bad fetch and the good one:
-/// a hop that corrupts bytes shows where.
-async fn report_differences(
-    run: &BlobRun,
-    bad: tokio::task::JoinHandle<std::io::Result<Vec<[u8; 32]>>>,
-) {
-    let good_path = run
-        .state
-        .as_ref()
-        .map(|s| s.file.final_path().to_path_buf());
-    let (Ok(Ok(bad)), Some(good_path)) = (bad.await, good_path) else {
-        return;
-    };
-    let Ok(Ok(good)) = tokio::task::spawn_blocking(move || piece_hashes(&good_path)).await else {
-        return;
-    };
-    let differing: RangeSet = good
-        .iter()
-        .zip(bad.iter())
-        .enumerate()
-        .filter(|(_, (g, b))| g != b)
-        .map(|(i, _)| {
+/// Hashes `path` in [`REPAIR_PIECE`]s on a blocking thread (removing it after, if asked).
+fn hash_pieces(path: std::path::PathBuf, remove: bool) -> PieceHashes {
+    let task = tokio::task::spawn_blocking(move || {
+        let pieces = piece_hashes(&path);
+        if remove {
+            let _ = std::fs::remove_file(&path);
+        }
+        pieces
+    });
+    async move { task.await.ok()?.ok().map(Arc::new) }
+        .boxed()
+        .shared()
+}
+
+/// Compares two fetches of blob `b` (`size` bytes) piece by piece, once both are hashed.
+fn compare(b: usize, size: u64, earlier: Pieces, later: Pieces) -> Comparison {
+    async move {
+        let (x, y) = futures::join!(earlier.hashes, later.hashes);
+        let ranges = match (x, y) {
+            (Some(x), Some(y)) => Some(differing(&x, &y, size)),
+            _ => None,
+        };
+        (b, earlier.fetch, later.fetch, ranges)
+    }
+    .boxed()
+}
+
+/// The byte ranges of the pieces whose hashes differ (a piece one side lacks differs).
+fn differing(x: &[[u8; 32]], y: &[[u8; 32]], size: u64) -> RangeSet {
+    (0..x.len().max(y.len()))
+        .filter(|&i| x.get(i) != y.get(i))
+        .map(|i| {
             let start = i as u64 * REPAIR_PIECE;
-            start..(start + REPAIR_PIECE).min(run.desc.size)
+            start..(start + REPAIR_PIECE).min(size)
         })
-        .collect();
-    let ranges: Vec<String> = differing
+        .filter(|r| r.start < r.end)
+        .collect()
+}
+
+/// `a-b,c-d` (inclusive, as in an HTTP Range), or `none`.
+fn ranges_text(ranges: &RangeSet) -> String {
+    if ranges.is_empty() {
+        return "none".into();
+    }
+    ranges
         .iter()
         .map(|r| format!("{}-{}", r.start, r.end - 1))
-        .collect();
-    tracing::warn!(
-        blob = %run.desc.digest,
-        differing_bytes = differing.len(),
-        ranges = %ranges.join(","),
-        "repaired: these byte ranges differed between the bad fetch and the good one"
-    );
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What two fetches' comparison says, for the error that ends a pull.
+fn differed_text(earlier: u32, later: u32, ranges: &RangeSet) -> String {
+    if ranges.is_empty() {
+        format!("fetches {earlier} and {later} were the same, byte for byte: the source sends these bytes every time")
+    } else {
+        format!(
+            "fetches {earlier} and {later} differed in bytes {} ({} bytes)",
+            ranges_text(ranges),
+            ranges.len()
+        )
+    }
 }
 
 /// Waits for the digest, compares it, and gives a verified blob its final name.
@@ -797,6 +947,7 @@ async fn finish(
     races: u32,
 ) -> Result<Finished> {
     let path = s.file.final_path().to_path_buf();
+    crate::stop_hook::reached("hash", &path);
     let actual = rx
         .await
         .map_err(|_| internal("hasher went away"))?

@@ -15,6 +15,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,8 @@ struct Run {
     child: Child,
     readers: Option<Readers>,
     started: Instant,
+    /// What the process has written to stderr so far (the reader thread appends).
+    err_so_far: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Run {
@@ -57,6 +60,8 @@ impl Run {
         let started = Instant::now();
         let mut so = child.stdout.take().expect("stdout");
         let mut se = child.stderr.take().expect("stderr");
+        let err_so_far = Arc::new(Mutex::new(Vec::new()));
+        let sink = err_so_far.clone();
         let readers = (
             std::thread::spawn(move || {
                 let mut v = Vec::new();
@@ -64,8 +69,19 @@ impl Run {
                 v
             }),
             std::thread::spawn(move || {
-                let mut v = Vec::new();
-                let _ = se.read_to_end(&mut v);
+                let mut buf = [0u8; 8192];
+                loop {
+                    match se.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => sink
+                            .lock()
+                            .expect("stderr buffer")
+                            .extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+                let v = sink.lock().expect("stderr buffer").clone();
                 v
             }),
         );
@@ -73,6 +89,7 @@ impl Run {
             child,
             readers: Some(readers),
             started,
+            err_so_far,
         }
     }
 
@@ -427,7 +444,7 @@ fn with_range(bytes: &[u8], r: Range<u64>, fill: impl Fn(u64) -> u8) -> Vec<u8> 
     v
 }
 
-/// How `-v` names the pieces of a repaired blob that differed when the bytes in `r` did:
+/// How the console names the pieces of a repaired blob that differed when the bytes in `r` did:
 /// the REPAIR_PIECE pieces overlapping it, merged, as `first-last`.
 fn differing_pieces(r: Range<u64>, size: u64) -> String {
     let a = r.start / REPAIR_PIECE * REPAIR_PIECE;
@@ -435,25 +452,24 @@ fn differing_pieces(r: Range<u64>, size: u64) -> String {
     format!("{a}-{}", b - 1)
 }
 
-/// The value of field `name` in a `-v` log line (`name=value`), if it has it.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..].split_whitespace().next()
-}
-
-/// The `-v` line saying which pieces of a repaired blob differed, as (ranges, bytes).
-fn repaired(o: &Output) -> (String, String) {
-    let err = stderr(o);
-    let line = err
+/// The console lines (default flags) saying which pieces two fetches of a blob that failed
+/// its digest differed in, as (earlier, later, ranges): `"-"` for ranges when they were the
+/// same.
+fn differed(o: &Output) -> Vec<(u32, u32, String)> {
+    stdout(o)
         .lines()
-        .find(|l| l.contains("repaired: these byte ranges differed"))
-        .unwrap_or_else(|| panic!("no \"repaired\" log line:\n{}", text(o)));
-    (
-        field(line, "ranges").unwrap_or_default().to_string(),
-        field(line, "differing_bytes")
-            .unwrap_or_default()
-            .to_string(),
-    )
+        .filter_map(|l| {
+            let rest = l.split_once(": Fetches ")?.1;
+            let (earlier, rest) = rest.split_once(" and ")?;
+            let (later, rest) = rest.split_once(' ')?;
+            let ranges = match rest.strip_prefix("differed in bytes ") {
+                Some(r) => r.split(' ').next()?.to_string(),
+                None if rest.starts_with("were the same") => "-".to_string(),
+                None => return None,
+            };
+            Some((earlier.parse().ok()?, later.parse().ok()?, ranges))
+        })
+        .collect()
 }
 
 /// Copies the tree at `from` to `to` (regular files and directories).
@@ -509,12 +525,11 @@ enum Point {
     Journaled(f64),
     /// When the big blob's partial file appears (preallocated, nothing written).
     PartialAppears,
-    /// When every byte of the big blob is journaled (hashing, fsync, rename to come).
-    AllJournaled,
-    /// When the big blob's final name appears (renamed; its journal and index.json to come).
-    FinalAppears,
-    /// When index.json appears (the last step).
-    IndexAppears,
+    /// When the pull stops itself at a phase (`FASTPULL_TEST_STOP`, src/stop_hook.rs): the
+    /// big blob written whole, its digest pending (`hash`); verified, about to be flushed
+    /// (`fsync`) or renamed (`rename`); `index.json` about to be written (`index`).
+    /// These moments are too short to hit by the clock.
+    Stop(&'static str),
     /// After the pull exited by itself.
     AfterExit,
 }
@@ -539,9 +554,10 @@ fn base_seed() -> u64 {
 
 /// `kinds` stop points drawn from `base`: each `t` a time point, spread evenly over the pull
 /// (one in each of as many strata of `[0, 1)`, at a seeded place in it), each `j` a share
-/// of the blob journaled, the other letters the events of [`Point`]: `p` partial file, `a`
-/// all journaled, `f` final name, `i` index.json, `x` exited. The signal follows an event
-/// after a seeded 0–20 ms (`j`, `p`), or 0–2 ms for the short windows at the end.
+/// of the blob journaled, the other letters the events of [`Point`]: `p` partial file, `x`
+/// exited, and the phases a pull stops itself at ([`Point::Stop`]): `h` hash, `s` fsync,
+/// `r` rename, `n` index.json. The signal follows an event after a seeded 0–20 ms (`j`,
+/// `p`), at once at a stop.
 fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
     let times = kinds.matches('t').count() as f64;
     let mut k = 0.0;
@@ -552,7 +568,6 @@ fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
             let seed = base + i as u64;
             let mut rng = StdRng::seed_from_u64(seed);
             let u: f64 = rng.random();
-            let late = rng.random_range(0..3);
             let early = rng.random_range(0..20);
             let (point, after) = match c {
                 't' => {
@@ -561,9 +576,10 @@ fn kill_points(base: u64, kinds: &str) -> Vec<KillPoint> {
                 }
                 'j' => (Point::Journaled(0.05 + 0.9 * u), early),
                 'p' => (Point::PartialAppears, early),
-                'a' => (Point::AllJournaled, late),
-                'f' => (Point::FinalAppears, late),
-                'i' => (Point::IndexAppears, late),
+                'h' => (Point::Stop("hash"), 0),
+                's' => (Point::Stop("fsync"), 0),
+                'r' => (Point::Stop("rename"), 0),
+                'n' => (Point::Stop("index"), 0),
                 'x' => (Point::AfterExit, 0),
                 _ => unreachable!("kind {c}"),
             };
@@ -620,6 +636,8 @@ fn rerun_proxy(reg: &Registry) -> CountingProxy {
 struct StopResult {
     /// When the signal went (or the pull exited), from its start.
     stopped_at: Duration,
+    /// The signal stopped the pull (it had not exited by itself).
+    stopped: bool,
     delivered: u64,
     claimed: u64,
     rerun: u64,
@@ -644,7 +662,18 @@ fn stop_and_rerun(
     let ctx = format!("seed {} point {:?} +{:?}", kp.seed, kp.point, kp.after);
     let slow = throttled(reg);
     let (_d, out) = dest();
-    let mut run = Run::start(pull_cmd(sb, &image_at(slow.addr(), repo), &out, &[]));
+    let mut cmd = pull_cmd(sb, &image_at(slow.addr(), repo), &out, &[]);
+    if let Point::Stop(phase) = kp.point {
+        // At the big blob (index.json is one file).
+        let at = if phase == "index" {
+            "index.json"
+        } else {
+            hex(&big.digest)
+        };
+        cmd.env("FASTPULL_TEST_STOP", format!("{phase}@{at}"));
+    }
+    let mut run = Run::start(cmd);
+    let err = run.err_so_far.clone();
     let reached = match kp.point {
         Point::Time(f) => {
             let at = run.started + pull_time.mul_f64(f);
@@ -656,13 +685,12 @@ fn stop_and_rerun(
         Point::PartialAppears => {
             run.until("the partial file", || partial(&out, &big.digest).exists())
         }
-        Point::AllJournaled => run.until("every byte journaled", || {
-            claimed(&out, &big.digest, size) == size || final_path(&out, &big.digest).exists()
-        }),
-        Point::FinalAppears => {
-            run.until("the final name", || final_path(&out, &big.digest).exists())
+        Point::Stop(phase) => {
+            run.expect(&stop_marker(phase), || {
+                has_line(&err, &stop_marker(phase), "")
+            });
+            true
         }
-        Point::IndexAppears => run.until("index.json", || out.join("index.json").exists()),
         Point::AfterExit => run.until("the exit", || false),
     };
     if reached {
@@ -765,6 +793,7 @@ fn stop_and_rerun(
     }
     StopResult {
         stopped_at: since,
+        stopped,
         delivered,
         claimed: claimed_before,
         rerun,
@@ -775,7 +804,9 @@ fn stop_and_rerun(
 /// `kill -9` at 20 seeded points spread over a throttled multi-piece pull (download,
 /// hashing, fsync, rename, index.json), then a rerun with default flags: it exits 0, the
 /// image verifies and skopeo reads it, and it fetches at most what the killed run had not
-/// delivered of the big blob, plus 5% of it (see [`rerun_bound`]).
+/// delivered of the big blob, plus 5% of it (see [`rerun_bound`]). The short phases at the
+/// end are reached by the pull stopping itself there ([`Point::Stop`]), so nearly every
+/// point is a real kill (checked), not a signal to a pull that had already exited.
 #[test]
 fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     let reg = Registry::start();
@@ -785,16 +816,18 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     // Natively 20 points; under qemu (where a pull takes far longer) 8, each kind once. The
     // first (`x`) lets the pull finish: its time places the time points.
     let kinds = if under_emulation() {
-        "xtjptafi"
+        "xtjphsrn"
     } else {
-        "xtttjttpttaftjtittjt"
+        "xtttjttpthsrtjtnttjt"
     };
     let base = base_seed();
     println!("kill -9 points from seed {base} (FASTPULL_TEST_SEED={base} reproduces them)");
     let size = image.layers[0].size();
     let mut pull_time = Duration::ZERO;
     let mut worst: Option<(u64, String)> = None;
-    for (i, kp) in kill_points(base, kinds).into_iter().enumerate() {
+    let mut killed = 0;
+    let points = kill_points(base, kinds);
+    for (i, kp) in points.iter().copied().enumerate() {
         println!("point {i}: {kp:?}");
         let r = stop_and_rerun(
             &reg,
@@ -809,6 +842,13 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
             assert!(matches!(kp.point, Point::AfterExit));
             pull_time = r.stopped_at;
         }
+        if matches!(kp.point, Point::Stop(_)) {
+            assert!(
+                r.stopped,
+                "point {i}: the pull stopped at {kp:?} was not killed there"
+            );
+        }
+        killed += usize::from(r.stopped);
         // How much of the 5% allowance the rerun used.
         let used = (r.rerun + r.delivered).saturating_sub(size);
         let line = format!(
@@ -827,6 +867,14 @@ fn kill_9_anywhere_then_the_rerun_fetches_only_what_is_missing() {
     if let Some((_, w)) = worst {
         println!("closest to the bound: {w}");
     }
+    // Every point but the first (which lets the pull finish) is meant to kill it; a time
+    // point late in the pull may come after the exit, but few may.
+    let meant = points.len() - 1;
+    println!("{killed} of {meant} points were real kills");
+    assert!(
+        killed * 4 >= meant * 3,
+        "only {killed} of {meant} points killed the pull; the others came after it exited"
+    );
 }
 
 /// Ctrl-C at three seeded points of the download, then a rerun: the first run exits 130
@@ -944,6 +992,291 @@ fn another_destination_takes_over_a_kept_partial_download() {
     assert_eq!(pair(&a), (false, false), "the pair moved out of A");
 }
 
+/// A pull of `image` into `dest` over one connection, its big blob's response held by a
+/// proxy after `hold_after` bytes, stopped by Ctrl-C once those are journaled: it leaves
+/// the pair (partial file, journal) of the big blob holding `0..hold_after`.
+fn interrupted_at(
+    reg: &Registry,
+    sb: &Sandbox,
+    repo: &str,
+    image: &Image,
+    dest: &Path,
+    hold_after: u64,
+) {
+    let big = &image.layers[0];
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), hold_after);
+    let mut run = Run::start(pull_cmd(
+        sb,
+        &image_at(held.addr(), repo),
+        dest,
+        &["-j", "1", "--stall-timeout", "300"],
+    ));
+    run.expect("the held bytes journaled", || {
+        held.held() == 1 && claimed(dest, &big.digest, big.size()) == hold_after
+    });
+    run.signal(rustix::process::Signal::INT);
+    let o = run.wait();
+    held.release();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert_eq!(
+        claims(dest, &big.digest, big.size()),
+        vec![0..hold_after],
+        "the interrupted pull kept its prefix"
+    );
+}
+
+/// A resumed blob's bytes already there are hashed while the missing ones download, not
+/// after: with every response for the rest held at its first byte by the proxy, the
+/// in-order hasher still reaches the end of the resumed prefix (said at `-vvv`).
+#[test]
+fn a_resumed_prefix_is_hashed_while_the_rest_is_still_on_the_wire() {
+    let reg = Registry::start();
+    let image = image_of(12_051, &[8 * MIB as usize + 3, 3000]);
+    let repo = "resume/overlap";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    let prefix = 3 * MIB;
+    interrupted_at(&reg, &sb, repo, &image, &out, prefix);
+
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), 0);
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(held.addr(), repo),
+        &out,
+        &["-vvv", "--stall-timeout", "300"],
+    ));
+    let line = format!("hashed={prefix} of={}", big.size());
+    let err = run.err_so_far.clone();
+    run.expect("the resumed prefix hashed while the rest is held", || {
+        held.held() >= 1 && has_line(&err, "hashed up to the written prefix", &line)
+    });
+    assert_eq!(
+        held.snapshot().relayed_for(&big.digest),
+        0,
+        "no byte of the rest had come yet"
+    );
+    held.release();
+    let o = run.wait();
+    assert_complete(&out, &image, &o);
+    assert!(
+        stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Whether a line of a process's stderr so far ([`Run::err_so_far`]) holds both `a` and `b`.
+fn has_line(err: &Mutex<Vec<u8>>, a: &str, b: &str) -> bool {
+    let err = err.lock().expect("stderr buffer");
+    String::from_utf8_lossy(&err)
+        .lines()
+        .any(|l| l.contains(a) && l.contains(b))
+}
+
+/// The marker a pull stopped by `FASTPULL_TEST_STOP=PHASE` prints (src/stop_hook.rs;
+/// feature `bench-internals`, which the tests are built with).
+fn stop_marker(phase: &str) -> String {
+    format!("fastpull-test-stop: {phase}")
+}
+
+/// A partial file that cannot be resumed (here: of the wrong length) is created again from
+/// scratch; its old journal, which checks and claims bytes, is removed before the file is
+/// truncated, so a `kill -9` between the new file and its new journal leaves no journal
+/// claiming bytes of a zeroed file.
+#[test]
+fn a_partial_started_over_never_sits_under_its_old_journal() {
+    let reg = Registry::start();
+    let image = image_of(12_061, &[6 * MIB as usize + 3, 3000]);
+    let repo = "resume/fresh";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    interrupted_at(&reg, &sb, repo, &image, &out, 2 * MIB);
+    // The partial file loses its last byte: the journal still checks, the file does not fit.
+    let p = partial(&out, &big.digest);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .and_then(|f| f.set_len(big.size() - 1))
+        .expect("shorten the partial file");
+
+    let mut cmd = pull_cmd(&sb, &image_at(&reg.addr(), repo), &out, &["-j", "1"]);
+    cmd.env("FASTPULL_TEST_STOP", format!("fresh@{}", hex(&big.digest)));
+    let mut run = Run::start(cmd);
+    let err = run.err_so_far.clone();
+    run.expect(
+        "the stop between the new partial file and its journal",
+        || has_line(&err, &stop_marker("fresh"), ""),
+    );
+    run.signal(rustix::process::Signal::KILL);
+    let o = run.wait();
+    assert_eq!(
+        std::fs::metadata(&p).map(|m| m.len()).ok(),
+        Some(big.size()),
+        "the partial file was created again\n{}",
+        text(&o)
+    );
+    assert!(
+        !journal(&out, &big.digest).exists(),
+        "killed between the new partial file and its journal, the old journal is still there: {:?}",
+        claims(&out, &big.digest, big.size())
+    );
+    let o = sb.pull(&[], &[], &image_at(&reg.addr(), repo), &out);
+    assert_complete(&out, &image, &o);
+    assert!(
+        !stdout(&o).contains("Resuming") && !stdout(&o).contains("did not verify"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// `journal`'s text as if written in another boot: its header's boot id replaced (and the
+/// header's check made again), so that only its `D` records are believed, as after a power
+/// cut (src/resume.rs).
+fn as_after_reboot(text: &str) -> String {
+    let (head, rest) = text.split_once('\n').expect("a journal header");
+    let (body, _check) = head.rsplit_once(' ').expect("a header check");
+    let (before, boot) = body.rsplit_once(' ').expect("a boot id");
+    assert_eq!(boot, boot_id(), "the header names this boot");
+    let other = "00000000-0000-4000-8000-000000000000";
+    format!("{}{rest}", journal_line(&format!("{before} {other}")))
+}
+
+/// A blob of a few MiB on a slow link gets durable checkpoints (`D` records: data flushed,
+/// then the journal) every 5 s like a big one, so a power cut costs it at most those 5 s:
+/// `kill -9` once one is there, make the journal look written in another boot (only `D`
+/// records count then), and the rerun resumes the `D` bytes and fetches only the rest.
+#[test]
+fn a_small_slow_blob_survives_a_power_cut_with_its_durable_bytes() {
+    let reg = Registry::start();
+    let image = image_of(12_071, &[4 * MIB as usize + 7, 3000]);
+    let repo = "resume/powercut";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let size = big.size();
+    let sb = Sandbox::new();
+    let (_d, out) = dest();
+    let slow = CountingProxy::start(&reg.addr());
+    // 16 s for the blob over one connection: a checkpoint comes after 5 s.
+    slow.cap(Which::All, Cap::smooth(256 << 10));
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(slow.addr(), repo),
+        &out,
+        &["-j", "1"],
+    ));
+    let durable = || {
+        std::fs::read_to_string(journal(&out, &big.digest))
+            .map(|t| total(&claims_in(&t, &big.digest, size, "D")))
+            .unwrap_or(0)
+    };
+    run.expect("a D record for the slow blob", || durable() > 0);
+    run.signal(rustix::process::Signal::KILL);
+    let o = run.wait();
+    slow.settle();
+    assert!(
+        !o.status.success(),
+        "the pull finished before it was killed\n{}",
+        text(&o)
+    );
+    let text0 = std::fs::read_to_string(journal(&out, &big.digest)).expect("journal");
+    let rebooted = as_after_reboot(&text0);
+    std::fs::write(journal(&out, &big.digest), &rebooted).expect("write journal");
+    let kept = claims_in(&rebooted, &big.digest, size, "WD");
+    assert_eq!(
+        kept,
+        claims_in(&text0, &big.digest, size, "D"),
+        "only D records count now"
+    );
+    let kept = total(&kept);
+    assert!(kept > 0 && kept < size, "{text0}");
+
+    let fast = rerun_proxy(&reg);
+    let o = sb.pull(&[], &[], &image_at(fast.addr(), repo), &out);
+    let log = fast.settle();
+    assert_complete(&out, &image, &o);
+    assert!(
+        stdout(&o).contains(&format!("{}: Resuming", &hex(&big.digest)[..12])),
+        "{}",
+        text(&o)
+    );
+    let fetched = log.relayed_for(&big.digest);
+    assert!(
+        fetched <= rerun_bound(size, kept),
+        "with {kept} durable bytes of {size}, the rerun fetched {fetched}\n{}",
+        log.describe()
+    );
+}
+
+/// `--no-resume` keeps nothing and uses nothing: Ctrl-C leaves no scratch directory (its
+/// partial download removed, no journal); and a pair an earlier pull kept is ignored and
+/// removed by a pull with `--no-resume`, which fetches the whole blob.
+#[test]
+fn no_resume_keeps_nothing_and_ignores_what_was_kept() {
+    let reg = Registry::start();
+    let image = image_of(12_081, &[6 * MIB as usize + 3, 3000]);
+    let repo = "resume/no-resume";
+    push_image(&reg, repo, TAG, &image);
+    let big = &image.layers[0];
+    let sb = Sandbox::new();
+
+    // Ctrl-C with --no-resume, once the held response's bytes are in the partial file.
+    let (_d, out) = dest();
+    let held = CountingProxy::start(&reg.addr());
+    held.hold(hex(&big.digest), MIB);
+    let mut run = Run::start(pull_cmd(
+        &sb,
+        &image_at(held.addr(), repo),
+        &out,
+        &["--no-resume", "-j", "1", "--stall-timeout", "300"],
+    ));
+    run.expect("the response held with the partial file there", || {
+        held.held() == 1 && partial(&out, &big.digest).exists()
+    });
+    assert!(
+        !journal(&out, &big.digest).exists(),
+        "a journal without resume"
+    );
+    run.signal(rustix::process::Signal::INT);
+    let o = run.wait();
+    held.release();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(
+        !scratch(&out).exists(),
+        "--no-resume stopped by Ctrl-C left {:?}",
+        std::fs::read_dir(scratch(&out)).map(|rd| rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>())
+    );
+
+    // A pair kept by a pull with resume; the next pull with --no-resume fetches it all.
+    let (_d, out) = dest();
+    interrupted_at(&reg, &sb, repo, &image, &out, 2 * MIB);
+    let counting = CountingProxy::start(&reg.addr());
+    let o = sb.pull(
+        &["--no-resume"],
+        &[],
+        &image_at(counting.addr(), repo),
+        &out,
+    );
+    let log = counting.settle();
+    assert_complete(&out, &image, &o);
+    assert!(!stdout(&o).contains("Resuming"), "{}", text(&o));
+    assert!(
+        log.relayed_for(&big.digest) >= big.size(),
+        "--no-resume fetched only {} of the {} bytes\n{}",
+        log.relayed_for(&big.digest),
+        big.size(),
+        log.describe()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Self-repair
 // ---------------------------------------------------------------------------------------------
@@ -972,7 +1305,8 @@ fn corrupting(repo: &str, seed: u64, at: u64, times: usize) -> (Registry, FaultP
 const FLIP_AT: u64 = 777_777;
 
 /// A hop that corrupts one range once: the blob fails its digest, is fetched again (one
-/// repair, said on the console) and the pull succeeds; `-v` names the piece that differed.
+/// repair, said on the console) and the pull succeeds; the console names the piece that
+/// differed between the bad fetch and the good one.
 #[test]
 fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     let (_reg, proxy, image) = corrupting("resume/corrupt1", 12_201, FLIP_AT, 1);
@@ -982,12 +1316,7 @@ fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     }));
     let sb = Sandbox::new();
     let (_d, out) = dest();
-    let o = sb.pull(
-        &["-v"],
-        &[],
-        &image_at(proxy.addr(), "resume/corrupt1"),
-        &out,
-    );
+    let o = sb.pull(&[], &[], &image_at(proxy.addr(), "resume/corrupt1"), &out);
     assert_complete(&out, &image, &o);
     let faulted = proxy
         .blob_requests(&big.digest)
@@ -1009,18 +1338,46 @@ fn a_blob_corrupted_once_is_fetched_again_and_the_pull_succeeds() {
     assert!(console.contains(&line), "{line:?} missing:\n{}", text(&o));
     let ranges = differing_pieces(FLIP_AT..FLIP_AT + 1, big.size());
     assert_eq!(
-        repaired(&o),
-        (ranges, REPAIR_PIECE.to_string()),
-        "-v names the piece holding byte {FLIP_AT}"
+        differed(&o),
+        vec![(1, 2, ranges)],
+        "the console names the piece holding byte {FLIP_AT}\n{}",
+        text(&o)
     );
 }
 
-/// A hop that corrupts the blob every time: after its repairs the pull fails (exit 4)
-/// naming both digests, with nothing under the blob's final name and no partial kept.
+/// A hop that corrupts the blob every time (the first time elsewhere): after its repairs
+/// the pull fails (exit 4) naming both digests, with nothing under the blob's final name
+/// and no partial kept; the console says which pieces each failed fetch differed in from
+/// the next (fetches 1 and 2: the piece holding both flipped bytes; 2 and 3: none, the same
+/// bytes came twice), and so does the error, for the last two.
 #[test]
 fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
     let (_reg, proxy, image) = corrupting("resume/corrupt-all", 12_301, FLIP_AT, usize::MAX);
     let big = &image.layers[0];
+    // The first fetch is corrupted at another byte (the rule added first is used first).
+    let first_flip = 100_000;
+    let proxy = {
+        let p = FaultProxy::start(&_reg.addr());
+        p.add(
+            Rule::new(
+                &format!("/blobs/{}", big.digest),
+                Fault::Corrupt { at: first_flip },
+            )
+            .range_start(0)
+            .times(1),
+        );
+        p.add(
+            Rule::new(
+                &format!("/blobs/{}", big.digest),
+                Fault::Corrupt {
+                    at: FLIP_AT as usize,
+                },
+            )
+            .range_start(0),
+        );
+        drop(proxy);
+        p
+    };
     let bad = digest_of(&with_range(&big.bytes, FLIP_AT..FLIP_AT + 1, |i| {
         big.bytes[i as usize] ^ 0x5a
     }));
@@ -1048,6 +1405,17 @@ fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
         text(&o)
     );
     assert!(console.contains("(repair 2)"), "{}", text(&o));
+    let piece = differing_pieces(first_flip as u64..FLIP_AT + 1, big.size());
+    assert_eq!(
+        differed(&o),
+        vec![(1, 2, piece), (2, 3, "-".to_string())],
+        "{}",
+        text(&o)
+    );
+    assert!(
+        err.contains("fetched 3 times; fetches 2 and 3 were the same, byte for byte"),
+        "the error says the last two fetches were the same:\n{err}"
+    );
     assert!(
         !final_path(&out, &big.digest).exists(),
         "a blob that never matched is under its final name"
@@ -1076,8 +1444,10 @@ fn a_blob_corrupted_every_time_fails_with_both_digests_and_leaves_nothing() {
 /// A journal that claims bytes never written, a torn journal, a journal line that does not
 /// check, and a partial file changed behind its journal's back, each made from the state a
 /// real pull left when interrupted:
-/// every pull ends with the right digest (repairing when it must), and nothing wrong is ever
-/// put under a final name, not even when repairs are not allowed.
+/// every pull ends with the right digest, and nothing wrong is ever put under a final name.
+/// A resumed blob that fails its digest is fetched again from scratch without using a
+/// repair (the journal lied, not the registry), so it succeeds with `--repair-attempts 0`
+/// too, and the console names the pieces the lie covered.
 #[test]
 fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
     let reg = Registry::start();
@@ -1159,42 +1529,37 @@ fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
         );
     };
     let lied_digest = digest_of(&with_range(&big.bytes, lie.clone(), garbage));
-    // 1a. Without repairs: the pull fails, and the blob is not put in place.
-    let d = work.path().join("lie-no-repair");
-    claim_garbage(&d);
-    let (o, _) = pull_into(&d, &["--repair-attempts", "0"]);
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(
-        stderr(&o).contains(&lied_digest),
-        "the mismatch names the digest of what the journal made up: {lied_digest}\n{}",
-        text(&o)
-    );
-    assert!(
-        !final_path(&d, &big.digest).exists(),
-        "a blob whose journal lied was put in place"
-    );
-    assert_final_names_verify(&d, &image);
-    assert!(!partial(&d, &big.digest).exists() && !journal(&d, &big.digest).exists());
-    // 1b. With the default repairs: resumed, caught, fetched again, in place.
-    let d = work.path().join("lie");
-    claim_garbage(&d);
-    let (o, _) = pull_into(&d, &["-v"]);
-    assert_complete(&d, &image, &o);
-    let console = stdout(&o);
-    assert!(
-        console.contains(&format!("{short}: Resuming"))
-            && console.contains(&format!(
-                "{short}: Digest mismatch (got {lied_digest}); fetching it again (repair 1)"
-            ))
-            && console.matches("Digest mismatch").count() == 1,
-        "{}",
-        text(&o)
-    );
-    assert_eq!(
-        repaired(&o).0,
-        differing_pieces(lie.clone(), size),
-        "-v names the pieces the lie {lie:?} covered"
-    );
+    // 1a. Without repairs, and 1b. with the default: resumed, caught, fetched again from
+    // scratch (no repair used), in place.
+    for (name, args) in [
+        ("lie-no-repair", &["--repair-attempts", "0"][..]),
+        ("lie", &[][..]),
+    ] {
+        let d = work.path().join(name);
+        claim_garbage(&d);
+        let (o, log) = pull_into(&d, args);
+        assert_complete(&d, &image, &o);
+        let console = stdout(&o);
+        assert!(
+            console.contains(&format!("{short}: Resuming"))
+                && console.contains(&format!(
+                    "{short}: Resumed bytes did not verify (got {lied_digest}); fetching it again from scratch"
+                ))
+                && !console.contains("Digest mismatch"),
+            "{name}: {}",
+            text(&o)
+        );
+        assert!(
+            log.relayed_for(&big.digest) >= size,
+            "{name}: the blob was fetched whole again\n{}",
+            log.describe()
+        );
+        assert_eq!(
+            differed(&o),
+            vec![(1, 2, differing_pieces(lie.clone(), size))],
+            "{name}: the console names the pieces the lie {lie:?} covered"
+        );
+    }
 
     // 2 and 3. A journal edited so that its records up to some line are believed and
     // nothing after: the rerun resumes what they claim, fetches exactly the rest (at least
@@ -1262,22 +1627,22 @@ fn lying_journals_and_partials_never_put_a_wrong_blob_in_place() {
     let flipped = digest_of(&with_range(&big.bytes, at..at + 1, |i| {
         big.bytes[i as usize] ^ 0xff
     }));
-    let (o, _) = pull_into(&d, &["-v"]);
+    let (o, _) = pull_into(&d, &[]);
     assert_complete(&d, &image, &o);
     let console = stdout(&o);
     assert!(
         console.contains(&format!("{short}: Resuming"))
             && console.contains(&format!(
-                "{short}: Digest mismatch (got {flipped}); fetching it again (repair 1)"
+                "{short}: Resumed bytes did not verify (got {flipped}); fetching it again from scratch"
             ))
-            && console.matches("Digest mismatch").count() == 1,
+            && !console.contains("Digest mismatch"),
         "{}",
         text(&o)
     );
     assert_eq!(
-        repaired(&o).0,
-        differing_pieces(at..at + 1, size),
-        "-v names the piece holding byte {at}"
+        differed(&o),
+        vec![(1, 2, differing_pieces(at..at + 1, size))],
+        "the console names the piece holding byte {at}"
     );
 }
 
@@ -1592,4 +1957,52 @@ fn a_full_disk_stops_the_pull_keeping_its_work_and_the_rerun_completes() {
         "the rerun fetched {fetched_all} bytes; {missing} of {all} were missing\n{}",
         log2.describe()
     );
+}
+
+/// A disk that is full when `index.json` is written (every blob already in place): the pull
+/// fails with exit 5 and the disk-full message naming the destination and the bytes
+/// needed, not a bare I/O error; with space freed, the same command completes.
+#[test]
+fn a_full_disk_at_index_json_names_the_destination() {
+    let image = image_of(12_651, &[MIB as usize + 3, 3000]);
+    let reg = Registry::start();
+    let repo = "resume/full-index";
+    push_image(&reg, repo, TAG, &image);
+    let fs = Tmpfs::mount(8 * 1024);
+    let out_inside = fs.dir.join("out");
+    let out = fs.outside("out");
+    let sb = Sandbox::new();
+    let pull = || {
+        crate::support::cli::run(
+            fs.inside(&pull_cmd(
+                &sb,
+                &image_at(&reg.addr(), repo),
+                &out_inside,
+                &[],
+            )),
+            None,
+        )
+    };
+    let o = pull();
+    assert_complete_in(&out, &image, &o, Some((&fs, &out_inside)));
+    std::fs::remove_file(out.join("index.json")).expect("remove index.json");
+    // Fill the filesystem to its last page.
+    let fill = fs.dir.join("fill");
+    let mut cat = Command::new("sh");
+    cat.args(["-c", "cat /dev/zero > \"$1\"; true", "sh"])
+        .arg(&fill);
+    let f = fs.inside(&cat).output().expect("fill the tmpfs");
+    assert!(f.status.success(), "{}", text(&f));
+    let o = pull();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("no space left in {}:", out_inside.display()))
+            && err.contains("more needed"),
+        "the error names the destination and what was needed:\n{err}"
+    );
+    assert!(!out.join("index.json").exists());
+    std::fs::remove_file(fs.outside("fill")).expect("free space");
+    let o = pull();
+    assert_complete_in(&out, &image, &o, Some((&fs, &out_inside)));
 }
