@@ -46,12 +46,12 @@ pub fn snapshot(root: &Path, skip_mtime: &[&str]) -> BTreeMap<String, String> {
             md.gid()
         );
         if ft.is_file() {
-            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-            line += &format!(
-                " size={} sha256={}",
-                data.len(),
-                hex::encode(Sha256::digest(&data))
-            );
+            // Streamed: files may be large (a 1 GiB one).
+            let mut hasher = Sha256::new();
+            let size = std::fs::File::open(&p)
+                .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+                .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            line += &format!(" size={size} sha256={}", hex::encode(hasher.finalize()));
         }
         if ft.is_symlink() {
             let t =
