@@ -1793,3 +1793,75 @@ fn unpack_option_rules() {
     assert_eq!(std::fs::read(empty.join("hello")).expect("hello"), b"hi");
     assert!(w("layout/index.json").is_file());
 }
+
+/// Issue 14's size extremes for the umoci comparison: a 1 GiB regular file (a repeating
+/// pattern with a block counter, so that no two blocks are equal while its gzip layer stays
+/// about 10 MiB) in its own gzip layer, beside 0 B files, unpacked by `--format rootfs` as
+/// `umoci unpack` does (size, sha256, mode, owner, mtime…). The tar is never held whole in
+/// memory: it is streamed through the hasher (its diff_id) and the compressor.
+#[test]
+fn a_1gib_file_unpacks_as_umoci_does() {
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+    require_tools();
+    const SIZE: u64 = 1 << 30;
+    const BLOCK: usize = 64 << 10;
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+
+    // ring's sha256 is assembly, fast in a debug build too.
+    let mut diff_id = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut put = |bytes: &[u8]| {
+        diff_id.update(bytes);
+        gz.write_all(bytes).expect("gzip into memory");
+    };
+    let mut big = h(b'0', "big/1gib", 0o640);
+    big.size = SIZE;
+    big.mtime = T0 + 40;
+    put(&Tar::header(&big));
+    let pattern = b"fastpull: a 1 GiB file, block ";
+    let mut block = vec![0u8; BLOCK];
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = pattern[i % pattern.len()];
+    }
+    for n in 0..SIZE / BLOCK as u64 {
+        block[..16].copy_from_slice(format!("{n:016x}").as_bytes());
+        put(&block);
+    }
+    // Size 1 GiB is a whole number of 512-byte blocks: no padding. Then a 0 B file after
+    // it, and the end of the archive.
+    let mut zero = h(b'0', "big/zero", 0o600);
+    zero.mtime = T0 + 41;
+    put(&Tar::header(&zero));
+    put(&[0u8; 1024]);
+    let blob = Blob::new(OCI_GZIP, gz.finish().expect("finish gzip"));
+    let diff_id = format!("sha256:{}", hex::encode(diff_id.finish()));
+    assert!(blob.size() < 64 << 20, "the layer is {} bytes", blob.size());
+    let small = Tar::default()
+        .dir("big/", 0o755, T0 + 39)
+        .file("empty", 0o644, b"")
+        .finish();
+    let img = image(vec![layer(&small, OCI_GZIP), (blob, diff_id)]);
+    push_image(&reg, "rootfs/1gib", "t", &img);
+    let reference = image_ref(&reg, "rootfs/1gib", "t");
+
+    let ours = work.path().join("ours");
+    let o = pull_rootfs(&reference, &ours);
+    assert!(o.status.success(), "{}", text(&o));
+    let layout = work.path().join("layout");
+    fastpull(&reg, &[OsStr::new(&reference), layout.as_os_str()]);
+    let theirs = umoci_unpack(&reg, &layout, "t", &work.path().join("bundle"));
+    let a = snapshot(&ours, &[]);
+    assert_same("fastpull", &a, "umoci unpack", &snapshot(&theirs, &[]));
+    let line = |p: &str| a.get(p).unwrap_or_else(|| panic!("{p}: {a:#?}")).clone();
+    assert!(
+        line("big/1gib").starts_with("file mode=0640")
+            && line("big/1gib").contains(&format!(" size={SIZE} ")),
+        "{}",
+        line("big/1gib")
+    );
+    for empty in ["big/zero", "empty"] {
+        assert!(line(empty).contains(" size=0 "), "{}", line(empty));
+    }
+}
