@@ -49,13 +49,12 @@ Output (--format):
                  As root, owners and device nodes are as in the image; otherwise umoci's
                  rootless mode (owners in the user.rootlesscontainers xattr, device nodes
                  as empty files). One platform.
-  --unpack ROOTFS  beside oci or dir: DEST is written as without it, and ROOTFS gets the
-                 root filesystem as with --format rootfs (unpacked as the layers download;
-                 blobs already in DEST are unpacked from there). ROOTFS appears only once
-                 every digest and diff_id matched, after DEST records the image; a layer
-                 that fails (exit 4) leaves ROOTFS as it was and DEST with its verified
-                 blobs but without the image recorded. ROOTFS must not exist or be empty,
-                 and must lie apart from DEST (not DEST, inside it or around it: exit 2).
+  --unpack ROOTFS (beside oci or dir): DEST is written as without it, and ROOTFS gets the
+  root filesystem as with --format rootfs (unpacked as the layers download; blobs already in
+  DEST are unpacked from there). ROOTFS appears only once every digest and diff_id matched,
+  after DEST records the image; a layer that fails (exit 4) leaves ROOTFS as it was, and DEST
+  with its verified blobs but without the image recorded. ROOTFS must not exist or be empty,
+  and must lie apart from DEST (not DEST, inside it or around it: exit 2). One platform.
   An archive is written as DEST.fastpull-partial, each blob straight to its place in it, and
   renamed to DEST only once every blob in it is verified. Archives are not resumed.
 
@@ -68,7 +67,8 @@ Exit codes:
   0  success
   1  internal error (a bug: please report it)
   130 interrupted (Ctrl-C, SIGTERM, SIGHUP): verified blobs are kept, and partial downloads
-     too (in DEST/.fastpull-tmp, with their journals): the same command resumes them
+     too (in DEST/.fastpull-tmp, with their journals): the same command resumes them; a
+     root filesystem (rootfs, --unpack) is not written
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
