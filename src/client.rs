@@ -727,7 +727,8 @@ impl Client {
             self.inner.fetch.resume,
             job.name,
             opts.replace,
-        )?;
+        )?
+        .with_shared_partials(self.inner.fetch.resume && self.inner.fetch.share_partials);
         let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
         layout.finish()?;
         // DEST is whole and recorded; the tree appears last. Should the rename fail (ROOTFS

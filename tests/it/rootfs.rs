@@ -1,6 +1,7 @@
 //! `--format rootfs`: the unpacked root filesystem equals `umoci unpack`'s (as root, and
-//! rootless), hostile layers cannot reach outside it, and it appears only once every layer
-//! is verified.
+//! rootless; a 1 GiB file and 0 B ones too), hostile layers cannot reach outside it, and it
+//! appears only once every layer is verified. `--unpack ROOTFS` beside an OCI or dir
+//! layout: the same tree, the layout as without it, blobs already there not fetched again.
 //!
 //! Layers are written byte by byte here (ustar headers, PAX records, GNU long names), so
 //! that odd and hostile archives can be built as well as ordinary ones.
