@@ -20,6 +20,7 @@ Examples:
   fastpull --format dir 127.0.0.1:5000/ns/repo@sha256:<64 hex> ./repo-dir
   fastpull --format docker-archive alpine:3.20 alpine.tar && docker load -i alpine.tar
   fastpull --format rootfs alpine:3.20 ./alpine-rootfs
+  fastpull alpine:3.20 ./alpine --unpack ./alpine-rootfs
   fastpull --convert oci docker.io/library/debian:12 ./images:debian12
   fastpull --plain-http registry.lan:5000/tools/build:latest ./build
   echo \"$TOKEN\" | fastpull --username me --password-stdin ghcr.io/org/private:1 ./p
@@ -48,6 +49,12 @@ Output (--format):
                  As root, owners and device nodes are as in the image; otherwise umoci's
                  rootless mode (owners in the user.rootlesscontainers xattr, device nodes
                  as empty files). One platform.
+  --unpack ROOTFS (beside oci or dir): DEST is written as without it, and ROOTFS gets the
+  root filesystem as with --format rootfs (unpacked as the layers download; blobs already in
+  DEST are unpacked from there). ROOTFS appears only once every digest and diff_id matched,
+  after DEST records the image; a layer that fails (exit 4) leaves ROOTFS as it was, and DEST
+  with its verified blobs but without the image recorded. ROOTFS must not exist or be empty,
+  and must lie apart from DEST (not DEST, inside it or around it: exit 2). One platform.
   An archive is written as DEST.fastpull-partial, each blob straight to its place in it, and
   renamed to DEST only once every blob in it is verified. Archives are not resumed.
 
@@ -60,12 +67,13 @@ Exit codes:
   0  success
   1  internal error (a bug: please report it)
   130 interrupted (Ctrl-C, SIGTERM, SIGHUP): verified blobs are kept, and partial downloads
-     too (in DEST/.fastpull-tmp, with their journals): the same command resumes them
+     too (in DEST/.fastpull-tmp, with their journals): the same command resumes them; a
+     root filesystem (rootfs, --unpack) is not written
   2  usage: bad arguments, image reference, platform or option
   3  network or registry: unreachable, refused, not found, unauthorized,
      no manifest for the platform, unsupported manifest
-  4  verification: a blob or manifest did not match its digest or size, or (rootfs) a
-     layer did not match its diff_id or cannot be unpacked safely
+  4  verification: a blob or manifest did not match its digest or size, or (rootfs,
+     --unpack) a layer did not match its diff_id or cannot be unpacked safely
      (nothing is left under a final name)
   5  local I/O: destination unusable, in use, or its index.json gives the name to another
      repository's image (see --tag, --replace); permissions, disk full
@@ -109,6 +117,11 @@ pub struct Args {
     /// filesystem).
     #[arg(long, default_value = "oci", value_name = "FORMAT")]
     pub format: String,
+
+    /// Also write the image's root filesystem to ROOTFS (new or empty), beside the layout
+    /// at DEST (--format oci or dir; one platform); it appears once every layer is verified.
+    #[arg(long, value_name = "ROOTFS")]
+    pub unpack: Option<PathBuf>,
 
     /// Record the image as NAME: a tag (v2) or an image reference (myimg:v2,
     /// host/team/app:1): the OCI layout's ref.name annotation, docker-archive's RepoTags.
@@ -357,6 +370,9 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
     for p in platforms {
         request = request.platform(p);
     }
+    if let Some(rootfs) = &args.unpack {
+        request = request.unpack(rootfs);
+    }
     if let Some(name) = &dest.name {
         request = request.name(name.clone());
     }
@@ -385,6 +401,13 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
             );
         } else {
             eprintln!("fastpull: interrupted; verified blobs are kept");
+        }
+        if let Some(rootfs) = &args.unpack {
+            eprintln!(
+                "fastpull: {} was not written (a root filesystem appears whole or not at all; \
+                 its staging directory beside it is removed)",
+                rootfs.display()
+            );
         }
         std::process::exit(fastpull::Category::Cancelled.exit_code());
     }

@@ -457,8 +457,11 @@ pub struct PullReport {
     pub dest: PathBuf,
     /// In which layout.
     pub format: Format,
-    /// With [`Format::Rootfs`]: what unpacking the layers did.
+    /// With [`Format::Rootfs`] or [`PullRequest::unpack`]: what unpacking the layers did.
     pub unpacked: Option<UnpackSummary>,
+    /// Where the root filesystem was written: `dest` with [`Format::Rootfs`], the path
+    /// given to [`PullRequest::unpack`] beside a layout; none without either.
+    pub rootfs: Option<PathBuf>,
 }
 
 /// One blob of a [`PullReport`].
@@ -639,7 +642,17 @@ impl Client {
             started,
         };
         if opts.format == Format::Rootfs {
+            if opts.unpack.is_some() {
+                return Err(Error::InvalidOption(
+                    "--unpack goes beside a layout (--format oci or dir); --format rootfs \
+                     writes only the root filesystem"
+                        .into(),
+                ));
+            }
             return self.pull_rootfs(dest, &job).await;
+        }
+        if let Some(rootfs) = &opts.unpack {
+            return self.pull_unpacking(dest, rootfs, &job).await;
         }
         let layout = Layout::open(
             &dest.path,
@@ -672,6 +685,56 @@ impl Client {
         drop(layout);
         staging.publish()?;
         report.dest = dest.path.clone();
+        report.rootfs = Some(dest.path.clone());
+        report.elapsed = job.started.elapsed();
+        Ok(report)
+    }
+
+    /// `--unpack ROOTFS` beside a directory layout: the blobs go to `dest` as in any pull
+    /// (resumed, reused when already verified there, the destination locked), and the
+    /// layers are unpacked from them as they download into a staging directory beside
+    /// `rootfs` (see [`crate::unpack`]); blobs verified in `dest` before the pull are
+    /// unpacked from their files. Once every blob's digest and every layer's diff_id
+    /// matched, the manifest is recorded in `dest`, then the tree is renamed to `rootfs`.
+    /// A failure before that records nothing in `dest` (its verified blobs stay, as after
+    /// any failed pull) and removes the staging directory (`rootfs` left as it was).
+    async fn pull_unpacking(
+        &self,
+        dest: &Destination,
+        rootfs: &Path,
+        job: &Job<'_>,
+    ) -> Result<PullReport> {
+        let opts = job.opts;
+        if !matches!(opts.format, Format::Oci | Format::Dir) {
+            return Err(Error::InvalidOption(format!(
+                "--unpack goes beside a directory layout (--format oci or dir), not {}",
+                opts.format
+            )));
+        }
+        if opts.all_platforms || opts.platforms.len() > 1 {
+            return Err(Error::InvalidOption(
+                "--unpack unpacks one platform: give at most one --platform (and no \
+                 --all-platforms)"
+                    .into(),
+            ));
+        }
+        check_apart(&dest.path, rootfs)?;
+        // ROOTFS first: refused (not empty, not a directory) before DEST is touched.
+        let staging = Staging::create(rootfs)?;
+        let layout = Layout::open(
+            &dest.path,
+            opts.format,
+            self.inner.fetch.resume,
+            job.name,
+            opts.replace,
+        )?
+        .with_shared_partials(self.inner.fetch.resume && self.inner.fetch.share_partials);
+        let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
+        layout.finish()?;
+        // DEST is whole and recorded; the tree appears last. Should the rename fail (ROOTFS
+        // appeared meanwhile), DEST stays as written and ROOTFS as it was.
+        staging.publish()?;
+        report.rootfs = Some(rootfs.to_path_buf());
         report.elapsed = job.started.elapsed();
         Ok(report)
     }
@@ -934,12 +997,14 @@ impl Client {
             (Some(staging), Some(session)) => {
                 Some(session.finish(layout, m, staging, reporter).await?)
             }
-            (None, None) => {
-                layout.commit(&record)?;
-                None
-            }
+            (None, None) => None,
             _ => return Err(Error::Internal("a rootfs pull without its unpack".into())),
         };
+        // A real destination (not --format rootfs's scratch layout) records the manifest
+        // last: with --unpack, only once every layer matched its diff_id too.
+        if opts.format != Format::Rootfs {
+            layout.commit(&record)?;
+        }
         let manifests = images
             .iter()
             .map(|(m, p)| ManifestReport {
@@ -968,6 +1033,7 @@ impl Client {
             dest: dest.to_path_buf(),
             format: opts.format,
             unpacked,
+            rootfs: None,
         })
     }
 
@@ -1105,6 +1171,51 @@ async fn verified_on_disk(layout: &Layout, blobs: &[BlobDescriptor]) -> Result<H
         .into_iter()
         .collect::<Result<_>>()?;
     Ok(found.into_iter().flatten().collect())
+}
+
+/// `--unpack ROOTFS` and DEST must be apart: ROOTFS is not DEST nor inside it (the layout
+/// would hold a foreign tree, and the tree's rename would land in the layout), and DEST is
+/// not inside ROOTFS (which must be new or empty). Compared as the filesystem will resolve
+/// them: symlinks of their existing part followed.
+fn check_apart(dest: &Path, rootfs: &Path) -> Result<()> {
+    let (d, r) = (resolved(dest)?, resolved(rootfs)?);
+    let clash = if r.starts_with(&d) {
+        "is DEST or inside it"
+    } else if d.starts_with(&r) {
+        "holds DEST"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidOption(format!(
+        "--unpack {} {clash} ({}): the root filesystem goes beside the layout, apart from it",
+        rootfs.display(),
+        dest.display()
+    )))
+}
+
+/// `path` made absolute, its longest existing ancestor canonicalized (symlinks and `..`
+/// resolved) and the rest, which does not exist yet, normalized by its names.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))?;
+    let parts: Vec<Component<'_>> = abs.components().collect();
+    for k in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..k].iter().collect();
+        let Ok(mut out) = std::fs::canonicalize(&head) else {
+            continue;
+        };
+        for c in &parts[k..] {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::Normal(n) => out.push(n),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        return Ok(out);
+    }
+    Ok(abs)
 }
 
 /// `docker.io` for Docker Hub's other names; hosts lower-cased.

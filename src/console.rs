@@ -210,6 +210,7 @@ impl Console {
                     "dest": report.dest.display().to_string(),
                     "format": report.format.to_string(),
                     "unpacked": report.unpacked.as_ref().map(|u| json!({
+                        "path": report.rootfs.as_ref().map(|p| p.display().to_string()),
                         "layers": u.layers,
                         "entries": u.entries,
                         "devices_emulated": u.devices_emulated,
@@ -272,6 +273,16 @@ impl Console {
             report.dest.display(),
             report.format
         ));
+        if let (Some(rootfs), Some(u)) = (&report.rootfs, &report.unpacked) {
+            if report.format != Format::Rootfs {
+                self.line(&format!(
+                    "Unpacked to {} (root filesystem: {} layers, {} entries)",
+                    rootfs.display(),
+                    u.layers,
+                    u.entries
+                ));
+            }
+        }
         if let Some(u) = report.unpacked.as_ref().filter(|u| u.devices_emulated > 0) {
             self.line(&format!(
                 "Note: {} device node(s) written as empty regular files: mknod needs root \

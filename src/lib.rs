@@ -3,7 +3,8 @@
 //! Pull container images (OCI / Docker registry v2) and leave a standard image on disk —
 //! an OCI image layout, skopeo's `dir:` layout, one archive file that `docker load` /
 //! `podman load` take, or the image's root filesystem unpacked as `umoci unpack` would
-//! ([`Format`]) — having verified every byte.
+//! ([`Format`]), or a layout and its root filesystem both ([`PullRequest::unpack`]) —
+//! having verified every byte.
 //!
 //! A pull follows the data through one module per step:
 //! [`reference`](mod@reference) (parse and normalise `IMAGE`) → `auth` (tokens, as registries require) →

@@ -5,7 +5,7 @@
 //! starts from, so one client serves pulls that differ in all of them, at the same time.
 
 use std::future::{Future, IntoFuture};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -29,6 +29,8 @@ pub(crate) struct PullOptions {
     pub format: Format,
     pub conversion: Conversion,
     pub replace: bool,
+    /// Also unpack the image's root filesystem here ([`PullRequest::unpack`]).
+    pub unpack: Option<PathBuf>,
 }
 
 impl PullOptions {
@@ -177,6 +179,42 @@ impl<'c> PullRequest<'c> {
     /// (otherwise [`Error::NameInUse`]).
     pub fn replace(mut self, yes: bool) -> Self {
         self.options.replace = yes;
+        self
+    }
+
+    /// Also write the image's root filesystem to `rootfs`, beside the layout at the
+    /// destination ([`Format::Oci`] or [`Format::Dir`]; one platform): the layers are
+    /// unpacked as they download, as [`Format::Rootfs`] does, and `rootfs` appears only
+    /// once every blob's digest and every layer's diff_id matched (then
+    /// [`PullReport::unpacked`] says what was unpacked). The destination is written exactly
+    /// as without it (resume, blobs already there, the manifest recorded last).
+    ///
+    /// `rootfs` must not exist or be an empty directory ([`Error::Destination`]), and must
+    /// not be the destination, inside it or around it ([`Error::InvalidOption`], as an
+    /// archive format, [`Format::Rootfs`] or several platforms are). If unpacking fails (a
+    /// layer does not match its diff_id, or cannot be unpacked safely), the pull fails:
+    /// `rootfs` is left as it was, and the destination keeps the verified blobs, as after
+    /// any failed pull, but the image is not recorded in it (no `index.json` entry or
+    /// `manifest.json`), since it is not whole. A cancelled pull leaves `rootfs` as it was too.
+    ///
+    /// ```no_run
+    /// # async fn run() -> fastpull::Result<()> {
+    /// use fastpull::{Client, Reference};
+    ///
+    /// let client = Client::new()?;
+    /// let image: Reference = "alpine:3.20".parse()?;
+    /// let report = client
+    ///     .request(&image, "./alpine")
+    ///     .unpack("./alpine-rootfs")
+    ///     .await?;
+    /// if let Some(u) = &report.unpacked {
+    ///     println!("{} layers, {} entries in ./alpine-rootfs", u.layers, u.entries);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn unpack(mut self, rootfs: impl Into<PathBuf>) -> Self {
+        self.options.unpack = Some(rootfs.into());
         self
     }
 

@@ -134,6 +134,47 @@ pub(crate) fn umoci_unpack(reg: &Registry, layout: &Path, tag: &str, bundle: &Pa
     rootfs
 }
 
+/// `skopeo copy SRC dir:OUT` (SRC: `oci:LAYOUT:TAG`, `dir:DIR`, …) must give `img`: its
+/// manifest and every blob byte for byte, and nothing else but skopeo's `version` file.
+pub(crate) fn assert_skopeo_copies(reg: &Registry, src: &str, img: &Image, out: &Path) {
+    let dst = format!("dir:{}", out.display());
+    skopeo(
+        reg,
+        &[OsStr::new("copy"), OsStr::new(src), OsStr::new(&dst)],
+    );
+    let got = tree(out);
+    assert_bytes(
+        &format!("manifest.json of skopeo copy {src} {dst}"),
+        &std::fs::read(out.join("manifest.json")).expect("read OUT/manifest.json"),
+        &img.manifest,
+    );
+    for blob in img.blobs() {
+        let name = hex_of(&blob.digest);
+        match got.get(Path::new(name)) {
+            Some(Node::File(bytes)) => assert_bytes(
+                &format!("OUT/{name} ({})", blob.media_type),
+                bytes,
+                &blob.bytes,
+            ),
+            other => panic!(
+                "OUT has no file for blob {} ({}): {other:?}; OUT holds {:?}",
+                blob.digest,
+                blob.media_type,
+                got.keys().collect::<Vec<_>>()
+            ),
+        }
+    }
+    // Nothing but the version file, the manifest and the blobs.
+    let mut want_names: BTreeSet<PathBuf> = img
+        .blobs()
+        .map(|b| PathBuf::from(hex_of(&b.digest)))
+        .collect();
+    want_names.insert("manifest.json".into());
+    want_names.insert("version".into());
+    let got_names: BTreeSet<PathBuf> = got.keys().cloned().collect();
+    assert_eq!(got_names, want_names, "files skopeo wrote to OUT");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Comparing trees and bytes
 // ---------------------------------------------------------------------------------------------
@@ -328,44 +369,8 @@ fn skopeo_reads_fastpull_oci_layout() {
     assert_bytes("skopeo inspect --raw oci:DEST:TAG", &raw, &img.manifest);
 
     // skopeo can copy the whole image out of the layout, blobs and all.
-    let out = work.path().join("out");
     let src = format!("oci:{}:{tag}", dest.display());
-    let dst = format!("dir:{}", out.display());
-    skopeo(
-        &reg,
-        &[OsStr::new("copy"), OsStr::new(&src), OsStr::new(&dst)],
-    );
-    let got = tree(&out);
-    assert_bytes(
-        "manifest.json of skopeo copy oci:DEST:TAG dir:OUT",
-        &std::fs::read(out.join("manifest.json")).expect("read OUT/manifest.json"),
-        &img.manifest,
-    );
-    for blob in img.blobs() {
-        let name = hex_of(&blob.digest);
-        match got.get(Path::new(name)) {
-            Some(Node::File(bytes)) => assert_bytes(
-                &format!("OUT/{name} ({})", blob.media_type),
-                bytes,
-                &blob.bytes,
-            ),
-            other => panic!(
-                "OUT has no file for blob {} ({}): {other:?}; OUT holds {:?}",
-                blob.digest,
-                blob.media_type,
-                got.keys().collect::<Vec<_>>()
-            ),
-        }
-    }
-    // Nothing but the version file, the manifest and the four blobs.
-    let mut want_names: BTreeSet<PathBuf> = img
-        .blobs()
-        .map(|b| PathBuf::from(hex_of(&b.digest)))
-        .collect();
-    want_names.insert("manifest.json".into());
-    want_names.insert("version".into());
-    let got_names: BTreeSet<PathBuf> = got.keys().cloned().collect();
-    assert_eq!(got_names, want_names, "files skopeo wrote to OUT");
+    assert_skopeo_copies(&reg, &src, &img, &work.path().join("out"));
 }
 
 #[test]

@@ -364,3 +364,69 @@ fn tags_follow_the_registrys_pages() {
     let got = rt().block_on(client().tags(&r)).expect("tags");
     assert_eq!(got, ["a", "b", "c", "d", "e"]);
 }
+
+/// A request with `.unpack(ROOTFS)`: the layout at DEST and the root filesystem at ROOTFS,
+/// the report saying what was unpacked and where, the request's reporter hearing each
+/// layer applied under its pull id. With an archive format it is refused (exit 2) before
+/// anything is written.
+#[test]
+fn a_request_unpacks_beside_its_layout() {
+    let reg = Registry::start();
+    let layers = [(74, 2, 150_000), (75, 1, 3000)];
+    let image = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(layers[0].0, layers[0].1, layers[0].2))
+        .layer(random_layer(layers[1].0, layers[1].1, layers[1].2))
+        .build();
+    push_image(&reg, "lib/unpack", "v1", &image);
+    let r: Reference = format!("{}/lib/unpack:v1", reg.addr())
+        .parse()
+        .expect("ref");
+    let (_d, root) = dest();
+    let (layout, rootfs) = (root.join("layout"), root.join("rootfs"));
+    let reporter = Arc::new(Collect::default());
+    let rt = rt();
+    let c = client();
+    let request = c
+        .request(&r, &layout)
+        .unpack(&rootfs)
+        .reporter(reporter.clone());
+    let id = request.id();
+    let report = rt.block_on(request.send()).expect("pull with unpack");
+    assert_eq!(report.format, Format::Oci);
+    assert_eq!(report.dest, layout);
+    assert_eq!(report.rootfs.as_deref(), Some(rootfs.as_path()));
+    let unpacked = report.unpacked.as_ref().expect("an unpack summary");
+    assert_eq!(unpacked.layers, 2);
+    assert!(layout.join("index.json").is_file());
+    crate::interop::assert_same_tree(
+        "ROOTFS",
+        "ROOTFS",
+        &crate::interop::tree(&rootfs),
+        "the image",
+        &crate::interop::expected_rootfs(&layers),
+    );
+    let applied: Vec<usize> = reporter
+        .kinds()
+        .iter()
+        .filter_map(|k| match k {
+            EventKind::LayerApplied { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, [0, 1]);
+    assert_eq!(reporter.ids(), vec![id]);
+
+    let (_d2, root2) = dest();
+    let err = rt
+        .block_on(
+            client()
+                .request(&r, root2.join("img.tar"))
+                .format(Format::DockerArchive)
+                .unpack(root2.join("rootfs"))
+                .send(),
+        )
+        .expect_err("an archive with unpack");
+    assert!(matches!(err, fastpull::Error::InvalidOption(_)), "{err}");
+    assert_eq!(err.category().exit_code(), 2);
+    assert!(!root2.exists(), "a refused request wrote");
+}

@@ -1,6 +1,7 @@
 //! `--format rootfs`: the unpacked root filesystem equals `umoci unpack`'s (as root, and
-//! rootless), hostile layers cannot reach outside it, and it appears only once every layer
-//! is verified.
+//! rootless; a 1 GiB file and 0 B ones too), hostile layers cannot reach outside it, and it
+//! appears only once every layer is verified. `--unpack ROOTFS` beside an OCI or dir
+//! layout: the same tree, the layout as without it, blobs already there not fetched again.
 //!
 //! Layers are written byte by byte here (ustar headers, PAX records, GNU long names), so
 //! that odd and hostile archives can be built as well as ordinary ones.
@@ -955,9 +956,15 @@ fn staging_in(work: &Path) -> Option<PathBuf> {
 /// Starts a rootfs pull of `image` into `work/rootfs`, waits until `ready` holds, sends
 /// SIGINT, and returns what the process did.
 fn interrupt_when(image: &str, work: &Path, ready: impl Fn() -> bool) -> Output {
-    let child = fastpull_command()
-        .args(["--plain-http", "--format", "rootfs", image])
-        .arg(work.join("rootfs"))
+    let mut cmd = fastpull_command();
+    cmd.args(["--plain-http", "--format", "rootfs", image])
+        .arg(work.join("rootfs"));
+    interrupt(cmd, ready)
+}
+
+/// Starts `cmd`, waits until `ready` holds, sends SIGINT, and returns what it did.
+fn interrupt(mut cmd: std::process::Command, ready: impl Fn() -> bool) -> Output {
+    let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1346,4 +1353,516 @@ fn a_layer_unpacks_from_its_first_bytes_while_the_rest_is_held() {
         .collect();
     sizes.sort();
     assert_eq!(sizes, vec![1 << 20; 8]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --unpack ROOTFS beside a layout
+// ---------------------------------------------------------------------------------------------
+
+/// `fastpull --plain-http ARGS… IMAGE DEST --unpack ROOTFS`.
+fn pull_unpack(args: &[&str], image: &str, dest: &Path, rootfs: &Path) -> Output {
+    fastpull_command()
+        .arg("--plain-http")
+        .args(args)
+        .arg(image)
+        .arg(dest)
+        .arg("--unpack")
+        .arg(rootfs)
+        .output()
+        .expect("run fastpull")
+}
+
+/// The names in `dir`, sorted (what a pull left beside its destinations).
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The last line of `--json` output: the `done` event.
+fn done_event(o: &Output) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let last = out
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output: {}", text(o)));
+    let v: serde_json::Value = serde_json::from_str(last).expect("a JSON line");
+    assert_eq!(v["event"], "done", "{}", text(o));
+    v
+}
+
+/// `IMAGE DEST --unpack ROOTFS`, with `--format oci` and `dir`: ROOTFS is the tree
+/// `--format rootfs` and `umoci unpack` give (the rich image: whiteouts, hard links, a zstd
+/// layer…); DEST is, file for file, what the same pull without `--unpack` writes, skopeo
+/// copies the image out of it byte for byte, and umoci unpacks the OCI one to the same tree.
+#[test]
+fn unpack_beside_a_layout_gives_the_layout_and_the_rootfs() {
+    require_tools();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let w = |name: &str| work.path().join(name);
+    let (as_built, gzip_only) = rich_images(rustix::process::geteuid().is_root());
+    push_image(&reg, "unpack/rich", "zstd", &as_built);
+    push_image(&reg, "unpack/rich", "gzip", &gzip_only);
+
+    let o = pull_rootfs(&image_ref(&reg, "unpack/rich", "zstd"), &w("rootfs-only"));
+    assert!(o.status.success(), "{}", text(&o));
+    let want = snapshot(&w("rootfs-only"), &IMPLICIT);
+
+    for (format, tag, img) in [("oci", "gzip", &gzip_only), ("dir", "zstd", &as_built)] {
+        let reference = image_ref(&reg, "unpack/rich", tag);
+        let (dest, rootfs) = (w(&format!("{format}-dest")), w(&format!("{format}-rootfs")));
+        let o = pull_unpack(&["--json", "--format", format], &reference, &dest, &rootfs);
+        assert!(o.status.success(), "--format {format}:\n{}", text(&o));
+        let done = done_event(&o);
+        assert_eq!(done["dest"], dest.display().to_string());
+        assert_eq!(done["unpacked"]["path"], rootfs.display().to_string());
+        assert_eq!(done["unpacked"]["layers"], img.layers.len());
+        assert_same(
+            &format!("--format {format} --unpack"),
+            &snapshot(&rootfs, &IMPLICIT),
+            "--format rootfs",
+            &want,
+        );
+
+        let plain = w(&format!("{format}-plain"));
+        fastpull(
+            &reg,
+            &[
+                OsStr::new("--format"),
+                OsStr::new(format),
+                OsStr::new(&reference),
+                plain.as_os_str(),
+            ],
+        );
+        crate::interop::assert_same_tree(
+            "DEST",
+            "with --unpack",
+            &crate::interop::tree(&dest),
+            "without",
+            &crate::interop::tree(&plain),
+        );
+        let src = match format {
+            "oci" => format!("oci:{}:{tag}", dest.display()),
+            _ => format!("dir:{}", dest.display()),
+        };
+        crate::interop::assert_skopeo_copies(&reg, &src, img, &w(&format!("{format}-skopeo")));
+    }
+    let theirs = umoci_unpack(&reg, &w("oci-dest"), "gzip", &w("bundle"));
+    assert_same(
+        "--unpack",
+        &snapshot(&w("oci-rootfs"), &IMPLICIT),
+        "umoci unpack of DEST",
+        &snapshot(&theirs, &IMPLICIT),
+    );
+    // No staging directory is left beside ROOTFS.
+    assert_eq!(
+        names_in(work.path()),
+        [
+            "bundle",
+            "dir-dest",
+            "dir-plain",
+            "dir-rootfs",
+            "dir-skopeo",
+            "oci-dest",
+            "oci-plain",
+            "oci-rootfs",
+            "oci-skopeo",
+            "rootfs-only"
+        ]
+    );
+}
+
+/// Blobs already verified in DEST are unpacked from their files: a re-pull with `--unpack`
+/// fetches no blob byte (counted at a proxy), and an image sharing a layer with the one in
+/// DEST fetches only its own; each ROOTFS holds its image's files.
+#[test]
+fn unpack_from_blobs_already_in_the_layout_fetches_only_what_is_missing() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let (base, top) = ((14_201, 3, 200_000), (14_202, 2, 100_000));
+    let a = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(base.0, base.1, base.2))
+        .build();
+    let b = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(base.0, base.1, base.2))
+        .layer(random_layer(top.0, top.1, top.2))
+        .build();
+    push_image(&reg, "unpack/cached", "a", &a);
+    push_image(&reg, "unpack/cached", "b", &b);
+    // Every pull through the proxy: DEST records the image under the registry it came from.
+    let proxy = CountingProxy::start(&reg.addr());
+    let dest = work.path().join("layout");
+    let o = fastpull_command()
+        .args(["--plain-http", &format!("{}/unpack/cached:a", proxy.addr())])
+        .arg(&dest)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    let fetched = |log: &crate::support::counting::Log, digest: &str| log.body_gets(digest).len();
+    let before = proxy.settle();
+    for blob in a.blobs() {
+        assert!(
+            fetched(&before, &blob.digest) > 0,
+            "the first pull fetched {}",
+            blob.digest
+        );
+    }
+
+    let rootfs_a = work.path().join("rootfs-a");
+    let o = pull_unpack(
+        &["--json"],
+        &format!("{}/unpack/cached:a", proxy.addr()),
+        &dest,
+        &rootfs_a,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let log = proxy.settle();
+    for blob in a.blobs() {
+        assert!(
+            fetched(&log, &blob.digest) == fetched(&before, &blob.digest),
+            "blob {} was fetched again: {}",
+            blob.digest,
+            log.describe()
+        );
+    }
+    let done = done_event(&o);
+    assert_eq!(done["downloaded"], 0);
+    assert_eq!(done["unpacked"]["layers"], 1);
+    crate::interop::assert_same_tree(
+        "ROOTFS from the blobs in DEST",
+        "ROOTFS",
+        &crate::interop::tree(&rootfs_a),
+        "image a",
+        &crate::interop::expected_rootfs(&[base]),
+    );
+
+    let rootfs_b = work.path().join("rootfs-b");
+    let o = pull_unpack(
+        &[],
+        &format!("{}/unpack/cached:b", proxy.addr()),
+        &dest,
+        &rootfs_b,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("Unpacked to {}", rootfs_b.display())),
+        "{}",
+        text(&o)
+    );
+    let log = proxy.settle();
+    assert!(
+        fetched(&log, &b.layers[0].digest) == fetched(&before, &b.layers[0].digest),
+        "the shared layer was fetched: {}",
+        log.describe()
+    );
+    assert_eq!(log.delivered(&b.layers[1].digest), b.layers[1].size());
+    crate::interop::assert_same_tree(
+        "ROOTFS from a blob in DEST and a fetched one",
+        "ROOTFS",
+        &crate::interop::tree(&rootfs_b),
+        "image b",
+        &crate::interop::expected_rootfs(&[base, top]),
+    );
+    let index = crate::interop::read_json(&dest.join("index.json"));
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{index}");
+}
+
+/// A layer that does not match its diff_id with `--unpack`: exit 4, no ROOTFS and no
+/// staging directory; DEST keeps the verified blobs (as any failed pull) but does not
+/// record the image.
+#[test]
+fn unpack_with_a_diff_id_mismatch_leaves_no_rootfs_and_no_image_in_dest() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let good = Tar::default().file("a", 0o644, b"a").finish();
+    let wrong = sha256_digest(b"not this layer");
+    let img = ImageBuilder::new(Flavor::Oci)
+        .raw_layer(layer(&good, OCI_GZIP).0, wrong.clone())
+        .build();
+    push_image(&reg, "unpack/bad-diffid", "t", &img);
+    for format in ["oci", "dir"] {
+        let dest = work.path().join(format!("{format}-dest"));
+        let rootfs = work.path().join(format!("{format}-rootfs"));
+        let o = pull_unpack(
+            &["--format", format],
+            &image_ref(&reg, "unpack/bad-diffid", "t"),
+            &dest,
+            &rootfs,
+        );
+        assert_exit(&o, 4);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("diff_id") && err.contains(&wrong),
+            "{}",
+            text(&o)
+        );
+        assert!(!rootfs.exists(), "ROOTFS was written");
+        let layer_file = match format {
+            "oci" => dest.join("blobs/sha256").join(hex(&img.layers[0].digest)),
+            _ => dest.join(hex(&img.layers[0].digest)),
+        };
+        assert_eq!(
+            std::fs::read(&layer_file).expect("the verified layer stays in DEST"),
+            img.layers[0].bytes
+        );
+        let index = dest.join("index.json");
+        if index.exists() {
+            let v = crate::interop::read_json(&index);
+            assert_eq!(
+                v["manifests"],
+                serde_json::json!([]),
+                "the image was recorded"
+            );
+        }
+        assert!(
+            !dest.join("manifest.json").exists(),
+            "the image was recorded"
+        );
+    }
+    assert_eq!(
+        names_in(work.path()),
+        ["dir-dest", "oci-dest"],
+        "a staging directory was left"
+    );
+}
+
+/// Ctrl-C while the blobs download with `--unpack`: exit 130, DEST keeps its partial
+/// download (journaled) for the next run, ROOTFS and its staging directory leave nothing;
+/// the same command then resumes and writes both.
+#[test]
+fn interrupted_unpack_keeps_dest_resumable_and_leaves_no_rootfs() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let seed = 14_301;
+    let img = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(seed, 1, 4 << 20))
+        .build();
+    push_image(&reg, "unpack/slow", "t", &img);
+    let proxy = CountingProxy::start(&reg.addr());
+    proxy.cap(
+        Which::PathContains("/blobs/".into()),
+        Cap::smooth(256 << 10),
+    );
+    let (dest, rootfs) = (work.path().join("dest"), work.path().join("rootfs"));
+    let partial = dest
+        .join(".fastpull-tmp")
+        .join(format!("{}.partial", hex(&img.layers[0].digest)));
+    let mut cmd = fastpull_command();
+    cmd.args(["--plain-http", &format!("{}/unpack/slow:t", proxy.addr())])
+        .arg(&dest)
+        .arg("--unpack")
+        .arg(&rootfs);
+    let o = interrupt(cmd, || {
+        staging_in(work.path()).is_some()
+            && proxy.snapshot().delivered(&img.layers[0].digest) >= 1 << 20
+    });
+    assert_exit(&o, 130);
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains(&format!("{} was not written", rootfs.display())),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        names_in(work.path()),
+        ["dest"],
+        "ROOTFS or its staging left"
+    );
+    assert!(
+        partial.with_extension("journal").is_file(),
+        "the partial download's journal: {:?}",
+        std::fs::read_dir(dest.join(".fastpull-tmp")).map(|rd| rd.count())
+    );
+
+    let o = pull_unpack(
+        &["--json"],
+        &image_ref(&reg, "unpack/slow", "t"),
+        &dest,
+        &rootfs,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"blob_resumed\""),
+        "the rerun resumed the partial download: {}",
+        text(&o)
+    );
+    crate::interop::assert_same_tree(
+        "ROOTFS after the rerun",
+        "ROOTFS",
+        &crate::interop::tree(&rootfs),
+        "the image",
+        &crate::interop::expected_rootfs(&[(seed, 1, 4 << 20)]),
+    );
+    assert_eq!(names_in(work.path()), ["dest", "rootfs"]);
+}
+
+/// What `--unpack` refuses, before anything is written: with an archive format or
+/// `--format rootfs`, several platforms, and a ROOTFS that is DEST, inside it (through a
+/// symlink too) or around it (exit 2); a non-empty ROOTFS (exit 5, untouched). An existing
+/// empty ROOTFS is filled.
+#[test]
+fn unpack_option_rules() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let w = |name: &str| work.path().join(name);
+    let tar = Tar::default().file("hello", 0o644, b"hi").finish();
+    let img = image(vec![layer(&tar, OCI_TAR)]);
+    push_image(&reg, "unpack/rules", "t", &img);
+    let reference = image_ref(&reg, "unpack/rules", "t");
+    std::fs::create_dir(w("layout")).expect("mkdir");
+    std::os::unix::fs::symlink(w("layout"), w("alias")).expect("symlink");
+
+    let refused: [(&[&str], &str, PathBuf, PathBuf); 9] = [
+        (&["--format", "rootfs"], "rootfs", w("d1"), w("r1")),
+        (
+            &["--format", "docker-archive"],
+            "oci or dir",
+            w("d2.tar"),
+            w("r2"),
+        ),
+        (
+            &["--format", "oci-archive"],
+            "oci or dir",
+            w("d3.tar"),
+            w("r3"),
+        ),
+        (&["--all-platforms"], "one platform", w("d4"), w("r4")),
+        (
+            &["--platform", "linux/amd64", "--platform", "linux/arm64"],
+            "one platform",
+            w("d5"),
+            w("r5"),
+        ),
+        (&[], "is DEST or inside it", w("d6"), w("d6")),
+        (
+            &[],
+            "is DEST or inside it",
+            w("layout"),
+            w("layout/sub/rootfs"),
+        ),
+        (
+            &[],
+            "is DEST or inside it",
+            w("layout"),
+            w("alias/../alias/rootfs"),
+        ),
+        (&[], "holds DEST", w("r9/layout"), w("r9")),
+    ];
+    for (args, why, dest, rootfs) in &refused {
+        let o = pull_unpack(args, &reference, dest, rootfs);
+        assert_exit(&o, 2);
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(why),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    assert_eq!(
+        names_in(work.path()),
+        ["alias", "layout"],
+        "a refusal wrote"
+    );
+    assert_eq!(std::fs::read_dir(w("layout")).expect("layout").count(), 0);
+
+    let full = w("full");
+    std::fs::create_dir(&full).expect("mkdir");
+    std::fs::write(full.join("keep"), b"mine").expect("write");
+    let o = pull_unpack(&[], &reference, &w("d10"), &full);
+    assert_exit(&o, 5);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not empty"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(names_in(&full), ["keep"]);
+    assert!(!w("d10").exists(), "DEST was made for a refused ROOTFS");
+
+    let empty = w("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let o = pull_unpack(&[], &reference, &w("layout"), &empty);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(empty.join("hello")).expect("hello"), b"hi");
+    assert!(w("layout/index.json").is_file());
+}
+
+/// Issue 14's size extremes for the umoci comparison: a 1 GiB regular file (a repeating
+/// pattern with a block counter, so that no two blocks are equal while its gzip layer stays
+/// about 10 MiB) in its own gzip layer, beside 0 B files, unpacked by `--format rootfs` as
+/// `umoci unpack` does (size, sha256, mode, owner, mtime…). The tar is never held whole in
+/// memory: it is streamed through the hasher (its diff_id) and the compressor.
+#[test]
+fn a_1gib_file_unpacks_as_umoci_does() {
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+    require_tools();
+    const SIZE: u64 = 1 << 30;
+    const BLOCK: usize = 64 << 10;
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+
+    // ring's sha256 is assembly, fast in a debug build too.
+    let mut diff_id = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut put = |bytes: &[u8]| {
+        diff_id.update(bytes);
+        gz.write_all(bytes).expect("gzip into memory");
+    };
+    let mut big = h(b'0', "big/1gib", 0o640);
+    big.size = SIZE;
+    big.mtime = T0 + 40;
+    put(&Tar::header(&big));
+    let pattern = b"fastpull: a 1 GiB file, block ";
+    let mut block = vec![0u8; BLOCK];
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = pattern[i % pattern.len()];
+    }
+    for n in 0..SIZE / BLOCK as u64 {
+        block[..16].copy_from_slice(format!("{n:016x}").as_bytes());
+        put(&block);
+    }
+    // Size 1 GiB is a whole number of 512-byte blocks: no padding. Then a 0 B file after
+    // it, and the end of the archive.
+    let mut zero = h(b'0', "big/zero", 0o600);
+    zero.mtime = T0 + 41;
+    put(&Tar::header(&zero));
+    put(&[0u8; 1024]);
+    let blob = Blob::new(OCI_GZIP, gz.finish().expect("finish gzip"));
+    let diff_id = format!("sha256:{}", hex::encode(diff_id.finish()));
+    assert!(blob.size() < 64 << 20, "the layer is {} bytes", blob.size());
+    let small = Tar::default()
+        .dir("big/", 0o755, T0 + 39)
+        .file("empty", 0o644, b"")
+        .finish();
+    let img = image(vec![layer(&small, OCI_GZIP), (blob, diff_id)]);
+    push_image(&reg, "rootfs/1gib", "t", &img);
+    let reference = image_ref(&reg, "rootfs/1gib", "t");
+
+    let ours = work.path().join("ours");
+    let o = pull_rootfs(&reference, &ours);
+    assert!(o.status.success(), "{}", text(&o));
+    let layout = work.path().join("layout");
+    fastpull(&reg, &[OsStr::new(&reference), layout.as_os_str()]);
+    let theirs = umoci_unpack(&reg, &layout, "t", &work.path().join("bundle"));
+    let a = snapshot(&ours, &[]);
+    assert_same("fastpull", &a, "umoci unpack", &snapshot(&theirs, &[]));
+    let line = |p: &str| a.get(p).unwrap_or_else(|| panic!("{p}: {a:#?}")).clone();
+    assert!(
+        line("big/1gib").starts_with("file mode=0640")
+            && line("big/1gib").contains(&format!(" size={SIZE} ")),
+        "{}",
+        line("big/1gib")
+    );
+    for empty in ["big/zero", "empty"] {
+        assert!(line(empty).contains(" size=0 "), "{}", line(empty));
+    }
 }

@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 /// `root`'s tree: path (relative, `/` for the root) → description. Directories named in
 /// `skip_mtime` (implicit directories, whose mtime is "now") are listed without mtime.
 pub fn snapshot(root: &Path, skip_mtime: &[&str]) -> BTreeMap<String, String> {
@@ -46,12 +44,8 @@ pub fn snapshot(root: &Path, skip_mtime: &[&str]) -> BTreeMap<String, String> {
             md.gid()
         );
         if ft.is_file() {
-            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-            line += &format!(
-                " size={} sha256={}",
-                data.len(),
-                hex::encode(Sha256::digest(&data))
-            );
+            let (size, sha256) = sha256_of(&p);
+            line += &format!(" size={size} sha256={sha256}");
         }
         if ft.is_symlink() {
             let t =
@@ -84,6 +78,26 @@ pub fn snapshot(root: &Path, skip_mtime: &[&str]) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// A file's size and sha256 (hex), read in pieces: files may be large (a 1 GiB one). ring's
+/// sha256 is assembly, fast in a debug build too.
+fn sha256_of(p: &Path) -> (u64, String) {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        if n == 0 {
+            return (size, hex::encode(ctx.finish()));
+        }
+        ctx.update(&buf[..n]);
+        size += n as u64;
+    }
 }
 
 /// The xattrs of `p` (not following a symlink), sorted, without `security.selinux`.
