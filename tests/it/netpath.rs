@@ -464,6 +464,57 @@ fn mirror_without_the_image_falls_back_to_the_origin() {
     }
 }
 
+/// A mirror that serves a blob with a flipped byte: the blob fails its digest, the pull
+/// moves to the next source (here the origin) at once instead of repairing from the same
+/// mirror, says so (`endpoint_failed`, naming the digest mismatch), and completes with
+/// the origin's bytes.
+#[test]
+fn mirror_serving_a_corrupt_blob_hands_the_pull_to_the_origin() {
+    let image = big_image(44);
+    let origin = seeded(&[(REPO, "v1", &image)]);
+    let origin_front = FaultProxy::start(&origin.addr());
+    let mirror = seeded(&[(REPO, "v1", &image)]);
+    let mirror_front = FaultProxy::start(&mirror.addr());
+    let big = &image.layers[0];
+    mirror_front.add(
+        Rule::new(
+            &format!("/blobs/{}", big.digest),
+            Fault::Corrupt { at: 4242 },
+        )
+        .range_start(0),
+    );
+    let (_d, dest) = dest();
+    let o = pull_with_mirrors(
+        origin_front.addr(),
+        &[mirror_front.addr()],
+        &["--json"],
+        &dest,
+    );
+    assert_pulled(&dest, &image, &o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let failed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("\"event\":\"endpoint_failed\""))
+        .collect();
+    assert_eq!(failed.len(), 1, "one endpoint_failed event:\n{out}");
+    assert!(
+        failed[0].contains(&hex(&big.digest)[..12]) || failed[0].contains("digest"),
+        "the event names the mismatch: {}",
+        failed[0]
+    );
+    // One fetch from the mirror (each fetch asks for byte 0 once): not repaired there.
+    let from_zero = mirror_front
+        .blob_requests(&big.digest)
+        .iter()
+        .filter(|s| s.range_start().unwrap_or(0) == 0)
+        .count();
+    assert_eq!(from_zero, 1, "fetches of the blob from the mirror");
+    assert!(
+        !origin_front.blob_requests(&big.digest).is_empty(),
+        "the origin did not serve the blob after the mirror's failed"
+    );
+}
+
 #[test]
 fn mirror_down_falls_back_to_the_origin() {
     let image = big_image(43);
