@@ -118,6 +118,7 @@
 
 mod apply;
 mod decompress;
+mod merge;
 mod resolve;
 mod session;
 mod targuard;
@@ -127,7 +128,7 @@ pub(crate) use session::Session;
 use std::io::{self, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, RenameFlags, Timestamps};
@@ -182,6 +183,9 @@ pub(crate) enum Fail {
     Io(&'static str, io::Error),
     /// The layer's bytes could not be read (decompression, truncation).
     Read(io::Error),
+    /// Staging: the entry's result would depend on the layers below; the layer is to be
+    /// applied directly instead (why). Never an error of its own.
+    Taint(String),
 }
 
 impl Fail {
@@ -206,6 +210,9 @@ impl Fail {
                 entry,
                 reason: format!("cannot read the layer: {e}"),
             },
+            Fail::Taint(why) => Error::Internal(format!(
+                "layer {layer}: staging's taint reached the direct apply ({why})"
+            )),
             Fail::Io(op, source) => Error::Unpack {
                 layer: *layer,
                 entry: entry.unwrap_or_default(),
@@ -235,6 +242,15 @@ pub(crate) struct Layer {
 pub struct UnpackSummary {
     /// Layers applied.
     pub layers: usize,
+    /// Of those, layers unpacked into a tree of their own (in parallel, as they
+    /// downloaded) and merged in order by renames; the bottom layer's tree is the merged
+    /// tree itself, and counts here.
+    pub layers_merged: usize,
+    /// Of those, layers applied entry by entry onto the merged tree from their verified
+    /// blob, because their result depends on the layers below in a way a tree of their
+    /// own cannot show (a hard link to a lower layer's file, a whiteout of a directory
+    /// they only made as a parent, …).
+    pub layers_direct: usize,
     /// Tar entries applied (whiteouts included).
     pub entries: u64,
     /// Device nodes written as empty regular files (rootless, or in a user namespace).
@@ -287,29 +303,18 @@ impl From<Error> for StreamEnd {
 }
 
 /// Makes `root` (which must not exist) the root of a new tree and applies `layers` in
-/// order from their verified blob files. Blocking. Stops early once `cancel` is set.
-/// `on_layer` hears of each layer once it is in (index, layer, what it did).
+/// order from their verified blob files (each above the bottom one staged alone in
+/// parallel, then merged). Blocking. Stops early once `cancel` is set. `on_layer` hears of
+/// each layer once it is in (index, layer, what it did), `on_staged` of each staged tree.
 pub(crate) fn unpack(
     root: &Path,
     layers: &[Layer],
     opts: Options,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> Result<UnpackSummary> {
-    let applied = unpack_each(
-        root,
-        layers,
-        opts,
-        cancel,
-        on_layer,
-        || Ok(()),
-        |_, engine, layer, room| {
-            let file =
-                std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
-            Ok(apply_layer(engine, file, layer, room)?)
-        },
-    );
-    match applied {
+    match unpack_layers(root, layers, opts, cancel, Feed::Files, on_layer, on_staged) {
         Ok(summary) => Ok(summary),
         Err(StreamEnd::Failed(e)) => Err(e),
         Err(StreamEnd::Fallback(why)) => Err(Error::Internal(why)),
@@ -322,6 +327,7 @@ pub(crate) fn unpack(
 /// verified is a failure only if that fetch then verifies; if the blob is fetched again
 /// (its bytes did not match), or was fetched again after part of it was read, the stream
 /// ends with [`StreamEnd::Fallback`]: the caller unpacks from the verified files instead.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn unpack_streaming(
     root: &Path,
     manifest_layers: &[(Digest, String)],
@@ -330,6 +336,7 @@ pub(crate) fn unpack_streaming(
     opts: Options,
     cancel: &Arc<AtomicBool>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> std::result::Result<UnpackSummary, StreamEnd> {
     if let Err(e) = config.wait_verified(cancel) {
         return Err(StreamEnd::Fallback(e.to_string()));
@@ -360,15 +367,65 @@ pub(crate) fn unpack_streaming(
             diff_id,
         });
     }
-    // Before the last step (which, rootless, takes the write bit from directories that
-    // should not have it): every layer's blob verified, and none fetched again under the
-    // reader. A verified blob stays so; a tree that cannot be trusted is still removable.
-    let settle = || {
-        for l in &layers {
-            if let Some(w) = watchers.get(&l.digest) {
-                w.wait_verified(cancel)
-                    .map_err(|e| StreamEnd::Fallback(e.to_string()))?;
+    unpack_layers(
+        root,
+        &layers,
+        opts,
+        cancel,
+        Feed::Following(watchers),
+        on_layer,
+        on_staged,
+    )
+}
+
+/// Where the layers' bytes come from.
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    /// Each layer's fetch, followed as it is written (or its file, verified before).
+    Following(&'a Watchers),
+    /// The verified blob files.
+    Files,
+}
+
+/// The fetch a layer's bytes were read from (which one), when they were not verified yet.
+type Followed = Option<(Arc<PrefixWatch>, u32)>;
+
+impl Feed<'_> {
+    /// The bytes of `layer`, from the start.
+    fn open(
+        self,
+        layer: &Layer,
+        cancel: &Arc<AtomicBool>,
+    ) -> std::result::Result<(Box<dyn Read>, Followed), StreamEnd> {
+        let file = |path: &Path| -> std::result::Result<(Box<dyn Read>, Followed), StreamEnd> {
+            let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+            Ok((Box::new(f), None))
+        };
+        let Feed::Following(watchers) = self else {
+            return file(&layer.path);
+        };
+        let watch = watchers
+            .get(&layer.digest)
+            .ok_or_else(|| Error::Internal(format!("layer {} is not followed", layer.digest)))?;
+        match PrefixReader::open(watch, cancel.clone()) {
+            Err(e) => Err(StreamEnd::Fallback(e.to_string())),
+            Ok(Source::Verified(path)) => file(&path),
+            Ok(Source::Following(reader)) => {
+                let followed = Some((reader.watch().clone(), reader.generation()));
+                Ok((Box::new(reader), followed))
             }
+        }
+    }
+
+    /// Blocks until `layer`'s blob is verified and what was read of it is trusted (no
+    /// fetch of it was opened again after its reader had read part of one).
+    fn trusted(self, layer: &Layer, cancel: &AtomicBool) -> std::result::Result<(), StreamEnd> {
+        let Feed::Following(watchers) = self else {
+            return Ok(());
+        };
+        if let Some(w) = watchers.get(&layer.digest) {
+            w.wait_verified(cancel)
+                .map_err(|e| StreamEnd::Fallback(e.to_string()))?;
         }
         if watchers.restarted_under_reader() {
             return Err(StreamEnd::Fallback(
@@ -376,60 +433,164 @@ pub(crate) fn unpack_streaming(
             ));
         }
         Ok(())
-    };
-    let summary = unpack_each(
-        root,
-        &layers,
-        opts,
-        cancel,
-        on_layer,
-        settle,
-        |_, engine, layer, room| {
-            let watch = watchers.get(&layer.digest).ok_or_else(|| {
-                Error::Internal(format!("layer {} is not followed", layer.digest))
-            })?;
-            match PrefixReader::open(watch, cancel.clone()) {
-                Err(e) => Err(StreamEnd::Fallback(e.to_string())),
-                Ok(Source::Verified(path)) => {
-                    let file =
-                        std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-                    Ok(apply_layer(engine, file, layer, room)?)
-                }
-                Ok(Source::Following(reader)) => {
-                    let generation = reader.generation();
-                    let watch = reader.watch().clone();
-                    match apply_layer(engine, reader, layer, room) {
-                        Ok(applied) => Ok(applied),
-                        // The bytes were the blob's: the failure is the layer's own.
-                        Err(e) if watch.settled(generation, cancel) => Err(StreamEnd::Failed(e)),
-                        Err(e) => Err(StreamEnd::Fallback(format!(
-                            "layer {}: read from a fetch that did not verify, or stopped ({e})",
-                            layer.digest
-                        ))),
-                    }
-                }
-            }
-        },
-    )?;
-    Ok(summary)
+    }
 }
 
-/// Makes the root of a new tree at `root` and applies `layers` in order, each read by
-/// `apply` (index, engine, layer, free space left); `settle` may still refuse the tree
-/// before its last step.
-fn unpack_each(
+/// A layer's failure `e` judged: its own if its bytes were the blob's (verified), else
+/// the stream is not to be trusted.
+fn judged(e: Error, followed: &Followed, layer: &Layer, cancel: &AtomicBool) -> StreamEnd {
+    match followed {
+        Some((watch, generation)) if !watch.settled(*generation, cancel) => {
+            StreamEnd::Fallback(format!(
+                "layer {}: read from a fetch that did not verify, or stopped ({e})",
+                layer.digest
+            ))
+        }
+        _ => StreamEnd::Failed(e),
+    }
+}
+
+/// Layers staged at once, at most (each is a blocking thread, most of them waiting for
+/// bytes).
+const MAX_STAGING: usize = 16;
+
+/// How staging a layer ended.
+enum Staging1 {
+    /// Its tree is complete and its diff_id matched.
+    Staged(Box<merge::Staged>, Applied),
+    /// It must be applied directly (why; free space its staging took).
+    Tainted(String, u64),
+    /// It failed, or the stream cannot be trusted.
+    End(StreamEnd),
+}
+
+/// Admits at most `cap` staging threads at once, in layer order.
+struct Slots {
+    state: Mutex<(usize, usize)>,
+    cond: std::sync::Condvar,
+    cap: usize,
+}
+
+impl Slots {
+    /// Waits for the turn of `ticket` (0, 1, … in order) and a free slot; `None` once
+    /// `stop` says so.
+    fn acquire(&self, ticket: usize, stop: impl Fn() -> bool) -> Option<SlotGuard<'_>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if stop() {
+                return None;
+            }
+            let (next, active) = *st;
+            if next == ticket && active < self.cap {
+                *st = (next + 1, active + 1);
+                self.cond.notify_all();
+                return Some(SlotGuard(self));
+            }
+            st = match self
+                .cond
+                .wait_timeout(st, std::time::Duration::from_millis(100))
+            {
+                Ok((st, _)) => st,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 -= 1;
+        self.0.cond.notify_all();
+    }
+}
+
+/// Where layer `i` (≥ 1) is staged: beside the merged tree.
+fn staged_dir(root: &Path, i: usize) -> PathBuf {
+    parent_dir(root).join(format!("staged-{i}"))
+}
+
+/// Opens a directory (never following a final symlink).
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", path, e.into()))
+}
+
+/// Removes a staging tree (its directories may lack the write bit: rootless, they all
+/// have u+rwx until the end, and as root permissions do not apply).
+fn remove_staged(dir: &Path) -> Result<()> {
+    let (Some(name), parent) = (dir.file_name(), parent_dir(dir)) else {
+        return Ok(());
+    };
+    let pfd = open_dir(parent)?;
+    let cname = std::ffi::CString::new(name.as_encoded_bytes())
+        .map_err(|_| Error::Internal("NUL in a staging name".into()))?;
+    resolve::remove_all(pfd.as_fd(), &cname).map_err(|e| Error::io("remove", dir, e))
+}
+
+/// Unpacks layer `i` (≥ 1) alone into its own staging tree `dir`.
+#[allow(clippy::too_many_arguments)]
+fn stage_layer(
+    i: usize,
+    layer: &Layer,
+    dir: &Path,
+    opts: Options,
+    feed: Feed<'_>,
+    cancel: &Arc<AtomicBool>,
+    abort: &AtomicBool,
+    room: &AtomicU64,
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
+) -> Staging1 {
+    let made = rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700))
+        .map_err(|e| Error::io("create directory", dir, e.into()))
+        .and_then(|()| open_dir(dir));
+    let fd = match made {
+        Ok(fd) => fd,
+        Err(e) => return Staging1::End(e.into()),
+    };
+    let tree = resolve::Tree::new(fd);
+    let mut engine = match apply::Engine::staging(&tree, opts, cancel) {
+        Ok(e) => e,
+        Err(e) => return Staging1::End(Error::io("stat", dir, e).into()),
+    };
+    let (blob, followed) = match feed.open(layer, cancel) {
+        Ok(x) => x,
+        Err(e) => return Staging1::End(e),
+    };
+    let mut used = 0;
+    match apply_layer(&mut engine, blob, layer, room, &mut used, abort) {
+        Ok(applied) => {
+            on_staged(i, layer, applied);
+            Staging1::Staged(Box::new(engine.into_staged()), applied)
+        }
+        Err(Stop::Taint(why)) => Staging1::Tainted(why, used),
+        // A filesystem failure in a tree of its own: the direct apply says what it is.
+        Err(Stop::Error(e @ Error::Unpack { .. })) => {
+            Staging1::Tainted(format!("staging it alone failed: {e}"), used)
+        }
+        Err(Stop::Error(e)) => Staging1::End(judged(e, &followed, layer, cancel)),
+    }
+}
+
+/// Makes the root of a new tree at `root`, then: the bottom layer is unpacked into it
+/// (this thread), every other layer at once into its own staging tree (a thread each, at
+/// most [`MAX_STAGING`] at a time); in layer order, once a layer's blob is verified and
+/// the layers below are in, its staging tree is merged by renames, or, tainted, the layer
+/// is applied directly from its verified blob file.
+fn unpack_layers(
     root: &Path,
     layers: &[Layer],
     opts: Options,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
+    feed: Feed<'_>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
-    settle: impl FnOnce() -> std::result::Result<(), StreamEnd>,
-    mut apply: impl FnMut(
-        usize,
-        &mut apply::Engine<'_>,
-        &Layer,
-        &mut u64,
-    ) -> std::result::Result<Applied, StreamEnd>,
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> std::result::Result<UnpackSummary, StreamEnd> {
     let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
     if cancel.load(Ordering::Relaxed) {
@@ -437,12 +598,7 @@ fn unpack_each(
     }
     rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", root, e.into()))?;
-    let fd = rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("open", root, e.into()))?;
+    let fd = open_dir(root)?;
     // umoci: 0755, root:root, mtime at the epoch.
     rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
         .map_err(|e| Error::io("chmod", root, e.into()))?;
@@ -469,23 +625,67 @@ fn unpack_each(
     let tree = resolve::Tree::new(fd);
     let mut engine =
         apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
-    let mut summary = UnpackSummary::default();
     // Declared file sizes may not add up to more than the filesystem has free.
-    let mut room = rustix::fs::fstatvfs(tree.root())
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-        .unwrap_or(u64::MAX);
-    for (i, layer) in layers.iter().enumerate() {
-        let started = std::time::Instant::now();
-        let applied = apply(i, &mut engine, layer, &mut room)?;
-        if cancel.load(Ordering::Relaxed) {
-            return Err(stopped().into());
+    let room = AtomicU64::new(
+        rustix::fs::fstatvfs(tree.root())
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(u64::MAX),
+    );
+    let abort = AtomicBool::new(false);
+    let slots = Slots {
+        state: Mutex::new((1, 0)),
+        cond: std::sync::Condvar::new(),
+        cap: MAX_STAGING,
+    };
+    let result = std::thread::scope(|s| {
+        let mut staged = Vec::new();
+        for (i, layer) in layers.iter().enumerate().skip(1) {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            staged.push(rx);
+            let (room, abort, slots) = (&room, &abort, &slots);
+            let dir = staged_dir(root, i);
+            s.spawn(move || {
+                let stop = || abort.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
+                let out = match slots.acquire(i, stop) {
+                    None => Staging1::End(StreamEnd::Failed(stopped())),
+                    Some(_slot) => {
+                        stage_layer(i, layer, &dir, opts, feed, cancel, abort, room, on_staged)
+                    }
+                };
+                // The receiver is gone only when the merge has already failed.
+                let _ = tx.send(out);
+            });
         }
-        tracing::info!(layer = %layer.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), "layer applied");
-        summary.layers += 1;
-        summary.entries += applied.entries;
-        on_layer(i, layer, applied);
+        let r = merge_in_order(
+            root,
+            &mut engine,
+            layers,
+            staged,
+            feed,
+            cancel,
+            &abort,
+            &room,
+            on_layer,
+            on_staged,
+        );
+        if r.is_err() {
+            // Stop the staging threads: at their next entry, and readers waiting for bytes.
+            abort.store(true, Ordering::Relaxed);
+            if let Feed::Following(w) = feed {
+                w.stop();
+            }
+        }
+        r
+    });
+    for i in 1..layers.len() {
+        let dir = staged_dir(root, i);
+        if dir.exists() {
+            if let Err(e) = remove_staged(&dir) {
+                tracing::warn!(error = %e, "cannot remove a layer's staging tree");
+            }
+        }
     }
-    settle()?;
+    let mut summary = result?;
     engine.finish().map_err(|f| {
         f.into_error(
             &layers.last().map_or_else(|| Digest::of(b""), |l| l.digest),
@@ -503,14 +703,145 @@ fn unpack_each(
     Ok(summary)
 }
 
+/// The merging side of [`unpack_layers`]: the bottom layer into the tree, then each
+/// staged one, in order.
+#[allow(clippy::too_many_arguments)]
+fn merge_in_order(
+    root: &Path,
+    engine: &mut apply::Engine<'_>,
+    layers: &[Layer],
+    staged: Vec<std::sync::mpsc::Receiver<Staging1>>,
+    feed: Feed<'_>,
+    cancel: &Arc<AtomicBool>,
+    abort: &AtomicBool,
+    room: &AtomicU64,
+    on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
+) -> std::result::Result<UnpackSummary, StreamEnd> {
+    let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
+    let mut summary = UnpackSummary::default();
+    let mut done = |i: usize, applied: Applied, summary: &mut UnpackSummary| {
+        summary.layers += 1;
+        summary.entries += applied.entries;
+        on_layer(i, &layers[i], applied);
+    };
+    // Applied directly, from the verified blob file (its bytes are trusted).
+    let direct = |engine: &mut apply::Engine<'_>, layer: &Layer| {
+        let file =
+            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+        let mut used = 0;
+        apply_layer(engine, file, layer, room, &mut used, abort).map_err(|s| match s {
+            Stop::Error(e) => StreamEnd::Failed(e),
+            Stop::Taint(why) => StreamEnd::Failed(Error::Internal(format!(
+                "layer {}: the direct apply cannot be tainted ({why})",
+                layer.digest
+            ))),
+        })
+    };
+    let Some(bottom) = layers.first() else {
+        return Ok(summary);
+    };
+    // The bottom layer: its staging tree is the merged tree itself.
+    let started = std::time::Instant::now();
+    let (blob, followed) = feed.open(bottom, cancel)?;
+    let mut used = 0;
+    let applied = match apply_layer(engine, blob, bottom, room, &mut used, abort) {
+        Ok(a) => a,
+        Err(Stop::Error(e)) => return Err(judged(e, &followed, bottom, cancel)),
+        Err(Stop::Taint(why)) => {
+            return Err(StreamEnd::Failed(Error::Internal(format!(
+                "layer {}: the bottom layer cannot be tainted ({why})",
+                bottom.digest
+            ))))
+        }
+    };
+    on_staged(0, bottom, applied);
+    feed.trusted(bottom, cancel)?;
+    tracing::info!(layer = %bottom.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), "layer applied (the bottom one)");
+    summary.layers_merged += 1;
+    done(0, applied, &mut summary);
+    for (k, rx) in staged.into_iter().enumerate() {
+        let i = k + 1;
+        let layer = &layers[i];
+        let out = rx.recv().map_err(|_| {
+            StreamEnd::Failed(Error::Internal(format!(
+                "the staging thread of layer {} ended without a result",
+                layer.digest
+            )))
+        })?;
+        let started = std::time::Instant::now();
+        let dir = staged_dir(root, i);
+        let (applied, how) = match out {
+            Staging1::End(e) => return Err(e),
+            Staging1::Staged(st, applied) => {
+                feed.trusted(layer, cancel)?;
+                let as_error = |f: Fail| f.into_error(&layer.digest, None);
+                match engine.precheck(&st.stage).map_err(as_error)? {
+                    None => {
+                        let sfd = open_dir(&dir)?;
+                        engine.merge(sfd, &st).map_err(as_error)?;
+                        remove_staged(&dir)?;
+                        summary.layers_merged += 1;
+                        (applied, "merged")
+                    }
+                    Some(why) => {
+                        tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
+                        remove_staged(&dir)?;
+                        summary.layers_direct += 1;
+                        (direct(engine, layer)?, "applied directly")
+                    }
+                }
+            }
+            Staging1::Tainted(why, used) => {
+                tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
+                feed.trusted(layer, cancel)?;
+                remove_staged(&dir)?;
+                room.fetch_add(used, Ordering::Relaxed);
+                summary.layers_direct += 1;
+                (direct(engine, layer)?, "applied directly")
+            }
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(stopped().into());
+        }
+        tracing::info!(layer = %layer.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), how, "layer in");
+        done(i, applied, &mut summary);
+    }
+    if let Feed::Following(w) = feed {
+        if w.restarted_under_reader() {
+            return Err(StreamEnd::Fallback(
+                "a layer was fetched again after part of it had been unpacked".into(),
+            ));
+        }
+    }
+    Ok(summary)
+}
+
+/// Why [`apply_layer`] stopped.
+pub(crate) enum Stop {
+    /// Staging: the layer must be applied directly instead (why).
+    Taint(String),
+    /// It failed.
+    Error(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Error(e)
+    }
+}
+
 /// Applies one layer read from `blob` (a verified file, or the prefix of a fetch in
-/// progress), checking its diff_id at the end.
+/// progress), checking its diff_id at the end. Declared file sizes are taken from `room`
+/// (and added to `used`); stops once `abort` (or the engine's cancel) is set.
 pub(crate) fn apply_layer<R: Read>(
     engine: &mut apply::Engine<'_>,
     blob: R,
     layer: &Layer,
-    room: &mut u64,
-) -> Result<Applied> {
+    room: &AtomicU64,
+    used: &mut u64,
+    abort: &AtomicBool,
+) -> std::result::Result<Applied, Stop> {
     let bad = |reason: String| Error::Layer {
         layer: layer.digest,
         entry: None,
@@ -533,41 +864,47 @@ pub(crate) fn apply_layer<R: Read>(
             .entries()
             .map_err(|e| bad(format!("cannot read the tar stream: {e}")))?;
         loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::io(
-                    "unpack",
-                    &layer.path,
-                    io::ErrorKind::Interrupted.into(),
-                ));
+            if cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+                return Err(
+                    Error::io("unpack", &layer.path, io::ErrorKind::Interrupted.into()).into(),
+                );
             }
             left.set(targuard::META_BUDGET);
             let mut entry = match entries.next() {
                 None => break,
                 Some(Ok(e)) => e,
-                Some(Err(e)) => return Err(bad(format!("tar stream, after {count} entries: {e}"))),
+                Some(Err(e)) => {
+                    return Err(bad(format!("tar stream, after {count} entries: {e}")).into())
+                }
             };
             count += 1;
             if count > targuard::MAX_ENTRIES {
-                return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)));
+                return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)).into());
             }
             left.set(targuard::META_BUDGET.saturating_add(entry.size()));
             let meta = match targuard::meta(&mut entry) {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
                 // The reason names the entry.
-                Err(reason) => return Err(Fail::Bad(reason).into_error(&layer.digest, None)),
+                Err(reason) => {
+                    return Err(Fail::Bad(reason).into_error(&layer.digest, None).into())
+                }
             };
-            if meta.size > *room {
+            if let Err(available) = room.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                r.checked_sub(meta.size)
+            }) {
                 return Err(Error::NoSpace {
                     path: layer.path.clone(),
                     needed: meta.size,
-                    available: Some(*room),
-                });
+                    available: Some(available),
+                }
+                .into());
             }
-            *room -= meta.size;
-            engine
-                .apply(&meta, &mut entry)
-                .map_err(|f| f.into_error(&layer.digest, Some(&meta.path)))?;
+            *used += meta.size;
+            engine.apply(&meta, &mut entry).map_err(|f| match f {
+                Fail::Taint(why) => Stop::Taint(why),
+                f => Stop::Error(f.into_error(&layer.digest, Some(&meta.path))),
+            })?;
         }
     }
     left.set(u64::MAX);
@@ -584,7 +921,8 @@ pub(crate) fn apply_layer<R: Read>(
             ),
             expected: layer.diff_id,
             actual,
-        });
+        }
+        .into());
     }
     Ok(Applied {
         entries: count,

@@ -86,6 +86,7 @@ impl Session {
                 opts,
                 &cancel,
                 &mut layer_event(&reporter),
+                &staged_event(&reporter),
             )
         });
         Ok(Session {
@@ -224,7 +225,14 @@ async fn from_verified(
     tokio::task::spawn_blocking(move || {
         // Held while the tree is written: dropping the staging directory waits for it.
         let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
-        super::unpack(&root, &layers, opts, &cancel, &mut layer_event(&reporter))
+        super::unpack(
+            &root,
+            &layers,
+            opts,
+            &cancel,
+            &mut layer_event(&reporter),
+            &staged_event(&reporter),
+        )
     })
     .await
     .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
@@ -237,6 +245,17 @@ fn joined(r: std::result::Result<Outcome, tokio::task::JoinError>) -> Outcome {
             "unpacking thread: {e}"
         ))))
     })
+}
+
+/// Reports each layer's staging tree complete ([`EventKind::LayerStaged`]).
+fn staged_event(reporter: &PullReporter) -> impl Fn(usize, &Layer, super::Applied) + Sync + '_ {
+    move |index, layer, applied| {
+        reporter.report(EventKind::LayerStaged {
+            index,
+            digest: layer.digest,
+            entries: applied.entries,
+        })
+    }
 }
 
 /// Reports each layer unpacked ([`EventKind::LayerApplied`]).
