@@ -32,7 +32,9 @@
 //!   symlink at that path);
 //! - a hard link to anything this layer did not write before it (a lower layer's file: a
 //!   cross-layer hard link);
-//! - a whiteout in a directory this layer did not make before it;
+//! - a whiteout in a directory this layer did not make before it, or of a directory it made
+//!   before it, or an opaque marker after a subdirectory of its directory (umoci prunes
+//!   the lower entries beneath those, which gives them the current mtime);
 //!
 //! and before merging, against the merged tree ([`Engine::precheck`]):
 //! - an implicit directory where the lower tree has a symlink or a non-directory (umoci
@@ -174,8 +176,31 @@ impl Stage {
         };
         if target == b".wh..opq" {
             rec.opaque = true;
-        } else {
-            rec.whiteouts.push(target.to_vec());
+            if let Some(sub) = self
+                .dirs
+                .keys()
+                .find(|p| p.len() > dir.len() && p.starts_with(dir))
+            {
+                // umoci prunes the lower entries beneath it, which gives it the current
+                // mtime, if there were any.
+                return Err(taint(format!(
+                    "opaque marker in {:?} after its subdirectory {:?}",
+                    show(&resolve::join(dir)),
+                    show(&resolve::join(sub))
+                )));
+            }
+            return Ok(());
+        }
+        rec.whiteouts.push(target.to_vec());
+        let mut t = dir.to_vec();
+        t.push(target.to_vec());
+        if self.dirs.contains_key(&t) {
+            // umoci prunes the lower entries beneath it, which changes its mtime (and
+            // that of its subdirectories) to now, if there were any.
+            return Err(taint(format!(
+                "whiteout of {:?}, a directory the layer wrote before it",
+                show(&resolve::join(&t))
+            )));
         }
         Ok(())
     }
@@ -449,4 +474,333 @@ fn xattrs(fd: &OwnedFd) -> Result<Vec<Xattr>, Fail> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Staging and merging against the reference, the direct apply of every layer in
+    //! order onto one tree (itself checked against umoci in tests/it/rootfs.rs): the same
+    //! tree, path by path, and the layers that had to be applied directly are the ones
+    //! the taint rules name.
+
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use crate::digest::Digest;
+    use crate::unpack::{unpack, unpack_direct, Layer, Options};
+
+    /// One tar entry: (type flag, name, link target, mode, mtime, data).
+    type E<'a> = (u8, &'a str, &'a str, u32, u64, &'a [u8]);
+
+    const T: u64 = 1_600_000_000;
+
+    fn f<'a>(name: &'a str, data: &'a [u8]) -> E<'a> {
+        (b'0', name, "", 0o644, T, data)
+    }
+    fn d(name: &str, mode: u32, mtime: u64) -> E<'_> {
+        (b'5', name, "", mode, mtime, b"")
+    }
+    fn sl<'a>(name: &'a str, target: &'a str) -> E<'a> {
+        (b'2', name, target, 0o777, T, b"")
+    }
+    fn hl<'a>(name: &'a str, target: &'a str) -> E<'a> {
+        (b'1', name, target, 0o644, T, b"")
+    }
+
+    fn tar(entries: &[E<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for &(flag, name, link, mode, mtime, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            {
+                let old = h.as_old_mut();
+                old.name[..name.len()].copy_from_slice(name.as_bytes());
+                old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            h.set_entry_type(tar::EntryType::new(flag));
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(mtime);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).expect("tar into memory");
+        }
+        b.into_inner().expect("tar into memory")
+    }
+
+    /// Every path beneath `root`: type, mode, owner, size and content, link target, nlink,
+    /// mtime (not for directories made with the current time: implicit ones), xattrs.
+    fn snapshot(root: &Path) -> BTreeMap<String, String> {
+        let recent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            - 3600;
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let md = std::fs::symlink_metadata(&p).expect("lstat");
+            let rel = p.strip_prefix(root).expect("beneath").display().to_string();
+            let mut line = format!(
+                "{:?} mode={:o} {}:{}",
+                md.file_type(),
+                md.mode() & 0o7777,
+                md.uid(),
+                md.gid()
+            );
+            if md.is_file() {
+                line += &format!(" data={:?}", std::fs::read(&p).expect("read"));
+            }
+            if md.file_type().is_symlink() {
+                line += &format!(" -> {:?}", std::fs::read_link(&p).expect("readlink"));
+            }
+            if !md.is_dir() {
+                line += &format!(" nlink={}", md.nlink());
+            }
+            if !(md.is_dir() && md.mtime() as u64 > recent) {
+                line += &format!(" mtime={}.{}", md.mtime(), md.mtime_nsec());
+            }
+            let mut names: Vec<_> = xattr_names(&p);
+            names.sort();
+            line += &format!(" xattrs={names:?}");
+            out.insert(rel, line);
+            if md.is_dir() {
+                for e in std::fs::read_dir(&p).expect("readdir") {
+                    stack.push(e.expect("entry").path());
+                }
+            }
+        }
+        out
+    }
+
+    fn xattr_names(p: &Path) -> Vec<String> {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        let mut buf = vec![0u8; 4096];
+        let n = rustix::fs::llistxattr(&c, &mut buf[..]).unwrap_or(0);
+        buf[..n]
+            .split(|&b| b == 0)
+            .filter(|k| !k.is_empty() && !k.starts_with(b"security."))
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    /// Unpacks `layers` both ways; asserts the same tree and `direct` layers applied
+    /// directly.
+    fn check(name: &str, layers: &[Vec<E<'_>>], direct: usize) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layers: Vec<Layer> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, entries)| {
+                let t = tar(entries);
+                let path = dir.path().join(format!("blob-{i}"));
+                std::fs::write(&path, &t).expect("write blob");
+                Layer {
+                    digest: Digest::of(format!("{name} {i}").as_bytes()),
+                    media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                    path,
+                    diff_id: Digest::of(&t),
+                }
+            })
+            .collect();
+        // As this process is, and rootless (directory modes set at the end, by inode).
+        for (k, opts) in [
+            Options::detect(),
+            Options {
+                rootless: true,
+                partial_rootless: true,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!("{name} ({opts:?})");
+            same_both_ways(&name, dir.path(), k, &layers, opts, direct);
+        }
+    }
+
+    fn same_both_ways(
+        name: &str,
+        dir: &Path,
+        k: usize,
+        layers: &[Layer],
+        opts: Options,
+        direct: usize,
+    ) {
+        let top = dir.join(format!("merged-{k}"));
+        std::fs::create_dir(&top).expect("mkdir");
+        let merged = top.join("rootfs");
+        let cancel = Arc::new(AtomicBool::new(false));
+        let summary = unpack(
+            &merged,
+            layers,
+            opts,
+            &cancel,
+            &mut |_, _, _| {},
+            &|_, _, _| {},
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reference = dir.join(format!("direct-{k}"));
+        unpack_direct(&reference, layers, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (a, b) = (snapshot(&merged), snapshot(&reference));
+        for k in a.keys().chain(b.keys()) {
+            assert_eq!(a.get(k), b.get(k), "{name}: {k:?} (merged, direct)");
+        }
+        assert_eq!(
+            (summary.layers_merged, summary.layers_direct),
+            (layers.len() - direct, direct),
+            "{name}: layers merged, applied directly"
+        );
+        let left: Vec<_> = std::fs::read_dir(&top)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["rootfs"], "{name}: staging trees left");
+    }
+
+    #[test]
+    fn merged_layers_give_the_direct_apply_tree() {
+        let base = vec![
+            d("d/", 0o755, T + 1),
+            f("d/a", b"a"),
+            f("d/b", b"b"),
+            d("d/s/", 0o750, T + 2),
+            f("d/s/old", b"old"),
+            d("target/", 0o755, T + 3),
+            f("target/f", b"f"),
+            sl("link", "target"),
+            sl("s", "x"),
+            d("dd/", 0o755, T + 4),
+            f("dd/f", b"f"),
+            f("file", b"lower"),
+            hl("file-link", "file"),
+            d("p/", 0o711, T + 5),
+            f("p/a", b"a"),
+        ];
+        let merged = |upper: Vec<E<'static>>| vec![base.clone(), upper];
+        // Merged.
+        check(
+            "whiteout after its re-creation",
+            &merged(vec![
+                d("d/", 0o700, T + 10),
+                f("d/y", b"y"),
+                f(".wh.d", b""),
+            ]),
+            1,
+        );
+        check(
+            "whiteout before its re-creation",
+            &merged(vec![
+                f(".wh.d", b""),
+                d("d/", 0o700, T + 10),
+                f("d/y", b"y"),
+            ]),
+            0,
+        );
+        check(
+            "opaque after an explicit subdirectory",
+            &merged(vec![
+                d("d/", 0o755, T + 10),
+                d("d/s/", 0o700, T + 11),
+                f("d/s/new", b"n"),
+                f("d/.wh..wh..opq", b""),
+                f("d/later", b"l"),
+            ]),
+            1,
+        );
+        check(
+            "opaque before an explicit subdirectory",
+            &merged(vec![
+                d("d/", 0o755, T + 10),
+                f("d/.wh..wh..opq", b""),
+                d("d/s/", 0o700, T + 11),
+                f("d/s/new", b"n"),
+                f("d/later", b"l"),
+            ]),
+            0,
+        );
+        check(
+            "directory over a symlink, file over a symlink, symlink over a directory",
+            &merged(vec![
+                d("link/", 0o755, T + 10),
+                f("link/g", b"g"),
+                f("s", b"now a file"),
+                sl("dd", "/"),
+            ]),
+            0,
+        );
+        check(
+            "root entry, hard links within the layer over a lower hard-linked file",
+            &merged(vec![
+                d("./", 0o700, T + 20),
+                f("file", b"upper"),
+                hl("file2", "file"),
+                d("p/", 0o555, T + 21),
+                f("p/b", b"b"),
+                d("ro/", 0o500, T + 22),
+                f("ro/x", b"x"),
+            ]),
+            0,
+        );
+        check(
+            "implicit lower directories kept, plain whiteouts of files and directories",
+            &merged(vec![f("d/s/c", b"c"), f("d/.wh.a", b""), f(".wh.dd", b"")]),
+            0,
+        );
+        // Applied directly (tainted).
+        check(
+            "implicit directory through a lower symlink",
+            &merged(vec![f("link/g", b"g")]),
+            1,
+        );
+        check(
+            "directory header after its entries",
+            &merged(vec![f("link/g", b"g"), d("link/", 0o700, T + 10)]),
+            1,
+        );
+        check(
+            "hard link to a lower layer's file",
+            &merged(vec![hl("again", "file")]),
+            1,
+        );
+        check(
+            "an entry replaced within the layer",
+            &merged(vec![f("n", b"1"), d("n/", 0o755, T + 10), f("n/x", b"x")]),
+            1,
+        );
+        check(
+            "whiteout of a directory made only as a parent",
+            &merged(vec![f("p/b", b"b"), f(".wh.p", b"")]),
+            1,
+        );
+        check(
+            "opaque directory with an implicit directory beneath",
+            &merged(vec![
+                d("d/", 0o755, T + 10),
+                f("d/.wh..wh..opq", b""),
+                f("d/s/new", b"n"),
+            ]),
+            1,
+        );
+        check(
+            "whiteout in a directory the layer did not make",
+            &merged(vec![f("target/.wh.f", b"")]),
+            1,
+        );
+        // Several layers: merged ones after direct ones.
+        check(
+            "merged after direct",
+            &[
+                base.clone(),
+                vec![hl("again", "file")],
+                vec![f(".wh.again", b""), d("d/", 0o700, T + 30)],
+                vec![f("link/g", b"g")],
+                vec![f("target/g", b"replaced"), f(".wh.s", b"")],
+            ],
+            2,
+        );
+    }
 }

@@ -5,34 +5,40 @@
 //!
 //! The blobs are fetched and verified by the ordinary pull into a scratch OCI layout inside
 //! a staging directory beside the destination, `ROOTFS/../.NAME.fastpull-XXXX/` (mode 0700,
-//! same filesystem), and the layers are unpacked *while they download*: a blocking task
-//! ([`unpack_streaming`]) waits for the config's fetch to verify it (its `rootfs.diff_ids`
-//! are trusted only then), then takes the layers in manifest order, each as soon as its
-//! first bytes are written:
+//! same filesystem), and the layers are unpacked *while they download*, all at once: a
+//! blocking task ([`unpack_streaming`]) waits for the config's fetch to verify it (its
+//! `rootfs.diff_ids` are trusted only then), then unpacks the bottom layer into
+//! `STAGING/rootfs` (the merged tree) and starts a thread for every other layer (at most 16
+//! at a time, in layer order) that unpacks it alone into its own tree, `STAGING/staged-N`,
+//! each as soon as its first bytes are written:
 //!
 //! ```text
 //! blob's contiguous written prefix (PrefixReader, blocks for more)
 //!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
 //!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
-//!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
+//!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into its tree
 //! ```
 //!
-//! The reader ([`crate::prefix::PrefixReader`]) is the second in-order consumer of the
-//! blob beside its hasher: it reads the bytes the fetch has written without a gap, through
-//! the blob's map, and never holds the download back (a slow unpack leaves the bytes in
-//! the file). Each layer's diff_id is compared once its stream is read to the end (trailing
-//! bytes included, as umoci hashes them); its compressed digest is the fetch's business, as
-//! for any pull. So layer *n* is unpacked while layers *n+1…* are still on the wire, and
-//! little is left to do after the last byte. Layers are still applied one after the other
-//! into one tree: per-layer staging trees unpacked in parallel and merged (DESIGN.md §4)
-//! are not built yet.
+//! The reader ([`crate::prefix::PrefixReader`]) is an in-order consumer of the blob beside
+//! its hasher: it reads the bytes the fetch has written without a gap, through the blob's
+//! map, and never holds the download back (a slow unpack leaves the bytes in the file).
+//! Each layer's diff_id is compared once its stream is read to the end (trailing bytes
+//! included, as umoci hashes them). Then, in layer order, once a layer's blob is verified
+//! (its compressed digest: the fetch's check), its diff_id matched and the layers below
+//! are in, its tree is merged onto `STAGING/rootfs` by renames of whole subtrees, never
+//! copies ([`merge`](self::merge), DESIGN.md §4). A layer whose result would depend on the
+//! layers below in a way its own tree cannot show (a hard link to a lower layer's file, a
+//! directory made only as a parent where a lower layer has a symlink, …: the taint rules
+//! in [`merge`](self::merge)) is instead applied directly onto the merged tree, entry by
+//! entry, from its verified blob file. So a small layer never waits for a large one below
+//! it, and little is left to do after the last byte.
 //!
 //! What a stream read is trusted for: a layer that fails (bad tar, diff_id mismatch) while
 //! its blob is still unverified fails the pull only once that same fetch verifies. If the
 //! fetch does not verify (it is fetched again: a repair), or a blob is fetched again after
-//! the reader consumed part of it, the streamed tree is thrown away and, once every blob is
-//! verified, built again from the verified blob files into a fresh tree (the simplest
-//! correct choice; repairs are rare). The last step (directory modes, rootless) waits until
+//! the reader consumed part of it, the streamed trees are thrown away and, once every blob
+//! is verified, built again (staged and merged the same way) from the verified blob files
+//! into a fresh tree (the simplest correct choice; repairs are rare). The last step (directory modes, rootless) waits until
 //! every layer's blob is verified.
 //!
 //! Nothing becomes visible before every blob's digest and every layer's diff_id are
@@ -596,32 +602,7 @@ fn unpack_layers(
     if cancel.load(Ordering::Relaxed) {
         return Err(stopped().into());
     }
-    rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
-        .map_err(|e| Error::io("create directory", root, e.into()))?;
-    let fd = open_dir(root)?;
-    // umoci: 0755, root:root, mtime at the epoch.
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
-        .map_err(|e| Error::io("chmod", root, e.into()))?;
-    if !opts.rootless {
-        rustix::fs::fchown(
-            &fd,
-            Some(rustix::fs::Uid::ROOT),
-            Some(rustix::fs::Gid::ROOT),
-        )
-        .map_err(|e| Error::io("chown", root, e.into()))?;
-    }
-    let epoch = rustix::fs::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    rustix::fs::futimens(
-        &fd,
-        &Timestamps {
-            last_access: epoch,
-            last_modification: epoch,
-        },
-    )
-    .map_err(|e| Error::io("set times of", root, e.into()))?;
+    let fd = make_root(root, opts)?;
     let tree = resolve::Tree::new(fd);
     let mut engine =
         apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
@@ -701,6 +682,60 @@ fn unpack_layers(
         );
     }
     Ok(summary)
+}
+
+/// Makes `root` as umoci does: 0755, root:root (unless rootless), mtime at the epoch.
+fn make_root(root: &Path, opts: Options) -> Result<OwnedFd> {
+    rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
+        .map_err(|e| Error::io("create directory", root, e.into()))?;
+    let fd = open_dir(root)?;
+    // umoci: 0755, root:root, mtime at the epoch.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+        .map_err(|e| Error::io("chmod", root, e.into()))?;
+    if !opts.rootless {
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::ROOT),
+            Some(rustix::fs::Gid::ROOT),
+        )
+        .map_err(|e| Error::io("chown", root, e.into()))?;
+    }
+    let epoch = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::fs::futimens(
+        &fd,
+        &Timestamps {
+            last_access: epoch,
+            last_modification: epoch,
+        },
+    )
+    .map_err(|e| Error::io("set times of", root, e.into()))?;
+    Ok(fd)
+}
+
+/// The reference the merge is checked against in tests: every layer applied directly, in
+/// order, from its file, onto one tree.
+#[cfg(test)]
+pub(crate) fn unpack_direct(root: &Path, layers: &[Layer], opts: Options) -> Result<()> {
+    let fd = make_root(root, opts)?;
+    let tree = resolve::Tree::new(fd);
+    let cancel = AtomicBool::new(false);
+    let mut engine =
+        apply::Engine::new(&tree, opts, &cancel).map_err(|e| Error::io("stat", root, e))?;
+    let room = AtomicU64::new(u64::MAX);
+    for layer in layers {
+        let file =
+            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+        apply_layer(&mut engine, file, layer, &room, &mut 0, &cancel).map_err(|s| match s {
+            Stop::Error(e) => e,
+            Stop::Taint(why) => Error::Internal(why),
+        })?;
+    }
+    engine
+        .finish()
+        .map_err(|f| f.into_error(&Digest::of(b""), None))
 }
 
 /// The merging side of [`unpack_layers`]: the bottom layer into the tree, then each
