@@ -118,8 +118,10 @@ pub enum EventKind {
     /// uncompressed bytes match its diff_id. Layers are staged at once, each as its bytes
     /// arrive, so these come in any order, and may come before the layer's `BlobDone`
     /// (its compressed digest is checked before it is merged). The bottom layer's tree is
-    /// the merged tree itself. A layer whose result depends on the layers below is not
-    /// staged (no event) but applied directly ([`EventKind::LayerApplied`] only).
+    /// the merged tree itself. A layer whose result depends on the layers below is applied
+    /// directly instead, from its verified blob: found while staging, it sends no such
+    /// event; found before its merge, it has sent one. The pull's
+    /// [`crate::UnpackSummary`] counts the layers merged and applied directly.
     LayerStaged {
         /// Position of the layer in the manifest (0 is the bottom layer).
         index: usize,

@@ -461,9 +461,9 @@ fn judged(e: Error, followed: &Followed, layer: &Layer, cancel: &AtomicBool) -> 
 const MAX_STAGING: usize = 16;
 
 /// How staging a layer ended.
-enum Staging1 {
-    /// Its tree is complete and its diff_id matched.
-    Staged(Box<merge::Staged>, Applied),
+enum StageEnd {
+    /// Its tree is complete and its diff_id matched (free space its files took).
+    Staged(Box<merge::Staged>, Applied, u64),
     /// It must be applied directly (why; free space its staging took).
     Tainted(String, u64),
     /// It failed, or the stream cannot be trusted.
@@ -552,35 +552,35 @@ fn stage_layer(
     abort: &AtomicBool,
     room: &AtomicU64,
     on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
-) -> Staging1 {
+) -> StageEnd {
     let made = rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", dir, e.into()))
         .and_then(|()| open_dir(dir));
     let fd = match made {
         Ok(fd) => fd,
-        Err(e) => return Staging1::End(e.into()),
+        Err(e) => return StageEnd::End(e.into()),
     };
     let tree = resolve::Tree::new(fd);
     let mut engine = match apply::Engine::staging(&tree, opts, cancel) {
         Ok(e) => e,
-        Err(e) => return Staging1::End(Error::io("stat", dir, e).into()),
+        Err(e) => return StageEnd::End(Error::io("stat", dir, e).into()),
     };
     let (blob, followed) = match feed.open(layer, cancel) {
         Ok(x) => x,
-        Err(e) => return Staging1::End(e),
+        Err(e) => return StageEnd::End(e),
     };
     let mut used = 0;
     match apply_layer(&mut engine, blob, layer, room, &mut used, abort) {
         Ok(applied) => {
             on_staged(i, layer, applied);
-            Staging1::Staged(Box::new(engine.into_staged()), applied)
+            StageEnd::Staged(Box::new(engine.into_staged()), applied, used)
         }
-        Err(Stop::Taint(why)) => Staging1::Tainted(why, used),
+        Err(Stop::Taint(why)) => StageEnd::Tainted(why, used),
         // A filesystem failure in a tree of its own: the direct apply says what it is.
         Err(Stop::Error(e @ Error::Unpack { .. })) => {
-            Staging1::Tainted(format!("staging it alone failed: {e}"), used)
+            StageEnd::Tainted(format!("staging it alone failed: {e}"), used)
         }
-        Err(Stop::Error(e)) => Staging1::End(judged(e, &followed, layer, cancel)),
+        Err(Stop::Error(e)) => StageEnd::End(judged(e, &followed, layer, cancel)),
     }
 }
 
@@ -628,7 +628,7 @@ fn unpack_layers(
             s.spawn(move || {
                 let stop = || abort.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
                 let out = match slots.acquire(i, stop) {
-                    None => Staging1::End(StreamEnd::Failed(stopped())),
+                    None => StageEnd::End(StreamEnd::Failed(stopped())),
                     Some(_slot) => {
                         stage_layer(i, layer, &dir, opts, feed, cancel, abort, room, on_staged)
                     }
@@ -745,7 +745,7 @@ fn merge_in_order(
     root: &Path,
     engine: &mut apply::Engine<'_>,
     layers: &[Layer],
-    staged: Vec<std::sync::mpsc::Receiver<Staging1>>,
+    staged: Vec<std::sync::mpsc::Receiver<StageEnd>>,
     feed: Feed<'_>,
     cancel: &Arc<AtomicBool>,
     abort: &AtomicBool,
@@ -807,8 +807,8 @@ fn merge_in_order(
         let started = std::time::Instant::now();
         let dir = staged_dir(root, i);
         let (applied, how) = match out {
-            Staging1::End(e) => return Err(e),
-            Staging1::Staged(st, applied) => {
+            StageEnd::End(e) => return Err(e),
+            StageEnd::Staged(st, applied, used) => {
                 feed.trusted(layer, cancel)?;
                 let as_error = |f: Fail| f.into_error(&layer.digest, None);
                 match engine.precheck(&st.stage).map_err(as_error)? {
@@ -822,12 +822,13 @@ fn merge_in_order(
                     Some(why) => {
                         tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
                         remove_staged(&dir)?;
+                        room.fetch_add(used, Ordering::Relaxed);
                         summary.layers_direct += 1;
                         (direct(engine, layer)?, "applied directly")
                     }
                 }
             }
-            Staging1::Tainted(why, used) => {
+            StageEnd::Tainted(why, used) => {
                 tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
                 feed.trusted(layer, cancel)?;
                 remove_staged(&dir)?;

@@ -39,10 +39,11 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// Starts unpacking `m`'s layers into the staging tree while they download: a blocking
-    /// task that reads the config once it is verified, then each layer, in order, from its
-    /// fetch's written prefix (see [`super::unpack_streaming`]). `all` are the pull's blobs,
-    /// `present` those already verified on disk.
+    /// Starts unpacking `m`'s layers into the staging directory while they download: a
+    /// blocking task that reads the config once it is verified, then unpacks every layer at
+    /// once from its fetch's written prefix, each into its own tree, and merges them in
+    /// order (see [`super::unpack_streaming`]). `all` are the pull's blobs, `present` those
+    /// already verified on disk.
     pub(crate) fn start(
         layout: &Layout,
         m: &Manifest,
