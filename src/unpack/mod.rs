@@ -553,6 +553,12 @@ fn stage_layer(
     room: &AtomicU64,
     on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> StageEnd {
+    // What an earlier attempt (another endpoint) may have left.
+    if dir.exists() {
+        if let Err(e) = remove_staged(dir) {
+            return StageEnd::End(e.into());
+        }
+    }
     let made = rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", dir, e.into()))
         .and_then(|()| open_dir(dir));
