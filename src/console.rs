@@ -212,6 +212,8 @@ impl Console {
                     "unpacked": report.unpacked.as_ref().map(|u| json!({
                         "path": report.rootfs.as_ref().map(|p| p.display().to_string()),
                         "layers": u.layers,
+                        "merged": u.layers_merged,
+                        "direct": u.layers_direct,
                         "entries": u.entries,
                         "devices_emulated": u.devices_emulated,
                         "xattrs_skipped": u.xattrs_skipped,
@@ -578,6 +580,16 @@ impl Reporter for Console {
                 Mode::Lines => self.line(&format!("{}: Unpacked", digest.short())),
                 _ => {}
             },
+            EventKind::LayerStaged {
+                index,
+                digest,
+                entries,
+            } if self.mode == Mode::Json => self.json(json!({
+                "event": "layer_staged",
+                "index": index,
+                "digest": digest.to_string(),
+                "entries": entries,
+            })),
             _ => {}
         }
     }

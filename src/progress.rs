@@ -137,12 +137,27 @@ pub enum EventKind {
         /// Blob digest.
         digest: Digest,
     },
-    /// `--format rootfs`: a layer is unpacked into the staging tree and its uncompressed
-    /// bytes match its diff_id (sent in layer order; it may come before the layer's
-    /// `BlobDone`, since layers are unpacked while they download, and nothing is visible
-    /// until every layer and blob is verified). Should a layer's blob have to be fetched
-    /// again after part of it was unpacked, the layers are unpacked again from the
-    /// verified blobs, and reported again.
+    /// `--format rootfs`: a layer has been unpacked into a tree of its own and its
+    /// uncompressed bytes match its diff_id. Layers are staged at once, each as its bytes
+    /// arrive, so these come in any order, and may come before the layer's `BlobDone`
+    /// (its compressed digest is checked before it is merged). The bottom layer's tree is
+    /// the merged tree itself. A layer whose result depends on the layers below is applied
+    /// directly instead, from its verified blob: found while staging, it sends no such
+    /// event; found before its merge, it has sent one. The pull's
+    /// [`crate::UnpackSummary`] counts the layers merged and applied directly.
+    LayerStaged {
+        /// Position of the layer in the manifest (0 is the bottom layer).
+        index: usize,
+        /// The layer's blob digest.
+        digest: Digest,
+        /// Tar entries in it (whiteouts included).
+        entries: u64,
+    },
+    /// `--format rootfs`: a layer is in the private tree (merged from its staging tree, or
+    /// applied directly), its blob verified and its uncompressed bytes matching its
+    /// diff_id (sent in layer order; nothing is visible until every layer is in). Should a
+    /// layer's blob have to be fetched again after part of it was unpacked, the layers are
+    /// unpacked again from the verified blobs, and reported again.
     LayerApplied {
         /// Position of the layer in the manifest (0 is the bottom layer).
         index: usize,

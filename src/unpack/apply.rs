@@ -11,30 +11,31 @@ use rustix::fs::Timespec;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timestamps, XattrFlags};
 use rustix::io::Errno;
 
+use super::merge::Stage;
 use super::resolve::{self, cname, Tree};
 use super::targuard::{show, Kind, Meta, Time};
 use super::{Fail, Options};
 
 /// xattrs never set from a layer nor cleared from disk (umoci's `ignoreXattrs`).
-const IGNORED_XATTRS: [&[u8]; 2] = [b"security.selinux", b"system.nfs4_acl"];
+pub(super) const IGNORED_XATTRS: [&[u8]; 2] = [b"security.selinux", b"system.nfs4_acl"];
 /// The xattr rootless unpacking records ownership in (github.com/rootless-containers/proto).
 const ROOTLESS_XATTR: &[u8] = b"user.rootlesscontainers";
 /// `rootlesscontainers.NoopID`: "the real owner" (an id of 0 in the image).
 const NOOP_ID: u32 = u32::MAX;
 
 /// A file identity: (st_dev, st_ino).
-type Ino = (u64, u64);
+pub(super) type Ino = (u64, u64);
 
 // Stat's field types differ between architectures (u64 here, narrower elsewhere).
 #[allow(clippy::unnecessary_cast)]
-fn ino_of(st: &rustix::fs::Stat) -> Ino {
+pub(super) fn ino_of(st: &rustix::fs::Stat) -> Ino {
     (st.st_dev as u64, st.st_ino as u64)
 }
 
 /// The engine: the tree, and what one layer (and the whole image) has done so far.
 pub(crate) struct Engine<'t> {
-    tree: &'t Tree,
-    opts: Options,
+    pub(super) tree: &'t Tree,
+    pub(super) opts: Options,
     /// This layer's "upper" paths (umoci's `upperPaths`): (directory, name) of every entry
     /// it created, and every directory that is one of those entries or an ancestor of one.
     /// Whiteouts never remove them. Keyed by inode: a directory's path beneath the root
@@ -43,7 +44,7 @@ pub(crate) struct Engine<'t> {
     upper_dirs: HashSet<Ino>,
     /// Rootless: each directory's mode from the image, set at the end (until then it has
     /// u+rwx, so that later entries can go into it, as umoci's `unpriv.Wrap` allows).
-    dir_modes: HashMap<Ino, u32>,
+    pub(super) dir_modes: HashMap<Ino, u32>,
     root_ino: Ino,
     /// Device nodes written as empty files (rootless or in a user namespace).
     pub(crate) devices_emulated: u64,
@@ -52,7 +53,11 @@ pub(crate) struct Engine<'t> {
     enotsup_warned: bool,
     buf: Vec<u8>,
     /// Set when the pull is dropped (Ctrl-C): stop between two writes.
-    cancel: &'t AtomicBool,
+    pub(super) cancel: &'t AtomicBool,
+    /// Staging (a layer unpacked alone into its own tree, to be merged later): what the
+    /// merge needs, recorded as the entries go in; whiteouts are recorded, not applied.
+    /// `None`: entries are applied to the tree as they are (the direct apply).
+    pub(super) stage: Option<Stage>,
 }
 
 impl<'t> Engine<'t> {
@@ -74,7 +79,21 @@ impl<'t> Engine<'t> {
             enotsup_warned: false,
             buf: vec![0; 64 << 10],
             cancel,
+            stage: None,
         })
+    }
+
+    /// An engine that stages one layer alone into `tree` (empty), to be merged onto the
+    /// layers below it by [`Engine::merge`]. An entry whose result would depend on what the
+    /// layers below hold fails with [`Fail::Taint`].
+    pub(crate) fn staging(
+        tree: &'t Tree,
+        opts: Options,
+        cancel: &'t AtomicBool,
+    ) -> io::Result<Engine<'t>> {
+        let mut e = Engine::new(tree, opts, cancel)?;
+        e.stage = Some(Stage::default());
+        Ok(e)
     }
 
     /// The flag that stops unpacking.
@@ -92,10 +111,20 @@ impl<'t> Engine<'t> {
     pub(crate) fn apply(&mut self, m: &Meta, data: &mut dyn Read) -> Result<(), Fail> {
         let comps = resolve::clean(&m.path).map_err(Fail::Bad)?;
         let Some((name, dir)) = comps.split_last() else {
+            if let Some(stage) = self.stage.as_mut() {
+                stage.root_meta = true;
+            }
             return self.root_entry(m);
         };
         if let Some(target) = name.strip_prefix(b".wh.") {
+            whiteout_names_something(target)?;
+            if let Some(stage) = self.stage.as_mut() {
+                return stage.whiteout(dir, target);
+            }
             return self.whiteout(dir, target);
+        }
+        if let Some(stage) = self.stage.as_mut() {
+            stage.entry(&comps, m)?;
         }
         let mut made = Vec::new();
         let parent = self
@@ -106,6 +135,9 @@ impl<'t> Engine<'t> {
             // A new implicit directory: whatever mode an earlier inode of this number had
             // recorded does not apply.
             self.dir_modes.remove(&ino);
+            if let Some(stage) = self.stage.as_mut() {
+                stage.implicit_inos.push(ino);
+            }
         }
         let pst = rustix::fs::fstat(&parent).map_err(Fail::io_e("stat parent of"))?;
         let cn = cname(name).map_err(Fail::io("name"))?;
@@ -181,12 +213,6 @@ impl<'t> Engine<'t> {
     /// itself wrote (its upper paths) stays. A missing target is nothing to do.
     fn whiteout(&mut self, dir: &[Vec<u8>], target: &[u8]) -> Result<(), Fail> {
         let opaque = target == b".wh..opq";
-        if !opaque && matches!(target, b"" | b"." | b"..") {
-            return Err(Fail::Bad(format!(
-                "whiteout \".wh.{}\" names no file",
-                show(target)
-            )));
-        }
         let parent = match self.tree.open_dir(dir, false, &mut |_| {}) {
             Ok(fd) => fd,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
@@ -494,7 +520,7 @@ impl<'t> Engine<'t> {
         out
     }
 
-    fn set_xattr(&mut self, t: XattrTarget<'_>, k: &[u8], v: &[u8]) -> Result<(), Fail> {
+    pub(super) fn set_xattr(&mut self, t: XattrTarget<'_>, k: &[u8], v: &[u8]) -> Result<(), Fail> {
         let name = cname(k).map_err(Fail::io("xattr name"))?;
         let r = match t {
             XattrTarget::Fd(fd) => rustix::fs::fsetxattr(fd, &name, v, XattrFlags::empty()),
@@ -523,7 +549,7 @@ impl<'t> Engine<'t> {
 
     /// Removes every xattr but the ones never touched (a directory merged over an existing
     /// one gets exactly the new entry's xattrs).
-    fn clear_xattrs(&mut self, fd: BorrowedFd<'_>) -> Result<(), Fail> {
+    pub(super) fn clear_xattrs(&mut self, fd: BorrowedFd<'_>) -> Result<(), Fail> {
         let mut list = vec![0u8; 64 << 10];
         let n = match rustix::fs::flistxattr(fd, &mut list[..]) {
             Ok(n) => n,
@@ -588,14 +614,26 @@ impl<'t> Engine<'t> {
     }
 }
 
+/// `.wh.NAME` must name a file: not `""`, `.` or `..` (which would name the directory or
+/// its parent).
+fn whiteout_names_something(target: &[u8]) -> Result<(), Fail> {
+    if target != b".wh..opq" && matches!(target, b"" | b"." | b"..") {
+        return Err(Fail::Bad(format!(
+            "whiteout \".wh.{}\" names no file",
+            show(target)
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
-enum XattrTarget<'a> {
+pub(super) enum XattrTarget<'a> {
     Fd(BorrowedFd<'a>),
     Path(&'a CString),
 }
 
 /// The names in a directory (but `.` and `..`).
-fn list(fd: &OwnedFd) -> Result<Vec<CString>, Fail> {
+pub(super) fn list(fd: &OwnedFd) -> Result<Vec<CString>, Fail> {
     let mut names = Vec::new();
     let mut rd = rustix::fs::Dir::read_from(fd).map_err(Fail::io_e("read directory"))?;
     while let Some(ent) = rd.read() {
@@ -608,7 +646,7 @@ fn list(fd: &OwnedFd) -> Result<Vec<CString>, Fail> {
     Ok(names)
 }
 
-fn dir_flags() -> OFlags {
+pub(super) fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
@@ -634,9 +672,14 @@ fn times(m: &Meta) -> Timestamps {
 }
 
 /// Puts back a directory's times after one of its children changed.
+pub(super) fn restore_times(dir: &OwnedFd, st: &rustix::fs::Stat) -> Result<(), Fail> {
+    rustix::fs::futimens(dir, &stat_times(st)).map_err(Fail::io_e("restore times of parent of"))
+}
+
+/// The atime and mtime of `st`.
 #[allow(clippy::unnecessary_cast)] // Stat's field types differ between architectures.
-fn restore_times(dir: &OwnedFd, st: &rustix::fs::Stat) -> Result<(), Fail> {
-    let t = Timestamps {
+pub(super) fn stat_times(st: &rustix::fs::Stat) -> Timestamps {
+    Timestamps {
         last_access: Timespec {
             tv_sec: st.st_atime as i64,
             tv_nsec: st.st_atime_nsec as _,
@@ -645,8 +688,7 @@ fn restore_times(dir: &OwnedFd, st: &rustix::fs::Stat) -> Result<(), Fail> {
             tv_sec: st.st_mtime as i64,
             tv_nsec: st.st_mtime_nsec as _,
         },
-    };
-    rustix::fs::futimens(dir, &t).map_err(Fail::io_e("restore times of parent of"))
+    }
 }
 
 /// `/proc/self/fd/<parent>/<name>`.

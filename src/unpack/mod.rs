@@ -5,35 +5,41 @@
 //!
 //! The blobs are fetched and verified by the ordinary pull into a scratch OCI layout inside
 //! a staging directory beside the destination, `ROOTFS/../.NAME.fastpull-XXXX/` (mode 0700,
-//! same filesystem), and the layers are unpacked *while they download*: a blocking task
-//! ([`unpack_streaming`]) waits for the config's fetch to verify it (its `rootfs.diff_ids`
-//! are trusted only then), then takes the layers in manifest order, each as soon as its
-//! first bytes are written:
+//! same filesystem), and the layers are unpacked *while they download*, all at once: a
+//! blocking task ([`unpack_streaming`]) waits for the config's fetch to verify it (its
+//! `rootfs.diff_ids` are trusted only then), then unpacks the bottom layer into
+//! `STAGING/rootfs` (the merged tree) and starts a thread for every other layer (at most 16
+//! at a time, in layer order) that unpacks it alone into its own tree, `STAGING/staged-N`,
+//! each as soon as its first bytes are written:
 //!
 //! ```text
 //! blob's contiguous written prefix (PrefixReader, blocks for more)
 //!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
 //!   → Ratio (at most 1100 bytes out per compressed byte in: decompression bombs)
 //!   → Hashing (sha256 of the tar: the diff_id) → Budget (bounds tar extension headers)
-//!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into STAGING/rootfs
+//!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into its tree
 //! ```
 //!
-//! The reader ([`crate::prefix::PrefixReader`]) is the second in-order consumer of the
-//! blob beside its hasher: it reads the bytes the fetch has written without a gap, through
-//! the blob's map, and never holds the download back (a slow unpack leaves the bytes in
-//! the file). Each layer's diff_id is compared once its stream is read to the end (trailing
-//! bytes included, as umoci hashes them); its compressed digest is the fetch's business, as
-//! for any pull. So layer *n* is unpacked while layers *n+1…* are still on the wire, and
-//! little is left to do after the last byte. Layers are still applied one after the other
-//! into one tree: per-layer staging trees unpacked in parallel and merged (DESIGN.md §4)
-//! are not built yet.
+//! The reader ([`crate::prefix::PrefixReader`]) is an in-order consumer of the blob beside
+//! its hasher: it reads the bytes the fetch has written without a gap, through the blob's
+//! map, and never holds the download back (a slow unpack leaves the bytes in the file).
+//! Each layer's diff_id is compared once its stream is read to the end (trailing bytes
+//! included, as umoci hashes them). Then, in layer order, once a layer's blob is verified
+//! (its compressed digest: the fetch's check), its diff_id matched and the layers below
+//! are in, its tree is merged onto `STAGING/rootfs` by renames of whole subtrees, never
+//! copies ([`merge`](self::merge), DESIGN.md §4). A layer whose result would depend on the
+//! layers below in a way its own tree cannot show (a hard link to a lower layer's file, a
+//! directory made only as a parent where a lower layer has a symlink, …: the taint rules
+//! in [`merge`](self::merge)) is instead applied directly onto the merged tree, entry by
+//! entry, from its verified blob file. So a small layer never waits for a large one below
+//! it, and little is left to do after the last byte.
 //!
 //! What a stream read is trusted for: a layer that fails (bad tar, diff_id mismatch) while
 //! its blob is still unverified fails the pull only once that same fetch verifies. If the
 //! fetch does not verify (it is fetched again: a repair), or a blob is fetched again after
-//! the reader consumed part of it, the streamed tree is thrown away and, once every blob is
-//! verified, built again from the verified blob files into a fresh tree (the simplest
-//! correct choice; repairs are rare). The last step (directory modes, rootless) waits until
+//! the reader consumed part of it, the streamed trees are thrown away and, once every blob
+//! is verified, built again (staged and merged the same way) from the verified blob files
+//! into a fresh tree (the simplest correct choice; repairs are rare). The last step (directory modes, rootless) waits until
 //! every layer's blob is verified.
 //!
 //! Nothing becomes visible before every blob's digest and every layer's diff_id are
@@ -121,6 +127,7 @@ mod apply;
 mod decompress;
 #[cfg(feature = "bench-internals")]
 pub use decompress::layer_stream;
+mod merge;
 mod resolve;
 mod session;
 mod targuard;
@@ -130,7 +137,7 @@ pub(crate) use session::Session;
 use std::io::{self, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, RenameFlags, Timestamps};
@@ -185,6 +192,9 @@ pub(crate) enum Fail {
     Io(&'static str, io::Error),
     /// The layer's bytes could not be read (decompression, truncation).
     Read(io::Error),
+    /// Staging: the entry's result would depend on the layers below; the layer is to be
+    /// applied directly instead (why). Never an error of its own.
+    Taint(String),
 }
 
 impl Fail {
@@ -209,6 +219,9 @@ impl Fail {
                 entry,
                 reason: format!("cannot read the layer: {e}"),
             },
+            Fail::Taint(why) => Error::Internal(format!(
+                "layer {layer}: staging's taint reached the direct apply ({why})"
+            )),
             Fail::Io(op, source) => Error::Unpack {
                 layer: *layer,
                 entry: entry.unwrap_or_default(),
@@ -238,6 +251,15 @@ pub(crate) struct Layer {
 pub struct UnpackSummary {
     /// Layers applied.
     pub layers: usize,
+    /// Of those, layers unpacked into a tree of their own (in parallel, as they
+    /// downloaded) and merged in order by renames; the bottom layer's tree is the merged
+    /// tree itself, and counts here.
+    pub layers_merged: usize,
+    /// Of those, layers applied entry by entry onto the merged tree from their verified
+    /// blob, because their result depends on the layers below in a way a tree of their
+    /// own cannot show (a hard link to a lower layer's file, a whiteout of a directory
+    /// they only made as a parent, …).
+    pub layers_direct: usize,
     /// Tar entries applied (whiteouts included).
     pub entries: u64,
     /// Device nodes written as empty regular files (rootless, or in a user namespace).
@@ -290,29 +312,18 @@ impl From<Error> for StreamEnd {
 }
 
 /// Makes `root` (which must not exist) the root of a new tree and applies `layers` in
-/// order from their verified blob files. Blocking. Stops early once `cancel` is set.
-/// `on_layer` hears of each layer once it is in (index, layer, what it did).
+/// order from their verified blob files (each above the bottom one staged alone in
+/// parallel, then merged). Blocking. Stops early once `cancel` is set. `on_layer` hears of
+/// each layer once it is in (index, layer, what it did), `on_staged` of each staged tree.
 pub(crate) fn unpack(
     root: &Path,
     layers: &[Layer],
     opts: Options,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> Result<UnpackSummary> {
-    let applied = unpack_each(
-        root,
-        layers,
-        opts,
-        cancel,
-        on_layer,
-        || Ok(()),
-        |_, engine, layer, room| {
-            let file =
-                std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
-            Ok(apply_layer(engine, file, layer, room)?)
-        },
-    );
-    match applied {
+    match unpack_layers(root, layers, opts, cancel, Feed::Files, on_layer, on_staged) {
         Ok(summary) => Ok(summary),
         Err(StreamEnd::Failed(e)) => Err(e),
         Err(StreamEnd::Fallback(why)) => Err(Error::Internal(why)),
@@ -325,6 +336,7 @@ pub(crate) fn unpack(
 /// verified is a failure only if that fetch then verifies; if the blob is fetched again
 /// (its bytes did not match), or was fetched again after part of it was read, the stream
 /// ends with [`StreamEnd::Fallback`]: the caller unpacks from the verified files instead.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn unpack_streaming(
     root: &Path,
     manifest_layers: &[(Digest, String)],
@@ -333,6 +345,7 @@ pub(crate) fn unpack_streaming(
     opts: Options,
     cancel: &Arc<AtomicBool>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> std::result::Result<UnpackSummary, StreamEnd> {
     if let Err(e) = config.wait_verified(cancel) {
         return Err(StreamEnd::Fallback(e.to_string()));
@@ -363,15 +376,65 @@ pub(crate) fn unpack_streaming(
             diff_id,
         });
     }
-    // Before the last step (which, rootless, takes the write bit from directories that
-    // should not have it): every layer's blob verified, and none fetched again under the
-    // reader. A verified blob stays so; a tree that cannot be trusted is still removable.
-    let settle = || {
-        for l in &layers {
-            if let Some(w) = watchers.get(&l.digest) {
-                w.wait_verified(cancel)
-                    .map_err(|e| StreamEnd::Fallback(e.to_string()))?;
+    unpack_layers(
+        root,
+        &layers,
+        opts,
+        cancel,
+        Feed::Following(watchers),
+        on_layer,
+        on_staged,
+    )
+}
+
+/// Where the layers' bytes come from.
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    /// Each layer's fetch, followed as it is written (or its file, verified before).
+    Following(&'a Watchers),
+    /// The verified blob files.
+    Files,
+}
+
+/// The fetch a layer's bytes were read from (which one), when they were not verified yet.
+type Followed = Option<(Arc<PrefixWatch>, u32)>;
+
+impl Feed<'_> {
+    /// The bytes of `layer`, from the start.
+    fn open(
+        self,
+        layer: &Layer,
+        cancel: &Arc<AtomicBool>,
+    ) -> std::result::Result<(Box<dyn Read>, Followed), StreamEnd> {
+        let file = |path: &Path| -> std::result::Result<(Box<dyn Read>, Followed), StreamEnd> {
+            let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+            Ok((Box::new(f), None))
+        };
+        let Feed::Following(watchers) = self else {
+            return file(&layer.path);
+        };
+        let watch = watchers
+            .get(&layer.digest)
+            .ok_or_else(|| Error::Internal(format!("layer {} is not followed", layer.digest)))?;
+        match PrefixReader::open(watch, cancel.clone()) {
+            Err(e) => Err(StreamEnd::Fallback(e.to_string())),
+            Ok(Source::Verified(path)) => file(&path),
+            Ok(Source::Following(reader)) => {
+                let followed = Some((reader.watch().clone(), reader.generation()));
+                Ok((Box::new(reader), followed))
             }
+        }
+    }
+
+    /// Blocks until `layer`'s blob is verified and what was read of it is trusted (no
+    /// fetch of it was opened again after its reader had read part of one).
+    fn trusted(self, layer: &Layer, cancel: &AtomicBool) -> std::result::Result<(), StreamEnd> {
+        let Feed::Following(watchers) = self else {
+            return Ok(());
+        };
+        if let Some(w) = watchers.get(&layer.digest) {
+            w.wait_verified(cancel)
+                .map_err(|e| StreamEnd::Fallback(e.to_string()))?;
         }
         if watchers.restarted_under_reader() {
             return Err(StreamEnd::Fallback(
@@ -379,73 +442,262 @@ pub(crate) fn unpack_streaming(
             ));
         }
         Ok(())
-    };
-    let summary = unpack_each(
-        root,
-        &layers,
-        opts,
-        cancel,
-        on_layer,
-        settle,
-        |_, engine, layer, room| {
-            let watch = watchers.get(&layer.digest).ok_or_else(|| {
-                Error::Internal(format!("layer {} is not followed", layer.digest))
-            })?;
-            match PrefixReader::open(watch, cancel.clone()) {
-                Err(e) => Err(StreamEnd::Fallback(e.to_string())),
-                Ok(Source::Verified(path)) => {
-                    let file =
-                        std::fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-                    Ok(apply_layer(engine, file, layer, room)?)
-                }
-                Ok(Source::Following(reader)) => {
-                    let generation = reader.generation();
-                    let watch = reader.watch().clone();
-                    match apply_layer(engine, reader, layer, room) {
-                        Ok(applied) => Ok(applied),
-                        // The bytes were the blob's: the failure is the layer's own.
-                        Err(e) if watch.settled(generation, cancel) => Err(StreamEnd::Failed(e)),
-                        Err(e) => Err(StreamEnd::Fallback(format!(
-                            "layer {}: read from a fetch that did not verify, or stopped ({e})",
-                            layer.digest
-                        ))),
-                    }
-                }
-            }
-        },
-    )?;
-    Ok(summary)
+    }
 }
 
-/// Makes the root of a new tree at `root` and applies `layers` in order, each read by
-/// `apply` (index, engine, layer, free space left); `settle` may still refuse the tree
-/// before its last step.
-fn unpack_each(
+/// A layer's failure `e` judged: its own if its bytes were the blob's (verified), else
+/// the stream is not to be trusted.
+fn judged(e: Error, followed: &Followed, layer: &Layer, cancel: &AtomicBool) -> StreamEnd {
+    match followed {
+        Some((watch, generation)) if !watch.settled(*generation, cancel) => {
+            StreamEnd::Fallback(format!(
+                "layer {}: read from a fetch that did not verify, or stopped ({e})",
+                layer.digest
+            ))
+        }
+        _ => StreamEnd::Failed(e),
+    }
+}
+
+/// Layers staged at once, at most (each is a blocking thread, most of them waiting for
+/// bytes).
+const MAX_STAGING: usize = 16;
+
+/// How staging a layer ended.
+enum StageEnd {
+    /// Its tree is complete and its diff_id matched (free space its files took).
+    Staged(Box<merge::Staged>, Applied, u64),
+    /// It must be applied directly (why; free space its staging took).
+    Tainted(String, u64),
+    /// It failed, or the stream cannot be trusted.
+    End(StreamEnd),
+}
+
+/// Admits at most `cap` staging threads at once, in layer order.
+struct Slots {
+    state: Mutex<(usize, usize)>,
+    cond: std::sync::Condvar,
+    cap: usize,
+}
+
+impl Slots {
+    /// Waits for the turn of `ticket` (0, 1, … in order) and a free slot; `None` once
+    /// `stop` says so.
+    fn acquire(&self, ticket: usize, stop: impl Fn() -> bool) -> Option<SlotGuard<'_>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if stop() {
+                return None;
+            }
+            let (next, active) = *st;
+            if next == ticket && active < self.cap {
+                *st = (next + 1, active + 1);
+                self.cond.notify_all();
+                return Some(SlotGuard(self));
+            }
+            st = match self
+                .cond
+                .wait_timeout(st, std::time::Duration::from_millis(100))
+            {
+                Ok((st, _)) => st,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 -= 1;
+        self.0.cond.notify_all();
+    }
+}
+
+/// Where layer `i` (≥ 1) is staged: beside the merged tree.
+fn staged_dir(root: &Path, i: usize) -> PathBuf {
+    parent_dir(root).join(format!("staged-{i}"))
+}
+
+/// Opens a directory (never following a final symlink).
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", path, e.into()))
+}
+
+/// Removes a staging tree (its directories may lack the write bit: rootless, they all
+/// have u+rwx until the end, and as root permissions do not apply).
+fn remove_staged(dir: &Path) -> Result<()> {
+    let (Some(name), parent) = (dir.file_name(), parent_dir(dir)) else {
+        return Ok(());
+    };
+    let pfd = open_dir(parent)?;
+    let cname = std::ffi::CString::new(name.as_encoded_bytes())
+        .map_err(|_| Error::Internal("NUL in a staging name".into()))?;
+    resolve::remove_all(pfd.as_fd(), &cname).map_err(|e| Error::io("remove", dir, e))
+}
+
+/// Unpacks layer `i` (≥ 1) alone into its own staging tree `dir`.
+#[allow(clippy::too_many_arguments)]
+fn stage_layer(
+    i: usize,
+    layer: &Layer,
+    dir: &Path,
+    opts: Options,
+    feed: Feed<'_>,
+    cancel: &Arc<AtomicBool>,
+    abort: &AtomicBool,
+    room: &AtomicU64,
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
+) -> StageEnd {
+    // What an earlier attempt (another endpoint) may have left.
+    if dir.exists() {
+        if let Err(e) = remove_staged(dir) {
+            return StageEnd::End(e.into());
+        }
+    }
+    let made = rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700))
+        .map_err(|e| Error::io("create directory", dir, e.into()))
+        .and_then(|()| open_dir(dir));
+    let fd = match made {
+        Ok(fd) => fd,
+        Err(e) => return StageEnd::End(e.into()),
+    };
+    let tree = resolve::Tree::new(fd);
+    let mut engine = match apply::Engine::staging(&tree, opts, cancel) {
+        Ok(e) => e,
+        Err(e) => return StageEnd::End(Error::io("stat", dir, e).into()),
+    };
+    let (blob, followed) = match feed.open(layer, cancel) {
+        Ok(x) => x,
+        Err(e) => return StageEnd::End(e),
+    };
+    let mut used = 0;
+    match apply_layer(&mut engine, blob, layer, room, &mut used, abort) {
+        Ok(applied) => {
+            on_staged(i, layer, applied);
+            StageEnd::Staged(Box::new(engine.into_staged()), applied, used)
+        }
+        Err(Stop::Taint(why)) => StageEnd::Tainted(why, used),
+        // A filesystem failure in a tree of its own: the direct apply says what it is.
+        Err(Stop::Error(e @ Error::Unpack { .. })) => {
+            StageEnd::Tainted(format!("staging it alone failed: {e}"), used)
+        }
+        Err(Stop::Error(e)) => StageEnd::End(judged(e, &followed, layer, cancel)),
+    }
+}
+
+/// Makes the root of a new tree at `root`, then: the bottom layer is unpacked into it
+/// (this thread), every other layer at once into its own staging tree (a thread each, at
+/// most [`MAX_STAGING`] at a time); in layer order, once a layer's blob is verified and
+/// the layers below are in, its staging tree is merged by renames, or, tainted, the layer
+/// is applied directly from its verified blob file.
+fn unpack_layers(
     root: &Path,
     layers: &[Layer],
     opts: Options,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
+    feed: Feed<'_>,
     on_layer: &mut dyn FnMut(usize, &Layer, Applied),
-    settle: impl FnOnce() -> std::result::Result<(), StreamEnd>,
-    mut apply: impl FnMut(
-        usize,
-        &mut apply::Engine<'_>,
-        &Layer,
-        &mut u64,
-    ) -> std::result::Result<Applied, StreamEnd>,
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
 ) -> std::result::Result<UnpackSummary, StreamEnd> {
     let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
     if cancel.load(Ordering::Relaxed) {
         return Err(stopped().into());
     }
+    let fd = make_root(root, opts)?;
+    let tree = resolve::Tree::new(fd);
+    let mut engine =
+        apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
+    // Declared file sizes may not add up to more than the filesystem has free.
+    let room = AtomicU64::new(
+        rustix::fs::fstatvfs(tree.root())
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(u64::MAX),
+    );
+    let abort = AtomicBool::new(false);
+    let slots = Slots {
+        state: Mutex::new((1, 0)),
+        cond: std::sync::Condvar::new(),
+        cap: MAX_STAGING,
+    };
+    let result = std::thread::scope(|s| {
+        let mut staged = Vec::new();
+        for (i, layer) in layers.iter().enumerate().skip(1) {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            staged.push(rx);
+            let (room, abort, slots) = (&room, &abort, &slots);
+            let dir = staged_dir(root, i);
+            s.spawn(move || {
+                let stop = || abort.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
+                let out = match slots.acquire(i, stop) {
+                    None => StageEnd::End(StreamEnd::Failed(stopped())),
+                    Some(_slot) => {
+                        stage_layer(i, layer, &dir, opts, feed, cancel, abort, room, on_staged)
+                    }
+                };
+                // The receiver is gone only when the merge has already failed.
+                let _ = tx.send(out);
+            });
+        }
+        let r = merge_in_order(
+            root,
+            &mut engine,
+            layers,
+            staged,
+            feed,
+            cancel,
+            &abort,
+            &room,
+            on_layer,
+            on_staged,
+        );
+        if r.is_err() {
+            // Stop the staging threads: at their next entry, and readers waiting for bytes.
+            abort.store(true, Ordering::Relaxed);
+            if let Feed::Following(w) = feed {
+                w.stop();
+            }
+        }
+        r
+    });
+    for i in 1..layers.len() {
+        let dir = staged_dir(root, i);
+        if dir.exists() {
+            if let Err(e) = remove_staged(&dir) {
+                tracing::warn!(error = %e, "cannot remove a layer's staging tree");
+            }
+        }
+    }
+    let mut summary = result?;
+    engine.finish().map_err(|f| {
+        f.into_error(
+            &layers.last().map_or_else(|| Digest::of(b""), |l| l.digest),
+            None,
+        )
+    })?;
+    summary.devices_emulated = engine.devices_emulated;
+    summary.xattrs_skipped = engine.xattrs_skipped;
+    if summary.devices_emulated > 0 {
+        tracing::warn!(
+            count = summary.devices_emulated,
+            "device nodes written as empty files (not root, or in a user namespace; as umoci does)"
+        );
+    }
+    Ok(summary)
+}
+
+/// Makes `root` as umoci does: 0755, root:root (unless rootless), mtime at the epoch.
+fn make_root(root: &Path, opts: Options) -> Result<OwnedFd> {
     rustix::fs::mkdir(root, Mode::from_raw_mode(0o700))
         .map_err(|e| Error::io("create directory", root, e.into()))?;
-    let fd = rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("open", root, e.into()))?;
+    let fd = open_dir(root)?;
     // umoci: 0755, root:root, mtime at the epoch.
     rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
         .map_err(|e| Error::io("chmod", root, e.into()))?;
@@ -469,51 +721,172 @@ fn unpack_each(
         },
     )
     .map_err(|e| Error::io("set times of", root, e.into()))?;
+    Ok(fd)
+}
+
+/// The reference the merge is checked against in tests: every layer applied directly, in
+/// order, from its file, onto one tree.
+#[cfg(test)]
+pub(crate) fn unpack_direct(root: &Path, layers: &[Layer], opts: Options) -> Result<()> {
+    let fd = make_root(root, opts)?;
     let tree = resolve::Tree::new(fd);
+    let cancel = AtomicBool::new(false);
     let mut engine =
-        apply::Engine::new(&tree, opts, cancel).map_err(|e| Error::io("stat", root, e))?;
+        apply::Engine::new(&tree, opts, &cancel).map_err(|e| Error::io("stat", root, e))?;
+    let room = AtomicU64::new(u64::MAX);
+    for layer in layers {
+        let file =
+            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+        apply_layer(&mut engine, file, layer, &room, &mut 0, &cancel).map_err(|s| match s {
+            Stop::Error(e) => e,
+            Stop::Taint(why) => Error::Internal(why),
+        })?;
+    }
+    engine
+        .finish()
+        .map_err(|f| f.into_error(&Digest::of(b""), None))
+}
+
+/// The merging side of [`unpack_layers`]: the bottom layer into the tree, then each
+/// staged one, in order.
+#[allow(clippy::too_many_arguments)]
+fn merge_in_order(
+    root: &Path,
+    engine: &mut apply::Engine<'_>,
+    layers: &[Layer],
+    staged: Vec<std::sync::mpsc::Receiver<StageEnd>>,
+    feed: Feed<'_>,
+    cancel: &Arc<AtomicBool>,
+    abort: &AtomicBool,
+    room: &AtomicU64,
+    on_layer: &mut dyn FnMut(usize, &Layer, Applied),
+    on_staged: &(dyn Fn(usize, &Layer, Applied) + Sync),
+) -> std::result::Result<UnpackSummary, StreamEnd> {
+    let stopped = || Error::io("unpack into", root, io::ErrorKind::Interrupted.into());
     let mut summary = UnpackSummary::default();
-    // Declared file sizes may not add up to more than the filesystem has free.
-    let mut room = rustix::fs::fstatvfs(tree.root())
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-        .unwrap_or(u64::MAX);
-    for (i, layer) in layers.iter().enumerate() {
+    let mut done = |i: usize, applied: Applied, summary: &mut UnpackSummary| {
+        summary.layers += 1;
+        summary.entries += applied.entries;
+        on_layer(i, &layers[i], applied);
+    };
+    // Applied directly, from the verified blob file (its bytes are trusted).
+    let direct = |engine: &mut apply::Engine<'_>, layer: &Layer| {
+        let file =
+            std::fs::File::open(&layer.path).map_err(|e| Error::io("open", &layer.path, e))?;
+        let mut used = 0;
+        apply_layer(engine, file, layer, room, &mut used, abort).map_err(|s| match s {
+            Stop::Error(e) => StreamEnd::Failed(e),
+            Stop::Taint(why) => StreamEnd::Failed(Error::Internal(format!(
+                "layer {}: the direct apply cannot be tainted ({why})",
+                layer.digest
+            ))),
+        })
+    };
+    let Some(bottom) = layers.first() else {
+        return Ok(summary);
+    };
+    // The bottom layer: its staging tree is the merged tree itself.
+    let started = std::time::Instant::now();
+    let (blob, followed) = feed.open(bottom, cancel)?;
+    let mut used = 0;
+    let applied = match apply_layer(engine, blob, bottom, room, &mut used, abort) {
+        Ok(a) => a,
+        Err(Stop::Error(e)) => return Err(judged(e, &followed, bottom, cancel)),
+        Err(Stop::Taint(why)) => {
+            return Err(StreamEnd::Failed(Error::Internal(format!(
+                "layer {}: the bottom layer cannot be tainted ({why})",
+                bottom.digest
+            ))))
+        }
+    };
+    on_staged(0, bottom, applied);
+    feed.trusted(bottom, cancel)?;
+    tracing::info!(layer = %bottom.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), "layer applied (the bottom one)");
+    summary.layers_merged += 1;
+    done(0, applied, &mut summary);
+    for (k, rx) in staged.into_iter().enumerate() {
+        let i = k + 1;
+        let layer = &layers[i];
+        let out = rx.recv().map_err(|_| {
+            StreamEnd::Failed(Error::Internal(format!(
+                "the staging thread of layer {} ended without a result",
+                layer.digest
+            )))
+        })?;
         let started = std::time::Instant::now();
-        let applied = apply(i, &mut engine, layer, &mut room)?;
+        let dir = staged_dir(root, i);
+        let (applied, how) = match out {
+            StageEnd::End(e) => return Err(e),
+            StageEnd::Staged(st, applied, used) => {
+                feed.trusted(layer, cancel)?;
+                let as_error = |f: Fail| f.into_error(&layer.digest, None);
+                match engine.precheck(&st.stage).map_err(as_error)? {
+                    None => {
+                        let sfd = open_dir(&dir)?;
+                        engine.merge(sfd, &st).map_err(as_error)?;
+                        remove_staged(&dir)?;
+                        summary.layers_merged += 1;
+                        (applied, "merged")
+                    }
+                    Some(why) => {
+                        tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
+                        remove_staged(&dir)?;
+                        room.fetch_add(used, Ordering::Relaxed);
+                        summary.layers_direct += 1;
+                        (direct(engine, layer)?, "applied directly")
+                    }
+                }
+            }
+            StageEnd::Tainted(why, used) => {
+                tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
+                feed.trusted(layer, cancel)?;
+                remove_staged(&dir)?;
+                room.fetch_add(used, Ordering::Relaxed);
+                summary.layers_direct += 1;
+                (direct(engine, layer)?, "applied directly")
+            }
+        };
         if cancel.load(Ordering::Relaxed) {
             return Err(stopped().into());
         }
-        tracing::info!(layer = %layer.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), "layer applied");
-        summary.layers += 1;
-        summary.entries += applied.entries;
-        on_layer(i, layer, applied);
+        tracing::info!(layer = %layer.digest, entries = applied.entries, bytes = applied.bytes, secs = started.elapsed().as_secs_f64(), how, "layer in");
+        done(i, applied, &mut summary);
     }
-    settle()?;
-    engine.finish().map_err(|f| {
-        f.into_error(
-            &layers.last().map_or_else(|| Digest::of(b""), |l| l.digest),
-            None,
-        )
-    })?;
-    summary.devices_emulated = engine.devices_emulated;
-    summary.xattrs_skipped = engine.xattrs_skipped;
-    if summary.devices_emulated > 0 {
-        tracing::warn!(
-            count = summary.devices_emulated,
-            "device nodes written as empty files (not root, or in a user namespace; as umoci does)"
-        );
+    if let Feed::Following(w) = feed {
+        if w.restarted_under_reader() {
+            return Err(StreamEnd::Fallback(
+                "a layer was fetched again after part of it had been unpacked".into(),
+            ));
+        }
     }
     Ok(summary)
 }
 
+/// Why [`apply_layer`] stopped.
+pub(crate) enum Stop {
+    /// Staging: the layer must be applied directly instead (why).
+    Taint(String),
+    /// It failed.
+    Error(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Error(e)
+    }
+}
+
 /// Applies one layer read from `blob` (a verified file, or the prefix of a fetch in
-/// progress), checking its diff_id at the end.
+/// progress), checking its diff_id at the end. Declared file sizes are taken from `room`
+/// (and added to `used`); stops once `abort` (or the engine's cancel) is set.
 pub(crate) fn apply_layer<R: Read>(
     engine: &mut apply::Engine<'_>,
     blob: R,
     layer: &Layer,
-    room: &mut u64,
-) -> Result<Applied> {
+    room: &AtomicU64,
+    used: &mut u64,
+    abort: &AtomicBool,
+) -> std::result::Result<Applied, Stop> {
     let bad = |reason: String| Error::Layer {
         layer: layer.digest,
         entry: None,
@@ -538,41 +911,47 @@ pub(crate) fn apply_layer<R: Read>(
             .entries()
             .map_err(|e| bad(format!("cannot read the tar stream: {e}")))?;
         loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::io(
-                    "unpack",
-                    &layer.path,
-                    io::ErrorKind::Interrupted.into(),
-                ));
+            if cancel.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+                return Err(
+                    Error::io("unpack", &layer.path, io::ErrorKind::Interrupted.into()).into(),
+                );
             }
             left.set(targuard::META_BUDGET);
             let mut entry = match entries.next() {
                 None => break,
                 Some(Ok(e)) => e,
-                Some(Err(e)) => return Err(bad(format!("tar stream, after {count} entries: {e}"))),
+                Some(Err(e)) => {
+                    return Err(bad(format!("tar stream, after {count} entries: {e}")).into())
+                }
             };
             count += 1;
             if count > targuard::MAX_ENTRIES {
-                return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)));
+                return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)).into());
             }
             left.set(targuard::META_BUDGET.saturating_add(entry.size()));
             let meta = match targuard::meta(&mut entry) {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
                 // The reason names the entry.
-                Err(reason) => return Err(Fail::Bad(reason).into_error(&layer.digest, None)),
+                Err(reason) => {
+                    return Err(Fail::Bad(reason).into_error(&layer.digest, None).into())
+                }
             };
-            if meta.size > *room {
+            if let Err(available) = room.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                r.checked_sub(meta.size)
+            }) {
                 return Err(Error::NoSpace {
                     path: layer.path.clone(),
                     needed: meta.size,
-                    available: Some(*room),
-                });
+                    available: Some(available),
+                }
+                .into());
             }
-            *room -= meta.size;
-            engine
-                .apply(&meta, &mut entry)
-                .map_err(|f| f.into_error(&layer.digest, Some(&meta.path)))?;
+            *used += meta.size;
+            engine.apply(&meta, &mut entry).map_err(|f| match f {
+                Fail::Taint(why) => Stop::Taint(why),
+                f => Stop::Error(f.into_error(&layer.digest, Some(&meta.path))),
+            })?;
         }
     }
     left.set(u64::MAX);
@@ -589,7 +968,8 @@ pub(crate) fn apply_layer<R: Read>(
             ),
             expected: layer.diff_id,
             actual,
-        });
+        }
+        .into());
     }
     Ok(Applied {
         entries: count,

@@ -39,10 +39,11 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// Starts unpacking `m`'s layers into the staging tree while they download: a blocking
-    /// task that reads the config once it is verified, then each layer, in order, from its
-    /// fetch's written prefix (see [`super::unpack_streaming`]). `all` are the pull's blobs,
-    /// `present` those already verified on disk.
+    /// Starts unpacking `m`'s layers into the staging directory while they download: a
+    /// blocking task that reads the config once it is verified, then unpacks every layer at
+    /// once from its fetch's written prefix, each into its own tree, and merges them in
+    /// order (see [`super::unpack_streaming`]). `all` are the pull's blobs, `present` those
+    /// already verified on disk.
     pub(crate) fn start(
         layout: &Layout,
         m: &Manifest,
@@ -86,6 +87,7 @@ impl Session {
                 opts,
                 &cancel,
                 &mut layer_event(&reporter),
+                &staged_event(&reporter),
             )
         });
         Ok(Session {
@@ -224,7 +226,14 @@ async fn from_verified(
     tokio::task::spawn_blocking(move || {
         // Held while the tree is written: dropping the staging directory waits for it.
         let _writing = running.lock().unwrap_or_else(|p| p.into_inner());
-        super::unpack(&root, &layers, opts, &cancel, &mut layer_event(&reporter))
+        super::unpack(
+            &root,
+            &layers,
+            opts,
+            &cancel,
+            &mut layer_event(&reporter),
+            &staged_event(&reporter),
+        )
     })
     .await
     .map_err(|e| Error::Internal(format!("unpacking thread: {e}")))?
@@ -237,6 +246,17 @@ fn joined(r: std::result::Result<Outcome, tokio::task::JoinError>) -> Outcome {
             "unpacking thread: {e}"
         ))))
     })
+}
+
+/// Reports each layer's staging tree complete ([`EventKind::LayerStaged`]).
+fn staged_event(reporter: &PullReporter) -> impl Fn(usize, &Layer, super::Applied) + Sync + '_ {
+    move |index, layer, applied| {
+        reporter.report(EventKind::LayerStaged {
+            index,
+            digest: layer.digest,
+            entries: applied.entries,
+        })
+    }
 }
 
 /// Reports each layer unpacked ([`EventKind::LayerApplied`]).

@@ -86,6 +86,10 @@ fn json_output_follows_the_documented_schema() {
             ],
         ),
         (
+            "layer_staged",
+            &["event", "schema", "index", "digest", "entries"],
+        ),
+        (
             "done",
             &[
                 "event",

@@ -143,6 +143,14 @@ impl Tar {
         self.add(e, data)
     }
 
+    fn owned_dir(&mut self, name: &str, mode: u32, uid: u64, gid: u64, mtime: u64) -> &mut Self {
+        let mut e = h(b'5', name, mode);
+        e.uid = uid;
+        e.gid = gid;
+        e.mtime = mtime;
+        self.add(e, b"")
+    }
+
     fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
         let mut e = h(b'2', name, 0o777);
         e.link = target.as_bytes().to_vec();
@@ -213,6 +221,7 @@ fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
         .file("usr/lib/libfoo.so.1", 0o755, &[7u8; 3000])
         .symlink("usr/lib/libfoo.so", "libfoo.so.1")
         .symlink("usr/lib/abs", "/etc/passwd")
+        .symlink("lib", "usr/lib")
         .dir("data/", 0o755, T0 + 6)
         .file("data/a", 0o644, b"a")
         .file("data/b", 0o644, b"b")
@@ -264,7 +273,6 @@ fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
         .dir("data/", 0o755, T0 + 20)
         .file("data/new", 0o644, b"new")
         .whiteout("data/.wh..wh..opq")
-        .hardlink("hl-lower", "etc/passwd")
         .symlink("bin/tool", "/usr/lib/libfoo.so")
         .dir("usr/lib/abs/", 0o750, T0 + 21)
         .file("empty2", 0o000, b"")
@@ -283,6 +291,7 @@ fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
         .file("data/a", 0o644, b"a is back")
         // An opaque marker before its siblings, a whiteout after a re-creation (both spare
         // what this layer wrote), a file replaced by a directory.
+        .dir("opq2/", 0o755, T0 + 32)
         .whiteout("opq2/.wh..wh..opq")
         .file("opq2/fresh", 0o644, b"fresh")
         .file(
@@ -292,14 +301,65 @@ fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
         )
         .whiteout(".wh.recreated")
         .dir("f2d/", 0o711, T0 + 31)
-        .file("f2d/x", 0o644, b"x");
+        .file("f2d/x", 0o644, b"x")
+        // Hard links within the layer, a lower directory kept with new children (and new
+        // metadata from its header), a symlink into a lower directory.
+        .file("usr/lib/libbar.so.2", 0o755, b"bar")
+        .hardlink("usr/lib/libbar-copy", "usr/lib/libbar.so.2")
+        .hardlink("bar-top", "usr/lib/libbar.so.2")
+        .symlink("usr/lib/libbar.so", "libbar.so.2")
+        .owned_dir("bin/", 0o750, 0, 7, T0 + 33)
+        .file("bin/new-tool", 0o755, b"#!/bin/sh\n");
     let l3 = l3.finish();
+
+    // Applied directly, not merged: a hard link to a lower layer's file (its staging
+    // tree has no such file; found while staging)...
+    let mut l4 = Tar::default();
+    l4.hardlink("hl-lower", "etc/passwd");
+    let l4 = l4.finish();
+    // ... and a directory made only as a parent where the layers below have a symlink
+    // (umoci writes through it; found before merging).
+    let mut l5 = Tar::default();
+    l5.file("lib/through-link", 0o644, b"through a lower symlink");
+    let l5 = l5.finish();
+
+    // Merged again, after the direct ones: replaces what one of them wrote, and gives a
+    // lower directory new metadata.
+    let mut l6 = Tar::default();
+    l6.file("usr/lib/through-link", 0o600, b"replaced")
+        .dir("data/", 0o700, T0 + 40);
+    let l6 = l6.finish();
     vec![
         (l0, OCI_GZIP),
         (l1, OCI_ZSTD),
         (empty, OCI_GZIP),
         (l3, OCI_GZIP),
+        (l4, OCI_GZIP),
+        (l5, OCI_GZIP),
+        (l6, OCI_GZIP),
     ]
+}
+
+/// Of the rich image's layers, how many are merged from their own trees (the bottom one
+/// included) and how many applied directly.
+const RICH_MERGED: u64 = 5;
+const RICH_DIRECT: u64 = 2;
+
+/// The `unpacked` summary of a `--json` pull's `done` event: (merged, direct).
+fn merged_direct(o: &Output) -> (u64, u64) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let done: serde_json::Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "done")
+        .unwrap_or_else(|| panic!("no done event:\n{}", text(o)));
+    let u = &done["unpacked"];
+    let n = |k: &str| {
+        u[k].as_u64()
+            .unwrap_or_else(|| panic!("unpacked.{k} missing: {done}"))
+    };
+    assert_eq!(n("merged") + n("direct"), n("layers"), "{done}");
+    (n("merged"), n("direct"))
 }
 
 /// Directories umoci and fastpull both give the current time (implicit ones, and the one
@@ -328,10 +388,23 @@ fn rootfs_equals_umoci_unpack() {
     push_image(&reg, "rootfs/rich", "gzip", &gzip_only);
 
     let ours = work.path().join("ours");
-    let o = pull_rootfs(&image_ref(&reg, "rootfs/rich", "zstd"), &ours);
+    let o = fastpull_command()
+        .args(["--plain-http", "--json", "--format", "rootfs"])
+        .arg(image_ref(&reg, "rootfs/rich", "zstd"))
+        .arg(&ours)
+        .output()
+        .expect("run fastpull");
     assert!(
         o.status.success(),
         "fastpull --format rootfs failed:\n{}",
+        text(&o)
+    );
+    // The untainted layers went through their own trees and the merge; the one with a
+    // cross-layer hard link was applied directly.
+    assert_eq!(
+        merged_direct(&o),
+        (RICH_MERGED, RICH_DIRECT),
+        "{}",
         text(&o)
     );
     let ours_gz = work.path().join("ours-gz");
@@ -424,6 +497,30 @@ fn rootfs_equals_umoci_unpack() {
     assert!(a.contains_key(&format!("long/{}", "g".repeat(150))));
     assert!(line("long-link").contains(&format!("-> /long/{}", "g".repeat(150))));
     assert!(line("imp-parent/implicit").starts_with("dir mode=0755"));
+    // What the merge moved: hard links of one layer still one inode, a lower directory
+    // with new children and the new header's metadata, a file a direct layer wrote
+    // through a lower symlink replaced by a later merged one.
+    assert!(line("bar-top").contains("nlink=3"), "{}", line("bar-top"));
+    assert!(line("usr/lib/libbar-copy").contains("nlink=3"));
+    assert!(line("usr/lib/libbar.so").contains("-> libbar.so.2"));
+    assert!(
+        line("bin").contains("dir mode=0750 uid=0 gid=7"),
+        "{}",
+        line("bin")
+    );
+    assert!(a.contains_key("bin/new-tool") && a.contains_key("bin/sgid"));
+    assert!(line("lib").starts_with("symlink"), "{}", line("lib"));
+    assert!(
+        line("usr/lib/through-link").contains("mode=0600")
+            && line("usr/lib/through-link").contains("size=8"),
+        "{}",
+        line("usr/lib/through-link")
+    );
+    assert!(
+        line("data").starts_with("dir mode=0700"),
+        "{}",
+        line("data")
+    );
     if root {
         assert!(
             line("null-ish").starts_with("char mode=0666") && line("null-ish").contains("rdev=103")
@@ -528,9 +625,32 @@ fn rootless_equals_umoci_rootless() {
         text(&u)
     );
 
+    // Once more with --json: the untainted layers went through the merge, rootless too
+    // (directory modes follow the renamed inodes), and the tree is the same.
+    let ours_json = work.path().join("ours-json");
+    let o = as_nobody()
+        .args(["--plain-http", "--json", "--format", "rootfs"])
+        .arg(image_ref(&reg, "rootfs/rootless", "gzip"))
+        .arg(&ours_json)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        merged_direct(&o),
+        (RICH_MERGED, RICH_DIRECT),
+        "{}",
+        text(&o)
+    );
+
     let a = snapshot(&ours, &IMPLICIT);
     let b = snapshot(&bundle.join("rootfs"), &IMPLICIT);
     assert_same("rootless fastpull", &a, "umoci unpack --rootless", &b);
+    assert_same(
+        "rootless fastpull",
+        &a,
+        "rootless fastpull (gzip layers)",
+        &snapshot(&ours_json, &IMPLICIT),
+    );
     let line = |p: &str| a.get(p).unwrap_or_else(|| panic!("{p} missing")).clone();
     // Owned by us, the image's owner in user.rootlesscontainers (0 written as NoopID).
     assert!(
@@ -1870,4 +1990,172 @@ fn a_1gib_file_unpacks_as_umoci_does() {
     for empty in ["big/zero", "empty"] {
         assert!(line(empty).contains(" size=0 "), "{}", line(empty));
     }
+}
+
+/// Layers are staged at once, not one after the other: with the bottom layer's blob held
+/// at the proxy before its first byte, the next layer (downloaded whole) is unpacked into
+/// its own tree and its diff_id matched (`layer_staged`) while the bottom layer has not
+/// had a byte; released, the pull completes, merges, and equals `umoci unpack`'s tree. An
+/// ordering check, not a timing one.
+#[test]
+fn layers_stage_at_once_while_the_bottom_one_is_held() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    require_tools();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let (_, img) = rich_images(rustix::process::geteuid().is_root());
+    push_image(&reg, "rootfs/parallel", "gzip", &img);
+    let proxy = CountingProxy::start(&reg.addr());
+    let bottom = img.layers[0].digest.clone();
+    proxy.hold(&format!("/blobs/{bottom}"), 0);
+
+    let ours = work.path().join("ours");
+    let mut child = fastpull_command()
+        .args(["--plain-http", "--json", "--format", "rootfs"])
+        .arg(format!("{}/rootfs/parallel:gzip", proxy.addr()))
+        .arg(&ours)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fastpull");
+    // Were staging sequential, layer 1 would wait for the held layer 0 for ever: a
+    // watchdog lets it go (and the check below fails). Generous, for qemu.
+    let released = std::sync::Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (released, proxy_release) = (released.clone(), proxy.releaser());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(90));
+            if !released.swap(true, SeqCst) {
+                proxy_release();
+            }
+        })
+    };
+    let stdout = child.stdout.take().expect("stdout");
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let mut staged_while_bottom_empty = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("read fastpull's stdout");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if v["event"] == "layer_staged" && v["index"] == 1 && staged_while_bottom_empty.is_none() {
+            // Not released yet: no byte of layer 0 can have reached fastpull (its request
+            // may not even have been made).
+            let still_held = !released.load(SeqCst);
+            let bottom_bytes = proxy.snapshot().relayed_for(&bottom);
+            staged_while_bottom_empty = Some((still_held, bottom_bytes));
+            if !released.swap(true, SeqCst) {
+                proxy.release();
+            }
+        }
+        events.push(v);
+    }
+    let o = child.wait_with_output().expect("wait for fastpull");
+    drop(watchdog);
+    assert!(o.status.success(), "fastpull failed:\n{}", text(&o));
+    assert_eq!(
+        staged_while_bottom_empty,
+        Some((true, 0)),
+        "layer 1 was not staged while layer 0 had no byte (not released, bytes relayed): {events:#?}"
+    );
+    // Layer 1's staged event names it and its entries; then every layer is applied, in
+    // order, layer 1 after layer 0.
+    let staged1 = events
+        .iter()
+        .find(|e| e["event"] == "layer_staged" && e["index"] == 1)
+        .expect("layer_staged 1");
+    assert_eq!(staged1["digest"], img.layers[1].digest.as_str());
+    assert!(
+        staged1["entries"].as_u64().is_some_and(|n| n > 0),
+        "{staged1}"
+    );
+    let applied: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "layer_applied")
+        .filter_map(|e| e["index"].as_u64())
+        .collect();
+    assert_eq!(applied, (0..img.layers.len() as u64).collect::<Vec<_>>());
+    let done = events.last().expect("events");
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["unpacked"]["merged"], RICH_MERGED);
+    assert_eq!(done["unpacked"]["direct"], RICH_DIRECT);
+
+    let layout = work.path().join("layout");
+    fastpull(
+        &reg,
+        &[
+            OsStr::new(&image_ref(&reg, "rootfs/parallel", "gzip")),
+            layout.as_os_str(),
+        ],
+    );
+    let theirs = umoci_unpack(&reg, &layout, "gzip", &work.path().join("bundle"));
+    assert_same(
+        "fastpull (staged at once)",
+        &snapshot(&ours, &IMPLICIT),
+        "umoci unpack",
+        &snapshot(&theirs, &IMPLICIT),
+    );
+}
+
+/// A layer whose staging tree fails its diff_id is never merged: the pull exits 4 naming
+/// it, no `layer_staged` event comes for it, an existing empty ROOTFS stays empty, and no
+/// staging directory (nor the staged trees in it) is left.
+#[test]
+fn a_staged_layer_failing_its_diff_id_is_never_merged() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let bottom = Tar::default()
+        .dir("etc/", 0o755, T0)
+        .file("etc/a", 0o644, b"a")
+        .finish();
+    let upper = Tar::default()
+        .dir("etc/", 0o755, T0)
+        .file("etc/b", 0o644, b"b")
+        .finish();
+    let (upper_blob, _) = layer(&upper, OCI_GZIP);
+    let wrong = sha256_digest(b"not this layer");
+    let img = ImageBuilder::new(Flavor::Oci)
+        .raw_layer(layer(&bottom, OCI_GZIP).0, sha256_digest(&bottom))
+        .raw_layer(upper_blob, wrong.clone())
+        .build();
+    push_image(&reg, "rootfs/staged-diffid", "t", &img);
+    let dest = work.path().join("rootfs");
+    std::fs::create_dir(&dest).unwrap();
+    let o = fastpull_command()
+        .args(["--plain-http", "--json", "--format", "rootfs"])
+        .arg(image_ref(&reg, "rootfs/staged-diffid", "t"))
+        .arg(&dest)
+        .output()
+        .expect("run fastpull");
+    assert_exit(&o, 4);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("diff_ids") && err.contains(&wrong) && err.contains(&img.layers[1].digest),
+        "{}",
+        text(&o)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "layer_staged" && e["index"] == 1),
+        "the bad layer counted as staged: {events:#?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "layer_applied" && e["index"] == 1),
+        "the bad layer was applied: {events:#?}"
+    );
+    assert!(
+        std::fs::read_dir(&dest).unwrap().next().is_none(),
+        "ROOTFS was written to"
+    );
+    let left: Vec<String> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["rootfs"], "only ROOTFS is left");
 }
