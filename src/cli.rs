@@ -193,6 +193,11 @@ pub struct Args {
     #[arg(long, default_value_t = fastpull::DEFAULT_REPAIR_ATTEMPTS, value_name = "N")]
     pub repair_attempts: u32,
 
+    /// Root filesystems (--format rootfs, --unpack): a layer may give at most N bytes of tar
+    /// per compressed byte (decompression bombs; above gzip's own 1032:1; 0: no bound).
+    #[arg(long, default_value_t = fastpull::DEFAULT_MAX_UNPACK_RATIO, value_name = "N")]
+    pub max_unpack_ratio: u64,
+
     /// Seconds without data before a request is re-issued.
     #[arg(long, default_value_t = 20, value_name = "SECS")]
     pub stall_timeout: u64,
@@ -317,7 +322,8 @@ async fn pull(args: &Args, console: &Arc<Console>) -> Result<(), Error> {
         .stall_timeout(Duration::from_secs(args.stall_timeout))
         .resume(!args.no_resume)
         .share_partials(true)
-        .repair_attempts(args.repair_attempts);
+        .repair_attempts(args.repair_attempts)
+        .max_unpack_ratio(args.max_unpack_ratio);
     let mut store = match &args.authfile {
         Some(path) => CredentialStore::from_file(path),
         None => CredentialStore::from_env(),

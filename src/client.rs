@@ -33,6 +33,8 @@ pub const DEFAULT_CONNECTIONS: usize = 64;
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Default times a blob with the wrong digest is fetched again.
 pub const DEFAULT_REPAIR_ATTEMPTS: u32 = 2;
+/// Default bound on a layer's tar bytes per compressed byte ([`ClientBuilder::max_unpack_ratio`]).
+pub const DEFAULT_MAX_UNPACK_RATIO: u64 = crate::unpack::DEFAULT_MAX_RATIO;
 
 /// Pulls images. Cheap to clone; reuse one for many pulls to share connections.
 #[derive(Clone)]
@@ -53,6 +55,8 @@ struct Inner {
     tokens: Arc<TokenCache>,
     /// Registry (`docker.io`, `host[:port]`) → its mirrors, in order.
     mirrors: Vec<(String, Endpoint)>,
+    /// Root filesystems: most tar bytes per compressed byte of a layer (0: no bound).
+    max_unpack_ratio: u64,
 }
 
 /// Options for a [`Client`].
@@ -79,6 +83,7 @@ pub struct ClientBuilder {
     resume: bool,
     share_partials: bool,
     repair_attempts: u32,
+    max_unpack_ratio: u64,
 }
 
 impl Default for ClientBuilder {
@@ -105,6 +110,7 @@ impl Default for ClientBuilder {
             resume: true,
             share_partials: false,
             repair_attempts: DEFAULT_REPAIR_ATTEMPTS,
+            max_unpack_ratio: DEFAULT_MAX_UNPACK_RATIO,
         }
     }
 }
@@ -202,6 +208,15 @@ impl ClientBuilder {
     /// files; only pairs on the same filesystem are moved.
     pub fn share_partials(mut self, yes: bool) -> Self {
         self.share_partials = yes;
+        self
+    }
+
+    /// Root filesystems ([`Format::Rootfs`], [`PullRequest::unpack`]): a layer may give at
+    /// most this many bytes of tar per compressed byte read, plus 1 MiB (decompression
+    /// bombs). Default 1100, above deflate's own 1032:1, so no well-formed gzip layer is
+    /// refused; zstd can exceed it (long runs of one byte). 0: no bound.
+    pub fn max_unpack_ratio(mut self, ratio: u64) -> Self {
+        self.max_unpack_ratio = ratio;
         self
     }
 
@@ -374,6 +389,7 @@ impl ClientBuilder {
                 credentials: self.credentials,
                 tokens: Arc::new(TokenCache::default()),
                 mirrors,
+                max_unpack_ratio: self.max_unpack_ratio,
             }),
         })
     }
@@ -679,7 +695,7 @@ impl Client {
                     .into(),
             ));
         }
-        let staging = Staging::create(&dest.path)?;
+        let staging = Staging::create(&dest.path)?.with_max_ratio(self.inner.max_unpack_ratio);
         let layout = Layout::open(&staging.blobs(), Format::Oci, false, job.name, true)?;
         let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
         drop(layout);
@@ -720,7 +736,7 @@ impl Client {
         }
         check_apart(&dest.path, rootfs)?;
         // ROOTFS first: refused (not empty, not a directory) before DEST is touched.
-        let staging = Staging::create(rootfs)?;
+        let staging = Staging::create(rootfs)?.with_max_ratio(self.inner.max_unpack_ratio);
         let layout = Layout::open(
             &dest.path,
             opts.format,

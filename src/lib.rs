@@ -86,7 +86,7 @@ mod write;
 pub use auth::{parse_challenges, Challenge};
 pub use client::{
     BlobReport, Client, ClientBuilder, ManifestBytes, ManifestReport, PullReport, Resolution,
-    DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS, DEFAULT_REPAIR_ATTEMPTS,
+    DEFAULT_CHUNK_SIZE, DEFAULT_CONNECTIONS, DEFAULT_MAX_UNPACK_RATIO, DEFAULT_REPAIR_ATTEMPTS,
 };
 pub use convert::{Conversion, ANNOTATION_SOURCE_DIGEST};
 pub use credentials::{Credential, CredentialStore, Secret};

@@ -77,7 +77,7 @@ impl<'t> Engine<'t> {
             devices_emulated: 0,
             xattrs_skipped: 0,
             enotsup_warned: false,
-            buf: vec![0; 64 << 10],
+            buf: vec![0; 1 << 20],
             cancel,
             stage: None,
         })
@@ -99,6 +99,11 @@ impl<'t> Engine<'t> {
     /// The flag that stops unpacking.
     pub(crate) fn cancel(&self) -> &'t AtomicBool {
         self.cancel
+    }
+
+    /// The most tar bytes a layer may give per compressed byte (0: no bound).
+    pub(crate) fn max_ratio(&self) -> u64 {
+        self.opts.max_ratio
     }
 
     /// A new layer starts: nothing of it is "upper" yet.

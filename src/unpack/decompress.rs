@@ -7,9 +7,10 @@
 //! against the alternatives (perf/DECOMPRESS.md).
 //!
 //! Decompression bombs: [`Ratio`] ends a layer whose uncompressed stream grows past
-//! [`MAX_RATIO`] times the compressed bytes read so far (plus [`RATIO_SLACK`]). deflate cannot
-//! expand more than 1032:1, so no well-formed gzip layer is refused; zstd can (about 32 768:1
-//! for long runs of one byte), and such a layer is refused with a message that says so.
+//! [`DEFAULT_MAX_RATIO`] (or the pull's own bound) times the compressed bytes read so far,
+//! plus [`RATIO_SLACK`]. deflate cannot expand more than 1032:1, so no well-formed gzip layer
+//! is refused by default; zstd can (about 32 768:1 for long runs of one byte), and such a
+//! layer is refused with a message that says how to raise the bound.
 
 use std::cell::Cell;
 use std::io::{self, BufRead, Read};
@@ -87,9 +88,9 @@ pub(crate) fn decoder<'a, R: BufRead + 'a>(
     })
 }
 
-/// The most uncompressed bytes a layer may give per compressed byte read: above deflate's
-/// own bound (1032:1), so that only zstd (or a stored tar, which has ratio 1) can reach it.
-pub(crate) const MAX_RATIO: u64 = 1100;
+/// The most uncompressed bytes a layer may give per compressed byte read, unless the pull
+/// says otherwise: above deflate's own bound (1032:1), so that only zstd can reach it.
+pub(crate) const DEFAULT_MAX_RATIO: u64 = 1100;
 
 /// Uncompressed bytes allowed before any ratio applies (a tiny layer's tar end blocks, say).
 pub(crate) const RATIO_SLACK: u64 = 1 << 20;
@@ -122,20 +123,22 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// The uncompressed stream, failing once it has given more than [`MAX_RATIO`] bytes per
-/// compressed byte read (see the module doc).
+/// The uncompressed stream, failing once it has given more than `max` bytes per compressed
+/// byte read (see the module doc); 0 is no bound.
 pub(crate) struct Ratio<R> {
     inner: R,
     compressed: Rc<Cell<u64>>,
     out: u64,
+    max: u64,
 }
 
 impl<R: Read> Ratio<R> {
-    pub(crate) fn new(inner: R, compressed: Rc<Cell<u64>>) -> Ratio<R> {
+    pub(crate) fn new(inner: R, compressed: Rc<Cell<u64>>, max: u64) -> Ratio<R> {
         Ratio {
             inner,
             compressed,
             out: 0,
+            max,
         }
     }
 }
@@ -147,16 +150,18 @@ impl<R: Read> Read for Ratio<R> {
         let allowed = self
             .compressed
             .get()
-            .saturating_mul(MAX_RATIO)
+            .saturating_mul(self.max)
             .saturating_add(RATIO_SLACK);
-        if self.out > allowed {
+        if self.max > 0 && self.out > allowed {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
                     "decompression bomb: {} uncompressed bytes from {} compressed (more than \
-                     {MAX_RATIO}:1)",
+                     {}:1; if the layer is legitimate, raise --max-unpack-ratio, 0 for no \
+                     bound)",
                     self.out,
-                    self.compressed.get()
+                    self.compressed.get(),
+                    self.max
                 ),
             ));
         }
@@ -250,10 +255,10 @@ mod tests {
     }
 
     /// Reads `c`-compressed `data` to the end through the bound, as `apply_layer` does.
-    fn bounded(c: Compression, data: &[u8]) -> io::Result<u64> {
+    fn bounded(c: Compression, data: &[u8], max: u64) -> io::Result<u64> {
         let (counted, read) = Counted::new(data);
         let stream = decoder(c, io::BufReader::with_capacity(64 << 10, counted))?;
-        io::copy(&mut Ratio::new(stream, read), &mut io::sink())
+        io::copy(&mut Ratio::new(stream, read, max), &mut io::sink())
     }
 
     #[test]
@@ -262,15 +267,23 @@ mod tests {
         // ~64 KiB, at deflate's own limit, which stays under it.
         let big = vec![7u8; 64 << 20];
         let zs = zstd::encode_all(&big[..], 3).unwrap();
-        let e = bounded(Compression::Zstd, &zs).unwrap_err();
+        let e = bounded(Compression::Zstd, &zs, DEFAULT_MAX_RATIO).unwrap_err();
         assert!(e.to_string().contains("decompression bomb"), "{e}");
+        // The pull's own bound: lifted (0), the same bytes go through.
+        assert_eq!(
+            bounded(Compression::Zstd, &zs, 0).unwrap(),
+            big.len() as u64
+        );
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         std::io::Write::write_all(&mut gz, &big).unwrap();
         let gz = gz.finish().unwrap();
-        assert_eq!(bounded(Compression::Gzip, &gz).unwrap(), big.len() as u64);
+        assert_eq!(
+            bounded(Compression::Gzip, &gz, DEFAULT_MAX_RATIO).unwrap(),
+            big.len() as u64
+        );
         // A plain tar has ratio 1.
         assert_eq!(
-            bounded(Compression::None, &big[..4 << 20]).unwrap(),
+            bounded(Compression::None, &big[..4 << 20], DEFAULT_MAX_RATIO).unwrap(),
             4 << 20
         );
     }

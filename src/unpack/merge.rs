@@ -612,6 +612,7 @@ mod tests {
             Options {
                 rootless: true,
                 partial_rootless: true,
+                ..Options::detect()
             },
         ]
         .into_iter()

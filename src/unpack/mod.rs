@@ -132,6 +132,7 @@ mod resolve;
 mod session;
 mod targuard;
 
+pub(crate) use decompress::DEFAULT_MAX_RATIO;
 pub(crate) use session::Session;
 
 use std::io::{self, BufReader, Read};
@@ -156,6 +157,8 @@ pub(crate) struct Options {
     /// Device nodes become empty files, refused xattrs are skipped (not root, or in a user
     /// namespace).
     pub(crate) partial_rootless: bool,
+    /// Most tar bytes per compressed byte (decompression bombs; 0: no bound).
+    pub(crate) max_ratio: u64,
 }
 
 impl Options {
@@ -167,6 +170,7 @@ impl Options {
         Options {
             rootless: !root,
             partial_rootless: !root || userns,
+            max_ratio: decompress::DEFAULT_MAX_RATIO,
         }
     }
 }
@@ -900,7 +904,7 @@ pub(crate) fn apply_layer<R: Read>(
     let compression = decompress::detect(&layer.media_type, &head).map_err(bad)?;
     let stream = decompress::decoder(compression, blob)
         .map_err(|e| bad(format!("cannot start decompressing ({compression:?}): {e}")))?;
-    let stream = decompress::Ratio::new(stream, compressed);
+    let stream = decompress::Ratio::new(stream, compressed, engine.max_ratio());
     let (budget, left) = targuard::Budget::new(decompress::Hashing::new(stream));
     let mut archive = tar::Archive::new(budget);
     engine.start_layer();
@@ -986,6 +990,8 @@ pub(crate) struct Staging {
     target: PathBuf,
     /// The destination is an existing empty directory (published by exchange).
     exchange: bool,
+    /// The pull's bound on tar bytes per compressed byte (see [`Staging::with_max_ratio`]).
+    max_ratio: u64,
     /// Set on drop: the unpacking thread (which holds `running`) stops at its next entry,
     /// and the directory is removed once it has.
     cancel: Arc<AtomicBool>,
@@ -1056,6 +1062,21 @@ fn sweep_stale(parent: &Path, name: &str) {
 }
 
 impl Staging {
+    /// Layers may give at most `max` tar bytes per compressed byte (0: no bound; default
+    /// [`decompress::DEFAULT_MAX_RATIO`]).
+    pub(crate) fn with_max_ratio(mut self, max: u64) -> Staging {
+        self.max_ratio = max;
+        self
+    }
+
+    /// The options this pull unpacks with: the process's privileges, the pull's bounds.
+    pub(crate) fn options(&self) -> Options {
+        Options {
+            max_ratio: self.max_ratio,
+            ..Options::detect()
+        }
+    }
+
     /// Checks `target` (missing, or an empty directory) and makes the staging directory
     /// (0700) beside it.
     pub(crate) fn create(target: &Path) -> Result<Staging> {
@@ -1113,6 +1134,7 @@ impl Staging {
                         dir,
                         target: target.to_path_buf(),
                         exchange,
+                        max_ratio: decompress::DEFAULT_MAX_RATIO,
                         cancel: Arc::new(AtomicBool::new(false)),
                         running: Arc::new(Mutex::new(())),
                         _lock: lock,

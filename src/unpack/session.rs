@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::task::JoinHandle;
 
-use super::{Layer, Options, Staging, StreamEnd, UnpackSummary};
+use super::{Layer, Staging, StreamEnd, UnpackSummary};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -67,7 +67,7 @@ impl Session {
             .collect();
         staging.reset_rootfs()?;
         let root = staging.rootfs();
-        let opts = Options::detect();
+        let opts = staging.options();
         tracing::info!(
             layers = layers.len(),
             rootless = opts.rootless,
@@ -219,7 +219,7 @@ async fn from_verified(
         .collect();
     staging.reset_rootfs()?;
     let root = staging.rootfs();
-    let opts = Options::detect();
+    let opts = staging.options();
     tracing::info!(layers = layers.len(), rootless = opts.rootless, "unpacking");
     let (cancel, running) = staging.worker();
     let reporter = reporter.clone();

@@ -997,6 +997,69 @@ fn diff_id_mismatch_leaves_nothing() {
     );
 }
 
+/// A zstd layer that expands past the default ratio bound (64 MiB of one byte in a few KiB:
+/// a decompression bomb, or a legitimate file of zeros) ends the pull with exit 4 and leaves
+/// nothing; `--max-unpack-ratio 0` lifts the bound and the same image unpacks. A gzip layer
+/// of the same file is within deflate's own 1032:1 and unpacks with the default.
+#[test]
+fn a_decompression_bomb_is_refused_unless_the_bound_is_lifted() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let zeros = vec![0u8; 64 << 20];
+    let tar = Tar::default().file("zeros", 0o644, &zeros).finish();
+    push_image(
+        &reg,
+        "rootfs/bomb",
+        "t",
+        &image(vec![layer(&tar, OCI_ZSTD)]),
+    );
+    push_image(
+        &reg,
+        "rootfs/bomb",
+        "gz",
+        &image(vec![layer(&tar, OCI_GZIP)]),
+    );
+    let reference = image_ref(&reg, "rootfs/bomb", "t");
+
+    let dest = work.path().join("rootfs");
+    let o = pull_rootfs(&reference, &dest);
+    assert_exit(&o, 4);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("decompression bomb") && err.contains("--max-unpack-ratio"),
+        "{}",
+        text(&o)
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "a refused layer left {left:?}");
+
+    let o = fastpull_command()
+        .args([
+            "--plain-http",
+            "--format",
+            "rootfs",
+            "--max-unpack-ratio",
+            "0",
+        ])
+        .arg(&reference)
+        .arg(&dest)
+        .output()
+        .expect("run fastpull");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::metadata(dest.join("zeros")).expect("zeros").len(),
+        64 << 20
+    );
+
+    let gz = work.path().join("gz");
+    let o = pull_rootfs(&image_ref(&reg, "rootfs/bomb", "gz"), &gz);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::metadata(gz.join("zeros")).expect("zeros").len(),
+        64 << 20
+    );
+}
+
 #[test]
 fn rootfs_destination_rules() {
     let reg = Registry::start();
