@@ -714,7 +714,6 @@ impl Directory {
     }
 }
 
-/// 64 lowercase hex digits: the file name of a blob.
 /// Removes from `dir` the temporary files an atomic write ([`write_atomic`]) leaves when its
 /// process is killed between create and rename: `.NAME.PID.tmp` for a NAME fastpull writes
 /// (a blob's hex, `index.json`, `oci-layout`, `version`, `manifest.json`,
@@ -758,6 +757,7 @@ fn sweep_atomic_leftovers(dir: &Path) {
     }
 }
 
+/// 64 lowercase hex digits: the file name of a blob.
 fn is_blob_name(name: &str) -> bool {
     name.len() == 64
         && name

@@ -7,11 +7,18 @@
 //! The index is a directory, `$XDG_STATE_HOME/fastpull/partials` (else
 //! `~/.local/state/fastpull/partials`), of symbolic links: `<hex>.<key>` → the scratch
 //! directory of the destination that holds the pair, `<key>` naming that directory. A link
-//! is made when a blob's journal is created and removed once the blob is verified, taken
-//! over, or found gone; a link is only a hint, and everything it points at is checked again:
+//! is made when a blob's journal is created and removed once the blob is verified or taken
+//! over; one whose pair went otherwise (discarded, or never kept) is removed when a later
+//! pull finds it gone. The index directory is the user's own (mode 0700; one owned by
+//! someone else, or a symlink, is not used). A link is only a hint, and everything it points
+//! at is checked again:
 //!
 //! - the other destination is locked (without waiting) while its pair is taken: a pull still
 //!   running there keeps its files;
+//! - its scratch directory must be a real directory (not a symlink) of this user that no one
+//!   else may write to, and the pair regular files of this user; the moves are made from that
+//!   opened directory (`renameat`), so nothing can be swapped in between the check and the
+//!   move;
 //! - the pair moves by two renames on one filesystem (partial first, then journal: a stop
 //!   between them leaves an unpaired file on each side, which each destination's sweep
 //!   removes, never a journal beside another file). Across filesystems nothing is moved;
@@ -20,8 +27,11 @@
 //!   whole before it gets its final name.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::digest::Digest;
 
@@ -50,6 +60,15 @@ impl Index {
         })
     }
 
+    /// Whether the index directory may be used: absent, or a directory (not a symlink) of
+    /// this user.
+    fn usable(&self) -> bool {
+        match std::fs::symlink_metadata(&self.dir) {
+            Ok(m) => m.is_dir() && m.uid() == rustix::process::geteuid().as_raw(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
     /// An index in `dir` (tests).
     #[cfg(test)]
     pub(crate) fn at(dir: PathBuf) -> Index {
@@ -70,9 +89,22 @@ impl Index {
         if std::fs::read_link(&link).is_ok_and(|t| t == scratch) {
             return;
         }
-        let tmp = link.with_extension(format!("{}.tmp", std::process::id()));
-        let made = std::fs::create_dir_all(&self.dir)
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = link.file_name().map(|n| n.to_string_lossy().into_owned());
+        let tmp = link.with_file_name(format!(
+            "{}.{}.{}.tmp",
+            name.unwrap_or_default(),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
             .and_then(|()| {
+                if !self.usable() {
+                    return Err(std::io::Error::other("not this user's directory"));
+                }
                 let _ = std::fs::remove_file(&tmp);
                 std::os::unix::fs::symlink(scratch, &tmp)
             })
@@ -98,6 +130,9 @@ impl Index {
         partial: &Path,
         journal: &Path,
     ) -> Option<PathBuf> {
+        if !self.usable() {
+            return None;
+        }
         let prefix = format!("{}.", digest.hex());
         let links: Vec<PathBuf> = std::fs::read_dir(&self.dir)
             .ok()?
@@ -151,9 +186,9 @@ fn take_from(
     let Some(root) = scratch.parent() else {
         return Taken::Gone;
     };
-    let src_partial = scratch.join(format!("{}.partial", digest.hex()));
-    let src_journal = crate::resume::Journal::path_for(&src_partial);
-    let is_file = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file());
+    let partial_name = format!("{}.partial", digest.hex());
+    let journal_name = format!("{}.journal", digest.hex());
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let Ok(lock) = File::open(root) else {
         return Taken::Gone;
     };
@@ -161,26 +196,44 @@ fn take_from(
     if lock.try_lock().is_err() {
         return Taken::Busy;
     }
-    if !is_file(&src_partial) || !is_file(&src_journal) {
+    let Ok(from) = rustix::fs::open(scratch, dir_flags, Mode::empty()) else {
         return Taken::Gone;
-    }
-    if std::fs::symlink_metadata(scratch).map(|m| m.dev()).ok() != Some(here.dev()) {
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let Ok(st) = rustix::fs::fstat(&from) else {
+        return Taken::Gone;
+    };
+    // Only a directory no one else may write to: its entries cannot change under us.
+    if st.st_uid != me || st.st_mode & 0o022 != 0 || st.st_dev != here.dev() {
         return Taken::Busy;
     }
+    let ours = |name: &str| {
+        rustix::fs::statat(&from, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|m| {
+            FileType::from_raw_mode(m.st_mode) == FileType::RegularFile && m.st_uid == me
+        })
+    };
+    if !ours(&partial_name) || !ours(&journal_name) {
+        return Taken::Gone;
+    }
+    let (Some(into), Some(partial_to), Some(journal_to)) =
+        (partial.parent(), partial.file_name(), journal.file_name())
+    else {
+        return Taken::Busy;
+    };
+    let Ok(to) = rustix::fs::open(into, dir_flags, Mode::empty()) else {
+        return Taken::Busy;
+    };
     // Partial first: a stop before the journal follows leaves no journal beside a file it
     // does not describe.
-    let _ = std::fs::remove_file(journal);
-    if std::fs::rename(&src_partial, partial).is_err() {
+    let _ = rustix::fs::unlinkat(&to, journal_to, AtFlags::empty());
+    if rustix::fs::renameat(&from, partial_name.as_str(), &to, partial_to).is_err() {
         return Taken::Busy;
     }
-    if std::fs::rename(&src_journal, journal).is_err() {
+    if rustix::fs::renameat(&from, journal_name.as_str(), &to, journal_to).is_err() {
         return Taken::Gone;
     }
-    for dir in [scratch, partial.parent().unwrap_or(scratch)] {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    let _ = rustix::fs::fsync(&from);
+    let _ = rustix::fs::fsync(&to);
     Taken::Moved
 }
 
@@ -232,6 +285,46 @@ mod tests {
             std::fs::read_dir(t.path().join("index")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn a_pair_others_could_change_or_a_symlink_is_never_taken() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let index = Index::at(t.path().join("index"));
+        let d = Digest::of(b"blob");
+        let b = t.path().join("b/.fastpull-tmp");
+        std::fs::create_dir_all(&b).unwrap();
+        let (bp, bj) = (b.join("p"), b.join("j"));
+
+        // A scratch directory anyone may write to: its entries could be swapped.
+        let a = t.path().join("a/.fastpull-tmp");
+        pair(&a, &d, b"x");
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o777)).unwrap();
+        index.note(&d, &a);
+        assert_eq!(index.take(&d, &b, &bp, &bj), None);
+        assert!(a.join(format!("{}.partial", d.hex())).exists() && !bp.exists());
+
+        // A partial that is a symlink (to a file elsewhere): not a pair.
+        let c = t.path().join("c/.fastpull-tmp");
+        std::fs::create_dir_all(&c).unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not ours to write").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, c.join(format!("{}.partial", d.hex()))).unwrap();
+        std::fs::write(c.join(format!("{}.journal", d.hex())), b"j").unwrap();
+        index.forget(&d, &a);
+        index.note(&d, &c);
+        assert_eq!(index.take(&d, &b, &bp, &bj), None);
+        assert!(!bp.exists());
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not ours to write");
+
+        // An index directory that is a symlink is not used.
+        let real = t.path().join("real-index");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("linked")).unwrap();
+        let linked = Index::at(t.path().join("linked"));
+        linked.note(&d, &a);
+        assert_eq!(std::fs::read_dir(&real).unwrap().count(), 0);
     }
 
     #[test]

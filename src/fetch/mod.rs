@@ -714,7 +714,11 @@ impl Fetcher<'_> {
         if let Some(w) = self.watch.and_then(|w| w.get(&run.desc.digest)) {
             w.abandoned();
         }
-        let bad = state.file.partial_path().with_extension("bad");
+        // One name per fetch: an earlier fetch's hashing may still be removing its own.
+        let bad = state
+            .file
+            .partial_path()
+            .with_extension(format!("bad-{}", run.fetches));
         let moved =
             !state.file.is_region() && std::fs::rename(state.file.partial_path(), &bad).is_ok();
         state.file.discard();

@@ -157,8 +157,8 @@ impl<R: Read> Read for Ratio<R> {
                 io::ErrorKind::InvalidData,
                 format!(
                     "decompression bomb: {} uncompressed bytes from {} compressed (more than \
-                     {}:1; if the layer is legitimate, raise --max-unpack-ratio, 0 for no \
-                     bound)",
+                     {}:1; if the layer is legitimate, raise --max-unpack-ratio or \
+                     ClientBuilder::max_unpack_ratio, 0 for no bound)",
                     self.out,
                     self.compressed.get(),
                     self.max

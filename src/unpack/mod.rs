@@ -138,7 +138,7 @@ pub(crate) use session::Session;
 use std::io::{self, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Mode, OFlags, RenameFlags, Timestamps};
@@ -598,8 +598,8 @@ fn stage_layer(
 }
 
 /// Makes the root of a new tree at `root`, then: the bottom layer is unpacked into it
-/// (this thread), every other layer at once into its own staging tree (a thread each, at
-/// most [`MAX_STAGING`] at a time); in layer order, once a layer's blob is verified and
+/// (this thread), every other layer at once into its own staging tree ([`MAX_STAGING`]
+/// threads, each taking the next layer in order); in layer order, once a layer's blob is verified and
 /// the layers below are in, its staging tree is merged by renames, or, tainted, the layer
 /// is applied directly from its verified blob file.
 fn unpack_layers(
@@ -631,14 +631,31 @@ fn unpack_layers(
         cond: std::sync::Condvar::new(),
         cap: MAX_STAGING,
     };
+    let mut staged = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 1..layers.len() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        staged.push(rx);
+        senders.push(Mutex::new(Some(tx)));
+    }
+    // At most MAX_STAGING threads, each taking the next layer (in order) when it is done
+    // with one: however many layers the manifest lists.
+    let next = AtomicUsize::new(1);
     let result = std::thread::scope(|s| {
-        let mut staged = Vec::new();
-        for (i, layer) in layers.iter().enumerate().skip(1) {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            staged.push(rx);
-            let (room, abort, slots) = (&room, &abort, &slots);
-            let dir = staged_dir(root, i);
-            s.spawn(move || {
+        for _ in 0..MAX_STAGING.min(layers.len().saturating_sub(1)) {
+            let (room, abort, slots, next, senders) = (&room, &abort, &slots, &next, &senders);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(layer) = layers.get(i) else {
+                    break;
+                };
+                // Taken out first: should this layer's work panic, its sender goes with
+                // the unwinding and the merge hears of it instead of waiting.
+                let tx = senders[i - 1]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                let dir = staged_dir(root, i);
                 let stop = || abort.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
                 let out = match slots.acquire(i, stop) {
                     None => StageEnd::End(StreamEnd::Failed(stopped())),
@@ -647,7 +664,9 @@ fn unpack_layers(
                     }
                 };
                 // The receiver is gone only when the merge has already failed.
-                let _ = tx.send(out);
+                if let Some(tx) = tx {
+                    let _ = tx.send(out);
+                }
             });
         }
         let r = merge_in_order(
