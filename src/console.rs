@@ -66,6 +66,17 @@ struct State {
     slots: Vec<(ProgressBar, Option<Digest>)>,
 }
 
+impl State {
+    /// A blob is fetched again from its first byte: what it had received no longer counts.
+    fn fetch_again(&mut self, digest: &Digest) {
+        if let Some(l) = self.layers.get_mut(digest) {
+            self.received = self.received.saturating_sub(l.received);
+            l.resumed = 0;
+            l.received = 0;
+        }
+    }
+}
+
 struct Layer {
     is_layer: bool,
     size: u64,
@@ -427,11 +438,7 @@ impl Reporter for Console {
                 actual,
                 attempt,
             } => {
-                if let Some(l) = st.layers.get_mut(digest) {
-                    st.received = st.received.saturating_sub(l.received);
-                    l.resumed = 0;
-                    l.received = 0;
-                }
+                st.fetch_again(digest);
                 if self.mode == Mode::Json {
                     self.json(json!({
                         "event": "blob_repairing",
@@ -447,11 +454,7 @@ impl Reporter for Console {
                 }
             }
             EventKind::BlobRestarting { digest, actual } => {
-                if let Some(l) = st.layers.get_mut(digest) {
-                    st.received = st.received.saturating_sub(l.received);
-                    l.resumed = 0;
-                    l.received = 0;
-                }
+                st.fetch_again(digest);
                 if self.mode == Mode::Json {
                     self.json(json!({
                         "event": "blob_restarting",

@@ -202,6 +202,14 @@ fn pull_rootfs(image: &str, dest: &Path) -> Output {
         .expect("run fastpull")
 }
 
+/// The reference tree for `reference` (tagged `tag`): fastpull writes its OCI layout to
+/// `work/layout`, and `umoci unpack` makes `work/bundle` of it; returns the bundle's rootfs.
+fn umoci_tree(reg: &Registry, reference: &str, tag: &str, work: &Path) -> PathBuf {
+    let layout = work.join("layout");
+    fastpull(reg, &[OsStr::new(reference), layout.as_os_str()]);
+    umoci_unpack(reg, &layout, tag, &work.join("bundle"))
+}
+
 /// Layers of an image with everything umoci's unpacking has rules for. The second layer
 /// is returned as a tar, to be compressed either way.
 fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
@@ -415,15 +423,12 @@ fn rootfs_equals_umoci_unpack() {
         text(&o)
     );
 
-    let layout = work.path().join("layout");
-    fastpull(
+    let theirs = umoci_tree(
         &reg,
-        &[
-            OsStr::new(&image_ref(&reg, "rootfs/rich", "gzip")),
-            layout.as_os_str(),
-        ],
+        &image_ref(&reg, "rootfs/rich", "gzip"),
+        "gzip",
+        work.path(),
     );
-    let theirs = umoci_unpack(&reg, &layout, "gzip", &work.path().join("bundle"));
 
     let a = snapshot(&ours, &IMPLICIT);
     let b = snapshot(&theirs, &IMPLICIT);
@@ -1378,15 +1383,12 @@ fn layers_unpack_while_later_layers_download() {
             .sum::<u64>()
     );
 
-    let layout = work.path().join("layout");
-    fastpull(
+    let theirs = umoci_tree(
         &reg,
-        &[
-            OsStr::new(&image_ref(&reg, "rootfs/stream", "gzip")),
-            layout.as_os_str(),
-        ],
+        &image_ref(&reg, "rootfs/stream", "gzip"),
+        "gzip",
+        work.path(),
     );
-    let theirs = umoci_unpack(&reg, &layout, "gzip", &work.path().join("bundle"));
     assert_same(
         "fastpull (streamed)",
         &snapshot(&ours, &IMPLICIT),
@@ -2038,9 +2040,7 @@ fn a_1gib_file_unpacks_as_umoci_does() {
     let ours = work.path().join("ours");
     let o = pull_rootfs(&reference, &ours);
     assert!(o.status.success(), "{}", text(&o));
-    let layout = work.path().join("layout");
-    fastpull(&reg, &[OsStr::new(&reference), layout.as_os_str()]);
-    let theirs = umoci_unpack(&reg, &layout, "t", &work.path().join("bundle"));
+    let theirs = umoci_tree(&reg, &reference, "t", work.path());
     let a = snapshot(&ours, &[]);
     assert_same("fastpull", &a, "umoci unpack", &snapshot(&theirs, &[]));
     let line = |p: &str| a.get(p).unwrap_or_else(|| panic!("{p}: {a:#?}")).clone();
@@ -2142,15 +2142,12 @@ fn layers_stage_at_once_while_the_bottom_one_is_held() {
     assert_eq!(done["unpacked"]["merged"], RICH_MERGED);
     assert_eq!(done["unpacked"]["direct"], RICH_DIRECT);
 
-    let layout = work.path().join("layout");
-    fastpull(
+    let theirs = umoci_tree(
         &reg,
-        &[
-            OsStr::new(&image_ref(&reg, "rootfs/parallel", "gzip")),
-            layout.as_os_str(),
-        ],
+        &image_ref(&reg, "rootfs/parallel", "gzip"),
+        "gzip",
+        work.path(),
     );
-    let theirs = umoci_unpack(&reg, &layout, "gzip", &work.path().join("bundle"));
     assert_same(
         "fastpull (staged at once)",
         &snapshot(&ours, &IMPLICIT),
