@@ -515,6 +515,13 @@ impl Fetcher<'_> {
                             self.reporter.report(EventKind::BlobDone { digest });
                         }
                         Finished::Mismatch(b, actual) => {
+                            if runs[b].repairs >= self.options.repair_attempts && !runs[b].resumed {
+                                // The pull is about to fail on this blob: first say what
+                                // the comparisons still under way found (fetch 1 against 2…).
+                                while let Some((c, earlier, later, ranges)) = comparing.next().await {
+                                    self.report_differences(&runs[c], earlier, later, ranges.as_ref());
+                                }
+                            }
                             if let Some(c) = self.refetch(&mut runs[b], b, actual).await? {
                                 comparing.push(c);
                             }
