@@ -381,49 +381,48 @@ impl Layout {
         self
     }
 
+    /// The user's index of partial downloads and this destination's scratch directory,
+    /// when partials are shared and a blob of `size` is worth it (see [`crate::partials`]).
+    fn shared(&self, size: u64) -> Option<(&Directory, &Index, &Path)> {
+        match &self.place {
+            Place::Dir(d) if size >= crate::partials::MIN_SIZE => {
+                let (index, scratch) = d.shared.as_ref()?;
+                Some((d, index, scratch))
+            }
+            _ => None,
+        }
+    }
+
     /// Before a blob's partial download is looked for: if this destination has none, takes
     /// the one another destination kept (see [`crate::partials`]); its journal is then read
-    /// as any other. Returns the destination it came from.
-    pub(crate) fn adopt_partial(&self, digest: &Digest, size: u64) -> Option<PathBuf> {
-        let Place::Dir(d) = &self.place else {
-            return None;
+    /// as any other.
+    pub(crate) fn adopt_partial(&self, digest: &Digest, size: u64) {
+        let Some((d, index, scratch)) = self.shared(size) else {
+            return;
         };
-        let (index, scratch) = d.shared.as_ref()?;
         let partial = d.partial_path(digest);
         let journal = crate::resume::Journal::path_for(&partial);
-        if size < crate::partials::MIN_SIZE || journal.exists() {
-            return None;
+        if journal.exists() {
+            return;
         }
-        let from = index.take(digest, scratch, &partial, &journal)?;
-        let from = from.parent().map(Path::to_path_buf).unwrap_or(from);
-        tracing::info!(blob = %digest, from = %from.display(), "taking over a partial download another destination kept");
-        Some(from)
+        if let Some(from) = index.take(digest, scratch, &partial, &journal) {
+            let from = from.parent().unwrap_or(&from);
+            tracing::info!(blob = %digest, from = %from.display(), "taking over a partial download another destination kept");
+        }
     }
 
     /// A blob's journal exists here: other destinations may take its pair should this pull
     /// stop (see [`crate::partials`]).
     pub(crate) fn note_partial(&self, digest: &Digest, size: u64) {
-        if let Place::Dir(Directory {
-            shared: Some((index, scratch)),
-            ..
-        }) = &self.place
-        {
-            if size >= crate::partials::MIN_SIZE {
-                index.note(digest, scratch);
-            }
+        if let Some((_, index, scratch)) = self.shared(size) {
+            index.note(digest, scratch);
         }
     }
 
     /// A blob is verified and in place: its pair is gone from the index.
     pub(crate) fn forget_partial(&self, digest: &Digest, size: u64) {
-        if let Place::Dir(Directory {
-            shared: Some((index, scratch)),
-            ..
-        }) = &self.place
-        {
-            if size >= crate::partials::MIN_SIZE {
-                index.forget(digest, scratch);
-            }
+        if let Some((_, index, scratch)) = self.shared(size) {
+            index.forget(digest, scratch);
         }
     }
 

@@ -838,7 +838,8 @@ fn merge_in_order(
         })?;
         let started = std::time::Instant::now();
         let dir = staged_dir(root, i);
-        let (applied, how) = match out {
+        // Merged from its tree, or why it is applied directly (and the room its tree took).
+        let merged = match out {
             StageEnd::End(e) => return Err(e),
             StageEnd::Staged(st, applied, used) => {
                 feed.trusted(layer, cancel)?;
@@ -847,23 +848,24 @@ fn merge_in_order(
                     None => {
                         let sfd = open_dir(&dir)?;
                         engine.merge(sfd, &st).map_err(as_error)?;
-                        remove_staged(&dir)?;
-                        summary.layers_merged += 1;
-                        (applied, "merged")
+                        Ok(applied)
                     }
-                    Some(why) => {
-                        tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
-                        remove_staged(&dir)?;
-                        room.fetch_add(used, Ordering::Relaxed);
-                        summary.layers_direct += 1;
-                        (direct(engine, layer)?, "applied directly")
-                    }
+                    Some(why) => Err((why, used)),
                 }
             }
             StageEnd::Tainted(why, used) => {
-                tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
                 feed.trusted(layer, cancel)?;
-                remove_staged(&dir)?;
+                Err((why, used))
+            }
+        };
+        remove_staged(&dir)?;
+        let (applied, how) = match merged {
+            Ok(applied) => {
+                summary.layers_merged += 1;
+                (applied, "merged")
+            }
+            Err((why, used)) => {
+                tracing::info!(layer = %layer.digest, reason = %why, "layer applied directly, not merged");
                 room.fetch_add(used, Ordering::Relaxed);
                 summary.layers_direct += 1;
                 (direct(engine, layer)?, "applied directly")

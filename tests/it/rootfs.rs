@@ -210,6 +210,17 @@ fn umoci_tree(reg: &Registry, reference: &str, tag: &str, work: &Path) -> PathBu
     umoci_unpack(reg, &layout, tag, &work.join("bundle"))
 }
 
+/// `ours` (a tree fastpull unpacked from `repo:gzip`) equals `umoci unpack`'s tree of it.
+fn assert_like_umoci(reg: &Registry, repo: &str, ours: &Path, work: &Path, label: &str) {
+    let theirs = umoci_tree(reg, &image_ref(reg, repo, "gzip"), "gzip", work);
+    assert_same(
+        label,
+        &snapshot(ours, &IMPLICIT),
+        "umoci unpack",
+        &snapshot(&theirs, &IMPLICIT),
+    );
+}
+
 /// Layers of an image with everything umoci's unpacking has rules for. The second layer
 /// is returned as a tar, to be compressed either way.
 fn rich_layers(with_devices: bool) -> Vec<(Vec<u8>, &'static str)> {
@@ -1383,17 +1394,12 @@ fn layers_unpack_while_later_layers_download() {
             .sum::<u64>()
     );
 
-    let theirs = umoci_tree(
+    assert_like_umoci(
         &reg,
-        &image_ref(&reg, "rootfs/stream", "gzip"),
-        "gzip",
+        "rootfs/stream",
+        &ours,
         work.path(),
-    );
-    assert_same(
         "fastpull (streamed)",
-        &snapshot(&ours, &IMPLICIT),
-        "umoci unpack",
-        &snapshot(&theirs, &IMPLICIT),
     );
 }
 
@@ -2142,17 +2148,12 @@ fn layers_stage_at_once_while_the_bottom_one_is_held() {
     assert_eq!(done["unpacked"]["merged"], RICH_MERGED);
     assert_eq!(done["unpacked"]["direct"], RICH_DIRECT);
 
-    let theirs = umoci_tree(
+    assert_like_umoci(
         &reg,
-        &image_ref(&reg, "rootfs/parallel", "gzip"),
-        "gzip",
+        "rootfs/parallel",
+        &ours,
         work.path(),
-    );
-    assert_same(
         "fastpull (staged at once)",
-        &snapshot(&ours, &IMPLICIT),
-        "umoci unpack",
-        &snapshot(&theirs, &IMPLICIT),
     );
 }
 
