@@ -135,6 +135,30 @@ fn connections_are_reused_across_blobs() {
     );
 }
 
+/// With default flags, every connection to the registry (on loopback: a near host) gets the
+/// fixed receive buffer (src/http.rs `Direct`): the log names each one. Red with the
+/// connector's `Direct` wrapper taken out.
+#[test]
+fn connections_to_a_near_registry_get_a_fixed_receive_buffer() {
+    let image = image_of(2310, &[300_000, 2000]);
+    let reg = Registry::start();
+    push_image(&reg, "sched/near", "v", &image);
+    let (_d, out) = dest();
+    let o = pull(
+        &["-vvv"],
+        &format!("{}/sched/near:v", reg.addr()),
+        &out,
+        TIMEOUT,
+    );
+    assert_pulled(&out, &image, &o);
+    let log = text(&o);
+    let tuned = log.matches("near host: fixed receive buffer").count();
+    assert!(
+        tuned >= 1,
+        "no connection was given the fixed buffer:\n{log}"
+    );
+}
+
 /// A capped CDN with default flags: the big blob fans out to at least 8 requests in flight.
 fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
     let (reg, cdn, proxy) = registry_with_counted_cdn(directives);
