@@ -770,13 +770,13 @@ fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 const PREFAULT_LEAD: u64 = 1 << 20;
 /// How much it faults in at once (at most: never past the span's end). Large enough that
 /// a typical piece is faulted in by one call: the page cache's folios for a mapped file
-/// come from read-ahead, which grows them (up to 128 KiB) only along one uninterrupted run
-/// of faults; many writers faulting 2 MiB steps in turn left nearly every folio at 4 KiB
-/// (80k folios for a 500 MiB pull, where oci-client's `write(2)` makes 5.5k), each paying
-/// its own allocation, page-cache insert, `page_mkwrite` and write-back. With 8 MiB steps,
-/// CPU per pull fell ~10% on the capped worlds (perf/README.md). Small enough that many
-/// writers starting together do not stall the async threads on page zeroing all at once
-/// (8 MiB is a few milliseconds).
+/// come from read-ahead, which grows them (towards `read_ahead_kb`) only along one
+/// uninterrupted run of faults; many writers faulting 2 MiB steps in turn left nearly every
+/// folio at 4 KiB (80k folios for a 500 MiB pull, where oci-client's `write(2)` makes 5.5k),
+/// each paying its own allocation, page-cache insert, `page_mkwrite` and write-back. With
+/// 8 MiB steps, CPU per pull fell ~10% on the capped worlds (perf/README.md). Small enough
+/// that many writers starting together do not stall the async threads on page zeroing all
+/// at once (8 MiB is a few milliseconds).
 const PREFAULT_STEP: u64 = 8 << 20;
 
 pub(crate) fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
