@@ -600,10 +600,10 @@ impl Service<Uri> for Connector {
 
 /// A connection that opened within this time (DNS included) is to a near host: loopback,
 /// the same machine, a LAN.
-pub(crate) const NEAR_CONNECT: Duration = Duration::from_millis(1);
+const NEAR_CONNECT: Duration = Duration::from_millis(1);
 /// The receive buffer (`SO_RCVBUF`) a connection to a near host asks for; the kernel caps it
 /// at `net.core.rmem_max`.
-pub(crate) const NEAR_RECV_BUFFER: usize = 4 << 20;
+const NEAR_RECV_BUFFER: usize = 4 << 20;
 
 /// A TCP connection made directly (not through a tunnel), its receive buffer set by how near
 /// the host is.
@@ -653,7 +653,7 @@ impl Service<Uri> for Direct {
 /// Gives a connection to a near host (a loopback peer, or a connect within [`NEAR_CONNECT`])
 /// a [`NEAR_RECV_BUFFER`] receive buffer; leaves any other to autotuning. Says whether it
 /// set one.
-pub(crate) fn tune_receive_buffer(tcp: &tokio::net::TcpStream, connect: Duration) -> bool {
+fn tune_receive_buffer(tcp: &tokio::net::TcpStream, connect: Duration) -> bool {
     tcp.peer_addr().is_ok_and(|a| is_near(a.ip(), connect))
         && rustix::net::sockopt::set_socket_recv_buffer_size(tcp, NEAR_RECV_BUFFER).is_ok()
 }
