@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector, HttpInfo};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -81,7 +81,40 @@ pub(crate) struct Transport {
     stall_timeout: Duration,
     proxy: Arc<Matcher>,
     tls: Arc<TlsProfiles>,
+    /// The local address of every connection a response came on: a response on one not
+    /// seen before came on a connection opened for its request.
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>>,
 }
+
+/// How one exchange went, in the extensions of the response [`Transport::send_on`] returns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Exchange {
+    /// From sending the request to its response's headers.
+    pub took: Duration,
+    /// Whether the connection was opened for this request (None: not known, as through a
+    /// tunnel).
+    pub fresh: Option<bool>,
+}
+
+impl Exchange {
+    /// The round trip this exchange shows, the server's think time included, and whether
+    /// it is exact. A request on a connection already open waited one round trip: exact. One
+    /// on a connection opened for it waited for the handshake too (a round trip, more with
+    /// TLS; a middlebox's own handshake, which the connect time does not show): that counts
+    /// half, which errs low by half the server's think time, so it is not exact. Unknown
+    /// (through a tunnel): the whole time, not exact.
+    pub(crate) fn round_trip(&self) -> (Duration, bool) {
+        match self.fresh {
+            Some(true) => (self.took / 2, false),
+            Some(false) => (self.took, true),
+            None => (self.took, false),
+        }
+    }
+}
+
+/// Local addresses remembered at most (one per connection; a long-lived client forgets
+/// them all past this, and a reused connection then counts as fresh once).
+const SEEN_CONNECTIONS: usize = 1 << 16;
 
 impl Transport {
     pub(crate) fn new(
@@ -125,6 +158,7 @@ impl Transport {
             stall_timeout,
             proxy,
             tls,
+            seen: Default::default(),
         })
     }
 
@@ -197,13 +231,25 @@ impl Transport {
         } else {
             "GET"
         };
+        let sent = std::time::Instant::now();
         match tokio::time::timeout(
             self.stall_timeout,
             self.lanes[lane % self.lanes.len()].request(req),
         )
         .await
         {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(mut resp)) => {
+                let took = sent.elapsed();
+                let fresh = resp.extensions().get::<HttpInfo>().and_then(|info| {
+                    let mut seen = self.seen.lock().ok()?;
+                    if seen.len() >= SEEN_CONNECTIONS {
+                        seen.clear();
+                    }
+                    Some(seen.insert(info.local_addr()))
+                });
+                resp.extensions_mut().insert(Exchange { took, fresh });
+                Ok(resp)
+            }
             Ok(Err(e)) => Err(classify(e, what, url)),
             Err(_) => Err(Error::network(
                 what,
@@ -1165,6 +1211,56 @@ mod tests {
         // (208 KiB by default, so at least 416 KiB), more than autotuning's 128 KiB start.
         assert!(after > before, "receive buffer {before} -> {after}");
         assert!(after >= 416 << 10, "receive buffer {after}");
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_gives_an_exact_round_trip() {
+        // A keep-alive HTTP/1.1 server that thinks 30 ms before each answer.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/x", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if tcp.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let t = Duration::from_secs(5);
+        let transport = Transport::new("test", t, t, 1, Default::default(), false).unwrap();
+        let mut exchanges = Vec::new();
+        for _ in 0..2 {
+            let resp = transport
+                .send(Method::GET, &url, HeaderMap::new(), Bytes::new())
+                .await
+                .unwrap();
+            exchanges.push(*resp.extensions().get::<Exchange>().unwrap());
+            // Read the body, so the connection goes back to the pool.
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(exchanges[0].fresh, Some(true), "{exchanges:?}");
+        assert_eq!(exchanges[1].fresh, Some(false), "{exchanges:?}");
+        let (first, exact) = exchanges[0].round_trip();
+        assert!(!exact);
+        assert_eq!(first, exchanges[0].took / 2);
+        let (second, exact) = exchanges[1].round_trip();
+        assert!(exact);
+        assert!(second >= Duration::from_millis(30), "{second:?}");
     }
 
     #[test]

@@ -245,7 +245,7 @@ impl FlowRun {
             span: &self.span,
             origin: self.stats.origin.get().map(String::as_str),
             bytes: self.stats.bytes.load(Ordering::Relaxed),
-            first_byte: self.stats.first_response.get().map(|(at, _)| *at),
+            first_byte: self.stats.first_response.get().map(|(at, _, _)| *at),
             splittable: self
                 .stats
                 .splittable
@@ -467,9 +467,9 @@ impl Fetcher<'_> {
                 _ = ticker.tick() => {
                     let now = Instant::now();
                     for f in flows.iter_mut().filter(|f| !f.rtt_noted) {
-                        if let (Some((_, ttfb)), Some(origin)) = (f.stats.first_response.get(), f.stats.origin.get()) {
+                        if let (Some((_, rtt, exact)), Some(origin)) = (f.stats.first_response.get(), f.stats.origin.get()) {
                             f.rtt_noted = true;
-                            sched.first_byte(origin, *ttfb, now);
+                            sched.first_byte(origin, *rtt, *exact, now);
                         }
                     }
                     if !first_byte_logged && flows.iter().any(|f| f.stats.bytes.load(Ordering::Relaxed) > 0) {

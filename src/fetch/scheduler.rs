@@ -30,12 +30,20 @@
 //!   it averages over them; a step is judged against the median of what fewer connections
 //!   recently got, not one window that may have come out low; a long step that did not pay
 //!   is tried again halfway before falling back (new connections may still have been getting
-//!   going, or the knee lies between). After a fall back it holds for a while and then probes
+//!   going, or the knee lies between); a step that has barely begun (little work to cut yet)
+//!   while the goodput stays far below its reference for two windows gives no verdict and is
+//!   judged from there on, since a shared bottleneck stays flat and only the end of a burst
+//!   does that. After a fall back it holds for a while and then probes
 //!   again, and the hold ends at once when each connection gets less than half of what it got
 //!   when the verdict was taken (a limiter's burst ran out): a verdict lasts only as long as
 //!   the world it was taken in. On a per-connection cap every added connection adds its
 //!   share and the pull fans out fully; on an uncapped origin the goodput stays flat and the
 //!   pull keeps a few long requests.
+//! - **Round trips measured, not guessed.** Windows, pieces and cuts scale with the origin's
+//!   round trip: the first response on a connection already open measures it exactly; until
+//!   one comes, a fresh connection's first response counts half its time (it waited for the
+//!   handshake as well), so a far origin's first windows are not twice as long as they
+//!   should be.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
 //!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
@@ -75,6 +83,12 @@ const BISECT_ABOVE: f64 = 2.5;
 /// A hold ends early when each connection gets less than this share of what it got when
 /// the hold began.
 const HOLD_DROP: f64 = 0.5;
+/// Two windows in a row early in a step whose goodput falls below this share of the
+/// reference's give no verdict: the reference saw a burst that has run out.
+const COLLAPSE: f64 = 0.7;
+/// A step is early while its connections have made less than this share of the way to
+/// the new limit.
+const STEP_DONE: f64 = 0.5;
 /// Windows of history a step is judged against.
 const HISTORY_WINDOWS: u32 = 8;
 /// Shortest interval a flow's rate is measured over.
@@ -190,8 +204,12 @@ struct Controller {
     win_bytes: u64,
     win_n: f64,
     win_ticks: u32,
-    /// Smallest time to first byte seen: a round trip and the server's think time.
+    /// The round trip (and the server's think time): the smallest exact sample (a request
+    /// on a connection already open), else the smallest estimate (see
+    /// [`crate::http::Exchange::round_trip`]).
     rtt: Option<Duration>,
+    /// Whether `rtt` is from an exact sample.
+    rtt_exact: bool,
     /// The median rate of this origin's connections, last taken while at least three were
     /// measured: what a new connection can expect, even at the end of a pull when only
     /// the stragglers are left.
@@ -205,6 +223,8 @@ struct Controller {
     held_per: f64,
     /// Trying the middle of a long step that did not pay.
     bisecting: bool,
+    /// The last window, early in a step, came out far below the step's reference.
+    collapsed: bool,
     /// Recent windows: when each ended, its mean connections and its goodput.
     history: std::collections::VecDeque<(Instant, f64, f64)>,
     /// Steps taken and fallen back (for the log).
@@ -226,11 +246,13 @@ impl Controller {
             win_n: 0.0,
             win_ticks: 0,
             rtt: None,
+            rtt_exact: false,
             win_busy: 0,
             typical: None,
             doubt: None,
             history: std::collections::VecDeque::new(),
             bisecting: false,
+            collapsed: false,
             held_per: 0.0,
             grew: 0,
             fell: 0,
@@ -366,6 +388,26 @@ impl Controller {
                     return;
                 }
                 let g0 = g_ref.unwrap_or(g0);
+                let early = n_avg < n0 + STEP_DONE * (self.limit as f64 - n0);
+                if g < COLLAPSE * g0 && early {
+                    // The step has barely begun (little work to cut yet) and the goodput fell
+                    // far below the reference. Once, that may be a stall of our own: look
+                    // again, without a verdict. Twice in a row, the reference measured a
+                    // world that is gone: no step does that to a shared bottleneck (it stays
+                    // flat), but the end of a burst does (a limiter's first bytes, a socket
+                    // buffer a slow client drains). Still no verdict: this window is the new
+                    // reference, and the rest of the step is judged from it.
+                    if !self.collapsed {
+                        self.collapsed = true;
+                        return;
+                    }
+                    self.collapsed = false;
+                    self.doubt = None;
+                    self.base = Some((g, n_avg));
+                    tracing::debug!(%origin, mb_per_s = g / 1e6, before_mb_per_s = g0 / 1e6, connections = n_avg, before = n0, limit = self.limit, "fan-out: goodput stayed far below the reference early in a step; measuring from here");
+                    return;
+                }
+                self.collapsed = false;
                 let per = g0 / n0.max(1.0);
                 let marginal = (g - g0) / (n_avg - n0);
                 if marginal >= MIN_GAIN * per && self.bisecting {
@@ -509,13 +551,21 @@ impl Scheduler {
         }
     }
 
-    /// Notes a flow's time to first byte (the origin's round trip estimate).
-    pub(crate) fn first_byte(&mut self, origin: &str, ttfb: Duration, now: Instant) {
+    /// Notes the round trip a flow's first response showed; `exact` when it came on a
+    /// connection already open. Until an exact sample comes, the estimate is the smallest
+    /// of the others (fresh connections' first responses, half their time); after, only
+    /// exact samples count.
+    pub(crate) fn first_byte(&mut self, origin: &str, rtt: Duration, exact: bool, now: Instant) {
         let c = self
             .origins
             .entry(origin.to_string())
             .or_insert_with(|| Controller::new(now));
-        c.rtt = Some(c.rtt.map_or(ttfb, |r| r.min(ttfb)));
+        c.rtt = match (c.rtt, c.rtt_exact, exact) {
+            (None, _, _) | (Some(_), false, true) => Some(rtt),
+            (Some(old), true, false) => Some(old),
+            (Some(old), _, _) => Some(old.min(rtt)),
+        };
+        c.rtt_exact |= exact;
     }
 
     /// Measures: every flow's rate, every origin's goodput; the controllers decide.
@@ -820,6 +870,16 @@ mod tests {
         max: usize,
         secs: f64,
     ) -> (usize, Controller) {
+        drive_following(per_conn, max, secs, usize::MAX)
+    }
+
+    /// [`drive`], connections added at most `step` per 10 ms tick (work to cut is scarce).
+    fn drive_following(
+        per_conn: impl Fn(Duration, usize) -> f64,
+        max: usize,
+        secs: f64,
+        step: usize,
+    ) -> (usize, Controller) {
         let t0 = Instant::now();
         let mut c = Controller::new(t0);
         c.rtt = Some(MS);
@@ -830,7 +890,7 @@ mod tests {
             t += tick;
             let bytes = (per_conn(t.duration_since(t0), n) * n as f64 * tick.as_secs_f64()) as u64;
             c.tick(t, bytes, n, max, "o");
-            n = c.limit;
+            n = c.limit.min(n.saturating_add(step));
         }
         (n, c)
     }
@@ -865,6 +925,41 @@ mod tests {
         let (n, c) = drive(per, 64, 0.7);
         assert!(c.fell >= 1, "the burst should have stopped growth once");
         assert_eq!(n, 64);
+    }
+
+    #[test]
+    fn a_burst_gone_before_the_step_happened_is_no_verdict() {
+        // The first 90 ms (the baseline) deliver 250 MB/s in all, however many connections (a limiter's
+        // burst drained from socket buffers by a slow client); then 25 MB/s per connection.
+        // Connections come slowly (one per 40 ms: little work to cut yet), so the first step
+        // is measured when it has barely begun and the burst is gone. That must not read as
+        // "more connections do not pay".
+        let per = |t: Duration, n: usize| {
+            if t < Duration::from_millis(90) {
+                250e6 / n as f64
+            } else {
+                25e6
+            }
+        };
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let (mut n, mut t, mut tick) = (4usize, t0, 0u32);
+        while t.duration_since(t0) < Duration::from_millis(1500) {
+            t += 10 * MS;
+            tick += 1;
+            let bytes = (per(t.duration_since(t0), n) * n as f64 * 0.01) as u64;
+            c.tick(t, bytes, n, 64, "o");
+            if tick % 4 == 0 {
+                n = c.limit.min(n + 1);
+            }
+        }
+        assert_eq!(
+            c.fell, 0,
+            "a fall back on the burst's evidence (limit {})",
+            c.limit
+        );
+        assert_eq!(c.limit, 64);
     }
 
     #[test]
@@ -910,7 +1005,7 @@ mod tests {
         let (sa, sb) = (wa.span(), wb.span());
         let now = Instant::now();
         let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
-        s.first_byte("o", MS, now);
+        s.first_byte("o", MS, true, now);
         let flows = |bytes: [u64; 2]| {
             vec![
                 FlowInfo {
@@ -982,6 +1077,24 @@ mod tests {
             s.pick(&flows([0, 0]), &more, |_| 2),
             Some(Decision::Piece { blob: 1, .. })
         ));
+    }
+
+    #[test]
+    fn exact_round_trips_replace_estimates() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        let rtt = |s: &Scheduler| s.origins["o"].rtt();
+        s.first_byte("o", 60 * MS, false, now);
+        s.first_byte("o", 50 * MS, false, now);
+        assert_eq!(rtt(&s), 50 * MS, "the smallest estimate");
+        // A request on an open connection: exact, even if longer than an estimate (a
+        // fresh connection's halved time errs low by half the server's think time).
+        s.first_byte("o", 70 * MS, true, now);
+        assert_eq!(rtt(&s), 70 * MS);
+        s.first_byte("o", 20 * MS, false, now);
+        assert_eq!(rtt(&s), 70 * MS, "estimates no longer count");
+        s.first_byte("o", 65 * MS, true, now);
+        assert_eq!(rtt(&s), 65 * MS, "the smallest exact sample");
     }
 
     #[test]

@@ -53,8 +53,9 @@ pub(super) struct FlowStats {
     pub bytes: AtomicU64,
     /// `scheme://host:port` of the server sending the bytes.
     pub origin: OnceLock<String>,
-    /// When the first response arrived, and how long after its request.
-    pub first_response: OnceLock<(Instant, Duration)>,
+    /// When the first response arrived, the round trip its exchange showed, and whether that
+    /// is exact (see [`crate::http::Exchange::round_trip`]).
+    pub first_response: OnceLock<(Instant, Duration, bool)>,
     /// The server answers ranges with ranges: this transfer may be cut.
     pub splittable: AtomicBool,
 }
@@ -215,10 +216,15 @@ impl Fetcher<'_> {
         if let Some(origin) = origin_of(&final_url) {
             let _ = flow.stats.origin.set(origin);
         }
+        // The origin's round trip: the last hop's (a redirect's hop went elsewhere).
+        let (round_trip, exact) = response
+            .extensions()
+            .get::<crate::http::Exchange>()
+            .map_or_else(|| (asked.elapsed(), false), |x| x.round_trip());
         let _ = flow
             .stats
             .first_response
-            .set((Instant::now(), asked.elapsed()));
+            .set((Instant::now(), round_trip, exact));
         let what = || format!("blob {} from {}", s.desc.digest, redact_url(&final_url));
         let (skip, body_len) = match kind {
             BlobBody::Partial {
