@@ -870,29 +870,48 @@ mod tests {
         max: usize,
         secs: f64,
     ) -> (usize, Controller) {
-        drive_following(per_conn, max, secs, usize::MAX)
+        drive_slowly(per_conn, max, secs, 1, 0)
     }
 
-    /// [`drive`], connections added at most `step` per 10 ms tick (work to cut is scarce).
-    fn drive_following(
+    /// [`drive`] from `n` connections, one more joining every `every` 10 ms ticks while
+    /// under the limit (0: all at once), as when work to cut is scarce.
+    fn drive_slowly(
         per_conn: impl Fn(Duration, usize) -> f64,
         max: usize,
         secs: f64,
-        step: usize,
+        mut n: usize,
+        every: u32,
     ) -> (usize, Controller) {
         let t0 = Instant::now();
         let mut c = Controller::new(t0);
         c.rtt = Some(MS);
-        let mut n = 1usize;
         let mut t = t0;
+        let mut ticks = 0u32;
         let tick = Duration::from_millis(10);
         while t.duration_since(t0).as_secs_f64() < secs {
             t += tick;
+            ticks += 1;
             let bytes = (per_conn(t.duration_since(t0), n) * n as f64 * tick.as_secs_f64()) as u64;
             c.tick(t, bytes, n, max, "o");
-            n = c.limit.min(n.saturating_add(step));
+            n = match every {
+                0 => c.limit,
+                k if ticks.is_multiple_of(k) => c.limit.min(n + 1),
+                _ => n,
+            };
         }
         (n, c)
+    }
+
+    /// `shared` bytes/s in all (however many connections) for the first `ms`, then
+    /// `per_conn` bytes/s per connection: a limiter's burst, then its cap.
+    fn burst_then_cap(ms: u64, shared: f64, per_conn: f64) -> impl Fn(Duration, usize) -> f64 {
+        move |t, n| {
+            if t < Duration::from_millis(ms) {
+                shared / n as f64
+            } else {
+                per_conn
+            }
+        }
     }
 
     #[test]
@@ -915,45 +934,19 @@ mod tests {
         // A limiter that lets everything through for 150 ms (shared 900 MB/s: more
         // connections do not pay), then caps each connection at 25 MB/s: the hold taken on
         // the burst's evidence ends as soon as the connections' rate falls, not 800 ms later.
-        let per = |t: Duration, n: usize| {
-            if t < Duration::from_millis(150) {
-                900e6 / n as f64
-            } else {
-                25e6
-            }
-        };
-        let (n, c) = drive(per, 64, 0.7);
+        let (n, c) = drive(burst_then_cap(150, 900e6, 25e6), 64, 0.7);
         assert!(c.fell >= 1, "the burst should have stopped growth once");
         assert_eq!(n, 64);
     }
 
     #[test]
     fn a_burst_gone_before_the_step_happened_is_no_verdict() {
-        // The first 90 ms (the baseline) deliver 250 MB/s in all, however many connections (a limiter's
-        // burst drained from socket buffers by a slow client); then 25 MB/s per connection.
-        // Connections come slowly (one per 40 ms: little work to cut yet), so the first step
-        // is measured when it has barely begun and the burst is gone. That must not read as
-        // "more connections do not pay".
-        let per = |t: Duration, n: usize| {
-            if t < Duration::from_millis(90) {
-                250e6 / n as f64
-            } else {
-                25e6
-            }
-        };
-        let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
-        let (mut n, mut t, mut tick) = (4usize, t0, 0u32);
-        while t.duration_since(t0) < Duration::from_millis(1500) {
-            t += 10 * MS;
-            tick += 1;
-            let bytes = (per(t.duration_since(t0), n) * n as f64 * 0.01) as u64;
-            c.tick(t, bytes, n, 64, "o");
-            if tick % 4 == 0 {
-                n = c.limit.min(n + 1);
-            }
-        }
+        // The first 90 ms (the baseline) deliver 250 MB/s in all, however many connections
+        // (a limiter's burst drained from socket buffers by a slow client); then 25 MB/s per
+        // connection. Connections come slowly (one per 40 ms: little work to cut yet), so
+        // the first step is measured when it has barely begun and the burst is gone. That
+        // must not read as "more connections do not pay".
+        let (_, c) = drive_slowly(burst_then_cap(90, 250e6, 25e6), 64, 1.5, 4, 4);
         assert_eq!(
             c.fell, 0,
             "a fall back on the burst's evidence (limit {})",
@@ -980,14 +973,7 @@ mod tests {
     #[test]
     fn a_cap_that_appears_later_is_noticed() {
         // Uncapped (shared 700 MB/s) for the first second, then 10 MB/s per connection.
-        let per = |t: Duration, n: usize| {
-            if t < Duration::from_secs(1) {
-                700e6 / n as f64
-            } else {
-                10e6
-            }
-        };
-        let (n, _) = drive(per, 32, 4.0);
+        let (n, _) = drive(burst_then_cap(1000, 700e6, 10e6), 32, 4.0);
         assert_eq!(n, 32);
     }
 
