@@ -609,8 +609,12 @@ impl Console {
         // Rows for layer bars: leave the totals line, the header and a margin.
         let room = rows.saturating_sub(4).max(1);
         if st.totals.is_none() {
-            let t = m.add(ProgressBar::new(st.total.max(1)));
-            t.set_style(totals_style(cols));
+            // Styled and labelled before it is added: its first frame is already whole.
+            let t = m.add(
+                ProgressBar::new(st.total.max(1))
+                    .with_style(totals_style(cols))
+                    .with_message(totals_message(st, cols)),
+            );
             st.totals = Some(t);
             self.drawing.store(true, Ordering::Release);
         }
@@ -671,18 +675,24 @@ impl Console {
         if let Some(t) = &st.totals {
             t.set_length(st.total.max(1));
             t.set_position(st.received.min(st.total));
-            let hidden = st
-                .layers
-                .values()
-                .filter(|l| l.is_layer && !l.done && l.slot.is_none() && l.received > 0)
-                .count();
-            let mut msg = format!("{}/{} layers", st.done_layers, st.fetch_layers);
-            if hidden > 0 && cols >= 100 {
-                msg.push_str(&format!(", {hidden} more in flight"));
-            }
-            t.set_message(msg);
+            t.set_message(totals_message(st, cols));
         }
     }
+}
+
+/// The totals line's label: layers done of those fetched, and on a wide terminal how many
+/// more are downloading without a bar.
+fn totals_message(st: &State, cols: usize) -> String {
+    let hidden = st
+        .layers
+        .values()
+        .filter(|l| l.is_layer && !l.done && l.slot.is_none() && l.received > 0)
+        .count();
+    let mut msg = format!("{}/{} layers", st.done_layers, st.fetch_layers);
+    if hidden > 0 && cols >= 100 {
+        msg.push_str(&format!(", {hidden} more in flight"));
+    }
+    msg
 }
 
 /// A line for logs: received of total, percent, rate.
