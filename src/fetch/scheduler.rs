@@ -34,9 +34,10 @@
 //!   while the goodput stays far below its reference for two windows gives no verdict and is
 //!   judged from there on, since a shared bottleneck stays flat and only the end of a burst
 //!   does that. After a fall back it holds for a while and then probes
-//!   again, and the hold ends at once when each connection gets less than half of what it got
+//!   again, and the hold ends at once when the origin delivers less than half of what it did
 //!   when the verdict was taken (a limiter's burst ran out): a verdict lasts only as long as
-//!   the world it was taken in. On a per-connection cap every added connection adds its
+//!   the world it was taken in. (The sum, not each connection's share, which also falls while
+//!   the connections above a lowered limit finish their pieces on a shared link.) On a per-connection cap every added connection adds its
 //!   share and the pull fans out fully; on an uncapped origin the goodput stays flat and the
 //!   pull keeps a few long requests.
 //! - **Round trips measured, not guessed.** Windows, pieces and cuts scale with the origin's
@@ -80,8 +81,8 @@ const MAX_STRETCH: u32 = 4;
 /// A step to more than this many times the connections that did not pay is tried again
 /// halfway before falling back.
 const BISECT_ABOVE: f64 = 2.5;
-/// A hold ends early when each connection gets less than this share of what it got when
-/// the hold began.
+/// A hold ends early when the origin delivers less than this share of what it did when the
+/// hold began.
 const HOLD_DROP: f64 = 0.5;
 /// Two windows in a row early in a step whose goodput falls below this share of the
 /// reference's give no verdict: the reference saw a burst that has run out.
@@ -219,8 +220,8 @@ struct Controller {
     /// The goodput of a window that said the last step did not pay, waiting for a second
     /// window to confirm it.
     doubt: Option<f64>,
-    /// Goodput per connection when the controller last decided to hold.
-    held_per: f64,
+    /// The origin's goodput when the controller last decided to hold.
+    held: f64,
     /// Trying the middle of a long step that did not pay.
     bisecting: bool,
     /// The last window, early in a step, came out far below the step's reference.
@@ -253,7 +254,7 @@ impl Controller {
             history: std::collections::VecDeque::new(),
             bisecting: false,
             collapsed: false,
-            held_per: 0.0,
+            held: 0.0,
             grew: 0,
             fell: 0,
         }
@@ -415,7 +416,7 @@ impl Controller {
                     self.doubt = None;
                     self.bisecting = false;
                     self.base = Some((g, n_avg));
-                    self.held_per = g / n_avg.max(1.0);
+                    self.held = g;
                     self.phase = Phase::Holding {
                         until: now + self.hold(),
                     };
@@ -456,9 +457,9 @@ impl Controller {
                     self.limit = (knee.min(n_avg).round() as usize).max(1);
                     self.fell += 1;
                     self.base = Some((g, n_avg));
-                    // What a connection got when the reference was taken, or since if more:
+                    // What the origin delivered when the reference was taken, or since if more:
                     // if the world that reference saw goes away, so does this verdict.
-                    self.held_per = per.max(g / n_avg.max(1.0));
+                    self.held = g0.max(g);
                     self.phase = Phase::Holding {
                         until: now + self.hold(),
                     };
@@ -467,14 +468,17 @@ impl Controller {
             }
             Phase::Holding { until } => {
                 self.base = Some((g, n_avg));
-                // Each connection now gets far less than when the verdict was taken: what
-                // it was taken on is gone (a limiter's burst ran out), so it no longer holds.
-                let fell_off = g / n_avg.max(1.0) < HOLD_DROP * self.held_per;
+                // The origin now delivers far less than when the verdict was taken: what it
+                // was taken on is gone (a limiter's burst ran out), so it no longer holds.
+                // (The sum, not each connection's share: right after a fall back the
+                // connections above the new limit are still finishing their pieces, and on a
+                // shared link each of them gets less while the sum stays where it was.)
+                let fell_off = g < HOLD_DROP * self.held;
                 if (now >= until || fell_off) && self.limit < max {
                     // Probe again: the world may have changed (a burst ran out, other
                     // transfers ended, the link freed up).
                     if fell_off {
-                        tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, "fan-out: each connection gets far less than when growth stopped; probing again");
+                        tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, "fan-out: the origin delivers far less than when growth stopped; probing again");
                     }
                     let n = n_avg.round().max(1.0) as usize;
                     self.limit = (n + (n / 2).max(2)).min(max);
@@ -919,6 +923,54 @@ mod tests {
         // 25 MB/s per connection, whatever the count.
         let (n, _) = drive(|_, _| 25e6, 32, 1.0);
         assert_eq!(n, 32);
+    }
+
+    #[test]
+    fn a_shared_link_behind_a_per_connection_cap_holds_while_connections_drain() {
+        // Each connection capped at 25 MB/s, all of them sharing a 150 MB/s link: more than
+        // ~6 connections do not pay. After a fall back, the connections above the new limit
+        // finish their pieces first (one leaves every other tick), so for a while each gets
+        // less than when the verdict was taken: the link is as full as before, and that is no
+        // reason to probe again. (A pull of several blobs starts with a connection each and
+        // a few more; the first windows come out high, as when sockets hand over what they
+        // buffered while connections started.)
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let (mut t, mut n, mut ticks) = (t0, 8usize, 0u32);
+        let mut reprobes = 0;
+        let mut falls = 0;
+        while t.duration_since(t0) < Duration::from_millis(1500) {
+            t += Duration::from_millis(10);
+            ticks += 1;
+            let link = if t.duration_since(t0) < Duration::from_millis(100) {
+                200e6
+            } else {
+                150e6
+            };
+            let per = (link / n as f64).min(25e6);
+            let (grew, fell) = (c.grew, c.fell);
+            c.tick(t, (per * n as f64 * 0.01) as u64, n, 64, "o");
+            if c.fell > fell {
+                falls += 1;
+            }
+            if falls > 0 && c.grew > grew {
+                reprobes += 1;
+            }
+            n = if n < c.limit {
+                c.limit
+            } else if n > c.limit && falls > 0 && ticks.is_multiple_of(2) {
+                n - 1
+            } else {
+                n
+            };
+        }
+        assert!(falls >= 1, "more than ~6 connections never pay here");
+        assert!(
+            reprobes <= 1,
+            "{reprobes} probes after the fall back, within one hold (limit {})",
+            c.limit
+        );
     }
 
     #[test]
