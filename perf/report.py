@@ -51,6 +51,16 @@ SCENARIOS = [
      "perf/img500 over HTTPS to the registry and the CDN (smooth cap, {rate}), certificates from "
      "a throw-away CA given to each tool (fastpull `--ca-file`, skopeo `--src-cert-dir`, the "
      "oci-client peer `--ca-file`)", "capped"),
+    ("link500", "(g) Shared link, img500",
+     "perf/img500; each connection to the CDN gets a token bucket of {rate} and all of them "
+     "share one of {link} (perf/delay-proxy, no added delay, in front of an uncapped nginx): "
+     "more connections pay up to about {link_conns} and then nothing. Not a world of issue #10 "
+     "(no speed target): it shows whether the controller stops where the link is full", "link"),
+    ("norange500", "(h) CDN that ignores Range, img500",
+     "perf/img500; the CDN caps at {rate} per connection and answers every Range request with "
+     "200 and the whole blob (nginx `max_ranges 0`): no puller can split a blob, so the largest "
+     "layer on one connection bounds every tool. Not a world of issue #10 (no speed target): it "
+     "shows what fastpull costs where splitting is impossible", "norange"),
     ("rootfs500", "(r) Root filesystem, smooth cap, img500",
      "perf/img500's root filesystem ({shape}) through the smooth-capped CDN of (a): fastpull "
      "`--format rootfs` (layers unpacked as they download, verified before the tree appears) "
@@ -86,6 +96,19 @@ def delay_proxy(meta):
     """The far worlds' delay proxy a result went through: run.sh records it since the Rust one
     (perf/delay-proxy) replaced the Python perf/delay_proxy.py (same delays, more CPU)."""
     return meta.get("delay_proxy") or "perf/delay_proxy.py"
+
+
+def link_conns(meta):
+    """How many capped connections fill the shared link (LINK_RATE / CDN_RATE), as text."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+
+    def size(v):
+        v = str(v).lower()
+        return float(v[:-1]) * units[v[-1]] if v and v[-1] in units else float(v)
+    try:
+        return f"{size(meta['link_rate']) / size(meta['cdn_rate']):.0f}"
+    except (KeyError, ValueError, ZeroDivisionError):
+        return "?"
 
 
 def load(path):
@@ -405,7 +428,8 @@ def main(argv):
                     after=meta.get("cdn_rate_after", "?"), tail=meta.get("tail_rate", "?"),
                     chunk=meta.get("cdn_send_chunk", "?"), layers=len(info["layers"]),
                     rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?",
-                    proxy=delay_proxy(meta), shape=shape(info["layers"]))
+                    proxy=delay_proxy(meta), shape=shape(info["layers"]),
+                    link=meta.get("link_rate", "?"), link_conns=link_conns(meta))
         title = title.format(**fill)
         memrecs = {r["label"]: r for r in (load(os.path.join(rdir, f"{s}.mem.json")) or [])}
         meta["_tail"] = load(os.path.join(rdir, f"{s}.tail.json"))

@@ -22,6 +22,14 @@
 #   - REG_TLS   https://127.0.0.1:15005 -> https://127.0.0.2:15085  TLS on registry and CDN
 #                                      (smooth cap), certificates from a throw-away CA made here
 #                                      with openssl ($WORLD_DIR/tls/ca.crt)
+#   - REG_LINK  127.0.0.1:15006 -> 127.0.0.2:15086  a shared link: perf/delay-proxy (no added
+#                                      delay) in front of an uncapped nginx block (15096) gives
+#                                      each connection a token bucket of $CDN_RATE and all of
+#                                      them together $LINK_RATE (150m): more connections pay up
+#                                      to ~6, then nothing
+#   - REG_NORANGE 127.0.0.1:15007 -> 127.0.0.2:15087  a CDN that ignores Range (nginx
+#                                      `max_ranges 0`: every Range GET answers 200 and the whole
+#                                      blob), limit_rate $CDN_RATE: no puller can split a blob
 #   - REG_RTT40  127.0.0.3:15040, REG_RTT100 127.0.0.4:15041: far registries. Token auth on
 #                                      (`auth: token`, issuer perf/token_issuer.py on
 #                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
@@ -58,12 +66,13 @@
 #                                        per response small, as a real per-connection cap would.
 #   CDN_RATE_AFTER=4m                    limit_rate_after of the REG_AFTER world's CDN
 #   TAIL_RATE=5m                         the slow connections' rate in the REG_TAIL world
+#   LINK_RATE=150m                       the shared link of the REG_LINK world
 #   RTTS="40 100"                        the far worlds' added round-trip times (ms; at most 2)
 #   TOKEN_PORT=15049
 #   NGINX_WORKERS=2
 #
 # Needs root (or sudo) only to install missing packages with apt-get, and cargo to build
-# perf/delay-proxy for the far worlds.
+# perf/delay-proxy for the far worlds and the shared link.
 
 _world_self="${BASH_SOURCE[0]}"
 
@@ -78,6 +87,7 @@ world_defaults() {
   CDN_SEND_CHUNK=${CDN_SEND_CHUNK:-128k}
   CDN_RATE_AFTER=${CDN_RATE_AFTER:-4m}
   TAIL_RATE=${TAIL_RATE:-5m}
+  LINK_RATE=${LINK_RATE:-150m}
   RTTS=${RTTS:-40 100}
   TOKEN_PORT=${TOKEN_PORT:-15049}
   NGINX_WORKERS=${NGINX_WORKERS:-2}
@@ -90,6 +100,8 @@ world_defaults() {
   REG_AFTER=127.0.0.1:15003 CDN_AFTER=$CDN_HOST:15083
   REG_TAIL=127.0.0.1:15004 CDN_TAIL=$CDN_HOST:15084
   REG_TLS=127.0.0.1:15005 CDN_TLS=$CDN_HOST:15085
+  REG_LINK=127.0.0.1:15006 CDN_LINK=$CDN_HOST:15086 CDN_OPEN=$CDN_HOST:15096
+  REG_NORANGE=127.0.0.1:15007 CDN_NORANGE=$CDN_HOST:15087
   TLS_DIR=$WORLD_DIR/tls
   TOKEN=127.0.0.1:$TOKEN_PORT
   # The far worlds: index i (0, 1) -> proxies on 127.0.0.(3+i), backing registry 127.0.0.1:1504i.
@@ -184,6 +196,12 @@ REG_TAIL=$REG_TAIL
 CDN_TAIL=$CDN_TAIL
 REG_TLS=$REG_TLS
 CDN_TLS=$CDN_TLS
+REG_LINK=$REG_LINK
+CDN_LINK=$CDN_LINK
+CDN_OPEN=$CDN_OPEN
+LINK_RATE=$LINK_RATE
+REG_NORANGE=$REG_NORANGE
+CDN_NORANGE=$CDN_NORANGE
 TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
@@ -307,6 +325,9 @@ CONF
   _nginx_server "$CDN_AFTER" "$chunk $rate_line limit_rate_after $CDN_RATE_AFTER;"
   _nginx_server "$CDN_TAIL" "$chunk limit_rate \$fp_tail_rate;"
   _nginx_server "$CDN_TLS ssl" "$chunk $rate_line ssl_certificate $TLS_DIR/server.crt; ssl_certificate_key $TLS_DIR/server.key;"
+  # Uncapped, reached only through the shared link's proxy (CDN_LINK), which does the capping.
+  _nginx_server "$CDN_OPEN" "$chunk"
+  _nginx_server "$CDN_NORANGE" "$chunk $rate_line max_ranges 0;"
   echo "}"
 }
 
@@ -359,6 +380,7 @@ _start_daemons() {
   : >"$WORLD_DIR/daemons"
   local p w rtt host port
   local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
+  addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
@@ -366,7 +388,7 @@ _start_daemons() {
   for p in $addrs; do
     if _port_busy "${p%:*}" "${p##*:}"; then world_log "port $p is in use (see the top of perf/world.sh)"; return 1; fi
   done
-  if [ -n "$RTT_WORLDS" ]; then _build_delay_proxy || return 1; fi
+  _build_delay_proxy || return 1
   _make_certs
   _registry_config "$REG" "http://$CDN/" >"$WORLD_DIR/reg.yml"
   _registry_config "$DIRECT" "" >"$WORLD_DIR/direct.yml"
@@ -374,13 +396,17 @@ _start_daemons() {
   _registry_config "$REG_AFTER" "http://$CDN_AFTER/" >"$WORLD_DIR/reg-after.yml"
   _registry_config "$REG_TAIL" "http://$CDN_TAIL/" >"$WORLD_DIR/reg-tail.yml"
   _registry_config "$REG_TLS" "https://$CDN_TLS/" 1 >"$WORLD_DIR/reg-tls.yml"
+  _registry_config "$REG_LINK" "http://$CDN_LINK/" >"$WORLD_DIR/reg-link.yml"
+  _registry_config "$REG_NORANGE" "http://$CDN_NORANGE/" >"$WORLD_DIR/reg-norange.yml"
   _nginx_config >"$WORLD_DIR/nginx/nginx.conf"
   local name
-  for name in reg direct reg-burst reg-after reg-tail reg-tls; do
+  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange; do
     _daemon "$name" docker-registry serve "$WORLD_DIR/$name.yml"
   done
   _daemon token python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN" \
     "$TLS_DIR/issuer.key" "$TLS_DIR/issuer.crt" fastpull-perf-issuer fastpull-perf
+  # The shared link: no delay, a bucket per connection and one for all of them.
+  _daemon link "$WORLD_DIR/bin/delay-proxy" 0 "$CDN_LINK=$CDN_OPEN,conn=$CDN_RATE,link=$LINK_RATE"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     # The far registry: its token realm and its redirects point at the delaying proxies.
@@ -397,6 +423,8 @@ _start_daemons() {
   _wait_up reg-after "http://$REG_AFTER/v2/" || return 1
   _wait_up reg-tail "http://$REG_TAIL/v2/" || return 1
   _wait_up reg-tls "https://$REG_TLS/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
+  _wait_up reg-link "http://$REG_LINK/v2/" || return 1
+  _wait_up reg-norange "http://$REG_NORANGE/v2/" || return 1
   _wait_up token "http://$TOKEN/token?service=fastpull-perf" || return 1
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
@@ -590,6 +618,33 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
   sp=$(_probe "$loc" --cacert "$TLS_DIR/ca.crt")
   probe+=", \"tls\": [${sp/ /, }]"
   world_log "check ok: tls world (https $REG_TLS -> https $CDN_TLS): bytes verified, 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
+  # Shared link: one connection gets CDN_RATE, eight together LINK_RATE (20 MiB ranges each).
+  loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$REG_LINK/v2/perf/img500/blobs/$digest")
+  case "$loc" in "http://$CDN_LINK/"*) ;; *) world_log "check: $REG_LINK redirects to $loc, want $CDN_LINK"; return 1 ;; esac
+  sp=$(_probe "$loc")
+  local t0 t1 link_bytes agg pids=()
+  t0=$(date +%s%N)
+  for _ in 1 2 3 4 5 6 7 8; do
+    curl -sS -o /dev/null -r 0-20971519 "$loc" &
+    pids+=($!)
+  done
+  wait "${pids[@]}" # (not a bare wait: the world's daemons are this shell's children too)
+  t1=$(date +%s%N)
+  agg=$(python3 -c "print(8 * 20971520 / (($t1 - $t0) / 1e9))")
+  link_bytes=$(_size_bytes "$LINK_RATE")
+  probe+=", \"link\": [${sp/ /, }], \"link_8_connections\": $agg"
+  python3 -c "import sys; sys.exit(0 if 0.8 * $link_bytes <= $agg <= 1.2 * $link_bytes else 1)" ||
+    { world_log "check: 8 connections through $CDN_LINK got $(_mib "$agg") MiB/s together, want ~LINK_RATE=$LINK_RATE"; return 1; }
+  world_log "check ok: link world ($REG_LINK -> $CDN_LINK): one connection 20 MiB range at $(_mib "${sp#* }") MiB/s, 8 together $(_mib "$agg") MiB/s"
+  # No Range: a Range GET answers 200 with the whole blob.
+  loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$REG_NORANGE/v2/perf/img500/blobs/$digest")
+  case "$loc" in "http://$CDN_NORANGE/"*) ;; *) world_log "check: $REG_NORANGE redirects to $loc"; return 1 ;; esac
+  local n_got
+  n_got=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' -r 0-1023 "$loc")
+  code=${n_got% *} n_got=${n_got#* }
+  [ "$code" = 200 ] && [ "$n_got" = "$size" ] ||
+    { world_log "check: Range 0-1023 on $CDN_NORANGE answered $code with $n_got bytes, want 200 and all $size"; return 1; }
+  world_log "check ok: norange world ($REG_NORANGE -> $CDN_NORANGE): Range answered 200 with the whole blob"
   # Far worlds: token auth really enforced, RTT really added.
   local w rtt host port hdr realm tok t
   for w in $RTT_WORLDS; do

@@ -1,6 +1,15 @@
-//! A TCP proxy that adds round-trip time, for perf/world.sh's far-registry worlds.
+//! A TCP proxy that adds round-trip time, for perf/world.sh's far-registry worlds, and caps
+//! what the server sends, for its token-bucket and shared-link worlds.
 //!
-//!     delay-proxy RTT_MS LISTEN_HOST:PORT=TARGET_HOST:PORT...
+//!     delay-proxy RTT_MS LISTEN_HOST:PORT=TARGET_HOST:PORT[,conn=RATE][,link=RATE]...
+//!
+//! `conn=RATE` caps each connection's server-to-client bytes with a token bucket of its own (a
+//! CDN's per-connection shaper: unlike nginx's `limit_rate`, which lets each *request* send a
+//! second's worth at once, it carries no allowance from one request to the next on a kept-alive
+//! connection); `link=RATE` caps the sum over every connection of that listener (a shared link).
+//! RATE is bytes per second with an optional k/m/g suffix (KiB, MiB, GiB, as nginx reads them).
+//! A bucket holds at most 128 KiB (or 4 ms of its rate, if more), so a connection idle for a
+//! while sends no more than that at once.
 //!
 //! Why a proxy: this machine's kernel has no `sch_netem` (no qdiscs at all), so `tc ... netem
 //! delay` is not available. Every byte is delayed by RTT/2 in each direction, in order, so a
@@ -55,6 +64,87 @@ const WINDOW: usize = 4 << 20;
 const PIPE_SIZE: usize = 1 << 20;
 /// Most bytes one splice moves (one queued piece).
 const MAX_SPLICE: usize = 1 << 20;
+/// What a rate cap's bucket holds at least (what an idle connection may send at once).
+const BURST: f64 = 128.0 * 1024.0;
+/// A bucket holds at least this long's worth of its rate too: the timer wakes a waiting
+/// writer up to a millisecond late, and what would refill meanwhile must not spill over.
+const BURST_TIME: f64 = 0.004;
+/// Most bytes one splice moves under a rate cap (a writer pays after sending).
+const CAPPED_SPLICE: usize = 64 << 10;
+
+/// A token bucket: `rate` bytes a second, at most `burst` saved up ([`BURST`], or
+/// [`BURST_TIME`] of the rate if more). A writer waits until the
+/// bucket is not in debt, sends at most [`CAPPED_SPLICE`], and pays for what it sent; several
+/// writers sharing one bucket (a link) overdraw it by at most one splice each.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        let burst = BURST.max(rate * BURST_TIME);
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// How long until the bucket is out of debt (zero: now).
+    fn wait(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    fn pay(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+}
+
+type Caps = Vec<Arc<Mutex<Bucket>>>;
+
+/// Waits until every bucket in `caps` is out of debt.
+async fn await_caps(caps: &Caps) {
+    loop {
+        let now = Instant::now();
+        let wait = caps
+            .iter()
+            .map(|b| b.lock().expect("not poisoned").wait(now))
+            .max()
+            .unwrap_or_default();
+        if wait.is_zero() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A RATE argument: bytes per second, optional k/m/g suffix (binary, as nginx reads sizes).
+fn parse_rate(v: &str) -> Option<f64> {
+    let v = v.trim().to_ascii_lowercase();
+    let (num, mul) = match v.chars().last()? {
+        'k' => (&v[..v.len() - 1], 1024.0),
+        'm' => (&v[..v.len() - 1], 1024.0 * 1024.0),
+        'g' => (&v[..v.len() - 1], 1024.0 * 1024.0 * 1024.0),
+        _ => (&v[..], 1.0),
+    };
+    let r = num.parse::<f64>().ok()? * mul;
+    (r.is_finite() && r > 0.0).then_some(r)
+}
 
 enum Item {
     /// `len` bytes at the head of `pipe`.
@@ -163,6 +253,8 @@ struct Dir {
     /// Empty pipes to reuse, and how many this direction has made.
     pool: Mutex<Vec<Pipe>>,
     pipes: AtomicUsize,
+    /// Rate caps on what this direction writes (none: only the delay).
+    caps: Caps,
 }
 
 impl Dir {
@@ -172,8 +264,10 @@ impl Dir {
         dst_lost: &CancellationToken,
         delay: Duration,
         not_before: Instant,
+        caps: Caps,
     ) -> Dir {
         Dir {
+            caps,
             conn: conn.clone(),
             src_lost: src_lost.clone(),
             dst_lost: dst_lost.clone(),
@@ -395,13 +489,23 @@ impl Dir {
                 Item::Data(pipe, len) => {
                     let mut left = len;
                     while left > 0 {
+                        let most = if self.caps.is_empty() {
+                            left
+                        } else {
+                            tokio::select! {
+                                biased;
+                                _ = lost.cancelled() => return,
+                                _ = await_caps(&self.caps) => {}
+                            }
+                            left.min(CAPPED_SPLICE)
+                        };
                         let ready = tokio::select! {
                             biased;
                             _ = lost.cancelled() => return,
                             r = dst.writable() => r,
                         };
                         match ready.and_then(|()| {
-                            dst.try_io(Interest::WRITABLE, || splice(pipe.rd.as_raw_fd(), fd, left))
+                            dst.try_io(Interest::WRITABLE, || splice(pipe.rd.as_raw_fd(), fd, most))
                         }) {
                             Ok(0) => {
                                 eprintln!("delay-proxy: a queued pipe was empty");
@@ -409,6 +513,9 @@ impl Dir {
                                 return;
                             }
                             Ok(n) => {
+                                for b in &self.caps {
+                                    b.lock().expect("not poisoned").pay(n);
+                                }
                                 left -= n;
                                 pipe.held.fetch_sub(n, Ordering::AcqRel);
                                 self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -445,7 +552,16 @@ impl Dir {
     }
 }
 
-async fn handle(client: TcpStream, target: Arc<str>, half: Duration) {
+/// What one listener forwards to, and the caps on what comes back.
+struct Route {
+    target: String,
+    /// Each connection's own cap (bytes/s).
+    conn: Option<f64>,
+    /// The cap every connection of this listener shares.
+    link: Option<Arc<Mutex<Bucket>>>,
+}
+
+async fn handle(client: TcpStream, route: Arc<Route>, half: Duration) {
     let t0 = Instant::now();
     let _ = client.set_nodelay(true);
     let client = Arc::new(client);
@@ -462,12 +578,20 @@ async fn handle(client: TcpStream, target: Arc<str>, half: Duration) {
         &conn.server_lost,
         half,
         t0 + 2 * half,
+        Vec::new(),
     );
-    let down = Dir::new(&conn, &conn.server_lost, &conn.client_lost, half, t0);
+    let mut caps: Caps = Vec::new();
+    if let Some(rate) = route.conn {
+        caps.push(Arc::new(Mutex::new(Bucket::new(rate))));
+    }
+    if let Some(link) = &route.link {
+        caps.push(link.clone());
+    }
+    let down = Dir::new(&conn, &conn.server_lost, &conn.client_lost, half, t0, caps);
     let (server_tx, server_rx) = oneshot::channel::<Arc<TcpStream>>();
     let client_lost = conn.client_lost.clone();
     let connect = async move {
-        match TcpStream::connect(&*target).await {
+        match TcpStream::connect(route.target.as_str()).await {
             Ok(server) => {
                 if client_lost.is_cancelled() {
                     return None; // the client went away meanwhile: close the server at once
@@ -491,11 +615,11 @@ async fn handle(client: TcpStream, target: Arc<str>, half: Duration) {
     up.run(async { Some(client) }, connect).await;
 }
 
-async fn serve(listener: TcpListener, target: Arc<str>, half: Duration) {
+async fn serve(listener: TcpListener, route: Arc<Route>, half: Duration) {
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
-                tokio::spawn(handle(client, target.clone(), half));
+                tokio::spawn(handle(client, route.clone(), half));
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait a little rather than spin.
@@ -507,7 +631,9 @@ async fn serve(listener: TcpListener, target: Arc<str>, half: Duration) {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: delay-proxy RTT_MS LISTEN_HOST:PORT=TARGET_HOST:PORT...");
+    eprintln!(
+        "usage: delay-proxy RTT_MS LISTEN_HOST:PORT=TARGET_HOST:PORT[,conn=RATE][,link=RATE]..."
+    );
     std::process::exit(2)
 }
 
@@ -545,14 +671,30 @@ async fn main() {
     let half = Duration::from_secs_f64(rtt_ms / 2000.0);
     let mut servers = Vec::new();
     for spec in &args[1..] {
-        let Some((listen, target)) = spec.split_once('=') else {
+        let Some((listen, rest)) = spec.split_once('=') else {
             usage()
         };
+        let mut parts = rest.split(',');
+        let mut route = Route {
+            target: parts.next().unwrap_or_default().to_string(),
+            conn: None,
+            link: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("conn", r)) => route.conn = Some(parse_rate(r).unwrap_or_else(|| usage())),
+                Some(("link", r)) => {
+                    let rate = parse_rate(r).unwrap_or_else(|| usage());
+                    route.link = Some(Arc::new(Mutex::new(Bucket::new(rate))));
+                }
+                _ => usage(),
+            }
+        }
         let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| {
             eprintln!("delay-proxy: listen on {listen}: {e}");
             std::process::exit(1)
         });
-        servers.push(tokio::spawn(serve(listener, Arc::from(target), half)));
+        servers.push(tokio::spawn(serve(listener, Arc::new(route), half)));
     }
     for s in servers {
         let _ = s.await;
