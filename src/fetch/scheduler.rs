@@ -37,9 +37,9 @@
 //!   again, and the hold ends at once when the origin delivers less than half of what it did
 //!   when the verdict was taken (a limiter's burst ran out): a verdict lasts only as long as
 //!   the world it was taken in. (The sum, not each connection's share, which also falls while
-//!   the connections above a lowered limit finish their pieces on a shared link.) On a per-connection cap every added connection adds its
-//!   share and the pull fans out fully; on an uncapped origin the goodput stays flat and the
-//!   pull keeps a few long requests.
+//!   the connections above a lowered limit finish their pieces on a shared link.) On a
+//!   per-connection cap every added connection adds its share and the pull fans out fully; on
+//!   an uncapped origin the goodput stays flat and the pull keeps a few long requests.
 //! - **Round trips measured, not guessed.** Windows, pieces and cuts scale with the origin's
 //!   round trip: the first response on a connection already open measures it exactly; until
 //!   one comes, a fresh connection's first response counts half its time (it waited for the
@@ -883,8 +883,25 @@ mod tests {
         per_conn: impl Fn(Duration, usize) -> f64,
         max: usize,
         secs: f64,
-        mut n: usize,
+        n: usize,
         every: u32,
+    ) -> (usize, Controller) {
+        drive_by(per_conn, max, secs, n, |c, n, ticks| match every {
+            0 => c.limit,
+            k if ticks.is_multiple_of(k) => c.limit.min(n + 1),
+            _ => n,
+        })
+    }
+
+    /// Ticks a controller every 10 ms for `secs`, starting from `n` connections that each
+    /// get `per_conn(elapsed, n)` bytes/s; after each tick `next(controller, n, ticks)` says
+    /// how many connections deliver during the next one.
+    fn drive_by(
+        per_conn: impl Fn(Duration, usize) -> f64,
+        max: usize,
+        secs: f64,
+        mut n: usize,
+        mut next: impl FnMut(&Controller, usize, u32) -> usize,
     ) -> (usize, Controller) {
         let t0 = Instant::now();
         let mut c = Controller::new(t0);
@@ -897,11 +914,7 @@ mod tests {
             ticks += 1;
             let bytes = (per_conn(t.duration_since(t0), n) * n as f64 * tick.as_secs_f64()) as u64;
             c.tick(t, bytes, n, max, "o");
-            n = match every {
-                0 => c.limit,
-                k if ticks.is_multiple_of(k) => c.limit.min(n + 1),
-                _ => n,
-            };
+            n = next(&c, n, ticks);
         }
         (n, c)
     }
@@ -934,37 +947,31 @@ mod tests {
         // reason to probe again. (A pull of several blobs starts with a connection each and
         // a few more; the first windows come out high, as when sockets hand over what they
         // buffered while connections started.)
-        let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
-        let (mut t, mut n, mut ticks) = (t0, 8usize, 0u32);
-        let mut reprobes = 0;
-        let mut falls = 0;
-        while t.duration_since(t0) < Duration::from_millis(1500) {
-            t += Duration::from_millis(10);
-            ticks += 1;
-            let link = if t.duration_since(t0) < Duration::from_millis(100) {
+        let per_conn = |t: Duration, n: usize| {
+            let link = if t < Duration::from_millis(100) {
                 200e6
             } else {
                 150e6
             };
-            let per = (link / n as f64).min(25e6);
-            let (grew, fell) = (c.grew, c.fell);
-            c.tick(t, (per * n as f64 * 0.01) as u64, n, 64, "o");
+            (link / n as f64).min(25e6)
+        };
+        let (mut grew, mut fell, mut falls, mut reprobes) = (0, 0, 0, 0);
+        let (_, c) = drive_by(per_conn, 64, 1.5, 8, |c, n, ticks| {
             if c.fell > fell {
                 falls += 1;
             }
             if falls > 0 && c.grew > grew {
                 reprobes += 1;
             }
-            n = if n < c.limit {
+            (grew, fell) = (c.grew, c.fell);
+            if n < c.limit {
                 c.limit
             } else if n > c.limit && falls > 0 && ticks.is_multiple_of(2) {
                 n - 1
             } else {
                 n
-            };
-        }
+            }
+        });
         assert!(falls >= 1, "more than ~6 connections never pay here");
         assert!(
             reprobes <= 1,
