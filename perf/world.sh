@@ -364,7 +364,7 @@ _wait_up() { # name url [curl args...]: any HTTP answer (200, 401) counts
   return 1
 }
 
-# The far worlds' delay proxy, perf/delay-proxy (a standalone cargo project, own [workspace]),
+# The far worlds' and the shared link's proxy, perf/delay-proxy (a standalone cargo project, own [workspace]),
 # built (release) and copied into $WORLD_DIR so that a rebuild cannot swap it under a running world.
 _build_delay_proxy() {
   local dir
@@ -639,9 +639,9 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
   # No Range: a Range GET answers 200 with the whole blob.
   loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$REG_NORANGE/v2/perf/img500/blobs/$digest")
   case "$loc" in "http://$CDN_NORANGE/"*) ;; *) world_log "check: $REG_NORANGE redirects to $loc"; return 1 ;; esac
-  local n_got
-  n_got=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' -r 0-1023 "$loc")
-  code=${n_got% *} n_got=${n_got#* }
+  local answer n_got
+  answer=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' -r 0-1023 "$loc")
+  code=${answer% *} n_got=${answer#* }
   [ "$code" = 200 ] && [ "$n_got" = "$size" ] ||
     { world_log "check: Range 0-1023 on $CDN_NORANGE answered $code with $n_got bytes, want 200 and all $size"; return 1; }
   world_log "check ok: norange world ($REG_NORANGE -> $CDN_NORANGE): Range answered 200 with the whole blob"

@@ -1,12 +1,11 @@
 //! A TCP proxy that adds round-trip time, for perf/world.sh's far-registry worlds, and caps
-//! what the server sends, for its token-bucket and shared-link worlds.
+//! what the server sends, for its shared-link world.
 //!
 //!     delay-proxy RTT_MS LISTEN_HOST:PORT=TARGET_HOST:PORT[,conn=RATE][,link=RATE]...
 //!
 //! `conn=RATE` caps each connection's server-to-client bytes with a token bucket of its own (a
-//! CDN's per-connection shaper: unlike nginx's `limit_rate`, which lets each *request* send a
-//! second's worth at once, it carries no allowance from one request to the next on a kept-alive
-//! connection); `link=RATE` caps the sum over every connection of that listener (a shared link).
+//! CDN's per-connection shaper; nginx's `limit_rate` starts over with each request instead);
+//! `link=RATE` caps the sum over every connection of that listener (a shared link).
 //! RATE is bytes per second with an optional k/m/g suffix (KiB, MiB, GiB, as nginx reads them).
 //! A bucket holds at most 128 KiB (or 4 ms of its rate, if more), so a connection idle for a
 //! while sends no more than that at once.
