@@ -147,16 +147,31 @@ pub struct InOrderHasher {
 
 struct HashState {
     hasher: Hasher,
-    /// Bytes from the start already handed to [`BlobFile::write_back`].
-    written_back: u64,
+    /// Which [`WRITEBACK_STEP`]s of the blob were handed to [`BlobFile::write_back`].
+    written_back: Vec<bool>,
+    /// Written back and not yet flushed by [`BlobFile::flush_behind`].
+    unflushed: Vec<std::ops::Range<u64>>,
+    unflushed_bytes: u64,
+    /// When the written bytes were last looked at for whole steps.
+    looked: Option<std::time::Instant>,
     done: Option<oneshot::Sender<io::Result<Digest>>>,
 }
 
 /// Bytes hashed per step (read in place through the blob's map).
 const HASH_STEP: u64 = 4 << 20;
 
-/// Hashed bytes are handed to the kernel for writeback in steps of this size.
+/// Written bytes are handed to the kernel for writeback in steps of this size (aligned in
+/// the blob), each as soon as all its bytes are written, whether hashed yet or not: pieces
+/// arrive out of order, and a disk that waited for the hasher's in-order prefix would sit
+/// idle while the bytes beyond a slow piece pile up in memory.
 const WRITEBACK_STEP: u64 = 16 << 20;
+
+/// After this many bytes written back, they are flushed to stable storage in the background
+/// ([`BlobFile::flush_behind`]).
+const FLUSH_STEP: u64 = 128 << 20;
+
+/// How often the written bytes are looked at for steps to write back.
+const WRITEBACK_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl InOrderHasher {
     /// A hasher for `blob`; the receiver yields the digest once every byte is hashed.
@@ -185,7 +200,10 @@ impl InOrderHasher {
             me: me.clone(),
             state: Mutex::new(HashState {
                 hasher: Hasher::new(),
-                written_back: 0,
+                written_back: Vec::new(),
+                unflushed: Vec::new(),
+                unflushed_bytes: 0,
+                looked: None,
                 done: Some(tx),
             }),
         });
@@ -218,15 +236,11 @@ impl InOrderHasher {
                     let st = &mut *st;
                     self.blob
                         .with_written(at..to, &mut buf, |bytes| st.hasher.update(bytes))?;
-                    // Hashed bytes are final: start writing them back now, so the fsync
-                    // before the rename is short.
-                    if st.hasher.len() >= st.written_back + WRITEBACK_STEP {
-                        self.blob.write_back(st.written_back..st.hasher.len());
-                        st.written_back = st.hasher.len() / WRITEBACK_STEP * WRITEBACK_STEP;
-                    }
+                    self.write_back(st);
                 }
                 Ok::<_, io::Error>(())
             });
+            self.write_back(&mut st);
             if let Err(e) = result {
                 if let Some(tx) = st.done.take() {
                     let _ = tx.send(Err(e));
@@ -257,6 +271,54 @@ impl InOrderHasher {
     }
 }
 
+impl InOrderHasher {
+    /// Hands every [`WRITEBACK_STEP`] whose bytes are all written (hashed or not) to the
+    /// kernel for writeback, once, and has what was written back flushed every
+    /// [`FLUSH_STEP`], so the fsync before the rename finds little left to do. Looks at
+    /// most every [`WRITEBACK_LOOK`].
+    fn write_back(&self, st: &mut HashState) {
+        let now = std::time::Instant::now();
+        if st.looked.is_some_and(|t| now.duration_since(t) < WRITEBACK_LOOK) {
+            return;
+        }
+        st.looked = Some(now);
+        let size = self.blob.size();
+        if st.written_back.is_empty() {
+            st.written_back = vec![false; size.div_ceil(WRITEBACK_STEP) as usize];
+        }
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for r in self.blob.written().iter() {
+            let mut step = r.start.div_ceil(WRITEBACK_STEP);
+            loop {
+                let start = step * WRITEBACK_STEP;
+                let end = (start + WRITEBACK_STEP).min(size);
+                if start >= end || end > r.end {
+                    break;
+                }
+                if let Some(done) = st.written_back.get_mut(step as usize) {
+                    if !*done {
+                        *done = true;
+                        match runs.last_mut() {
+                            Some(last) if last.end == start => last.end = end,
+                            _ => runs.push(start..end),
+                        }
+                    }
+                }
+                step += 1;
+            }
+        }
+        for run in runs {
+            self.blob.write_back(run.clone());
+            st.unflushed_bytes += run.end - run.start;
+            st.unflushed.push(run);
+        }
+        if st.unflushed_bytes >= FLUSH_STEP && self.blob.flush_behind(&st.unflushed) {
+            st.unflushed.clear();
+            st.unflushed_bytes = 0;
+        }
+    }
+}
+
 impl PrefixConsumer for InOrderHasher {
     fn advanced(&self) {
         if let Some(f) = &self.follower {
@@ -273,6 +335,7 @@ impl PrefixConsumer for InOrderHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::write::SpanWriter;
 
     #[test]
     fn incremental_equals_one_shot() {
@@ -321,6 +384,53 @@ mod tests {
             let digest = rx.await.unwrap().unwrap();
             assert_eq!(digest, Digest::of(&data), "size {size} piece {piece}");
         }
+    }
+
+    /// A step written whole is written back before the hashed prefix reaches it (pieces
+    /// arrive out of order; the disk must not wait for the slowest), once; the hasher then
+    /// reads its bytes back through the map (unmapped by the write-back) and the digest is
+    /// right.
+    #[tokio::test]
+    async fn whole_steps_are_written_back_before_the_hasher_reaches_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(2).unwrap());
+        let size = 3 * WRITEBACK_STEP + 12345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        let blob = BlobFile::create(&dir.path().join("p"), &dir.path().join("f"), size).unwrap();
+        let (h, rx) = InOrderHasher::new(blob.clone(), pool);
+        let first = blob.writer().unwrap();
+        let mut third = blob.split(&first.span(), 2 * WRITEBACK_STEP).unwrap();
+        let mut second = blob.split(&first.span(), WRITEBACK_STEP / 2).unwrap();
+        let mut first = first;
+        let steps = |h: &InOrderHasher| h.state.lock().unwrap().written_back.clone();
+        let write = |w: &mut SpanWriter| {
+            let r = w.range();
+            for part in data[r.start as usize..r.end as usize].chunks(1 << 20) {
+                assert_eq!(w.append(part).unwrap(), part.len());
+            }
+        };
+        // The last two steps (the blob's short tail is a step too) are all written; the
+        // first two are not (the first piece has not started).
+        write(&mut third);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while steps(&h) != [false, false, true, true] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", steps(&h));
+            std::thread::sleep(WRITEBACK_LOOK);
+            h.poke();
+        }
+        assert_eq!(h.state.lock().unwrap().hasher.len(), 0, "nothing hashed yet");
+        // The second piece completes step 1 (it starts in step 0, which stays unwritten).
+        write(&mut second);
+        while steps(&h) != [false, true, true, true] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", steps(&h));
+            std::thread::sleep(WRITEBACK_LOOK);
+            h.poke();
+        }
+        write(&mut first);
+        h.poke();
+        assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
+        let unflushed = h.state.lock().unwrap().unflushed_bytes;
+        assert!(unflushed < FLUSH_STEP, "written back, not flushed: {unflushed}");
     }
 
     /// The follower of a hasher hears of every poke, and the digest is unchanged.
