@@ -308,6 +308,13 @@ def main(argv):
                       if x and x.get("page_reporting")), None)
     if reporting:
         w(f"- Free page reporting (virtio-balloon): {reporting}")
+    disk = next((x["disk"] for x in metas.values() if x and x.get("disk")), None)
+    if disk:
+        d = json.loads(disk)
+        w(f"- Disk where the pulls land: {d['bytes'] >> 20} MiB written into the page cache in "
+          f"{d['write_s']} s, then one fsync {d['fsync_s']} s ({d['durable_mb_per_s']} MB/s "
+          f"durable; measured once per `perf/run.sh`). fastpull fsyncs every blob; skopeo "
+          f"and oci-client do not")
     commits = {}
     for name, x in metas.items():
         if x:

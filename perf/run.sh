@@ -133,6 +133,10 @@ oci_client_version=$(grep -A1 '^name = "oci-client"$' "$root/perf/peers/oci-clie
 
 FP="$BIN/fastpull"
 PEER="$BIN/oci-client-pull"
+# How fast durable writes are where the pulls land (fastpull fsyncs every blob; on a VM the
+# fsync waits for the host to persist what it cached): recorded with every world.
+disk_probe=$(python3 "$root/perf/util.py" disk "$DEST_ROOT")
+log "disk: $disk_probe"
 # shellcheck disable=SC2206
 fp_args=(-q --plain-http $FASTPULL_ARGS)
 
@@ -164,7 +168,7 @@ write_meta() { # scenario registry image [k=v...]
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
     cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" link_rate="$LINK_RATE" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
-    fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" "$@"
+    fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" disk="$disk_probe" "$@"
 }
 
 # A tool's output is right: blobs named by their digests, or (rootfs worlds) the files the

@@ -11,6 +11,7 @@
                                          {label, wall_s, peak_rss_kib (VmHWM / ru_maxrss),
                                          peak_rss_anon_kib, peak_rss_file_kib, ...} to OUT_JSON
   util.py meta OUT_JSON KEY=VALUE...     machine and tool versions (+ the given pairs) as JSON
+  util.py disk DIR                       durable writes in DIR: 512 MiB written, then one fsync
 """
 import hashlib
 import json
@@ -231,7 +232,37 @@ def bench_meta(root, paths=("src", "benches", "Cargo.toml", "Cargo.lock")):
     }
 
 
+def disk(directory):
+    """Prints how fast durable writes are where the pulls land: 512 MiB written into the page
+    cache, then one fsync. On a VM whose virtual disk is the host's page cache, the fsync is
+    where the host persists it all, and a puller that fsyncs (fastpull, oci-client-fsync)
+    waits for it unless it overlapped the flush with its downloads. One JSON object."""
+    path = os.path.join(directory, ".perf-disk-probe")
+    block = os.urandom(8 << 20)
+    os.sync()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        t0 = time.monotonic()
+        for _ in range(64):
+            os.write(fd, block)
+        t1 = time.monotonic()
+        os.fsync(fd)
+        t2 = time.monotonic()
+        os.close(fd)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    size = 64 * len(block)
+    print(json.dumps({"bytes": size, "write_s": round(t1 - t0, 3), "fsync_s": round(t2 - t1, 3),
+                      "durable_mb_per_s": round(size / (t2 - t0) / 1e6)}))
+    return 0
+
+
 def main(argv):
+    if len(argv) >= 2 and argv[0] == "disk":
+        return disk(argv[1])
     if len(argv) >= 3 and argv[0] == "verify":
         return verify(argv[1], argv[2])
     if len(argv) >= 4 and argv[0] == "verify-rootfs":
