@@ -278,7 +278,10 @@ impl InOrderHasher {
     /// most every [`WRITEBACK_LOOK`].
     fn write_back(&self, st: &mut HashState) {
         let now = std::time::Instant::now();
-        if st.looked.is_some_and(|t| now.duration_since(t) < WRITEBACK_LOOK) {
+        if st
+            .looked
+            .is_some_and(|t| now.duration_since(t) < WRITEBACK_LOOK)
+        {
             return;
         }
         st.looked = Some(now);
@@ -418,7 +421,11 @@ mod tests {
             std::thread::sleep(WRITEBACK_LOOK);
             h.poke();
         }
-        assert_eq!(h.state.lock().unwrap().hasher.len(), 0, "nothing hashed yet");
+        assert_eq!(
+            h.state.lock().unwrap().hasher.len(),
+            0,
+            "nothing hashed yet"
+        );
         // The second piece completes step 1 (it starts in step 0, which stays unwritten).
         write(&mut second);
         while steps(&h) != [false, true, true, true] {
@@ -430,7 +437,10 @@ mod tests {
         h.poke();
         assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
         let unflushed = h.state.lock().unwrap().unflushed_bytes;
-        assert!(unflushed < FLUSH_STEP, "written back, not flushed: {unflushed}");
+        assert!(
+            unflushed < FLUSH_STEP,
+            "written back, not flushed: {unflushed}"
+        );
     }
 
     /// The follower of a hasher hears of every poke, and the digest is unchanged.

@@ -10,8 +10,11 @@
 //! where to cut; [`BlobFile::split`] carries a cut out safely while the span's writer is
 //! still copying: a span's end is only ever lowered to a point its writer has not reserved
 //! yet, so two writers never touch the same byte and every byte is written once. The hasher
-//! reads only the contiguous written prefix, in place through the map, and then has that
-//! prefix written back to disk early ([`BlobFile::write_back`]).
+//! reads only the contiguous written prefix, in place through the map. Durability follows the
+//! writers rather than waiting for the end: each whole 16 MiB step is written back to disk as
+//! soon as its bytes are all there, hashed or not ([`BlobFile::write_back`]), and what was
+//! written back is flushed to stable storage in the background every 128 MiB
+//! ([`BlobFile::flush_behind`]), so the fsync before the rename finds little left to do.
 //!
 //! A blob may also be a *region* of a bigger file ([`BlobFile::region`]): an archive
 //! (`--format docker-archive`, `oci-archive`) is laid out up front, preallocated once, and
@@ -1017,17 +1020,21 @@ mod tests {
         let mut w = b.writer().unwrap();
         assert_eq!(w.append(&data).unwrap(), size as usize);
         b.write_back(0..size);
+        let ranges = [0..size / 2, size / 2..size];
         // One is running: another is refused, and the caller keeps its ranges.
         b.flushing.store(true, Ordering::Release);
-        assert!(!b.flush_behind(&[0..size]));
+        assert!(!b.flush_behind(&ranges));
         b.flushing.store(false, Ordering::Release);
-        assert!(b.flush_behind(&[0..size]));
+        assert!(b.flush_behind(&ranges));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while b.flushing.load(Ordering::Acquire) {
-            assert!(std::time::Instant::now() < deadline, "the flush never ended");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flush never ended"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(b.flush_behind(&[0..size]), "the next flush may go");
+        assert!(b.flush_behind(&ranges), "the next flush may go");
         b.persist().unwrap();
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
     }
