@@ -544,10 +544,11 @@ impl BlobFile {
     }
 
     /// Blob bytes `range` as the part of the file that write-back covers: aligned in the
-    /// file (a region's base is anywhere) and kept within the blob; None if that is empty.
+    /// file (a region's base is anywhere) and kept within `range` (whose neighbours may
+    /// still be written: steps are written back out of order); None if that is empty.
     fn in_file(&self, range: &Range<u64>) -> Option<Range<u64>> {
         let base = self.base;
-        let start = ((base + range.start) / WRITEBACK_ALIGN * WRITEBACK_ALIGN).max(base);
+        let start = (base + range.start).div_ceil(WRITEBACK_ALIGN) * WRITEBACK_ALIGN;
         let end = ((base + range.end) / WRITEBACK_ALIGN * WRITEBACK_ALIGN).min(base + self.size);
         (end > start).then_some(start..end)
     }
