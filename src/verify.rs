@@ -152,6 +152,11 @@ struct HashState {
     /// Written back and not yet flushed by [`BlobFile::flush_behind`].
     unflushed: Vec<std::ops::Range<u64>>,
     unflushed_bytes: u64,
+    /// Written back and handed to [`BlobFile::flush_behind`].
+    flushed_bytes: u64,
+    /// Every run written back, in order (for the tests).
+    #[cfg(test)]
+    log: Vec<std::ops::Range<u64>>,
     /// When the written bytes were last looked at for whole steps.
     looked: Option<std::time::Instant>,
     done: Option<oneshot::Sender<io::Result<Digest>>>,
@@ -161,14 +166,18 @@ struct HashState {
 const HASH_STEP: u64 = 4 << 20;
 
 /// Written bytes are handed to the kernel for writeback in steps of this size (aligned in
-/// the blob), each as soon as all its bytes are written, whether hashed yet or not: pieces
-/// arrive out of order, and a disk that waited for the hasher's in-order prefix would sit
-/// idle while the bytes beyond a slow piece pile up in memory.
+/// the file, so that neighbouring steps of a region of an archive share no page), each as
+/// soon as all its bytes are written, whether hashed yet or not: pieces arrive out of order,
+/// and a disk that waited for the hasher's in-order prefix would sit idle while the bytes
+/// beyond a slow piece pile up in memory.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
 /// After this many bytes written back, they are flushed to stable storage in the background
 /// ([`BlobFile::flush_behind`]).
+#[cfg(not(test))]
 const FLUSH_STEP: u64 = 128 << 20;
+#[cfg(test)]
+const FLUSH_STEP: u64 = 2 * WRITEBACK_STEP;
 
 /// How often the written bytes are looked at for steps to write back.
 const WRITEBACK_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
@@ -203,6 +212,9 @@ impl InOrderHasher {
                 written_back: Vec::new(),
                 unflushed: Vec::new(),
                 unflushed_bytes: 0,
+                flushed_bytes: 0,
+                #[cfg(test)]
+                log: Vec::new(),
                 looked: None,
                 done: Some(tx),
             }),
@@ -286,15 +298,27 @@ impl InOrderHasher {
         }
         st.looked = Some(now);
         let size = self.blob.size();
+        // Steps are aligned in the file: where the blob starts in it (a region of an archive
+        // starts anywhere), the first step is short.
+        let shift = self.blob.offset() % WRITEBACK_STEP;
         if st.written_back.is_empty() {
-            st.written_back = vec![false; size.div_ceil(WRITEBACK_STEP) as usize];
+            st.written_back = vec![false; (size + shift).div_ceil(WRITEBACK_STEP) as usize];
         }
+        let bounds = |step: u64| {
+            let start = (step * WRITEBACK_STEP).saturating_sub(shift);
+            let end = ((step + 1) * WRITEBACK_STEP - shift).min(size);
+            (start, end)
+        };
         let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
         for r in self.blob.written().iter() {
-            let mut step = r.start.div_ceil(WRITEBACK_STEP);
+            // The first step that starts at or after r.start.
+            let mut step = if r.start == 0 {
+                0
+            } else {
+                (r.start + shift).div_ceil(WRITEBACK_STEP)
+            };
             loop {
-                let start = step * WRITEBACK_STEP;
-                let end = (start + WRITEBACK_STEP).min(size);
+                let (start, end) = bounds(step);
                 if start >= end || end > r.end {
                     break;
                 }
@@ -311,11 +335,14 @@ impl InOrderHasher {
             }
         }
         for run in runs {
+            #[cfg(test)]
+            st.log.push(run.clone());
             self.blob.write_back(run.clone());
             st.unflushed_bytes += run.end - run.start;
             st.unflushed.push(run);
         }
         if st.unflushed_bytes >= FLUSH_STEP && self.blob.flush_behind(&st.unflushed) {
+            st.flushed_bytes += st.unflushed_bytes;
             st.unflushed.clear();
             st.unflushed_bytes = 0;
         }
@@ -436,10 +463,87 @@ mod tests {
         write(&mut first);
         h.poke();
         assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
-        let unflushed = h.state.lock().unwrap().unflushed_bytes;
+        // Every byte was written back once (the blob's steps, in runs that never overlap),
+        // and the first FLUSH_STEP of them were flushed behind the writers.
+        let st = h.state.lock().unwrap();
+        let mut runs = st.log.clone();
+        runs.sort_by_key(|r| r.start);
+        assert!(runs.windows(2).all(|w| w[0].end <= w[1].start), "{runs:?}");
+        assert_eq!(runs.iter().map(|r| r.end - r.start).sum::<u64>(), size);
         assert!(
-            unflushed < FLUSH_STEP,
-            "written back, not flushed: {unflushed}"
+            st.flushed_bytes >= FLUSH_STEP,
+            "flushed {}",
+            st.flushed_bytes
+        );
+        assert_eq!(st.flushed_bytes + st.unflushed_bytes, size);
+    }
+
+    /// In a region of an archive that starts anywhere, the steps written back are aligned
+    /// in the file (neighbouring steps share no page), the first one short, and together
+    /// they are the whole blob.
+    #[tokio::test]
+    async fn steps_of_a_region_are_aligned_in_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(HashPool::new(2).unwrap());
+        let (base, size) = (3 * 512 + WRITEBACK_STEP, 2 * WRITEBACK_STEP + 777);
+        let path = dir.path().join("archive");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(base + size + 4096).unwrap();
+        let blob = BlobFile::region(Arc::new(file), &path, base, size).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 17 % 241) as u8).collect();
+        let (h, rx) = InOrderHasher::new(blob.clone(), pool);
+        let mut w = blob.writer().unwrap();
+        // All but the last step: the first two steps are written back.
+        let cut = (size - 1000) as usize;
+        for part in data[..cut].chunks(1 << 20) {
+            assert_eq!(w.append(part).unwrap(), part.len());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            h.poke();
+            std::thread::sleep(WRITEBACK_LOOK);
+            let st = h.state.lock().unwrap();
+            assert_eq!(
+                st.written_back.len(),
+                3,
+                "a short step, a whole one, a short one"
+            );
+            if st.written_back[..2] == [true, true] {
+                assert!(!st.written_back[2]);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                st.written_back
+            );
+        }
+        assert_eq!(w.append(&data[cut..]).unwrap(), size as usize - cut);
+        h.poke();
+        assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
+        let st = h.state.lock().unwrap();
+        let mut runs = st.log.clone();
+        runs.sort_by_key(|r| r.start);
+        assert!(runs.windows(2).all(|w| w[0].end <= w[1].start), "{runs:?}");
+        assert_eq!(runs.first().map(|r| r.start), Some(0));
+        for r in &runs {
+            for at in [r.start, r.end] {
+                assert!(
+                    at == 0 || at == size || (base + at) % WRITEBACK_STEP == 0,
+                    "{r:?} is not aligned in the file"
+                );
+            }
+        }
+        // The first step ends where the file's next 16 MiB begins, not 16 MiB into the blob.
+        assert!(
+            runs[0].end == WRITEBACK_STEP - base % WRITEBACK_STEP
+                || runs[0].end == 2 * WRITEBACK_STEP - base % WRITEBACK_STEP
         );
     }
 

@@ -312,6 +312,11 @@ impl BlobFile {
         self.size
     }
 
+    /// Where the blob's byte 0 is in its file (0 unless it is a region of an archive).
+    pub fn offset(&self) -> u64 {
+        self.base
+    }
+
     /// The writer of everything not handed out yet: the whole blob, the first time (the
     /// fetch hands out spans through the scheduler; tests and benches take the whole).
     #[cfg(any(test, feature = "bench-internals"))]
@@ -526,11 +531,11 @@ impl BlobFile {
                 // only the page table entries, the data stays in the page cache (dirty pages
                 // stay dirty) and a later access faults the same bytes back in. Nothing
                 // writes this range through the map any more (every byte of it is written,
-                // and a span is written once), readers (the hasher) only borrow slices of
-                // the map while they hash (a fault under them brings back the same bytes),
-                // and no Rust reference into the range outlives such a borrow.
-                // (memmap2 widens the range to whole pages; for a region, bytes of a
-                // neighbour in a shared page only lose this map's page table entries too.)
+                // and a span is written once). Readers (the hasher, a rootfs unpacker's
+                // prefix reader) may hold a shared slice of it on another thread: no byte
+                // under that slice changes (a fault brings back the same bytes). The range
+                // is 2 MiB-aligned in the file and within the blob (`in_file`), so it holds
+                // only this blob's pages, whole.
                 let _ = unsafe {
                     map.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
@@ -563,9 +568,11 @@ impl BlobFile {
     /// the fsync before the rename, that is seconds of waiting after the last byte of a
     /// large blob came (about 1.2 s per GiB on the perf machine); flushed as the pull goes,
     /// it overlaps the network. The flush is the one the filesystem issues for an fsync of
-    /// the blob's directory, which has nothing of its own to write (ext4 and XFS then flush
-    /// the device's cache, for every file on it), so none of the mapped pages that writers
-    /// are still filling is written or write-protected. Best effort and only for speed: the
+    /// the blob's directory, which has nothing of its own to write (ext4 then flushes the
+    /// device's cache, for every file on it; XFS does so only when the directory has a
+    /// change of its own to commit, and otherwise flushes nothing, leaving it all to the
+    /// final fsync as before), and none of the mapped pages that writers are still filling is written
+    /// or write-protected. Best effort and only for speed: the
     /// fsync in [`BlobFile::persist`] is what makes the blob durable, and reports errors.
     pub fn flush_behind(self: &Arc<Self>, ranges: &[Range<u64>]) -> bool {
         if self.flushing.swap(true, Ordering::AcqRel) {
@@ -585,7 +592,9 @@ impl BlobFile {
                 flushing.store(false, Ordering::Release);
             });
         if spawned.is_err() {
+            // Nothing started: the caller keeps the ranges, and the next call tries again.
             self.flushing.store(false, Ordering::Release);
+            return false;
         }
         true
     }
@@ -837,10 +846,10 @@ fn wait_for_writeback(file: &File, offset: u64, len: u64) {
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
 }
 
+/// Elsewhere nothing was started early ([`start_writeback`] is a no-op), and an fsync there
+/// may write and write-protect the pages writers are still filling: the final fsync does it.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn wait_for_writeback(file: &File, _offset: u64, _len: u64) {
-    let _ = file.sync_data();
-}
+fn wait_for_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// How close (bytes) a writer gets to the end of its faulted pages before it faults in more.
 const PREFAULT_LEAD: u64 = 1 << 20;
@@ -1021,7 +1030,7 @@ mod tests {
         let mut w = b.writer().unwrap();
         assert_eq!(w.append(&data).unwrap(), size as usize);
         b.write_back(0..size);
-        let ranges = [0..size / 2, size / 2..size];
+        let ranges = [0..2 * WRITEBACK_ALIGN, 2 * WRITEBACK_ALIGN..size];
         // One is running: another is refused, and the caller keeps its ranges.
         b.flushing.store(true, Ordering::Release);
         assert!(!b.flush_behind(&ranges));

@@ -259,6 +259,13 @@ fn assert_fetched_once(log: &Log, blob: &Blob) {
         cov.problems,
         log.describe()
     );
+    // What a cut response carried past its cut is what sat in the sockets while fastpull
+    // noticed: under an emulator the client is many times slower than the servers, so that
+    // is checked natively only (see support::runner::under_emulation); the coverage above
+    // (no hole, no byte written twice) is checked everywhere.
+    if crate::support::runner::under_emulation() {
+        return;
+    }
     assert!(
         cov.relayed <= blob.size() + cov.cuts as u64 * CUT_SLACK + cov.burst_dup,
         "blob {} ({} bytes): {} bytes served in {} requests, {} cut ({} past their cut)\n{}",
