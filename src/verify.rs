@@ -416,6 +416,14 @@ mod tests {
         }
     }
 
+    /// The runs a hasher wrote back, by start, checked never to overlap.
+    fn written_back_once(st: &HashState) -> Vec<std::ops::Range<u64>> {
+        let mut runs = st.log.clone();
+        runs.sort_by_key(|r| r.start);
+        assert!(runs.windows(2).all(|w| w[0].end <= w[1].start), "{runs:?}");
+        runs
+    }
+
     /// A step written whole is written back before the hashed prefix reaches it (pieces
     /// arrive out of order; the disk must not wait for the slowest), once; the hasher then
     /// reads its bytes back through the map (unmapped by the write-back) and the digest is
@@ -466,9 +474,7 @@ mod tests {
         // Every byte was written back once (the blob's steps, in runs that never overlap),
         // and the first FLUSH_STEP of them were flushed behind the writers.
         let st = h.state.lock().unwrap();
-        let mut runs = st.log.clone();
-        runs.sort_by_key(|r| r.start);
-        assert!(runs.windows(2).all(|w| w[0].end <= w[1].start), "{runs:?}");
+        let runs = written_back_once(&st);
         assert_eq!(runs.iter().map(|r| r.end - r.start).sum::<u64>(), size);
         assert!(
             st.flushed_bytes >= FLUSH_STEP,
@@ -528,9 +534,7 @@ mod tests {
         h.poke();
         assert_eq!(rx.await.unwrap().unwrap(), Digest::of(&data));
         let st = h.state.lock().unwrap();
-        let mut runs = st.log.clone();
-        runs.sort_by_key(|r| r.start);
-        assert!(runs.windows(2).all(|w| w[0].end <= w[1].start), "{runs:?}");
+        let runs = written_back_once(&st);
         assert_eq!(runs.first().map(|r| r.start), Some(0));
         for r in &runs {
             for at in [r.start, r.end] {
