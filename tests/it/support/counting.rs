@@ -1061,10 +1061,23 @@ fn relay_body(
         let at = *relayed;
         let s = stamp();
         update(st, idx, |r| r.writes.push((at, s)));
-        client.write_all(&buf[..n])?;
-        *relayed += n as u64;
+        // Counted as the socket takes them, not per chunk: a client that reads part of a
+        // chunk and hangs up has those bytes (write_all's error would leave them uncounted,
+        // and the log would show a hole the client never saw).
+        let mut off = 0;
+        while off < n {
+            match client.write(&buf[off..n]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    off += k;
+                    *relayed += k as u64;
+                    update(st, idx, |r| r.relayed = *relayed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         pacer.sent(n);
-        update(st, idx, |r| r.relayed = *relayed);
         if let Some(l) = left.as_mut() {
             *l -= n as u64;
         }
