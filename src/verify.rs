@@ -152,7 +152,8 @@ struct HashState {
     /// Written back and not yet flushed by [`BlobFile::flush_behind`].
     unflushed: Vec<std::ops::Range<u64>>,
     unflushed_bytes: u64,
-    /// Written back and handed to [`BlobFile::flush_behind`].
+    /// Written back and handed to [`BlobFile::flush_behind`] (for the tests).
+    #[cfg(test)]
     flushed_bytes: u64,
     /// Every run written back, in order (for the tests).
     #[cfg(test)]
@@ -212,6 +213,7 @@ impl InOrderHasher {
                 written_back: Vec::new(),
                 unflushed: Vec::new(),
                 unflushed_bytes: 0,
+                #[cfg(test)]
                 flushed_bytes: 0,
                 #[cfg(test)]
                 log: Vec::new(),
@@ -342,7 +344,10 @@ impl InOrderHasher {
             st.unflushed.push(run);
         }
         if st.unflushed_bytes >= FLUSH_STEP && self.blob.flush_behind(&st.unflushed) {
-            st.flushed_bytes += st.unflushed_bytes;
+            #[cfg(test)]
+            {
+                st.flushed_bytes += st.unflushed_bytes;
+            }
             st.unflushed.clear();
             st.unflushed_bytes = 0;
         }
