@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::support::cli::{assert_pulled, image_of, run_for, Sandbox};
-use crate::support::counting::Log;
+use crate::support::counting::{Coverage, Log};
 use crate::support::*;
 
 const MIB: usize = 1 << 20;
@@ -192,19 +192,28 @@ fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
          48 MiB blob, want >= 8:\n{}",
         log.describe()
     );
-    // Under an emulator the client is the slow side: a cut transfer may already hold its
-    // remaining bytes in its socket, which the proxy then sees fetched twice (see
-    // support::runner::under_emulation); holes are checked everywhere.
-    let cov = log.coverage(&big.digest, big.size());
-    let problems: Vec<&String> = cov
+    let (_, problems) = coverage_problems(&log, big);
+    assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
+}
+
+/// How the body GETs covered `blob`, and the problems that count here. Under an emulator
+/// the client is the slow side: it reads a connection so slowly that the proxy has relayed
+/// a response whole (into the sockets) before the client takes over part of it, which the
+/// proxy then sees fetched twice; seen in CI on both a bursty and a smooth cap, the victim
+/// unread for up to 1.7 s (see support::runner::under_emulation). So those two kinds are
+/// checked natively only; holes, open ranges and bytes written twice are checked everywhere.
+fn coverage_problems(log: &Log, blob: &Blob) -> (Coverage, Vec<String>) {
+    let cov = log.coverage(&blob.digest, blob.size());
+    let problems = cov
         .problems
         .iter()
         .filter(|p| {
             !crate::support::runner::under_emulation()
                 || !(p.contains("fetched twice") || p.starts_with("complete responses"))
         })
+        .cloned()
         .collect();
-    assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
+    (cov, problems)
 }
 
 /// Smooth cap: nginx `limit_rate 4m` on every response.
@@ -251,12 +260,12 @@ fn steals(log: &Log, digest: &str) -> Vec<(usize, usize)> {
 }
 
 fn assert_fetched_once(log: &Log, blob: &Blob) {
-    let cov = log.coverage(&blob.digest, blob.size());
+    let (cov, problems) = coverage_problems(log, blob);
     assert!(
-        cov.problems.is_empty(),
+        problems.is_empty(),
         "blob {}: {:?}\n{}",
         blob.digest,
-        cov.problems,
+        problems,
         log.describe()
     );
     // What a cut response carried past its cut is what sat in the sockets while fastpull
