@@ -49,7 +49,7 @@ use crate::retry::RetryPolicy;
 use crate::verify::{HashPool, InOrderHasher};
 use crate::write::{BlobFile, SpanRef, SpanWriter};
 use scheduler::{BlobInfo, Decision, FlowInfo, Scheduler};
-use transfer::{internal, BlobState, Flow, FlowStats};
+use transfer::{internal, Answering, BlobState, Flow, FlowStats};
 
 /// Knobs of the fetch stage.
 #[derive(Debug, Clone, Copy)]
@@ -235,6 +235,8 @@ struct FlowRun {
     stats: Arc<FlowStats>,
     lane: usize,
     rtt_noted: bool,
+    /// Refusals (429, 503) already told to the scheduler.
+    refusals_noted: u32,
 }
 
 impl FlowRun {
@@ -274,6 +276,8 @@ impl Fetcher<'_> {
             o.min_piece,
         );
         let max = o.connections.max(1);
+        // Before the transfers, which borrow it.
+        let answering = Answering::default();
         let mut lanes = vec![false; max];
         let mut flows: Vec<FlowRun> = Vec::new();
         let mut jobs = FuturesUnordered::new();
@@ -296,7 +300,22 @@ impl Fetcher<'_> {
             // the scheduler picks (more pieces, a cut, a raced tail).
             while flows.len() < max {
                 let infos: Vec<FlowInfo<'_>> = flows.iter().map(FlowRun::info).collect();
-                let (blob, writer, first) = if let Some(b) = to_open.pop_front() {
+                // An origin that refused requests as too many bounds what goes out before
+                // its origin is known, and what a blob's own next piece adds.
+                let room = sched.room_for(
+                    flows
+                        .iter()
+                        .filter(|f| f.stats.origin.get().is_none())
+                        .count(),
+                    |origin| {
+                        flows
+                            .iter()
+                            .filter(|f| f.stats.origin.get().is_some_and(|o| o == origin))
+                            .count()
+                    },
+                );
+                let next_blob = if room { to_open.pop_front() } else { None };
+                let (blob, writer, first) = if let Some(b) = next_blob {
                     let size = runs[b].desc.size;
                     let len = if sched.whole_request(size) {
                         size
@@ -349,7 +368,7 @@ impl Fetcher<'_> {
                 } else if let Some((b, state)) = runs.iter().enumerate().find_map(|(i, r)| {
                     r.state
                         .as_ref()
-                        .filter(|s| r.running == 0 && s.file.unassigned() > 0)
+                        .filter(|s| room && r.running == 0 && s.file.unassigned() > 0)
                         .map(|s| (i, s.clone()))
                 }) {
                     let len = sched.fit(
@@ -439,9 +458,10 @@ impl Fetcher<'_> {
                     stats: stats.clone(),
                     lane,
                     rtt_noted: false,
+                    refusals_noted: 0,
                 });
                 runs[blob].running += 1;
-                jobs.push(self.run_flow(id, state, stats, writer, lane, first));
+                jobs.push(self.run_flow((id, lane, first), state, stats, writer, &answering));
             }
             if jobs.is_empty() && finishing.is_empty() && comparing.is_empty() {
                 break;
@@ -483,6 +503,16 @@ impl Fetcher<'_> {
                             after_ms = started.elapsed().as_millis() as u64,
                             "first blob byte"
                         );
+                    }
+                    for f in flows.iter_mut() {
+                        let refusals = f.stats.refusals.load(Ordering::Acquire);
+                        if refusals == f.refusals_noted {
+                            continue;
+                        }
+                        f.refusals_noted = refusals;
+                        let Some(origin) = f.stats.origin.get() else { continue };
+                        let answering = f.stats.refused_while.load(Ordering::Relaxed);
+                        sched.refused(origin, answering, now);
                     }
                     sched.tick(now, flows.iter().map(FlowRun::info));
                     if now.duration_since(last_journal) >= JOURNAL_EVERY {
@@ -781,18 +811,19 @@ impl Fetcher<'_> {
         });
     }
 
+    /// Runs transfer `id` on `lane` (`first`: the blob's first).
     async fn run_flow(
         &self,
-        id: u64,
+        (id, lane, first): (u64, usize, bool),
         state: Arc<BlobState>,
         stats: Arc<FlowStats>,
         writer: SpanWriter,
-        lane: usize,
-        first: bool,
+        answering: &Answering,
     ) -> (u64, Result<()>) {
         let flow = Flow {
             blob: &state,
             stats: &stats,
+            answering,
             first,
             lane,
         };

@@ -49,6 +49,17 @@
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
 //!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
 //!   arrives.
+//! - **A refusal is a limit.** An origin that refuses a request as one too many (429 or 503
+//!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
+//!   answering others of ours allows no more at once than those, whatever the goodput says:
+//!   the limit falls to them at once and holds. The hold ends with a probe like any other;
+//!   a probe that is refused doubles the next hold (up to [`MAX_REFUSED_HOLD`] doublings),
+//!   so a server that keeps saying no is asked less and less often. The refused transfer
+//!   waits for one of that origin's answers to us to end and asks again, without spending a
+//!   retry (`fetch::transfer`); a refusal while the origin answers none of ours is an error
+//!   like any other (retried with back-off; a `Retry-After` is honoured). While a refusing
+//!   origin's limit is full, new blobs wait too: where a blob's bytes come from is known only
+//!   after the registry's redirect, and one CDN usually serves them all.
 //!
 //! The scheduler only decides; `fetch` carries its decisions out (and [`crate::write`] makes
 //! a cut safe while the victim is still writing).
@@ -78,6 +89,8 @@ const RACE_AHEAD: u64 = 256 << 10;
 const STRAGGLER: f64 = 3.0;
 /// A window with long silences is stretched up to this many windows before a verdict.
 const MAX_STRETCH: u32 = 4;
+/// A hold after the origin refused requests lasts up to 2^(this - 1) ordinary holds.
+const MAX_REFUSED_HOLD: u32 = 5;
 /// A step to more than this many times the connections that did not pay is tried again
 /// halfway before falling back.
 const BISECT_ABOVE: f64 = 2.5;
@@ -231,6 +244,13 @@ struct Controller {
     /// Steps taken and fallen back (for the log).
     grew: u32,
     fell: u32,
+    /// Times the origin refused requests as too many (429, 503): each such episode doubles
+    /// the hold that follows it, up to [`MAX_REFUSED_HOLD`] holds.
+    refusals: u32,
+    /// When the last refusal came (refusals within a window are one episode).
+    refused_at: Option<Instant>,
+    /// The limit the last refusal left: what the origin is known to answer.
+    answered: usize,
 }
 
 impl Controller {
@@ -257,7 +277,48 @@ impl Controller {
             held: 0.0,
             grew: 0,
             fell: 0,
+            refusals: 0,
+            refused_at: None,
+            answered: 0,
         }
+    }
+
+    /// The origin refused a request as one too many (429 or 503) while `delivering` of our
+    /// transfers to it were being answered: it allows at most those at once, whatever the
+    /// goodput said. The limit falls to them at once, and holds; the hold ends as any hold
+    /// does, with a probe (the server may have been busy with other clients), and doubles
+    /// each time a probe above what the origin answered is refused (a server that refuses
+    /// again when probed is probed less often). A refusal at or below that (a slot the
+    /// server had not let go of yet: a cut transfer's connection lingers there until its next
+    /// write fails) lowers the limit without lengthening the hold.
+    fn refused(&mut self, now: Instant, delivering: usize, origin: &str) {
+        let new_episode = self
+            .refused_at
+            .is_none_or(|t| now.duration_since(t) > self.window());
+        if new_episode && (self.refusals == 0 || self.limit > self.answered) {
+            self.refusals += 1;
+        }
+        self.refused_at = Some(now);
+        // Before any measurement the limit is a guess (a connection per blob and a few
+        // more): the origin just answered `delivering`. After, the goodput's verdict stands
+        // unless the origin allows fewer.
+        let to = delivering.max(1);
+        if self.base.is_none() || to < self.limit {
+            self.fell += u32::from(to < self.limit);
+            self.limit = to;
+        }
+        self.answered = self.limit;
+        self.doubt = None;
+        self.bisecting = false;
+        self.collapsed = false;
+        // The goodput under the new limit is what holds now: no early end for its fall.
+        self.held = 0.0;
+        let times = 1u32 << (self.refusals.clamp(1, MAX_REFUSED_HOLD) - 1);
+        self.phase = Phase::Holding {
+            until: now + self.hold() * times,
+        };
+        self.restart_window(now);
+        tracing::debug!(%origin, delivering, limit = self.limit, episodes = self.refusals, "fan-out: the origin refused a request as too many; holding");
     }
 
     fn rtt(&self) -> Duration {
@@ -543,7 +604,7 @@ impl Scheduler {
             FanOut::Max => self.max_connections,
             FanOut::Auto => {
                 let c = self.origins.get(origin);
-                let measured = c.is_some_and(|c| c.base.is_some());
+                let measured = c.is_some_and(|c| c.base.is_some() || c.refusals > 0);
                 let limit = c.map_or(INITIAL_LIMIT, |c| c.limit);
                 if measured {
                     limit
@@ -633,6 +694,28 @@ impl Scheduler {
             let (bytes, n) = per_origin.get(origin.as_str()).copied().unwrap_or((0, 0));
             c.tick(now, bytes, n, max, origin);
         }
+    }
+
+    /// `origin` refused a request as one too many (429, 503) while `delivering` of our
+    /// transfers to it were being answered (see [`Controller::refused`]).
+    pub(crate) fn refused(&mut self, origin: &str, delivering: usize, now: Instant) {
+        if self.fan_out == FanOut::Max {
+            return;
+        }
+        self.origins
+            .entry(origin.to_string())
+            .or_insert_with(|| Controller::new(now))
+            .refused(now, delivering, origin);
+    }
+
+    /// Whether a new request may go out while `unknown` requests have not said where their
+    /// bytes come from yet (a blob's first, until its redirect is followed): not if an origin
+    /// that refused requests as too many, with `on_origin(origin)` in flight, would be over
+    /// its limit should they all land there (they usually do: one CDN serves every blob).
+    pub(crate) fn room_for(&self, unknown: usize, on_origin: impl Fn(&str) -> usize) -> bool {
+        self.origins
+            .iter()
+            .all(|(o, c)| c.refusals == 0 || on_origin(o) + unknown < self.limit_with(o, 0))
     }
 
     /// Bytes a flow received since the last tick, when it ends (so the window counts them).
@@ -839,8 +922,13 @@ impl Scheduler {
             .origins
             .iter()
             .map(|(o, c)| {
+                let refused = if c.refusals > 0 {
+                    format!(", refused {}", c.refusals)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{o}: limit {} (grew {}, fell back {}, rtt {:?})",
+                    "{o}: limit {} (grew {}, fell back {}{refused}, rtt {:?})",
                     c.limit,
                     c.grew,
                     c.fell,
@@ -929,6 +1017,46 @@ mod tests {
                 per_conn
             }
         }
+    }
+
+    /// A per-connection cap (every connection would pay) on an origin that answers 5
+    /// requests at once and refuses the rest: the limit falls to 5 at the first refusal and
+    /// stays within a probe of it; the probes are refused, each time after a longer hold, so
+    /// refusals stay few; a refusal at the limit it knows (a race with a slot the server has
+    /// not let go of) lowers the limit without lengthening the hold.
+    #[test]
+    fn an_origin_that_refuses_beyond_five_holds_the_limit_there() {
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let tick = Duration::from_millis(10);
+        let (mut t, mut n, mut refused_at) = (t0, 1usize, Vec::new());
+        while t.duration_since(t0) < Duration::from_secs(30) {
+            t += tick;
+            c.tick(t, (10e6 * n as f64 * tick.as_secs_f64()) as u64, n, 64, "o");
+            if c.limit > 5 {
+                // Requests above the fifth are refused as soon as they go out.
+                refused_at.push(t.duration_since(t0));
+                c.refused(t, 5, "o");
+            }
+            n = c.limit.min(5);
+        }
+        assert_eq!(c.limit, 5, "{c:?}");
+        // Holds of 0.8 s, 1.6, 3.2, 6.4, 12.8 (then 12.8 again): 6-7 refusals in 30 s.
+        assert!(
+            (4..=8).contains(&refused_at.len()),
+            "refused at {refused_at:?}"
+        );
+        let gaps: Vec<Duration> = refused_at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.windows(2).take(3).all(|g| g[1] > g[0]),
+            "the holds between probes grow: {gaps:?}"
+        );
+        // A race: refused while answering 4 at a limit of 5. The limit falls to 4; the hold
+        // stays as long as the last one.
+        let episodes = c.refusals;
+        c.refused(t + Duration::from_secs(30), 4, "o");
+        assert_eq!((c.limit, c.refusals), (4, episodes));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! resumed from the byte it reached. Which span, and when it is cut, is the scheduler's
 //! business; a cut simply makes the span end sooner, and the transfer stops there.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,11 @@ pub(super) struct FlowStats {
     pub first_response: OnceLock<(Instant, Duration, bool)>,
     /// The server answers ranges with ranges: this transfer may be cut.
     pub splittable: AtomicBool,
+    /// Requests of this transfer its server refused as a request too many (429, 503), and
+    /// how many of ours it was answering at the last: the origin allows no more than those
+    /// at once (see the scheduler's module docs).
+    pub refusals: AtomicU32,
+    pub refused_while: AtomicUsize,
 }
 
 impl FlowStats {
@@ -71,6 +77,56 @@ impl FlowStats {
             origin: o,
             first_response: OnceLock::new(),
             splittable: AtomicBool::new(false),
+            refusals: AtomicU32::new(0),
+            refused_while: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Per origin: how many of our requests it is answering now (a 2xx came and the body is
+/// being read), and a wake-up for transfers it refused as a request too many, given each
+/// time one of those answers ends (a slot there came free).
+#[derive(Default)]
+pub(super) struct Answering(Mutex<HashMap<String, (usize, Arc<tokio::sync::Notify>)>>);
+
+/// One answer being read from `origin` (see [`Answering`]); ends when dropped.
+pub(super) struct Answer<'a> {
+    all: &'a Answering,
+    origin: String,
+}
+
+impl Answering {
+    /// A 2xx from `origin` is being read.
+    pub(super) fn begin(&self, origin: &str) -> Answer<'_> {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(origin.to_string()).or_default().0 += 1;
+        }
+        Answer {
+            all: self,
+            origin: origin.to_string(),
+        }
+    }
+
+    /// How many answers `origin` is giving us now, and what a transfer it refused waits on.
+    pub(super) fn refused_by(&self, origin: &str) -> (usize, Arc<tokio::sync::Notify>) {
+        match self.0.lock() {
+            Ok(mut m) => {
+                let e = m.entry(origin.to_string()).or_default();
+                (e.0, e.1.clone())
+            }
+            // Never poisoned (nothing panics holding it); as if none: the retry timer.
+            Err(_) => (0, Arc::default()),
+        }
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.all.0.lock() {
+            if let Some(e) = m.get_mut(&self.origin) {
+                e.0 = e.0.saturating_sub(1);
+                e.1.notify_one();
+            }
         }
     }
 }
@@ -79,6 +135,8 @@ impl FlowStats {
 pub(super) struct Flow<'a> {
     pub blob: &'a BlobState,
     pub stats: &'a FlowStats,
+    /// Answers being read, per origin; where refused transfers wait for a slot.
+    pub answering: &'a Answering,
     /// The blob's first transfer (it learns the URL the others use).
     pub first: bool,
     pub lane: usize,
@@ -101,6 +159,10 @@ impl Fetcher<'_> {
         let mut retried = 0u32;
         let max_retried = self.options.retry.retries.saturating_mul(10);
         let mut fell_back_to_registry = false;
+        // Woken because an answer of its refuser ended: a refusal now is a race with that
+        // server letting go of the slot (a cut transfer's connection lingers there until its
+        // next write fails), not news of its limit.
+        let mut woken = false;
         loop {
             let before = writer.position();
             let result = self
@@ -136,6 +198,40 @@ impl Fetcher<'_> {
                     continue;
                 }
             }
+            // A 429 or 503 without a `Retry-After`: the server refuses a request as one too
+            // many (nginx's `limit_conn`, an object store's "slow down"). The scheduler lowers
+            // the origin's limit (it reads `refusals`), and this transfer waits for one of
+            // ours to that origin to end rather than for a timer alone.
+            let refused_by = match &err {
+                Error::Registry {
+                    status: 429 | 503,
+                    url,
+                    retry_after: None,
+                    ..
+                } => origin_of(url),
+                _ => None,
+            };
+            let was_woken = std::mem::take(&mut woken);
+            if let Some(origin) = &refused_by {
+                // The server that refused is the one this transfer reads from.
+                let _ = flow.stats.origin.set(origin.clone());
+                let (answering, freed) = flow.answering.refused_by(origin);
+                if answering > 0 {
+                    if !was_woken {
+                        flow.stats.refused_while.store(answering, Ordering::Relaxed);
+                        flow.stats.refusals.fetch_add(1, Ordering::Release);
+                    }
+                    // The origin is answering others of ours: this is no failure, and no
+                    // timer helps. Wait until one of them ends (each does: by its bytes, or by
+                    // an error of its own), then ask again.
+                    tracing::debug!(blob = %s.desc.digest, range = ?writer.range(), %origin, answering, "refused as a request too many; waiting for one of the origin's answers to end");
+                    freed.notified().await;
+                    woken = true;
+                    continue;
+                }
+                flow.stats.refused_while.store(0, Ordering::Relaxed);
+                flow.stats.refusals.fetch_add(1, Ordering::Release);
+            }
             if writer.position() > before {
                 attempt = 0;
             }
@@ -147,13 +243,14 @@ impl Fetcher<'_> {
             }
             attempt += 1;
             retried += 1;
+            let delay = self.options.retry.delay(attempt, &err);
             self.reporter.report(EventKind::BlobRetrying {
                 digest: s.desc.digest,
                 attempt: retried,
                 error: err.to_string(),
             });
             tracing::warn!(blob = %s.desc.digest, range = ?writer.range(), attempt, error = %err, "retrying");
-            tokio::time::sleep(self.options.retry.delay(attempt, &err)).await;
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -213,9 +310,13 @@ impl Fetcher<'_> {
         if flow.first {
             *s.url.lock().map_err(|_| internal("poisoned"))? = final_url.clone();
         }
-        if let Some(origin) = origin_of(&final_url) {
+        // Counted as answered by its origin until this exchange ends (its body is read, cut
+        // or failed).
+        let _answer = origin_of(&final_url).map(|origin| {
+            let answer = flow.answering.begin(&origin);
             let _ = flow.stats.origin.set(origin);
-        }
+            answer
+        });
         // The origin's round trip: the last hop's (a redirect's hop went elsewhere).
         let (round_trip, exact) = response
             .extensions()

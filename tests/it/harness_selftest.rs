@@ -657,6 +657,7 @@ fn the_cdn_moves_off_a_port_another_server_took() {
     let cdn = crate::support::cdn::Cdn::start_on_ports(
         None,
         "",
+        "",
         None,
         [taken_port, free_port_on(ip), free_port_on(ip)],
     );

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::support::cli::{assert_pulled, image_of, run_for, Sandbox};
-use crate::support::counting::{Coverage, Log};
+use crate::support::counting::{Coverage, Log, Req};
 use crate::support::*;
 
 const MIB: usize = 1 << 20;
@@ -356,6 +356,96 @@ fn cdn_refusing_ranges_still_works() {
     assert_eq!(gets.len(), 1, "one GET for the body:\n{}", log.describe());
     assert_eq!(gets[0].status, 200, "{}", log.describe());
     assert!(gets[0].complete, "{}", log.describe());
+}
+
+/// A CDN that answers at most 3 requests at once from one client and refuses the others
+/// with `status` at once (nginx `limit_conn`; 503 is its default, 429 what rate limiters
+/// say), each response capped at 4 MB/s so that more connections would pay if it let them:
+/// with default flags the pull completes, right, every byte fetched once, and the refused
+/// requests stay a small part of the answered ones: once refused, the origin's limit falls
+/// to the requests it answered and holds, a refused transfer waits for one of ours to end
+/// instead of asking again on a timer, and a probe for more connections comes less often
+/// each time it is refused. (Without that: 126 of 262 requests refused in a 500 MiB pull
+/// against `limit_conn 6`, and each refusal spent one of the transfer's retries.)
+fn refused_beyond_a_few(status: u16, repo: &str, seed: u64) {
+    let (reg, cdn, proxy) = registry_with_counted_cdn_http(
+        "limit_conn_zone $binary_remote_addr zone=perclient:1m;",
+        &format!("limit_conn perclient 3; limit_conn_status {status}; limit_rate 4m;"),
+    );
+    let image = image_of(seed, &[40 * MIB + 7, 3 * MIB, 2 * MIB + 1, 1000, 1500]);
+    push_image(&reg, repo, "v", &image);
+    let (_d, out) = dest();
+    let o = pull(&["-v"], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
+    let log = proxy.settle();
+    assert!(
+        o.status.success(),
+        "{}\nCDN log:\n{}",
+        text(&o),
+        cdn.access_log()
+    );
+    assert_pulled(&out, &image, &o);
+    for b in image.blobs() {
+        let (_, problems) = coverage_problems(&log, b);
+        assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
+    }
+    // The first requests find the limit: the blobs' first requests and the big one's first
+    // pieces go out together, before any of its pieces has ended (2 s each at the cap).
+    // After that, refusals are what probes for more cost (fewer each time), and the odd
+    // retry that races the server's release of a slot.
+    let big = &image.layers[0];
+    let first_end = log
+        .body_gets(&big.digest)
+        .into_iter()
+        .filter_map(|r| r.writes.last().map(|w| w.1))
+        .min()
+        .unwrap_or(u64::MAX);
+    let refused: Vec<&Req> = log.reqs.iter().filter(|r| r.status == status).collect();
+    let later = refused.iter().filter(|r| r.start > first_end).count();
+    // Checked red without the limit falling on refusals (the controller read more
+    // connections as paying, and refused transfers retried on timers): 32-39 later, and
+    // the pull ended at a limit of 16.
+    let answered = log.reqs.iter().filter(|r| r.is_body_get()).count();
+    eprintln!(
+        "{} refused ({later} after the first piece ended), {answered} answered\n{}",
+        refused.len(),
+        text(&o)
+    );
+    assert!(
+        !refused.is_empty(),
+        "the CDN refused nothing: the test did not test:\n{}",
+        log.describe()
+    );
+    assert!(
+        later <= 10,
+        "{later} requests refused with {status} after the first piece ended ({} in all, \
+         {answered} answered):\n{}\n{}",
+        refused.len(),
+        text(&o),
+        log.describe()
+    );
+    // The limit the pull ended with (`-v`'s fan-out summary): what the origin answered,
+    // or a probe above it.
+    let out = text(&o);
+    let limit: usize = out
+        .lines()
+        .find_map(|l| l.split_once(": limit ").map(|(_, r)| r))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fan-out summary in:\n{out}"));
+    assert!(
+        limit <= 6,
+        "the origin answers 3 at once, and the pull ended at a limit of {limit}:\n{out}"
+    );
+}
+
+#[test]
+fn an_origin_refusing_requests_with_503_is_not_flooded() {
+    refused_beyond_a_few(503, "sched/refused503", 3100);
+}
+
+#[test]
+fn an_origin_refusing_requests_with_429_is_not_flooded() {
+    refused_beyond_a_few(429, "sched/refused429", 3200);
 }
 
 /// A straggler near the end is raced: the connection carrying the blob's first request is

@@ -47,7 +47,17 @@ pub fn registry_with_cdn(rate: Option<&str>) -> (Registry, Cdn) {
 /// `limit_rate 4m;`, `limit_rate_after 2m;`, `max_ranges 0;`): the CDN's connections and
 /// requests as the proxy counts them.
 pub fn registry_with_counted_cdn(directives: &str) -> (Registry, Cdn, CountingProxy) {
-    let cdn = Cdn::start(None, directives, None);
+    registry_with_counted_cdn_http("", directives)
+}
+
+/// As [`registry_with_counted_cdn`], with `http` in nginx's `http` block as well (what only
+/// goes there, such as a `limit_conn_zone`).
+pub fn registry_with_counted_cdn_http(
+    http: &str,
+    directives: &str,
+) -> (Registry, Cdn, CountingProxy) {
+    let ports = std::iter::repeat_with(|| free_port_on(CDN_IP)).take(5);
+    let cdn = Cdn::start_on_ports(None, http, directives, None, ports);
     let proxy = CountingProxy::start_on("127.0.0.3", cdn.addr());
     let reg = RegistryOptions::new()
         .storage_root(cdn.root())
@@ -93,12 +103,13 @@ impl Cdn {
     /// took first is retried with another (see [`super::start_on_free_port`]).
     pub fn start(root: Option<&Path>, directives: &str, tls: Option<&TestPki>) -> Cdn {
         let ports = std::iter::repeat_with(|| free_port_on(CDN_IP)).take(5);
-        Cdn::start_on_ports(root, directives, tls, ports)
+        Cdn::start_on_ports(root, "", directives, tls, ports)
     }
 
-    /// [`Cdn::start`] trying `ports` in turn.
+    /// [`Cdn::start`] trying `ports` in turn, with `http` in the `http` block.
     pub fn start_on_ports(
         root: Option<&Path>,
+        http: &str,
         directives: &str,
         tls: Option<&TestPki>,
         ports: impl IntoIterator<Item = u16>,
@@ -143,6 +154,7 @@ http {{
   uwsgi_temp_path {p}/tmp;
   scgi_temp_path {p}/tmp;
   sendfile on;
+  {http}
   server {{
     {listen}
     {certs}

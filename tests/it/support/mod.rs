@@ -24,7 +24,10 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;
 
 pub use canned::{Canned, CannedServer};
-pub use cdn::{registry_with_cdn, registry_with_counted_cdn, registry_with_tls_cdn};
+pub use cdn::{
+    registry_with_cdn, registry_with_counted_cdn, registry_with_counted_cdn_http,
+    registry_with_tls_cdn,
+};
 pub use counting::{Cap, CountingProxy, Which};
 #[allow(unused_imports)]
 pub use image::{
