@@ -61,6 +61,12 @@ SCENARIOS = [
      "200 and the whole blob (nginx `max_ranges 0`): no puller can split a blob, so the largest "
      "layer on one connection bounds every tool. Not a world of issue #10 (no speed target): it "
      "shows what fastpull costs where splitting is impossible", "norange"),
+    ("connlimit500", "(i) CDN that answers {conn_limit} requests at once, img500",
+     "perf/img500; the CDN caps at {rate} per connection and answers at most {conn_limit} "
+     "requests at once from one client, refusing the others with 503 at once (nginx "
+     "`limit_conn`), as servers that limit concurrency per client do (some answer 429). Not a "
+     "world of issue #10 (no speed target): it shows whether the pull takes the connections it "
+     "may have and no more", "connlimit"),
     ("rootfs500", "(r) Root filesystem, smooth cap, img500",
      "perf/img500's root filesystem ({shape}) through the smooth-capped CDN of (a): fastpull "
      "`--format rootfs` (layers unpacked as they download, verified before the tree appears) "
@@ -436,7 +442,8 @@ def main(argv):
                     chunk=meta.get("cdn_send_chunk", "?"), layers=len(info["layers"]),
                     rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?",
                     proxy=delay_proxy(meta), shape=shape(info["layers"]),
-                    link=meta.get("link_rate", "?"), link_conns=link_conns(meta))
+                    link=meta.get("link_rate", "?"), link_conns=link_conns(meta),
+                    conn_limit=meta.get("conn_limit", "?"))
         title = title.format(**fill)
         memrecs = {r["label"]: r for r in (load(os.path.join(rdir, f"{s}.mem.json")) or [])}
         meta["_tail"] = load(os.path.join(rdir, f"{s}.tail.json"))

@@ -26,6 +26,8 @@
 #   link500    (g) a shared link: perf/delay-proxy gives each connection to the CDN a token
 #              bucket of CDN_RATE and all of them together LINK_RATE (150m)
 #   norange500 (h) a CDN that ignores Range (nginx max_ranges 0), capped at CDN_RATE
+#   connlimit500 (i) a CDN that answers CONN_LIMIT (6) requests at once per client and
+#              refuses the others with 503 (nginx limit_conn), capped at CDN_RATE
 #   tls500     (f) TLS on the registry and the CDN (smooth cap), a throw-away CA: fastpull
 #              --ca-file, skopeo --src-cert-dir, oci-client peer --ca-file
 #   rtt40-small, rtt100-small, rtt40-1g, rtt100-1g   (d) +40 / +100 ms RTT to registry, token
@@ -77,7 +79,7 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
-MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500"
+MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500"
 MEM=${MEM:-1}
 if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
 if [ "$*" = matrix ]; then
@@ -90,7 +92,7 @@ if [ "$*" = matrix ]; then
 fi
 for s in "$@"; do
   case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
-    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
+    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
     rootfs500 | rootfs1g) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
@@ -167,7 +169,7 @@ write_meta() { # scenario registry image [k=v...]
     scenario="$s" registry="$reg" image="$img" image_info="$(tr -d '\n ' <"$WORLD_DIR/images/${img#perf/}.json")" \
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
-    cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" link_rate="$LINK_RATE" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
+    cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" link_rate="$LINK_RATE" conn_limit="$CONN_LIMIT" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
     fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" disk="$disk_probe" "$@"
 }
 
@@ -293,6 +295,7 @@ for s in "$@"; do
     rtt100-1g) bench rtt100-1g "$REG_RTT100" perf/img1g "$T3" 0 ;;
     link500) bench link500 "$REG_LINK" perf/img500 "$T3" 0 ;;
     norange500) bench norange500 "$REG_NORANGE" perf/img500 "$T3" 0 ;;
+    connlimit500) bench connlimit500 "$REG_CONNLIMIT" perf/img500 "$T3" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
     rootfs500) FORMAT=rootfs bench rootfs500 "$REG" perf/img500 "fastpull skopeo-umoci" 0 ;;
     rootfs1g) FORMAT=rootfs bench rootfs1g "$DIRECT" perf/img1g "fastpull skopeo-umoci" 1 ;;

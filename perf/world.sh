@@ -30,6 +30,9 @@
 #   - REG_NORANGE 127.0.0.1:15007 -> 127.0.0.2:15087  a CDN that ignores Range (nginx
 #                                      `max_ranges 0`: every Range GET answers 200 and the whole
 #                                      blob), limit_rate $CDN_RATE: no puller can split a blob
+#   - REG_CONNLIMIT 127.0.0.1:15008 -> 127.0.0.2:15088  a CDN that answers $CONN_LIMIT requests
+#                                      at once per client and refuses the others with 503
+#                                      (nginx `limit_conn`), limit_rate $CDN_RATE each
 #   - REG_RTT40  127.0.0.3:15040, REG_RTT100 127.0.0.4:15041: far registries. Token auth on
 #                                      (`auth: token`, issuer perf/token_issuer.py on
 #                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
@@ -102,6 +105,8 @@ world_defaults() {
   REG_TLS=127.0.0.1:15005 CDN_TLS=$CDN_HOST:15085
   REG_LINK=127.0.0.1:15006 CDN_LINK=$CDN_HOST:15086 CDN_OPEN=$CDN_HOST:15096
   REG_NORANGE=127.0.0.1:15007 CDN_NORANGE=$CDN_HOST:15087
+  REG_CONNLIMIT=127.0.0.1:15008 CDN_CONNLIMIT=$CDN_HOST:15088
+  CONN_LIMIT=${CONN_LIMIT:-6}
   TLS_DIR=$WORLD_DIR/tls
   TOKEN=127.0.0.1:$TOKEN_PORT
   # The far worlds: index i (0, 1) -> proxies on 127.0.0.(3+i), backing registry 127.0.0.1:1504i.
@@ -202,6 +207,9 @@ CDN_OPEN=$CDN_OPEN
 LINK_RATE=$LINK_RATE
 REG_NORANGE=$REG_NORANGE
 CDN_NORANGE=$CDN_NORANGE
+REG_CONNLIMIT=$REG_CONNLIMIT
+CDN_CONNLIMIT=$CDN_CONNLIMIT
+CONN_LIMIT=$CONN_LIMIT
 TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
@@ -314,6 +322,8 @@ http {
     scgi_temp_path $WORLD_DIR/nginx/tmp/scgi;
     # Slow tail: \$connection (nginx's connection serial number, shared by the workers) divisible
     # by 4, i.e. 0, 4, 8 or ending in [02468][048] / [13579][26], gets TAIL_RATE.
+    # The connection-limited world: requests in progress per client address.
+    limit_conn_zone \$binary_remote_addr zone=fp_per_client:1m;
     map \$connection \$fp_tail_rate {
         "~^([048]|[0-9]*[02468][048]|[0-9]*[13579][26])\$" $TAIL_RATE;
         default $CDN_RATE;
@@ -328,6 +338,7 @@ CONF
   # Uncapped, reached only through the shared link's proxy (CDN_LINK), which does the capping.
   _nginx_server "$CDN_OPEN" "$chunk"
   _nginx_server "$CDN_NORANGE" "$chunk $rate_line max_ranges 0;"
+  _nginx_server "$CDN_CONNLIMIT" "$chunk $rate_line limit_conn fp_per_client $CONN_LIMIT; limit_conn_status 503;"
   echo "}"
 }
 
@@ -380,7 +391,7 @@ _start_daemons() {
   : >"$WORLD_DIR/daemons"
   local p w rtt host port
   local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
-  addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE"
+  addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE $REG_CONNLIMIT $CDN_CONNLIMIT"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
@@ -398,9 +409,10 @@ _start_daemons() {
   _registry_config "$REG_TLS" "https://$CDN_TLS/" 1 >"$WORLD_DIR/reg-tls.yml"
   _registry_config "$REG_LINK" "http://$CDN_LINK/" >"$WORLD_DIR/reg-link.yml"
   _registry_config "$REG_NORANGE" "http://$CDN_NORANGE/" >"$WORLD_DIR/reg-norange.yml"
+  _registry_config "$REG_CONNLIMIT" "http://$CDN_CONNLIMIT/" >"$WORLD_DIR/reg-connlimit.yml"
   _nginx_config >"$WORLD_DIR/nginx/nginx.conf"
   local name
-  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange; do
+  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange reg-connlimit; do
     _daemon "$name" docker-registry serve "$WORLD_DIR/$name.yml"
   done
   _daemon token python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN" \
@@ -425,6 +437,7 @@ _start_daemons() {
   _wait_up reg-tls "https://$REG_TLS/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
   _wait_up reg-link "http://$REG_LINK/v2/" || return 1
   _wait_up reg-norange "http://$REG_NORANGE/v2/" || return 1
+  _wait_up reg-connlimit "http://$REG_CONNLIMIT/v2/" || return 1
   _wait_up token "http://$TOKEN/token?service=fastpull-perf" || return 1
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
@@ -645,6 +658,22 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
   [ "$code" = 200 ] && [ "$n_got" = "$size" ] ||
     { world_log "check: Range 0-1023 on $CDN_NORANGE answered $code with $n_got bytes, want 200 and all $size"; return 1; }
   world_log "check ok: norange world ($REG_NORANGE -> $CDN_NORANGE): Range answered 200 with the whole blob"
+  # Connection limit: CONN_LIMIT + 2 ranges at once, exactly 2 refused with 503.
+  loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$REG_CONNLIMIT/v2/perf/img500/blobs/$digest")
+  case "$loc" in "http://$CDN_CONNLIMIT/"*) ;; *) world_log "check: $REG_CONNLIMIT redirects to $loc"; return 1 ;; esac
+  local codes=$WORLD_DIR/connlimit.codes
+  : >"$codes"
+  pids=()
+  for _ in $(seq $((CONN_LIMIT + 2))); do
+    curl -sS -o /dev/null -w '%{http_code}\n' -r 0-4194303 "$loc" >>"$codes" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  local refused
+  refused=$(grep -c '^503$' "$codes" || true)
+  [ "$refused" = 2 ] ||
+    { world_log "check: $((CONN_LIMIT + 2)) ranges at once from $CDN_CONNLIMIT: $refused refused, want 2 ($(tr '\n' ' ' <"$codes"))"; return 1; }
+  world_log "check ok: connlimit world ($REG_CONNLIMIT -> $CDN_CONNLIMIT): $((CONN_LIMIT + 2)) ranges at once, 2 refused with 503"
   # Far worlds: token auth really enforced, RTT really added.
   local w rtt host port hdr realm tok t
   for w in $RTT_WORLDS; do
