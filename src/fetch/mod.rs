@@ -510,9 +510,10 @@ impl Fetcher<'_> {
                             continue;
                         }
                         f.refusals_noted = refusals;
-                        let Some(origin) = f.stats.origin.get() else { continue };
+                        let by = f.stats.refused_by.lock().ok().and_then(|b| b.clone());
+                        let Some(origin) = by else { continue };
                         let answering = f.stats.refused_while.load(Ordering::Relaxed);
-                        sched.refused(origin, answering, now);
+                        sched.refused(&origin, answering, now);
                     }
                     sched.tick(now, flows.iter().map(FlowRun::info));
                     if now.duration_since(last_journal) >= JOURNAL_EVERY {

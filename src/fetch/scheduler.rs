@@ -292,9 +292,12 @@ impl Controller {
     /// server had not let go of yet: a cut transfer's connection lingers there until its next
     /// write fails) lowers the limit without lengthening the hold.
     fn refused(&mut self, now: Instant, delivering: usize, origin: &str) {
-        let new_episode = self
-            .refused_at
-            .is_none_or(|t| now.duration_since(t) > self.window());
+        let since = self.refused_at.map(|t| now.duration_since(t));
+        // Long enough without a refusal, and what was learnt is forgotten: holds start short.
+        if since.is_some_and(|d| d > self.hold() * (1 << MAX_REFUSED_HOLD)) {
+            self.refusals = 0;
+        }
+        let new_episode = since.is_none_or(|d| d > self.window());
         if new_episode && (self.refusals == 0 || self.limit > self.answered) {
             self.refusals += 1;
         }
@@ -1055,8 +1058,13 @@ mod tests {
         // A race: refused while answering 4 at a limit of 5. The limit falls to 4; the hold
         // stays as long as the last one.
         let episodes = c.refusals;
-        c.refused(t + Duration::from_secs(30), 4, "o");
+        let t = t + Duration::from_secs(1);
+        c.refused(t, 4, "o");
         assert_eq!((c.limit, c.refusals), (4, episodes));
+        // A refusal long after the last: what was learnt is forgotten, the hold is short.
+        c.limit = 8;
+        c.refused(t + Duration::from_secs(60), 6, "o");
+        assert_eq!((c.limit, c.refusals), (6, 1));
     }
 
     #[test]

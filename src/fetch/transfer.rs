@@ -64,6 +64,8 @@ pub(super) struct FlowStats {
     /// at once (see the scheduler's module docs).
     pub refusals: AtomicU32,
     pub refused_while: AtomicUsize,
+    /// The origin that refused last.
+    pub refused_by: Mutex<Option<String>>,
 }
 
 impl FlowStats {
@@ -79,6 +81,7 @@ impl FlowStats {
             splittable: AtomicBool::new(false),
             refusals: AtomicU32::new(0),
             refused_while: AtomicUsize::new(0),
+            refused_by: Mutex::new(None),
         }
     }
 }
@@ -107,16 +110,13 @@ impl Answering {
         }
     }
 
-    /// How many answers `origin` is giving us now, and what a transfer it refused waits on.
-    pub(super) fn refused_by(&self, origin: &str) -> (usize, Arc<tokio::sync::Notify>) {
-        match self.0.lock() {
-            Ok(mut m) => {
-                let e = m.entry(origin.to_string()).or_default();
-                (e.0, e.1.clone())
-            }
-            // Never poisoned (nothing panics holding it); as if none: the retry timer.
-            Err(_) => (0, Arc::default()),
-        }
+    /// How many answers `origin` is giving us now, and what a transfer it refused waits on;
+    /// None if it is giving none (or never answered a blob request of ours: a token service).
+    pub(super) fn refused_by(&self, origin: &str) -> Option<(usize, Arc<tokio::sync::Notify>)> {
+        let m = self.0.lock().ok()?;
+        m.get(origin)
+            .filter(|e| e.0 > 0)
+            .map(|e| (e.0, e.1.clone()))
     }
 }
 
@@ -198,10 +198,12 @@ impl Fetcher<'_> {
                     continue;
                 }
             }
-            // A 429 or 503 without a `Retry-After`: the server refuses a request as one too
-            // many (nginx's `limit_conn`, an object store's "slow down"). The scheduler lowers
-            // the origin's limit (it reads `refusals`), and this transfer waits for one of
-            // ours to that origin to end rather than for a timer alone.
+            // A 429 or 503 without a `Retry-After` from an origin that is answering other
+            // blob requests of ours: it refuses a request as one too many (nginx's
+            // `limit_conn`, an object store's "slow down"). The scheduler lowers the origin's
+            // limit (it reads `refusals`), and this transfer waits for one of those answers to
+            // end rather than for a timer. Anything else (an origin answering none of ours, a
+            // token service) is an error like any other.
             let refused_by = match &err {
                 Error::Registry {
                     status: 429 | 503,
@@ -213,11 +215,11 @@ impl Fetcher<'_> {
             };
             let was_woken = std::mem::take(&mut woken);
             if let Some(origin) = &refused_by {
-                // The server that refused is the one this transfer reads from.
-                let _ = flow.stats.origin.set(origin.clone());
-                let (answering, freed) = flow.answering.refused_by(origin);
-                if answering > 0 {
+                if let Some((answering, freed)) = flow.answering.refused_by(origin) {
                     if !was_woken {
+                        if let Ok(mut by) = flow.stats.refused_by.lock() {
+                            *by = Some(origin.clone());
+                        }
                         flow.stats.refused_while.store(answering, Ordering::Relaxed);
                         flow.stats.refusals.fetch_add(1, Ordering::Release);
                     }
@@ -229,8 +231,6 @@ impl Fetcher<'_> {
                     woken = true;
                     continue;
                 }
-                flow.stats.refused_while.store(0, Ordering::Relaxed);
-                flow.stats.refusals.fetch_add(1, Ordering::Release);
             }
             if writer.position() > before {
                 attempt = 0;

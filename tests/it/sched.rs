@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::cdn::Cdn;
 use crate::support::cli::{assert_pulled, image_of, run_for, Sandbox};
 use crate::support::counting::{Coverage, Log, Req};
 use crate::support::*;
@@ -159,22 +160,39 @@ fn connections_to_a_near_registry_get_a_fixed_receive_buffer() {
     );
 }
 
-/// A capped CDN with default flags: the big blob fans out to at least 8 requests in flight.
-fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
-    let (reg, cdn, proxy) = registry_with_counted_cdn(directives);
-    let image = image_of(seed, &[48 * MIB + 5, 3000]);
-    push_image(&reg, repo, "v", &image);
+/// Pushes `image` as `repo:v` to `reg` (whose blobs redirect to `cdn` through `proxy`),
+/// pulls it with `args`, checks that the pull succeeded and the image on disk; returns what
+/// fastpull printed and the proxy's log.
+fn pull_via_cdn(
+    (reg, cdn, proxy): &(Registry, Cdn, CountingProxy),
+    repo: &str,
+    image: &Image,
+    args: &[&str],
+) -> (Output, Log) {
+    push_image(reg, repo, "v", image);
     let (_d, out) = dest();
-    let o = pull(&["-vv"], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
+    let o = pull(args, &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
     let log = proxy.settle();
-    eprintln!("{}", text(&o));
     assert!(
         o.status.success(),
         "{}\nCDN log:\n{}",
         text(&o),
         cdn.access_log()
     );
-    assert_pulled(&out, &image, &o);
+    assert_pulled(&out, image, &o);
+    (o, log)
+}
+
+/// A capped CDN with default flags: the big blob fans out to at least 8 requests in flight.
+fn fans_out_on_capped_cdn(directives: &str, repo: &str, seed: u64) {
+    let image = image_of(seed, &[48 * MIB + 5, 3000]);
+    let (o, log) = pull_via_cdn(
+        &registry_with_counted_cdn(directives),
+        repo,
+        &image,
+        &["-vv"],
+    );
+    eprintln!("{}", text(&o));
     let big = &image.layers[0];
     let peak = log.peak_for_blob(&big.digest);
     // Under an emulator (1 run in 3 to 4 under qemu) the peak can stay at 6 or 7 with
@@ -329,24 +347,13 @@ fn work_stealing_splits_a_running_transfer() {
 /// streamed by one GET with default flags.
 #[test]
 fn cdn_refusing_ranges_still_works() {
-    let (reg, cdn, proxy) = registry_with_counted_cdn("max_ranges 0; limit_rate 16m;");
     let image = image_of(2700, &[20 * MIB + 9, 500]);
-    push_image(&reg, "sched/norange", "v", &image);
-    let (_d, out) = dest();
-    let o = pull(
+    let (_, log) = pull_via_cdn(
+        &registry_with_counted_cdn("max_ranges 0; limit_rate 16m;"),
+        "sched/norange",
+        &image,
         &[],
-        &format!("{}/sched/norange:v", reg.addr()),
-        &out,
-        TIMEOUT,
     );
-    let log = proxy.settle();
-    assert!(
-        o.status.success(),
-        "{}\nCDN log:\n{}",
-        text(&o),
-        cdn.access_log()
-    );
-    assert_pulled(&out, &image, &o);
     let big = &image.layers[0];
     let gets: Vec<_> = log
         .for_blob(&big.digest)
@@ -368,22 +375,12 @@ fn cdn_refusing_ranges_still_works() {
 /// each time it is refused. (Without that: 126 of 262 requests refused in a 500 MiB pull
 /// against `limit_conn 6`, and each refusal spent one of the transfer's retries.)
 fn refused_beyond_a_few(status: u16, repo: &str, seed: u64) {
-    let (reg, cdn, proxy) = registry_with_counted_cdn_http(
+    let image = image_of(seed, &[40 * MIB + 7, 3 * MIB, 2 * MIB + 1, 1000, 1500]);
+    let world = registry_with_counted_cdn_http(
         "limit_conn_zone $binary_remote_addr zone=perclient:1m;",
         &format!("limit_conn perclient 3; limit_conn_status {status}; limit_rate 4m;"),
     );
-    let image = image_of(seed, &[40 * MIB + 7, 3 * MIB, 2 * MIB + 1, 1000, 1500]);
-    push_image(&reg, repo, "v", &image);
-    let (_d, out) = dest();
-    let o = pull(&["-v"], &format!("{}/{repo}:v", reg.addr()), &out, TIMEOUT);
-    let log = proxy.settle();
-    assert!(
-        o.status.success(),
-        "{}\nCDN log:\n{}",
-        text(&o),
-        cdn.access_log()
-    );
-    assert_pulled(&out, &image, &o);
+    let (o, log) = pull_via_cdn(&world, repo, &image, &["-v"]);
     for b in image.blobs() {
         let (_, problems) = coverage_problems(&log, b);
         assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
