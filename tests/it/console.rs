@@ -305,13 +305,35 @@ fn terminal_command(term: &str, args: &[String]) -> String {
 /// A bar row as the display draws it at 60 columns: `<12 hex> [bar] NN%`, whole (a row cut
 /// by wrapping would not match).
 fn is_bar_row(row: &str) -> bool {
-    let Some((id, rest)) = row.split_once(' ') else {
-        return false;
-    };
-    id.len() == 12
-        && id.bytes().all(|b| b.is_ascii_hexdigit())
-        && rest.starts_with('[')
-        && rest.ends_with('%')
+    bar_after_id(row).is_some_and(|rest| rest.ends_with('%'))
+}
+
+/// What follows a short layer id and a space, if it starts a bar (`[`).
+fn bar_after_id(row: &str) -> Option<&str> {
+    let (id, rest) = row.split_once(' ')?;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && rest.starts_with('['))
+        .then_some(rest)
+}
+
+/// The pane, captured again (up to 5 times, 20 ms apart) while its last non-empty row is an
+/// unfinished bar row with nothing below: tmux captured the frame while it was being drawn
+/// (seen once in CI, under full load: a bar row cut short after its `[====`). A row that
+/// wrapped leaves a row of its own below, in every capture, and is still caught.
+fn untorn_screen(tmux: &Tmux) -> Vec<String> {
+    let mut screen = tmux.screen();
+    for _ in 0..5 {
+        let torn = screen
+            .iter()
+            .rev()
+            .find(|r| !r.is_empty())
+            .is_some_and(|last| bar_after_id(last).is_some_and(|rest| !rest.ends_with('%')));
+        if !torn {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        screen = tmux.screen();
+    }
+    screen
 }
 
 fn wait_for_end(tmux: &Tmux, deadline: Instant) -> Vec<String> {
@@ -352,7 +374,7 @@ fn terminal_display_fits_40_rows_by_60_columns_with_48_layers() {
     let mut seen_bars = 0usize;
     let mut seen_totals = false;
     let end = loop {
-        let screen = tmux.screen();
+        let screen = untorn_screen(&tmux);
         // The summary (which may wrap at 60 columns, as docker's does) ends the live
         // display; the pane may be captured after it is printed and before the shell says
         // how fastpull ended.
