@@ -300,6 +300,12 @@ impl Fetcher<'_> {
             // the scheduler picks (more pieces, a cut, a raced tail).
             while flows.len() < max {
                 let infos: Vec<FlowInfo<'_>> = flows.iter().map(FlowRun::info).collect();
+                let on_origin = |origin: &str| {
+                    flows
+                        .iter()
+                        .filter(|f| f.stats.origin.get().is_some_and(|o| o == origin))
+                        .count()
+                };
                 // An origin that refused requests as too many bounds what goes out before
                 // its origin is known, and what a blob's own next piece adds.
                 let room = sched.room_for(
@@ -307,12 +313,7 @@ impl Fetcher<'_> {
                         .iter()
                         .filter(|f| f.stats.origin.get().is_none())
                         .count(),
-                    |origin| {
-                        flows
-                            .iter()
-                            .filter(|f| f.stats.origin.get().is_some_and(|o| o == origin))
-                            .count()
-                    },
+                    on_origin,
                 );
                 let next_blob = if room { to_open.pop_front() } else { None };
                 let (blob, writer, first) = if let Some(b) = next_blob {
@@ -394,12 +395,7 @@ impl Fetcher<'_> {
                             })
                         })
                         .collect();
-                    let decision = sched.pick(&infos, &blob_infos, |origin| {
-                        flows
-                            .iter()
-                            .filter(|f| f.stats.origin.get().is_some_and(|o| o == origin))
-                            .count()
-                    });
+                    let decision = sched.pick(&infos, &blob_infos, on_origin);
                     match decision {
                         None => break,
                         Some(Decision::Piece { blob, len }) => {
