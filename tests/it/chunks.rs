@@ -323,6 +323,46 @@ fn server_errors_and_429_are_retried() {
 }
 
 #[test]
+fn a_retry_after_given_as_a_date_is_honoured() {
+    // Object stores and CDNs send `Retry-After` as an HTTP date as often as in seconds. Read
+    // as missing, this 429 (from an origin answering the blob's other ranges) would be asked
+    // again within a second: as a refusal, when one of those answers ends, or after the
+    // first back-off of 250 ms.
+    let (_reg, proxy, image) = proxied("chunks/dated", &[3 * CHUNK], 610);
+    let digest = image.layers[0].digest.clone();
+    proxy.add(
+        Rule::new(
+            &format!("/blobs/{digest}"),
+            Fault::StatusUntil {
+                code: 429,
+                in_secs: 3,
+            },
+        )
+        .range_start(CHUNK as u64)
+        .times(1),
+    );
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/dated:v", proxy.addr()), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_holds(&out, &image);
+    let asks: Vec<_> = proxy
+        .blob_requests(&digest)
+        .into_iter()
+        .filter(|s| s.range_start() == Some(CHUNK as u64))
+        .collect();
+    assert!(
+        asks.len() >= 2 && asks[0].fault.is_some(),
+        "the refused range was asked again: {asks:?}"
+    );
+    // The date has whole seconds: 3 s after the answer, truncated, is at least 2 s away.
+    let waited = asks[1].at.duration_since(asks[0].at);
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "asked again after {waited:?}, before the date in Retry-After"
+    );
+}
+
+#[test]
 fn persistent_failure_gives_up_with_the_retry_count() {
     let (_reg, proxy, image) = proxied("chunks/dead", &[3 * CHUNK], 700);
     proxy.add(

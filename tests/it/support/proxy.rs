@@ -27,6 +27,8 @@ pub enum Fault {
     IgnoreRangeReset { after: usize },
     /// Answer with this status (and `Retry-After`) without forwarding.
     Status { code: u16, retry_after: Option<u64> },
+    /// The same, with `Retry-After` as an HTTP date this many seconds after the answer.
+    StatusUntil { code: u16, in_secs: u64 },
 }
 
 /// A fault for requests whose path contains `path_contains` and, if set, whose `Range`
@@ -69,6 +71,8 @@ pub struct Seen {
     pub authorization: bool,
     /// Which fault was applied, if any.
     pub fault: Option<String>,
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
 }
 
 impl Seen {
@@ -274,15 +278,26 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
         fault.as_ref().map(|f| format!("{f:?}")),
     );
 
-    if let Some(Fault::Status { code, retry_after }) = &fault {
-        let ra = retry_after.map(|s| s.to_string());
+    let status = match &fault {
+        Some(Fault::Status { code, retry_after }) => {
+            Some((*code, retry_after.map(|s| s.to_string())))
+        }
+        Some(Fault::StatusUntil { code, in_secs }) => Some((
+            *code,
+            Some(httpdate::fmt_http_date(
+                std::time::SystemTime::now() + Duration::from_secs(*in_secs),
+            )),
+        )),
+        _ => None,
+    };
+    if let Some((code, ra)) = status {
         let mut h: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
         if let Some(ra) = &ra {
             h.push(("Retry-After", ra));
         }
         return respond(
             &mut client,
-            *code,
+            code,
             &h,
             br#"{"errors":[{"code":"UNAVAILABLE","message":"injected by the fault proxy"}]}"#,
         );
@@ -391,6 +406,7 @@ fn log(
         range: range.clone(),
         authorization: auth,
         fault,
+        at: std::time::Instant::now(),
     });
 }
 
