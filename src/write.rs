@@ -11,7 +11,7 @@
 //! still copying: a span's end is only ever lowered to a point its writer has not reserved
 //! yet, so two writers never touch the same byte and every byte is written once. The hasher
 //! reads only the contiguous written prefix, in place through the map. Durability follows the
-//! writers rather than waiting for the end: each whole 16 MiB step is written back to disk as
+//! writers rather than waiting for the end: each whole 4 MiB step is written back to disk as
 //! soon as its bytes are all there, hashed or not ([`BlobFile::write_back`]), and what was
 //! written back is flushed to stable storage in the background every 128 MiB
 //! ([`BlobFile::flush_behind`]), so the fsync before the rename finds little left to do.
