@@ -592,6 +592,7 @@ impl Auth {
         refresh_token: Option<&Secret>,
     ) -> Result<CachedToken> {
         let status = resp.status();
+        let retry_after = crate::registry::retry_after(resp.headers());
         let body = read_body(resp, 1 << 20, url).await?;
         if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
             return Err(self.unauthorized(if with_credentials {
@@ -606,7 +607,7 @@ impl Auth {
                 status: status.as_u16(),
                 code: None,
                 message: "token request failed".into(),
-                retry_after: None,
+                retry_after,
                 retries: 0,
             });
         }

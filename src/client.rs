@@ -235,8 +235,8 @@ impl ClientBuilder {
     }
 
     /// Retries of each request after a transient failure (connection reset, truncated body,
-    /// stall, 5xx, 429), and the first back-off (doubling, capped at 10 s; a `Retry-After`
-    /// wins). A retried range resumes from the byte it reached. Defaults: 5 and 250 ms.
+    /// stall, 5xx, 429), and the first back-off (doubling, capped at 10 s; a longer
+    /// `Retry-After` wins). A retried range resumes from the byte it reached. Defaults: 5 and 250 ms.
     pub fn retries(mut self, retries: u32, first_delay: Duration) -> Self {
         self.retries = retries;
         self.retry_delay = first_delay;

@@ -493,8 +493,7 @@ impl Registry {
     /// Turns an error response into a typed error, decoding the registry's JSON `errors`.
     async fn error_for(&self, resp: Response<Incoming>, url: &str, is_manifest: bool) -> Error {
         let status = resp.status();
-        let retry_after = header_str(resp.headers(), header::RETRY_AFTER)
-            .and_then(|v| retry_after_secs(v, SystemTime::now()));
+        let retry_after = retry_after(resp.headers());
         let body = read_body(resp, MAX_ERROR_BODY, url)
             .await
             .unwrap_or_default();
@@ -596,6 +595,17 @@ fn challenges(h: &HeaderMap) -> Option<String> {
 
 fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The `Retry-After` of a response, in seconds. A date is measured from the response's own
+/// `Date` when it has one (a server whose clock is off from ours still means "in N seconds"),
+/// else from our clock.
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<u64> {
+    let value = header_str(h, header::RETRY_AFTER)?;
+    let now = header_str(h, header::DATE)
+        .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
+        .unwrap_or_else(SystemTime::now);
+    retry_after_secs(value, now)
 }
 
 /// A `Retry-After` value as seconds from `now`: delay-seconds, or an HTTP date (RFC 9110
@@ -779,6 +789,21 @@ mod tests {
             Some(0)
         );
         assert_eq!(retry_after_secs("soon", now), None);
+        // A date is measured from the response's own Date, whatever our clock says.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:50:07 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(30));
+        h.remove(header::DATE);
+        assert_eq!(retry_after(&h), Some(0), "long past by our clock");
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(7));
         assert_eq!(retry_after_secs("-5", now), None);
     }
 

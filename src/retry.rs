@@ -10,22 +10,25 @@ use crate::error::{Error, Result};
 pub(crate) struct RetryPolicy {
     /// Attempts after the first.
     pub retries: u32,
-    /// First back-off; doubles each time (capped at 10 s), or the server's `Retry-After`.
+    /// First back-off; doubles each time (capped at 10 s); a longer `Retry-After` wins.
     pub base_delay: Duration,
 }
 
 impl RetryPolicy {
-    /// How long to wait before attempt `attempt` (1-based) after `err`.
+    /// How long to wait before attempt `attempt` (1-based) after `err`: the back-off, or
+    /// the server's `Retry-After` (at most 60 s) when that is longer. A `Retry-After` of 0,
+    /// or a date already past, is no reason to ask again at once.
     pub(crate) fn delay(&self, attempt: u32, err: &Error) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(10);
+        let backoff = (self.base_delay * factor).min(Duration::from_secs(10));
         if let Error::Registry {
             retry_after: Some(secs),
             ..
         } = err
         {
-            return Duration::from_secs((*secs).min(60));
+            return Duration::from_secs((*secs).min(60)).max(backoff);
         }
-        let factor = 1u32 << attempt.saturating_sub(1).min(10);
-        (self.base_delay * factor).min(Duration::from_secs(10))
+        backoff
     }
 
     /// Runs `op` until it succeeds, fails for good, or the retries are spent.
@@ -105,6 +108,17 @@ mod tests {
             retries: 0,
         };
         assert_eq!(p.delay(1, &e), Duration::from_secs(3));
+        // Never sooner than the back-off: a past date (0) waits like any retry.
+        let now = Error::Registry {
+            url: "u".into(),
+            status: 503,
+            code: None,
+            message: String::new(),
+            retry_after: Some(0),
+            retries: 0,
+        };
+        assert_eq!(p.delay(1, &now), Duration::from_millis(100));
+        assert_eq!(p.delay(7, &e), Duration::from_millis(6400));
         assert_eq!(p.delay(1, &transient()), Duration::from_millis(100));
         assert_eq!(p.delay(3, &transient()), Duration::from_millis(400));
         assert_eq!(p.delay(30, &transient()), Duration::from_secs(10));
