@@ -592,7 +592,7 @@ impl Auth {
         refresh_token: Option<&Secret>,
     ) -> Result<CachedToken> {
         let status = resp.status();
-        let retry_after = crate::registry::retry_after(resp.headers());
+        let retry_after = crate::http::retry_after(resp.headers());
         let body = read_body(resp, 1 << 20, url).await?;
         if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
             return Err(self.unauthorized(if with_credentials {

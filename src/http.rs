@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
@@ -1082,6 +1082,34 @@ pub(crate) async fn read_body(resp: Response<Incoming>, limit: usize, url: &str)
         .map_err(|e| Error::network("read body of", url, e))
 }
 
+/// The `Retry-After` of a response, in seconds. A date is measured from the response's own
+/// `Date` when it has one (a server whose clock is off from ours still means "in N seconds"),
+/// else from our clock.
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<u64> {
+    let text = |name| h.get(name).and_then(|v| v.to_str().ok());
+    let value = text(http::header::RETRY_AFTER)?;
+    let now = text(http::header::DATE)
+        .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
+        .unwrap_or_else(SystemTime::now);
+    retry_after_secs(value, now)
+}
+
+/// A `Retry-After` value as seconds from `now`: delay-seconds, or an HTTP date (RFC 9110
+/// §10.2.3; object stores and CDNs send either). A date already past is 0 (ask again now);
+/// anything unreadable is `None`, as if the header were missing.
+fn retry_after_secs(value: &str, now: SystemTime) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse() {
+        return Some(secs);
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    // HTTP dates have whole seconds: round up, so a wait never ends before the date.
+    Some(
+        when.duration_since(now)
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+    )
+}
+
 /// Whether a status is a redirect we follow.
 pub(crate) fn is_redirect(status: StatusCode) -> bool {
     matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
@@ -1184,6 +1212,57 @@ fn flatten(e: hyper_util::client::legacy::Error) -> BoxError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_retry_after_as_seconds_or_an_http_date() {
+        // Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example date.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(retry_after_secs("120", now), Some(120));
+        assert_eq!(retry_after_secs(" 0 ", now), Some(0));
+        assert_eq!(
+            retry_after_secs("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(30)
+        );
+        // Rounded up: half a second before the date is a wait of 1 s, not 0.
+        assert_eq!(
+            retry_after_secs(
+                "Sun, 06 Nov 1994 08:49:38 GMT",
+                now + Duration::from_millis(500)
+            ),
+            Some(1)
+        );
+        // The obsolete forms RFC 9110 still asks recipients to read.
+        assert_eq!(
+            retry_after_secs("Sunday, 06-Nov-94 08:49:47 GMT", now),
+            Some(10)
+        );
+        assert_eq!(retry_after_secs("Sun Nov  6 08:49:57 1994", now), Some(20));
+        // A date already past: ask again now.
+        assert_eq!(
+            retry_after_secs("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(0)
+        );
+        assert_eq!(retry_after_secs("soon", now), None);
+        // A date is measured from the response's own Date, whatever our clock says.
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::DATE,
+            http::HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        h.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("Sun, 06 Nov 1994 08:50:07 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(30));
+        h.remove(http::header::DATE);
+        assert_eq!(retry_after(&h), Some(0), "long past by our clock");
+        h.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("7"),
+        );
+        assert_eq!(retry_after(&h), Some(7));
+        assert_eq!(retry_after_secs("-5", now), None);
+    }
 
     #[test]
     fn only_near_hosts_get_a_fixed_receive_buffer() {

@@ -6,7 +6,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
@@ -493,7 +492,7 @@ impl Registry {
     /// Turns an error response into a typed error, decoding the registry's JSON `errors`.
     async fn error_for(&self, resp: Response<Incoming>, url: &str, is_manifest: bool) -> Error {
         let status = resp.status();
-        let retry_after = retry_after(resp.headers());
+        let retry_after = crate::http::retry_after(resp.headers());
         let body = read_body(resp, MAX_ERROR_BODY, url)
             .await
             .unwrap_or_default();
@@ -595,33 +594,6 @@ fn challenges(h: &HeaderMap) -> Option<String> {
 
 fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// The `Retry-After` of a response, in seconds. A date is measured from the response's own
-/// `Date` when it has one (a server whose clock is off from ours still means "in N seconds"),
-/// else from our clock.
-pub(crate) fn retry_after(h: &HeaderMap) -> Option<u64> {
-    let value = header_str(h, header::RETRY_AFTER)?;
-    let now = header_str(h, header::DATE)
-        .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
-        .unwrap_or_else(SystemTime::now);
-    retry_after_secs(value, now)
-}
-
-/// A `Retry-After` value as seconds from `now`: delay-seconds, or an HTTP date (RFC 9110
-/// §10.2.3; object stores and CDNs send either). A date already past is 0 (ask again now);
-/// anything unreadable is `None`, as if the header were missing.
-fn retry_after_secs(value: &str, now: SystemTime) -> Option<u64> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse() {
-        return Some(secs);
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    // HTTP dates have whole seconds: round up, so a wait never ends before the date.
-    Some(
-        when.duration_since(now)
-            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-    )
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -756,55 +728,6 @@ mod tests {
         let (c, m) = decode_errors(b"<html>bad gateway</html>\nmore");
         assert_eq!(c, None);
         assert_eq!(m, "<html>bad gateway</html>");
-    }
-
-    #[test]
-    fn reads_retry_after_as_seconds_or_an_http_date() {
-        use std::time::Duration;
-        // Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example date.
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(retry_after_secs("120", now), Some(120));
-        assert_eq!(retry_after_secs(" 0 ", now), Some(0));
-        assert_eq!(
-            retry_after_secs("Sun, 06 Nov 1994 08:50:07 GMT", now),
-            Some(30)
-        );
-        // Rounded up: half a second before the date is a wait of 1 s, not 0.
-        assert_eq!(
-            retry_after_secs(
-                "Sun, 06 Nov 1994 08:49:38 GMT",
-                now + Duration::from_millis(500)
-            ),
-            Some(1)
-        );
-        // The obsolete forms RFC 9110 still asks recipients to read.
-        assert_eq!(
-            retry_after_secs("Sunday, 06-Nov-94 08:49:47 GMT", now),
-            Some(10)
-        );
-        assert_eq!(retry_after_secs("Sun Nov  6 08:49:57 1994", now), Some(20));
-        // A date already past: ask again now.
-        assert_eq!(
-            retry_after_secs("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(0)
-        );
-        assert_eq!(retry_after_secs("soon", now), None);
-        // A date is measured from the response's own Date, whatever our clock says.
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::DATE,
-            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
-        );
-        h.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static("Sun, 06 Nov 1994 08:50:07 GMT"),
-        );
-        assert_eq!(retry_after(&h), Some(30));
-        h.remove(header::DATE);
-        assert_eq!(retry_after(&h), Some(0), "long past by our clock");
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&h), Some(7));
-        assert_eq!(retry_after_secs("-5", now), None);
     }
 
     #[test]

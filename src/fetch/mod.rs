@@ -235,8 +235,6 @@ struct FlowRun {
     stats: Arc<FlowStats>,
     lane: usize,
     rtt_noted: bool,
-    /// Refusals (429, 503) already told to the scheduler.
-    refusals_noted: u32,
 }
 
 impl FlowRun {
@@ -454,7 +452,6 @@ impl Fetcher<'_> {
                     stats: stats.clone(),
                     lane,
                     rtt_noted: false,
-                    refusals_noted: 0,
                 });
                 runs[blob].running += 1;
                 jobs.push(self.run_flow((id, lane, first), state, stats, writer, &answering));
@@ -500,16 +497,11 @@ impl Fetcher<'_> {
                             "first blob byte"
                         );
                     }
-                    for f in flows.iter_mut() {
-                        let refusals = f.stats.refusals.load(Ordering::Acquire);
-                        if refusals == f.refusals_noted {
-                            continue;
+                    for f in &flows {
+                        let refusal = f.stats.refused.lock().ok().and_then(|mut r| r.take());
+                        if let Some(r) = refusal {
+                            sched.refused(&r.origin, r.answering, now);
                         }
-                        f.refusals_noted = refusals;
-                        let by = f.stats.refused_by.lock().ok().and_then(|b| b.clone());
-                        let Some(origin) = by else { continue };
-                        let answering = f.stats.refused_while.load(Ordering::Relaxed);
-                        sched.refused(&origin, answering, now);
                     }
                     sched.tick(now, flows.iter().map(FlowRun::info));
                     if now.duration_since(last_journal) >= JOURNAL_EVERY {

@@ -3,7 +3,7 @@
 //! business; a cut simply makes the span end sooner, and the transfer stops there.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,13 +59,16 @@ pub(super) struct FlowStats {
     pub first_response: OnceLock<(Instant, Duration, bool)>,
     /// The server answers ranges with ranges: this transfer may be cut.
     pub splittable: AtomicBool,
-    /// Requests of this transfer its server refused as a request too many (429, 503), and
-    /// how many of ours it was answering at the last: the origin allows no more than those
-    /// at once (see the scheduler's module docs).
-    pub refusals: AtomicU32,
-    pub refused_while: AtomicUsize,
-    /// The origin that refused last.
-    pub refused_by: Mutex<Option<String>>,
+    /// The last refusal of a request of this transfer as one too many (429, 503) not yet
+    /// told to the scheduler, which takes it (see the scheduler's module docs).
+    pub refused: Mutex<Option<Refusal>>,
+}
+
+/// An origin refused a request as one too many while answering `answering` of ours: it
+/// allows no more than those at once.
+pub(super) struct Refusal {
+    pub origin: String,
+    pub answering: usize,
 }
 
 impl FlowStats {
@@ -79,9 +82,7 @@ impl FlowStats {
             origin: o,
             first_response: OnceLock::new(),
             splittable: AtomicBool::new(false),
-            refusals: AtomicU32::new(0),
-            refused_while: AtomicUsize::new(0),
-            refused_by: Mutex::new(None),
+            refused: Mutex::new(None),
         }
     }
 }
@@ -201,7 +202,7 @@ impl Fetcher<'_> {
             // A 429 or 503 without a `Retry-After` from an origin that is answering other
             // blob requests of ours: it refuses a request as one too many (nginx's
             // `limit_conn`, an object store's "slow down"). The scheduler lowers the origin's
-            // limit (it reads `refusals`), and this transfer waits for one of those answers to
+            // limit (it takes `refused`), and this transfer waits for one of those answers to
             // end rather than for a timer. Anything else (an origin answering none of ours, a
             // token service) is an error like any other.
             let refused_by = match &err {
@@ -217,11 +218,12 @@ impl Fetcher<'_> {
             if let Some(origin) = &refused_by {
                 if let Some((answering, freed)) = flow.answering.refused_by(origin) {
                     if !was_woken {
-                        if let Ok(mut by) = flow.stats.refused_by.lock() {
-                            *by = Some(origin.clone());
+                        if let Ok(mut r) = flow.stats.refused.lock() {
+                            *r = Some(Refusal {
+                                origin: origin.clone(),
+                                answering,
+                            });
                         }
-                        flow.stats.refused_while.store(answering, Ordering::Relaxed);
-                        flow.stats.refusals.fetch_add(1, Ordering::Release);
                     }
                     // The origin is answering others of ours: this is no failure, and no
                     // timer helps. Wait until one of them ends (each does: by its bytes, or by
