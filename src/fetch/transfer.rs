@@ -64,6 +64,13 @@ pub(super) struct FlowStats {
     pub refused: Mutex<Option<Refusal>>,
 }
 
+/// How many times in a row, without a byte between, a transfer waits for an answer of its
+/// refuser to end and asks again. The waits spend no retry (the origin answers others: the
+/// refusal is of one request too many, not a failure), so something must end them for a
+/// request the origin refuses for good while it answers the rest (a broken object behind a
+/// CDN); after this many, a refusal is an error like any other (back-off, retry budget).
+const MAX_REFUSED_WAITS: u32 = 16;
+
 /// An origin refused a request as one too many while answering `answering` of ours: it
 /// allows no more than those at once.
 pub(super) struct Refusal {
@@ -164,6 +171,8 @@ impl Fetcher<'_> {
         // server letting go of the slot (a cut transfer's connection lingers there until its
         // next write fails), not news of its limit.
         let mut woken = false;
+        // Refusals in a row, without a byte between them, that were waited out (see below).
+        let mut refused_waits = 0u32;
         loop {
             let before = writer.position();
             let result = self
@@ -215,8 +224,15 @@ impl Fetcher<'_> {
                 _ => None,
             };
             let was_woken = std::mem::take(&mut woken);
-            if let Some(origin) = &refused_by {
+            if writer.position() > before {
+                refused_waits = 0;
+            }
+            if let Some(origin) = refused_by
+                .as_ref()
+                .filter(|_| refused_waits < MAX_REFUSED_WAITS)
+            {
                 if let Some((answering, freed)) = flow.answering.refused_by(origin) {
+                    refused_waits += 1;
                     if !was_woken {
                         if let Ok(mut r) = flow.stats.refused.lock() {
                             *r = Some(Refusal {

@@ -362,6 +362,58 @@ fn a_retry_after_given_as_a_date_is_honoured() {
     );
 }
 
+/// A blob the origin refuses for good (503, no `Retry-After`) while it answers the rest:
+/// a refusal from an origin answering others of ours is taken as one request too many and
+/// waits for one of those answers to end, without spending a retry, and the answers of the
+/// big layer's many pieces end all the time. Those waits are bounded: after
+/// `MAX_REFUSED_WAITS` (16) in a row the refusal is an error like any other, so the pull
+/// ends, with the blob and the status named, after a handful more asks on the back-off.
+/// (Checked red without the bound: the broken blob was asked again at every piece's end.)
+#[test]
+fn a_blob_refused_for_good_while_others_are_answered_ends_the_pull() {
+    let image = image_of(&[160 * CHUNK, 1000], 650);
+    let (big, broken) = (&image.layers[0], &image.layers[1]);
+    let reg = Registry::start();
+    push_image(&reg, "chunks/refused", "v", &image);
+    // Each connection at 256 KB/s: the big layer's 64 KiB pieces end every few ms across
+    // its connections for a few seconds, with the origin answering all along.
+    let slow = CountingProxy::start(&reg.addr());
+    slow.cap(Which::All, Cap::smooth(256_000));
+    let proxy = FaultProxy::start(slow.addr());
+    proxy.add(Rule::new(
+        &format!("/blobs/{}", broken.digest),
+        Fault::Status {
+            code: 503,
+            retry_after: None,
+        },
+    ));
+    let (_d, out) = dest();
+    let o = fastpull(&format!("{}/chunks/refused:v", proxy.addr()), &out, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&broken.digest) && err.contains("503"),
+        "names the blob and the status: {err}"
+    );
+    let asks = proxy.blob_requests(&broken.digest).len();
+    let pieces = proxy.blob_requests(&big.digest).len();
+    eprintln!("the refused blob asked {asks} times, the big layer {pieces} times");
+    // 1 + 16 waits + 5 retries (the default), and a wake-up in flight.
+    assert!(
+        asks <= 24,
+        "the refused blob was asked {asks} times (the big layer {pieces} times):\n{}",
+        text(&o)
+    );
+    // The test tests: the waits happened (more asks than the retries alone would make), and
+    // the big layer's pieces ended often enough to wake an unbounded waiter many more times.
+    assert!(
+        asks > 8 && pieces > 40,
+        "asked {asks} times, the big layer {pieces} times:\n{}",
+        text(&o)
+    );
+    assert!(!out.join("blobs/sha256").join(hex(&broken.digest)).exists());
+}
+
 #[test]
 fn persistent_failure_gives_up_with_the_retry_count() {
     let (_reg, proxy, image) = proxied("chunks/dead", &[3 * CHUNK], 700);
