@@ -53,14 +53,16 @@
 //!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
 //!   answering others of ours allows no more at once than those, whatever the goodput says:
 //!   the limit falls to them at once and holds. The hold ends with a probe like any other;
-//!   a probe that is refused doubles the next hold (up to [`MAX_REFUSED_HOLD`] doublings),
+//!   a probe that is refused doubles the next hold (up to 2^([`MAX_REFUSED_HOLD`] − 1) holds),
 //!   so a server that keeps saying no is asked less and less often. The refused transfer
 //!   waits for one of that origin's answers to us to end and asks again, without spending a
 //!   retry (`fetch::transfer`), up to 16 times in a row without a byte (a request refused
 //!   for good while the origin answers the rest must still end); a refusal while the origin answers none of ours is an error
 //!   like any other (retried with back-off; a `Retry-After` is honoured). While a refusing
 //!   origin's limit is full, new blobs wait too: where a blob's bytes come from is known only
-//!   after the registry's redirect, and one CDN usually serves them all.
+//!   after the registry's redirect, and one CDN usually serves them all. `--fan-out max`
+//!   keeps every allowed connection busy whatever the origin says (the user asked for
+//!   that): there, refused transfers only wait their turn.
 //!
 //! The scheduler only decides; `fetch` carries its decisions out (and [`crate::write`] makes
 //! a cut safe while the victim is still writing).
@@ -291,7 +293,7 @@ impl Controller {
     /// each time a probe above what the origin answered is refused (a server that refuses
     /// again when probed is probed less often). A refusal at or below that (a slot the
     /// server had not let go of yet: a cut transfer's connection lingers there until its next
-    /// write fails) lowers the limit without lengthening the hold.
+    /// write fails) lowers the limit and starts the hold again at the same length.
     fn refused(&mut self, now: Instant, delivering: usize, origin: &str) {
         let since = self.refused_at.map(|t| now.duration_since(t));
         // Long enough without a refusal, and what was learnt is forgotten: holds start short.

@@ -133,7 +133,12 @@ impl Drop for Answer<'_> {
         if let Ok(mut m) = self.all.0.lock() {
             if let Some(e) = m.get_mut(&self.origin) {
                 e.0 = e.0.saturating_sub(1);
-                e.1.notify_one();
+                // Only for a transfer waiting (it holds a clone, taken under this lock):
+                // a wake-up nobody waits for would be kept by `Notify` and end the next
+                // refused transfer's wait at once, before any slot came free.
+                if Arc::strong_count(&e.1) > 1 {
+                    e.1.notify_one();
+                }
             }
         }
     }
@@ -171,8 +176,9 @@ impl Fetcher<'_> {
         // server letting go of the slot (a cut transfer's connection lingers there until its
         // next write fails), not news of its limit.
         let mut woken = false;
-        // Refusals in a row, without a byte between them, that were waited out (see below).
-        let mut refused_waits = 0u32;
+        // Refusals in a row that were waited out (see below), and where the writer stood at
+        // the last of them: a byte since then starts the count again.
+        let (mut refused_waits, mut refused_at) = (0u32, writer.position());
         loop {
             let before = writer.position();
             let result = self
@@ -224,8 +230,8 @@ impl Fetcher<'_> {
                 _ => None,
             };
             let was_woken = std::mem::take(&mut woken);
-            if writer.position() > before {
-                refused_waits = 0;
+            if writer.position() != refused_at {
+                (refused_waits, refused_at) = (0, writer.position());
             }
             if let Some(origin) = refused_by
                 .as_ref()

@@ -376,7 +376,7 @@ fn a_blob_refused_for_good_while_others_are_answered_ends_the_pull() {
     let reg = Registry::start();
     push_image(&reg, "chunks/refused", "v", &image);
     // Each connection at 256 KB/s: the big layer's 64 KiB pieces end every few ms across
-    // its connections for a few seconds, with the origin answering all along.
+    // its connections for most of a second, with the origin answering all along.
     let slow = CountingProxy::start(&reg.addr());
     slow.cap(Which::All, Cap::smooth(256_000));
     let proxy = FaultProxy::start(slow.addr());

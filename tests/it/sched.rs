@@ -445,6 +445,41 @@ fn an_origin_refusing_requests_with_429_is_not_flooded() {
     refused_beyond_a_few(429, "sched/refused429", 3200);
 }
 
+/// `--fan-out max` against the same CDN (3 requests at once, the rest refused with 503):
+/// every lane stays busy whatever the origin says, so most of the big layer's 2 MiB pieces
+/// are refused and wait for an answer to end, racing the lane's next piece for the slot it
+/// frees. A wait is bounded (16 in a row without a byte, then the retry budget) so that a
+/// blob refused for good ends the pull; a transfer that is only waiting its turn must not
+/// meet that bound: the pull completes, every byte fetched once. (Checked red with the bound
+/// at 0, i.e. without the waits: the pull failed on a 503 once its retries were spent.)
+#[test]
+fn fixed_fan_out_against_an_origin_refusing_requests_completes() {
+    let image = image_of(3300, &[40 * MIB + 7, 3 * MIB, 1000]);
+    let world = registry_with_counted_cdn_http(
+        "limit_conn_zone $binary_remote_addr zone=perclient:1m;",
+        "limit_conn perclient 3; limit_rate 4m; sendfile_max_chunk 128k;",
+    );
+    let (o, log) = pull_via_cdn(
+        &world,
+        "sched/refusedmax",
+        &image,
+        &["--fan-out", "max", "--chunk-size", "2M"],
+    );
+    for b in image.blobs() {
+        let (_, problems) = coverage_problems(&log, b);
+        assert!(problems.is_empty(), "{problems:?}\n{}", log.describe());
+    }
+    let refused = log.reqs.iter().filter(|r| r.status == 503).count();
+    let answered = log.reqs.iter().filter(|r| r.is_body_get()).count();
+    eprintln!("{refused} refused, {answered} answered\n{}", text(&o));
+    // The test tests: lanes far beyond the origin's 3 were refused, many times over.
+    assert!(
+        refused >= 10,
+        "only {refused} refused ({answered} answered):\n{}",
+        log.describe()
+    );
+}
+
 /// A straggler near the end is raced: the connection carrying the blob's first request is
 /// served at 8 KiB/s, every other one 2000 times faster (16 MB/s: capped only so that what
 /// a cut-short response carries past its cut stays within the slack). Without racing its tail the pull would
