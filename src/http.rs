@@ -1082,13 +1082,17 @@ pub(crate) async fn read_body(resp: Response<Incoming>, limit: usize, url: &str)
         .map_err(|e| Error::network("read body of", url, e))
 }
 
+/// A header's value as text; None if missing or not visible ASCII.
+pub(crate) fn header_str(h: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
 /// The `Retry-After` of a response, in seconds. A date is measured from the response's own
 /// `Date` when it has one (a server whose clock is off from ours still means "in N seconds"),
 /// else from our clock.
 pub(crate) fn retry_after(h: &HeaderMap) -> Option<u64> {
-    let text = |name| h.get(name).and_then(|v| v.to_str().ok());
-    let value = text(http::header::RETRY_AFTER)?;
-    let now = text(http::header::DATE)
+    let value = header_str(h, http::header::RETRY_AFTER)?;
+    let now = header_str(h, http::header::DATE)
         .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
         .unwrap_or_else(SystemTime::now);
     retry_after_secs(value, now)

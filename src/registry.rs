@@ -15,7 +15,9 @@ use crate::auth::{Auth, TokenCache};
 use crate::credentials::CredentialStore;
 use crate::digest::Digest;
 use crate::error::{redact_url, Error, Result};
-use crate::http::{https_may_be_plain_http, is_redirect, read_body, RoundTrips, Transport};
+use crate::http::{
+    header_str, https_may_be_plain_http, is_redirect, read_body, RoundTrips, Transport,
+};
 use crate::manifest::{self, Document, ACCEPT, MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::retry::RetryPolicy;
@@ -590,10 +592,6 @@ fn challenges(h: &HeaderMap) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .collect();
     (!all.is_empty()).then(|| all.join(", "))
-}
-
-fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

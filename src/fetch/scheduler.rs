@@ -56,9 +56,9 @@
 //!   a probe that is refused doubles the next hold (up to 2^([`MAX_REFUSED_HOLD`] − 1) holds),
 //!   so a server that keeps saying no is asked less and less often. The refused transfer
 //!   waits for one of that origin's answers to us to end and asks again, without spending a
-//!   retry (`fetch::transfer`), up to 16 times in a row without a byte (a request refused
-//!   for good while the origin answers the rest must still end); a refusal while the origin answers none of ours is an error
-//!   like any other (retried with back-off; a `Retry-After` is honoured). While a refusing
+//!   retry (`fetch::transfer`), up to `MAX_REFUSED_WAITS` times in a row without a byte (a
+//!   request refused for good while the origin answers the rest must still end); a refusal
+//!   while the origin answers none of ours is an error like any other (retried with back-off; a `Retry-After` is honoured). While a refusing
 //!   origin's limit is full, new blobs wait too: where a blob's bytes come from is known only
 //!   after the registry's redirect, and one CDN usually serves them all. `--fan-out max`
 //!   keeps every allowed connection busy whatever the origin says (the user asked for
