@@ -67,6 +67,15 @@ SCENARIOS = [
      "`limit_conn`), as servers that limit concurrency per client do (some answer 429). Not a "
      "world of issue #10 (no speed target): it shows whether the pull takes the connections it "
      "may have and no more", "connlimit"),
+    ("h2500", "(j) HTTP/2 CDN capped per connection, img500",
+     "perf/img500 over HTTPS; the CDN answers HTTP/2 (ALPN h2, as the big CDNs do) and caps each "
+     "TCP connection at {rate} whatever it multiplexes (perf/delay-proxy's per-connection bucket, "
+     "no added delay, in front of an uncapped nginx `http2` block): a client that multiplexes "
+     "its requests on one connection gets one connection's rate. Same CA options as (f)",
+     "capped"),
+    ("close500", "(k) CDN that closes every connection, img500",
+     "perf/img500; the CDN caps at {rate} per connection and closes the connection after each "
+     "response (nginx `keepalive_timeout 0`), so every request opens a new connection", "capped"),
     ("rootfs500", "(r) Root filesystem, smooth cap, img500",
      "perf/img500's root filesystem ({shape}) through the smooth-capped CDN of (a): fastpull "
      "`--format rootfs` (layers unpacked as they download, verified before the tree appears) "

@@ -28,6 +28,10 @@
 #   norange500 (h) a CDN that ignores Range (nginx max_ranges 0), capped at CDN_RATE
 #   connlimit500 (i) a CDN that answers CONN_LIMIT (6) requests at once per client and
 #              refuses the others with 503 (nginx limit_conn), capped at CDN_RATE
+#   h2500      (j) an HTTP/2 CDN over TLS whose cap (CDN_RATE) is per TCP connection: requests
+#              multiplexed on one connection share it (perf/delay-proxy in front of nginx http2)
+#   close500   (k) a CDN that closes the connection after every response (keepalive_timeout 0),
+#              capped at CDN_RATE
 #   tls500     (f) TLS on the registry and the CDN (smooth cap), a throw-away CA: fastpull
 #              --ca-file, skopeo --src-cert-dir, oci-client peer --ca-file
 #   rtt40-small, rtt100-small, rtt40-1g, rtt100-1g   (d) +40 / +100 ms RTT to registry, token
@@ -79,7 +83,7 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
-MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500"
+MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500 h2500 close500"
 MEM=${MEM:-1}
 if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
 if [ "$*" = matrix ]; then
@@ -92,7 +96,7 @@ if [ "$*" = matrix ]; then
 fi
 for s in "$@"; do
   case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
-    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
+    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | h2500 | close500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
     rootfs500 | rootfs1g) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
@@ -145,7 +149,7 @@ fp_args=(-q --plain-http $FASTPULL_ARGS)
 tool_cmd() { # tool registry image dest
   # Transport options: plain HTTP, or (the TLS world) the throw-away CA given the ordinary way.
   local fpt=(--plain-http) skt=(--src-tls-verify=false) pt=(--plain-http)
-  if [ "$2" = "$REG_TLS" ]; then
+  if [ "$2" = "$REG_TLS" ] || [ "$2" = "$REG_H2" ]; then
     fpt=(--ca-file "$TLS_CA") skt=(--src-cert-dir "$TLS_CERT_DIR") pt=(--ca-file "$TLS_CA")
   fi
   # shellcheck disable=SC2206
@@ -296,6 +300,8 @@ for s in "$@"; do
     link500) bench link500 "$REG_LINK" perf/img500 "$T3" 0 ;;
     norange500) bench norange500 "$REG_NORANGE" perf/img500 "$T3" 0 ;;
     connlimit500) bench connlimit500 "$REG_CONNLIMIT" perf/img500 "$T3" 0 ;;
+    h2500) bench h2500 "$REG_H2" perf/img500 "$T3" 0 ;;
+    close500) bench close500 "$REG_CLOSE" perf/img500 "$T3" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
     rootfs500) FORMAT=rootfs bench rootfs500 "$REG" perf/img500 "fastpull skopeo-umoci" 0 ;;
     rootfs1g) FORMAT=rootfs bench rootfs1g "$DIRECT" perf/img1g "fastpull skopeo-umoci" 1 ;;

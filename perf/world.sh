@@ -33,6 +33,15 @@
 #   - REG_CONNLIMIT 127.0.0.1:15008 -> 127.0.0.2:15088  a CDN that answers $CONN_LIMIT requests
 #                                      at once per client and refuses the others with 503
 #                                      (nginx `limit_conn`), limit_rate $CDN_RATE each
+#   - REG_H2  https://127.0.0.1:15009 -> https://127.0.0.2:15089  an HTTP/2 CDN over TLS (ALPN
+#                                      h2, as the big CDNs answer) whose cap is per TCP connection:
+#                                      perf/delay-proxy (no added delay) gives each connection a
+#                                      token bucket of $CDN_RATE in front of an uncapped nginx
+#                                      `http2` block (15099). Requests multiplexed on one
+#                                      connection share its cap
+#   - REG_CLOSE 127.0.0.1:15010 -> 127.0.0.2:15090  a CDN that closes the connection after every
+#                                      response (nginx `keepalive_timeout 0`), limit_rate
+#                                      $CDN_RATE: every request pays a new connection
 #   - REG_RTT40  127.0.0.3:15040, REG_RTT100 127.0.0.4:15041: far registries. Token auth on
 #                                      (`auth: token`, issuer perf/token_issuer.py on
 #                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
@@ -106,6 +115,8 @@ world_defaults() {
   REG_LINK=127.0.0.1:15006 CDN_LINK=$CDN_HOST:15086 CDN_OPEN=$CDN_HOST:15096
   REG_NORANGE=127.0.0.1:15007 CDN_NORANGE=$CDN_HOST:15087
   REG_CONNLIMIT=127.0.0.1:15008 CDN_CONNLIMIT=$CDN_HOST:15088
+  REG_H2=127.0.0.1:15009 CDN_H2=$CDN_HOST:15089 CDN_H2_OPEN=$CDN_HOST:15099
+  REG_CLOSE=127.0.0.1:15010 CDN_CLOSE=$CDN_HOST:15090
   CONN_LIMIT=${CONN_LIMIT:-6}
   TLS_DIR=$WORLD_DIR/tls
   TOKEN=127.0.0.1:$TOKEN_PORT
@@ -210,6 +221,10 @@ CDN_NORANGE=$CDN_NORANGE
 REG_CONNLIMIT=$REG_CONNLIMIT
 CDN_CONNLIMIT=$CDN_CONNLIMIT
 CONN_LIMIT=$CONN_LIMIT
+REG_H2=$REG_H2
+CDN_H2=$CDN_H2
+REG_CLOSE=$REG_CLOSE
+CDN_CLOSE=$CDN_CLOSE
 TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
@@ -339,6 +354,10 @@ CONF
   _nginx_server "$CDN_OPEN" "$chunk"
   _nginx_server "$CDN_NORANGE" "$chunk $rate_line max_ranges 0;"
   _nginx_server "$CDN_CONNLIMIT" "$chunk $rate_line limit_conn fp_per_client $CONN_LIMIT; limit_conn_status 503;"
+  # Uncapped HTTP/2 over TLS, reached only through the per-connection buckets of CDN_H2.
+  # (`listen ... http2`: nginx before 1.25 has no `http2 on;`, later ones still accept this.)
+  _nginx_server "$CDN_H2_OPEN ssl http2" "$chunk ssl_certificate $TLS_DIR/server.crt; ssl_certificate_key $TLS_DIR/server.key;"
+  _nginx_server "$CDN_CLOSE" "$chunk $rate_line keepalive_timeout 0;"
   echo "}"
 }
 
@@ -392,6 +411,7 @@ _start_daemons() {
   local p w rtt host port
   local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
   addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE $REG_CONNLIMIT $CDN_CONNLIMIT"
+  addrs+=" $REG_H2 $CDN_H2 $CDN_H2_OPEN $REG_CLOSE $CDN_CLOSE"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
@@ -410,15 +430,19 @@ _start_daemons() {
   _registry_config "$REG_LINK" "http://$CDN_LINK/" >"$WORLD_DIR/reg-link.yml"
   _registry_config "$REG_NORANGE" "http://$CDN_NORANGE/" >"$WORLD_DIR/reg-norange.yml"
   _registry_config "$REG_CONNLIMIT" "http://$CDN_CONNLIMIT/" >"$WORLD_DIR/reg-connlimit.yml"
+  _registry_config "$REG_H2" "https://$CDN_H2/" 1 >"$WORLD_DIR/reg-h2.yml"
+  _registry_config "$REG_CLOSE" "http://$CDN_CLOSE/" >"$WORLD_DIR/reg-close.yml"
   _nginx_config >"$WORLD_DIR/nginx/nginx.conf"
   local name
-  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange reg-connlimit; do
+  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange reg-connlimit reg-h2 reg-close; do
     _daemon "$name" docker-registry serve "$WORLD_DIR/$name.yml"
   done
   _daemon token python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN" \
     "$TLS_DIR/issuer.key" "$TLS_DIR/issuer.crt" fastpull-perf-issuer fastpull-perf
   # The shared link: no delay, a bucket per connection and one for all of them.
   _daemon link "$WORLD_DIR/bin/delay-proxy" 0 "$CDN_LINK=$CDN_OPEN,conn=$CDN_RATE,link=$LINK_RATE"
+  # The HTTP/2 CDN: a bucket per TCP connection (TLS passes through), no delay.
+  _daemon h2cap "$WORLD_DIR/bin/delay-proxy" 0 "$CDN_H2=$CDN_H2_OPEN,conn=$CDN_RATE"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     # The far registry: its token realm and its redirects point at the delaying proxies.
@@ -438,6 +462,8 @@ _start_daemons() {
   _wait_up reg-link "http://$REG_LINK/v2/" || return 1
   _wait_up reg-norange "http://$REG_NORANGE/v2/" || return 1
   _wait_up reg-connlimit "http://$REG_CONNLIMIT/v2/" || return 1
+  _wait_up reg-h2 "https://$REG_H2/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
+  _wait_up reg-close "http://$REG_CLOSE/v2/" || return 1
   _wait_up token "http://$TOKEN/token?service=fastpull-perf" || return 1
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
@@ -674,6 +700,23 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
   [ "$refused" = 2 ] ||
     { world_log "check: $((CONN_LIMIT + 2)) ranges at once from $CDN_CONNLIMIT: $refused refused, want 2 ($(tr '\n' ' ' <"$codes"))"; return 1; }
   world_log "check ok: connlimit world ($REG_CONNLIMIT -> $CDN_CONNLIMIT): $((CONN_LIMIT + 2)) ranges at once, 2 refused with 503"
+  # HTTP/2: the CDN answers h2 by ALPN, one connection gets CDN_RATE whatever it multiplexes.
+  loc=$(curl -sS --cacert "$TLS_DIR/ca.crt" -o /dev/null -w '%{redirect_url}' "https://$REG_H2/v2/perf/img500/blobs/$digest")
+  case "$loc" in "https://$CDN_H2/"*) ;; *) world_log "check: $REG_H2 redirects to $loc"; return 1 ;; esac
+  local ver
+  ver=$(curl -sS --cacert "$TLS_DIR/ca.crt" -o /dev/null -w '%{http_version}' -r 0-1023 "$loc")
+  [ "$ver" = 2 ] || { world_log "check: $CDN_H2 answered HTTP/$ver, want 2"; return 1; }
+  sp=$(_probe "$loc" --cacert "$TLS_DIR/ca.crt")
+  probe+=", \"h2\": [${sp/ /, }]"
+  world_log "check ok: h2 world (https $REG_H2 -> https $CDN_H2): HTTP/2, 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
+  # Connection: close after every response.
+  loc=$(curl -sS -o /dev/null -w '%{redirect_url}' "http://$REG_CLOSE/v2/perf/img500/blobs/$digest")
+  case "$loc" in "http://$CDN_CLOSE/"*) ;; *) world_log "check: $REG_CLOSE redirects to $loc"; return 1 ;; esac
+  curl -sS -o /dev/null -D - -r 0-1023 "$loc" | tr -d '\r' | grep -qi '^connection: close$' ||
+    { world_log "check: $CDN_CLOSE does not close the connection after a response"; return 1; }
+  sp=$(_probe "$loc")
+  probe+=", \"close\": [${sp/ /, }]"
+  world_log "check ok: close world ($REG_CLOSE -> $CDN_CLOSE): Connection: close, 4 MiB range at $(_mib "${sp% *}") MiB/s"
   # Far worlds: token auth really enforced, RTT really added.
   local w rtt host port hdr realm tok t
   for w in $RTT_WORLDS; do
