@@ -10,7 +10,11 @@
 //!
 //! A connection to a near host (loopback, or one that opened within [`NEAR_CONNECT`]: the same
 //! machine, a LAN) asks for a [`NEAR_RECV_BUFFER`] receive buffer ([`Direct`]); every other
-//! keeps the kernel's autotuning, which does the right thing over distance.
+//! keeps the kernel's autotuning, which does the right thing over distance. Likewise over
+//! HTTP/2, whose windows hold in our memory what the kernel would hold over HTTP/1.1: once a
+//! connection to an origin was near (its TLS handshake too, [`H2_NEAR_HANDSHAKE`]) and spoke
+//! HTTP/2, that origin's requests go to lanes whose windows are [`H2_NEAR_WINDOW`]; others
+//! keep hyper's defaults.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -75,6 +79,11 @@ impl TlsOptions {
 #[derive(Clone)]
 pub(crate) struct Transport {
     lanes: Vec<Client<Connector, Body>>,
+    /// The same lanes for origins whose connections are near and speak HTTP/2: their
+    /// flow-control windows are [`H2_NEAR_WINDOW`] instead of hyper's defaults.
+    near_lanes: Vec<Client<Connector, Body>>,
+    /// Origins (see [`origin_key`]) a connection found near and speaking HTTP/2.
+    near_h2: Arc<Mutex<std::collections::HashSet<String>>>,
     counters: Arc<Counters>,
     user_agent: http::HeaderValue,
     /// How long a response (headers, or the next body bytes) may take before we give up.
@@ -136,27 +145,28 @@ impl Transport {
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         let counters = Arc::new(Counters::default());
+        let near_h2 = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let connector = Connector {
             http,
             tls: tls.clone(),
             proxy: proxy.clone(),
             counters: counters.clone(),
+            near_h2: near_h2.clone(),
         };
-        let lanes = (0..lanes.max(1))
+        let lanes = lanes.max(1);
+        let near_lanes = (0..lanes)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_secs(90))
-                    // What an HTTP/2 server may send before we read it waits in our memory
-                    // (over HTTP/1.1 it waits in the kernel's socket buffer). hyper's fixed
-                    // default (2 MiB a stream, 5 MiB a connection) on up to one connection
-                    // per lane took the peak RssAnon to 190-200 MiB in perf/'s HTTP/2 world;
-                    // windows that start at H2_WINDOW and grow with the measured
-                    // bandwidth-delay product (hyper's BDP pings, up to 16 MiB) keep a near
-                    // server's backlog small and still fill a far path: 62 MiB there, the
-                    // same time within noise.
-                    .http2_adaptive_window(true)
-                    .http2_initial_stream_window_size(H2_WINDOW)
-                    .http2_initial_connection_window_size(H2_WINDOW)
+                    .http2_initial_stream_window_size(H2_NEAR_WINDOW)
+                    .http2_initial_connection_window_size(H2_NEAR_WINDOW)
+                    .build(connector.clone())
+            })
+            .collect();
+        let lanes = (0..lanes)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
                     .build(connector.clone())
             })
             .collect();
@@ -164,6 +174,8 @@ impl Transport {
             .map_err(|_| Error::InvalidOption(format!("bad user agent {user_agent:?}")))?;
         Ok(Transport {
             lanes,
+            near_lanes,
+            near_h2,
             counters,
             user_agent,
             stall_timeout,
@@ -242,13 +254,18 @@ impl Transport {
         } else {
             "GET"
         };
+        let near_h2 = origin_key(req.uri()).is_some_and(|k| {
+            self.near_h2
+                .lock()
+                .is_ok_and(|near| near.contains(k.as_str()))
+        });
+        let pool = if near_h2 {
+            &self.near_lanes
+        } else {
+            &self.lanes
+        };
         let sent = std::time::Instant::now();
-        match tokio::time::timeout(
-            self.stall_timeout,
-            self.lanes[lane % self.lanes.len()].request(req),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.stall_timeout, pool[lane % pool.len()].request(req)).await {
             Ok(Ok(mut resp)) => {
                 let took = sent.elapsed();
                 let fresh = resp.extensions().get::<HttpInfo>().and_then(|info| {
@@ -483,6 +500,8 @@ pub(crate) struct Connector {
     tls: Arc<TlsProfiles>,
     proxy: Arc<Matcher>,
     counters: Arc<Counters>,
+    /// Where a direct TLS connection that is near and negotiated HTTP/2 notes its origin.
+    near_h2: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Round trips the transport has taken: requests sent, connections opened (TCP, and TLS
@@ -607,7 +626,7 @@ impl Service<Uri> for Connector {
                 });
             }
             if dst.scheme_str() != Some("https") {
-                let mut http = Direct(this.http.clone());
+                let mut http = Direct::new(this.http.clone());
                 let (target, forwarded) = match &intercept {
                     Some(i) => (i.uri().clone(), true),
                     None => (dst, false),
@@ -641,10 +660,32 @@ impl Service<Uri> for Connector {
                         .map_err(with_proxy)?
                 }
                 None => {
-                    builder
-                        .wrap_connector(Direct(this.http.clone()))
-                        .call(dst)
-                        .await?
+                    let direct = Direct::new(this.http.clone());
+                    let near = direct.near.clone();
+                    let key = origin_key(&dst);
+                    let started = std::time::Instant::now();
+                    let stream = builder.wrap_connector(direct).call(dst).await?;
+                    // Near by its address or connect time, and the TLS handshake's round
+                    // trip short too (a proxy or tunnel on this machine may front a far
+                    // server: its connect is instant, its handshake is not).
+                    let near = near.load(std::sync::atomic::Ordering::Relaxed)
+                        && started.elapsed() <= H2_NEAR_HANDSHAKE;
+                    if let (MaybeHttpsStream::Https(tls), Some(key)) = (&stream, key) {
+                        let h2 = tls.inner().get_ref().1.alpn_protocol() == Some(b"h2");
+                        if h2 && near {
+                            if let Ok(mut set) = this.near_h2.lock() {
+                                if !set.contains(&key) {
+                                    tracing::debug!(
+                                        origin = %key,
+                                        window_kib = H2_NEAR_WINDOW >> 10,
+                                        "near HTTP/2 origin: its next connections get small flow-control windows"
+                                    );
+                                    set.insert(key);
+                                }
+                            }
+                        }
+                    }
+                    stream
                 }
             };
             Ok(Conn {
@@ -655,9 +696,32 @@ impl Service<Uri> for Connector {
     }
 }
 
-/// The HTTP/2 flow-control window a stream and a connection start with; hyper's adaptive
-/// window grows it from there with the bandwidth-delay product it measures.
-const H2_WINDOW: u32 = 512 << 10;
+/// The HTTP/2 flow-control window (a stream's, and its connection's) on a near host's
+/// connections. What an HTTP/2 server may send before we read it waits in our memory (over
+/// HTTP/1.1 it waits in the kernel's socket buffer), one connection per lane: hyper's default
+/// windows (2 MiB a stream, 5 MiB a connection) took the peak RssAnon to 190-200 MiB in
+/// perf/'s HTTP/2 world (j), 512 KiB to 62 MiB in the same time. Far hosts keep hyper's
+/// defaults: a window is what one round trip can carry, and a smaller one (or hyper's
+/// adaptive window, which grows from a small start too slowly) made a +100 ms HTTP/2 pull take
+/// 1.3-2x as long (perf/README.md, "HTTP/2 and Connection: close").
+const H2_NEAR_WINDOW: u32 = 512 << 10;
+/// A connection is near enough for [`H2_NEAR_WINDOW`] if its connect and TLS handshake took
+/// at most this long (a round trip of a few ms at most, over which the window still carries
+/// 100+ MiB/s).
+const H2_NEAR_HANDSHAKE: Duration = Duration::from_millis(10);
+
+/// `scheme://host:port` of a URL, the port filled in from the scheme: which origin a request
+/// goes to, as the connector sees it.
+fn origin_key(uri: &Uri) -> Option<String> {
+    let scheme = uri.scheme_str()?;
+    let host = uri.host()?;
+    let port = uri.port_u16().or(match scheme {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    })?;
+    Some(format!("{scheme}://{host}:{port}").to_ascii_lowercase())
+}
 
 /// A connection that opened within this time (DNS included) is to a near host: loopback,
 /// the same machine, a LAN.
@@ -682,7 +746,20 @@ const NEAR_RECV_BUFFER: usize = 4 << 20;
 /// slower, so a far host never passes for near). There 4 MiB (or a default `rmem_max`'s 416
 /// KiB) is many times what a round trip holds.
 #[derive(Clone)]
-struct Direct(HttpConnector);
+struct Direct {
+    http: HttpConnector,
+    /// Set when the connection made is to a near host.
+    near: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Direct {
+    fn new(http: HttpConnector) -> Direct {
+        Direct {
+            http,
+            near: Arc::default(),
+        }
+    }
+}
 
 impl Service<Uri> for Direct {
     type Response = TokioIo<tokio::net::TcpStream>;
@@ -695,11 +772,13 @@ impl Service<Uri> for Direct {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let mut http = self.0.clone();
+        let mut http = self.http.clone();
+        let near = self.near.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();
             let tcp = http.call(dst).await?;
             if tune_receive_buffer(tcp.inner(), started.elapsed()) {
+                near.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::trace!(
                     peer = ?tcp.inner().peer_addr().ok(),
                     bytes = NEAR_RECV_BUFFER,
@@ -1453,6 +1532,24 @@ mod tests {
         assert!(o.is_insecure("[::1]:443"));
         assert!(!o.is_insecure("reg.lab.evil.com"));
         assert!(!o.is_insecure("other"));
+    }
+
+    #[test]
+    fn origin_key_fills_in_the_port() {
+        let key = |u: &str| origin_key(&u.parse::<Uri>().unwrap());
+        assert_eq!(
+            key("https://CDN.example/a?b").as_deref(),
+            Some("https://cdn.example:443")
+        );
+        assert_eq!(
+            key("http://cdn.example/").as_deref(),
+            Some("http://cdn.example:80")
+        );
+        assert_eq!(
+            key("https://127.0.0.2:15089/x").as_deref(),
+            Some("https://127.0.0.2:15089")
+        );
+        assert_eq!(key("/relative"), None);
     }
 
     #[test]
