@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::cdn::Cdn;
 use crate::support::cli::sized_blob;
 use crate::support::*;
 
@@ -618,21 +619,26 @@ fn ctrl_c_mid_pull_keeps_partial_downloads_for_resume_and_exits_130() {
     assert_holds(&out, &image);
 }
 
-/// Over HTTP/2 one connection would carry every range; each lane of the transport is its
-/// own connection, so a capped CDN still sees many.
-#[test]
-fn http2_cdn_gets_many_connections() {
+/// A registry whose blobs come from an HTTPS CDN (HTTP/2 by ALPN, 4 MiB/s per request) on
+/// 127.0.0.2, `image` pushed as `repo:v` and pulled by fastpull with `args` and `env`: the
+/// pull's output (it succeeded and holds the image) and the CDN.
+fn pull_through_tls_cdn(
+    repo: &str,
+    image: &Image,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, Cdn) {
     let certs = tempfile::tempdir().expect("certs dir");
     let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
     let (reg, cdn) = registry_with_tls_cdn(Some("4m"), &pki);
-    let image = image_of(&[24 * 256 * 1024 + 5], 1200);
-    push_image(&reg, "chunks/h2", "v", &image);
+    push_image(&reg, repo, "v", image);
     let (_d, out) = dest();
     let o = fastpull_command()
-        .args(["--chunk-size", "256K", "-j", "8", "--fan-out", "max"])
-        .arg(format!("{}/chunks/h2:v", reg.addr()))
+        .args(args)
+        .arg(format!("{}/{repo}:v", reg.addr()))
         .arg(&out)
         .env("SSL_CERT_FILE", &pki.ca_cert)
+        .envs(env.iter().copied())
         .output()
         .expect("run fastpull");
     assert!(
@@ -641,7 +647,21 @@ fn http2_cdn_gets_many_connections() {
         text(&o),
         cdn.access_log()
     );
-    assert_holds(&out, &image);
+    assert_holds(&out, image);
+    (o, cdn)
+}
+
+/// Over HTTP/2 one connection would carry every range; each lane of the transport is its
+/// own connection, so a capped CDN still sees many.
+#[test]
+fn http2_cdn_gets_many_connections() {
+    let image = image_of(&[24 * 256 * 1024 + 5], 1200);
+    let (_o, cdn) = pull_through_tls_cdn(
+        "chunks/h2",
+        &image,
+        &["--chunk-size", "256K", "-j", "8", "--fan-out", "max"],
+        &[],
+    );
     let log = cdn.access_log();
     let lines: Vec<&str> = log
         .lines()
@@ -671,26 +691,13 @@ fn http2_cdn_gets_many_connections() {
 /// only: see below.
 #[test]
 fn near_http2_cdn_gets_small_windows() {
-    let certs = tempfile::tempdir().expect("certs dir");
-    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
-    let (reg, cdn) = registry_with_tls_cdn(Some("4m"), &pki);
     let image = image_of(&[6 << 20], 1210);
-    push_image(&reg, "chunks/h2near", "v", &image);
-    let (_d, out) = dest();
-    let o = fastpull_command()
-        .arg(format!("{}/chunks/h2near:v", reg.addr()))
-        .arg(&out)
-        .env("SSL_CERT_FILE", &pki.ca_cert)
-        .env("FASTPULL_LOG", "fastpull::http=debug")
-        .output()
-        .expect("run fastpull");
-    assert!(
-        o.status.success(),
-        "{}\nCDN log:\n{}",
-        text(&o),
-        cdn.access_log()
+    let (o, cdn) = pull_through_tls_cdn(
+        "chunks/h2near",
+        &image,
+        &[],
+        &[("FASTPULL_LOG", "fastpull::http=debug")],
     );
-    assert_holds(&out, &image);
     if crate::support::runner::under_emulation() {
         // Under qemu a TLS handshake on loopback takes longer than a near one may (ring's
         // P-256 in translated code), so no origin passes for near: only the pull is checked.
