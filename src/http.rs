@@ -13,8 +13,9 @@
 //! keeps the kernel's autotuning, which does the right thing over distance. Likewise over
 //! HTTP/2, whose windows hold in our memory what the kernel would hold over HTTP/1.1: once a
 //! connection to an origin was near (its TLS handshake too, [`H2_NEAR_HANDSHAKE`]) and spoke
-//! HTTP/2, that origin's requests go to lanes whose windows are [`H2_NEAR_WINDOW`]; others
-//! keep hyper's defaults.
+//! HTTP/2, that origin's later requests go to a second set of lanes whose windows are
+//! [`H2_NEAR_WINDOW`] (connections opened before stay in the first set, idle); others keep
+//! hyper's defaults.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -678,7 +679,7 @@ impl Service<Uri> for Connector {
                                     tracing::debug!(
                                         origin = %key,
                                         window_kib = H2_NEAR_WINDOW >> 10,
-                                        "near HTTP/2 origin: its next connections get small flow-control windows"
+                                        "near HTTP/2 origin: its next requests go to lanes with small flow-control windows"
                                     );
                                     set.insert(key);
                                 }
@@ -705,8 +706,8 @@ impl Service<Uri> for Connector {
 /// adaptive window, which grows from a small start too slowly) made a +100 ms HTTP/2 pull take
 /// 1.3-2x as long (perf/README.md, "HTTP/2 and Connection: close").
 const H2_NEAR_WINDOW: u32 = 512 << 10;
-/// A connection is near enough for [`H2_NEAR_WINDOW`] if its connect and TLS handshake took
-/// at most this long (a round trip of a few ms at most, over which the window still carries
+/// A connection is near enough for [`H2_NEAR_WINDOW`] if its DNS lookup, connect and TLS
+/// handshake took at most this long (a round trip of a few ms at most, over which the window still carries
 /// 100+ MiB/s).
 const H2_NEAR_HANDSHAKE: Duration = Duration::from_millis(10);
 
@@ -748,7 +749,7 @@ const NEAR_RECV_BUFFER: usize = 4 << 20;
 #[derive(Clone)]
 struct Direct {
     http: HttpConnector,
-    /// Set when the connection made is to a near host.
+    /// Set when the connection made is to a near host and got the near receive buffer.
     near: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -1532,6 +1533,99 @@ mod tests {
         assert!(o.is_insecure("[::1]:443"));
         assert!(!o.is_insecure("reg.lab.evil.com"));
         assert!(!o.is_insecure("other"));
+    }
+
+    /// Accepts `n` TLS connections on 127.0.0.1 (ALPN h2) and reads from each the flow-control
+    /// window its client announced in its first SETTINGS frame (SETTINGS_INITIAL_WINDOW_SIZE;
+    /// None: not announced), then closes it. In-process because no real server logs what a
+    /// client announces. Returns the CA file to trust, the port and the reader.
+    fn h2_window_reader(
+        dir: &Path,
+        n: usize,
+    ) -> (PathBuf, u16, std::thread::JoinHandle<Vec<Option<u32>>>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use std::io::Read;
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_cert.pem()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reader = std::thread::spawn(move || {
+            (0..n)
+                .map(|_| {
+                    let (tcp, _) = listener.accept().unwrap();
+                    let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut preface = [0u8; 24];
+                    tls.read_exact(&mut preface).unwrap();
+                    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                    let mut head = [0u8; 9];
+                    tls.read_exact(&mut head).unwrap();
+                    assert_eq!(head[3], 0x4, "the first frame is SETTINGS");
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut body = vec![0u8; len];
+                    tls.read_exact(&mut body).unwrap();
+                    body.chunks(6)
+                        .find(|e| e.len() == 6 && e[..2] == [0, 4])
+                        .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+                })
+                .collect()
+        });
+        (ca, port, reader)
+    }
+
+    /// A near HTTP/2 origin's later connections announce small windows; its first, made
+    /// before anything was known of it, hyper's default. (Four, one per lane, one after the
+    /// other: a handshake slowed by other tests running may miss the near bound, the next
+    /// ones do not.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_near_http2_origin_gets_small_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, port, reader) = h2_window_reader(dir.path(), 4);
+        let transport = Transport::new(
+            "fastpull-test",
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            4,
+            TlsOptions {
+                ca_files: vec![ca],
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        let url = format!("https://127.0.0.1:{port}/");
+        for lane in 0..4 {
+            // The server closes after reading the SETTINGS: the request itself fails.
+            let _ = transport
+                .send_on(lane, Method::GET, &url, HeaderMap::new(), Bytes::new())
+                .await;
+        }
+        let windows = reader.join().unwrap();
+        assert_eq!(windows[0], Some(2 << 20), "hyper's default stream window");
+        // Under qemu a loopback TLS handshake takes longer than a near one may.
+        if std::env::var_os("FASTPULL_TEST_RUNNER").is_some_and(|v| !v.is_empty()) {
+            return;
+        }
+        assert_eq!(windows[3], Some(H2_NEAR_WINDOW), "{windows:?}");
     }
 
     #[test]

@@ -686,9 +686,10 @@ fn http2_cdn_gets_many_connections() {
     );
 }
 
-/// What an HTTP/2 server sends ahead of our reads waits in our memory: a near HTTP/2 CDN's
-/// connections, after the first, get small flow-control windows (default flags). Natively
-/// only: see below.
+/// What an HTTP/2 server sends ahead of our reads waits in our memory: with default flags a
+/// near HTTP/2 CDN is taken for one, so its later requests go to the lanes with small
+/// flow-control windows (what those lanes announce is checked in `http`'s unit tests, where a
+/// server can read it). Natively only: see below.
 #[test]
 fn near_http2_cdn_gets_small_windows() {
     let image = image_of(&[6 << 20], 1210);
