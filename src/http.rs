@@ -154,23 +154,20 @@ impl Transport {
             counters: counters.clone(),
             near_h2: near_h2.clone(),
         };
-        let lanes = lanes.max(1);
-        let near_lanes = (0..lanes)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .http2_initial_stream_window_size(H2_NEAR_WINDOW)
-                    .http2_initial_connection_window_size(H2_NEAR_WINDOW)
-                    .build(connector.clone())
-            })
-            .collect();
-        let lanes = (0..lanes)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .build(connector.clone())
-            })
-            .collect();
+        // `lanes` pools, each with these HTTP/2 windows (None: hyper's defaults).
+        let pools = |window: Option<u32>| -> Vec<Client<Connector, Body>> {
+            (0..lanes.max(1))
+                .map(|_| {
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(Duration::from_secs(90))
+                        .http2_initial_stream_window_size(window)
+                        .http2_initial_connection_window_size(window)
+                        .build(connector.clone())
+                })
+                .collect()
+        };
+        let near_lanes = pools(Some(H2_NEAR_WINDOW));
+        let lanes = pools(None);
         let user_agent = http::HeaderValue::from_str(user_agent)
             .map_err(|_| Error::InvalidOption(format!("bad user agent {user_agent:?}")))?;
         Ok(Transport {
@@ -255,11 +252,13 @@ impl Transport {
         } else {
             "GET"
         };
-        let near_h2 = origin_key(req.uri()).is_some_and(|k| {
-            self.near_h2
-                .lock()
-                .is_ok_and(|near| near.contains(k.as_str()))
-        });
+        // Only TLS connections negotiate HTTP/2, so only https origins are ever noted.
+        let near_h2 = req.uri().scheme_str() == Some("https")
+            && origin_key(req.uri()).is_some_and(|k| {
+                self.near_h2
+                    .lock()
+                    .is_ok_and(|near| near.contains(k.as_str()))
+            });
         let pool = if near_h2 {
             &self.near_lanes
         } else {
@@ -671,19 +670,23 @@ impl Service<Uri> for Connector {
                     // server: its connect is instant, its handshake is not).
                     let near = near.load(std::sync::atomic::Ordering::Relaxed)
                         && started.elapsed() <= H2_NEAR_HANDSHAKE;
-                    if let (MaybeHttpsStream::Https(tls), Some(key)) = (&stream, key) {
-                        let h2 = tls.inner().get_ref().1.alpn_protocol() == Some(b"h2");
-                        if h2 && near {
-                            if let Ok(mut set) = this.near_h2.lock() {
-                                if !set.contains(&key) {
-                                    tracing::debug!(
-                                        origin = %key,
-                                        window_kib = H2_NEAR_WINDOW >> 10,
-                                        "near HTTP/2 origin: its next requests go to lanes with small flow-control windows"
-                                    );
-                                    set.insert(key);
-                                }
-                            }
+                    let h2 = match &stream {
+                        MaybeHttpsStream::Https(tls) => {
+                            tls.inner().get_ref().1.alpn_protocol() == Some(b"h2")
+                        }
+                        MaybeHttpsStream::Http(_) => false,
+                    };
+                    if let Some(key) = key.filter(|_| near && h2) {
+                        let new = this
+                            .near_h2
+                            .lock()
+                            .is_ok_and(|mut set| set.insert(key.clone()));
+                        if new {
+                            tracing::debug!(
+                                origin = %key,
+                                window_kib = H2_NEAR_WINDOW >> 10,
+                                "near HTTP/2 origin: its next requests go to lanes with small flow-control windows"
+                            );
                         }
                     }
                     stream
