@@ -76,6 +76,11 @@ SCENARIOS = [
     ("close500", "(k) CDN that closes every connection, img500",
      "perf/img500; the CDN caps at {rate} per connection and closes the connection after each "
      "response (nginx `keepalive_timeout 0`), so every request opens a new connection", "capped"),
+    ("proxied500", "(l) Registry behind a capping reverse proxy, img500",
+     "perf/img500 from a registry that serves its blobs itself (no redirect to a CDN), behind an "
+     "nginx reverse proxy that caps each connection at {rate} and lets each response's first "
+     "second through at once (nginx's `limit_rate` accounting): every range a client asks for is "
+     "a GET the registry answers, at its price per request", "capped"),
     ("rootfs500", "(r) Root filesystem, smooth cap, img500",
      "perf/img500's root filesystem ({shape}) through the smooth-capped CDN of (a): fastpull "
      "`--format rootfs` (layers unpacked as they download, verified before the tree appears) "
@@ -388,7 +393,8 @@ def main(argv):
           "connection per request, MiB/s): a 4 MiB range / a 20 MiB range:")
         w("")
         names = {"smooth": "smooth cap", "burst": "bursty (nginx default chunk)",
-                 "after": "bursty (`limit_rate_after`)", "tls": "TLS"}
+                 "after": "bursty (`limit_rate_after`)", "tls": "TLS",
+                 "proxied": "registry behind a capping proxy"}
         for k, label in names.items():
             if k in probe:
                 w(f"- {label}: {mib(probe[k][0])} / {mib(probe[k][1])}")

@@ -32,6 +32,8 @@
 #              multiplexed on one connection share it (perf/delay-proxy in front of nginx http2)
 #   close500   (k) a CDN that closes the connection after every response (keepalive_timeout 0),
 #              capped at CDN_RATE
+#   proxied500 (l) a registry that serves its blobs itself (no redirect) behind an nginx
+#              reverse proxy capping each connection at CDN_RATE: every range is a registry GET
 #   tls500     (f) TLS on the registry and the CDN (smooth cap), a throw-away CA: fastpull
 #              --ca-file, skopeo --src-cert-dir, oci-client peer --ca-file
 #   rtt40-small, rtt100-small, rtt40-1g, rtt100-1g   (d) +40 / +100 ms RTT to registry, token
@@ -83,7 +85,7 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
-MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500 h2500 close500"
+MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500 h2500 close500 proxied500"
 MEM=${MEM:-1}
 if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
 if [ "$*" = matrix ]; then
@@ -96,7 +98,7 @@ if [ "$*" = matrix ]; then
 fi
 for s in "$@"; do
   case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
-    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | h2500 | close500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
+    rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | h2500 | close500 | proxied500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
     rootfs500 | rootfs1g) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
@@ -302,6 +304,7 @@ for s in "$@"; do
     connlimit500) bench connlimit500 "$REG_CONNLIMIT" perf/img500 "$T3" 0 ;;
     h2500) bench h2500 "$REG_H2" perf/img500 "$T3" 0 ;;
     close500) bench close500 "$REG_CLOSE" perf/img500 "$T3" 0 ;;
+    proxied500) bench proxied500 "$REG_PROXIED" perf/img500 "$T3" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
     rootfs500) FORMAT=rootfs bench rootfs500 "$REG" perf/img500 "fastpull skopeo-umoci" 0 ;;
     rootfs1g) FORMAT=rootfs bench rootfs1g "$DIRECT" perf/img1g "fastpull skopeo-umoci" 1 ;;

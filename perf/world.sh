@@ -42,6 +42,12 @@
 #   - REG_CLOSE 127.0.0.1:15010 -> 127.0.0.2:15090  a CDN that closes the connection after every
 #                                      response (nginx `keepalive_timeout 0`), limit_rate
 #                                      $CDN_RATE: every request pays a new connection
+#   - REG_PROXIED 127.0.0.2:15091 -> DIRECT  a registry that serves its blobs itself (no
+#                                      redirect) behind an nginx reverse proxy that caps each
+#                                      connection at limit_rate $CDN_RATE (as self-hosted
+#                                      registries sit behind a proxy): every range is a GET the
+#                                      registry answers, and nginx lets each response's first
+#                                      second through at once
 #   - REG_RTT40  127.0.0.3:15040, REG_RTT100 127.0.0.4:15041: far registries. Token auth on
 #                                      (`auth: token`, issuer perf/token_issuer.py on
 #                                      127.0.0.1:$TOKEN_PORT, ES256, its self-signed certificate
@@ -117,6 +123,7 @@ world_defaults() {
   REG_CONNLIMIT=127.0.0.1:15008 CDN_CONNLIMIT=$CDN_HOST:15088
   REG_H2=127.0.0.1:15009 CDN_H2=$CDN_HOST:15089 CDN_H2_OPEN=$CDN_HOST:15099
   REG_CLOSE=127.0.0.1:15010 CDN_CLOSE=$CDN_HOST:15090
+  REG_PROXIED=$CDN_HOST:15091
   CONN_LIMIT=${CONN_LIMIT:-6}
   TLS_DIR=$WORLD_DIR/tls
   TOKEN=127.0.0.1:$TOKEN_PORT
@@ -225,6 +232,7 @@ REG_H2=$REG_H2
 CDN_H2=$CDN_H2
 REG_CLOSE=$REG_CLOSE
 CDN_CLOSE=$CDN_CLOSE
+REG_PROXIED=$REG_PROXIED
 TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
@@ -358,6 +366,23 @@ CONF
   # (`listen ... http2`: nginx before 1.25 has no `http2 on;`, later ones still accept this.)
   _nginx_server "$CDN_H2_OPEN ssl http2" "$chunk ssl_certificate $TLS_DIR/server.crt; ssl_certificate_key $TLS_DIR/server.key;"
   _nginx_server "$CDN_CLOSE" "$chunk $rate_line keepalive_timeout 0;"
+  # A registry behind a capping reverse proxy: the registry (DIRECT, no redirect) answers
+  # every request itself, nginx passes it on at CDN_RATE per connection (nothing spooled to
+  # disk: a full buffer holds the upstream back).
+  cat <<CONF
+    upstream fp_direct { server $DIRECT; keepalive 64; }
+    server {
+        listen $REG_PROXIED;
+        $rate_line
+        location / {
+            proxy_pass http://fp_direct;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$http_host;
+            proxy_max_temp_file_size 0;
+        }
+    }
+CONF
   echo "}"
 }
 
@@ -411,7 +436,7 @@ _start_daemons() {
   local p w rtt host port
   local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
   addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE $REG_CONNLIMIT $CDN_CONNLIMIT"
-  addrs+=" $REG_H2 $CDN_H2 $CDN_H2_OPEN $REG_CLOSE $CDN_CLOSE"
+  addrs+=" $REG_H2 $CDN_H2 $CDN_H2_OPEN $REG_CLOSE $CDN_CLOSE $REG_PROXIED"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
@@ -717,6 +742,20 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
   sp=$(_probe "$loc")
   probe+=", \"close\": [${sp/ /, }]"
   world_log "check ok: close world ($REG_CLOSE -> $CDN_CLOSE): Connection: close, 4 MiB range at $(_mib "${sp% *}") MiB/s"
+  # The proxied registry: blobs answered by the registry itself (200, no redirect) through
+  # nginx, capped per connection after the first second's burst (a 64 MiB range over one
+  # connection: 25 MiB at once, then CDN_RATE; well under the uncapped registry's speed).
+  local secs big_digest
+  big_digest=$(python3 -c 'import json,sys; print(max(json.load(open(sys.argv[1]))["blobs"], key=lambda b: b["size"])["digest"])' "$WORLD_DIR/images/img500.json")
+  answer=$(curl -sS -o /dev/null -w '%{http_code} %{size_download} %{time_total}' -r 0-67108863 "http://$REG_PROXIED/v2/perf/img500/blobs/$big_digest")
+  read -r code n_got secs <<<"$answer"
+  [ "$code" = 206 ] && [ "$n_got" = 67108864 ] ||
+    { world_log "check: 64 MiB range through $REG_PROXIED answered $code with $n_got bytes, want 206 and all of it"; return 1; }
+  python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) >= 1.0 else 1)" "$secs" ||
+    { world_log "check: 64 MiB through $REG_PROXIED took $secs s: not capped"; return 1; }
+  sp=$(_probe "http://$REG_PROXIED/v2/perf/img500/blobs/$big_digest")
+  probe+=", \"proxied\": [${sp/ /, }]"
+  world_log "check ok: proxied world ($REG_PROXIED -> $DIRECT, no redirect): 64 MiB range over one connection in $secs s"
   # Far worlds: token auth really enforced, RTT really added.
   local w rtt host port hdr realm tok t
   for w in $RTT_WORLDS; do
