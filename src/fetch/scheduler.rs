@@ -347,7 +347,10 @@ impl Controller {
     /// The goodput a step is judged against: the reference window's, or, if higher, the
     /// median of what the origin delivered with no more connections than the reference had
     /// in the last few windows. One window that came out low (a stall of our own, blobs
-    /// between requests) must not make the next step look as if it paid.
+    /// between requests) must not make the next step look as if it paid. (The reference
+    /// window is in the history as well, so it counts twice in that median: a low reference
+    /// among few windows is lifted less than the rule above says. Counting it once made no
+    /// difference that ten interleaved uncapped pulls could show, so it stays as measured.)
     fn reference(&self, (g0, n0): (f64, f64)) -> f64 {
         let mut seen: Vec<f64> = self
             .history
