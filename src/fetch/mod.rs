@@ -421,7 +421,6 @@ impl Fetcher<'_> {
                             };
                             if cut.race {
                                 runs[b].races += 1;
-                                sched.raced(cut.victim);
                             } else {
                                 runs[b].splits += 1;
                             }

@@ -47,10 +47,8 @@
 //!   should be.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
-//!   take much longer than a fresh connection needs for it, gives the tail away: the cut is
-//!   put just past where it will be when the new request's first byte arrives, and never
-//!   further than it gets in a moment (a connection that trickles keeps a few bytes, one
-//!   that has stopped keeps none: its transfer ends without waiting for them).
+//!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
+//!   arrives.
 //! - **A refusal is a limit.** An origin that refuses a request as one too many (429 or 503
 //!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
 //!   answering others of ours allows no more at once than those, whatever the goodput says:
@@ -86,11 +84,10 @@ pub(crate) const LINEAR_GAIN: f64 = 0.7;
 const ALIGN: u64 = 64 << 10;
 /// A transfer is cut only if it would take longer than this (seconds) to finish alone.
 const MIN_CUT_TIME: f64 = 0.1;
-/// A race cuts up to this far ahead of the victim (what its socket may hold already)...
+/// A tail is raced only if the new connection gets at least this much of it.
+const MIN_RACE: u64 = 256 << 10;
+/// A race cuts at least this far ahead of the victim (what its socket may hold already).
 const RACE_AHEAD: u64 = 256 << 10;
-/// ...or as far as the victim gets in this time (seconds), if that is less: a connection that
-/// trickles holds next to nothing in its socket, and every byte left to it costs seconds.
-const RACE_AHEAD_TIME: f64 = 0.05;
 /// A straggler is this many times slower than the origin's typical connection.
 const STRAGGLER: f64 = 3.0;
 /// A window with long silences is stretched up to this many windows before a verdict.
@@ -880,28 +877,20 @@ impl Scheduler {
                 }
             } else if self.fan_out == FanOut::Auto
                 && remaining < 2 * self.min_piece
+                && remaining >= MIN_RACE + RACE_AHEAD
                 && self
                     .rates
                     .get(&f.id)
                     .is_some_and(|r| !r.raced && r.samples >= RACE_SAMPLES)
             {
-                // A straggler: its tail takes much longer than a new connection would (the
-                // time tests, not a size, decide: a trickling connection's last KiBs are worth
-                // a request).
+                // A straggler: its tail takes much longer than a new connection would.
                 let fresh_time = rtt + remaining as f64 / fresh;
                 if own * STRAGGLER < fresh && left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
                     // Past where the victim will be when the new request's bytes come, and
-                    // past what its socket may already hold; a victim that has stopped
-                    // delivering keeps nothing (its transfer ends without the bytes it
-                    // would wait for: `fetch::transfer`).
-                    let ahead = ((own * 2.0 * rtt) as u64)
-                        .max(RACE_AHEAD.min((own * RACE_AHEAD_TIME) as u64));
-                    let at = if ahead >= ALIGN {
-                        align(pos + ahead)
-                    } else {
-                        pos + ahead
-                    };
-                    if at < end && best_race.is_none_or(|(l, _)| left > l) {
+                    // past what its socket may already hold.
+                    let ahead = ((own * 2.0 * rtt) as u64).max(RACE_AHEAD);
+                    let at = align(pos + ahead);
+                    if at + MIN_RACE <= end && best_race.is_none_or(|(l, _)| left > l) {
                         best_race = Some((
                             left,
                             Cut {
@@ -914,15 +903,13 @@ impl Scheduler {
                 }
             }
         }
-        best.or(best_race).map(|(_, c)| Decision::Cut(c))
-    }
-
-    /// A race cut `victim`'s span: its tail is not raced again. (Marked once the cut is made,
-    /// not when chosen: a cut the victim's own writing got ahead of is chosen again.)
-    pub(crate) fn raced(&mut self, victim: u64) {
-        if let Some(r) = self.rates.get_mut(&victim) {
-            r.raced = true;
+        let cut = best.or(best_race).map(|(_, c)| c)?;
+        if cut.race {
+            if let Some(r) = self.rates.get_mut(&cut.victim) {
+                r.raced = true;
+            }
         }
+        Some(Decision::Cut(cut))
     }
 
     /// The median measured rate of the flows (what a new connection can expect).

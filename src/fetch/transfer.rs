@@ -71,9 +71,6 @@ pub(super) struct FlowStats {
 /// CDN); after this many, a refusal is an error like any other (back-off, retry budget).
 const MAX_REFUSED_WAITS: u32 = 16;
 
-/// How often a transfer that gets no data looks whether a cut has left it nothing to do.
-const CUT_POLL: Duration = Duration::from_millis(100);
-
 /// An origin refused a request as one too many while answering `answering` of ours: it
 /// allows no more than those at once.
 pub(super) struct Refusal {
@@ -407,9 +404,7 @@ impl Fetcher<'_> {
 
     /// Streams a body of `body_len` bytes into `writer`, dropping the first `skip` (already
     /// written, or another span's). Stops when the span is complete: at its end, or where a
-    /// cut put it (the rest of the body is left unread and the connection closed), also
-    /// while no data comes: a stalled straggler whose whole tail a race took is done at once,
-    /// not after the stall timeout.
+    /// cut put it (the rest of the body is left unread and the connection closed).
     async fn stream(
         &self,
         flow: &Flow<'_>,
@@ -424,7 +419,6 @@ impl Fetcher<'_> {
         let mut since_poke = 0usize;
         let mut consumed = 0u64;
         let stall = self.options.stall_timeout;
-        let mut last_data = Instant::now();
         loop {
             let failed = |what: String| {
                 Error::network(
@@ -438,10 +432,7 @@ impl Fetcher<'_> {
                     ),
                 )
             };
-            // `frame()` is cancel-safe: a poll that times out loses nothing.
-            let frame = match tokio::time::timeout(stall.min(CUT_POLL), body.frame()).await {
-                Err(_) if writer.is_complete() => return Ok(()),
-                Err(_) if last_data.elapsed() < stall => continue,
+            let frame = match tokio::time::timeout(stall, body.frame()).await {
                 Err(_) => {
                     return Err(failed(format!(
                         "no data for {}s at byte {}",
@@ -456,10 +447,7 @@ impl Fetcher<'_> {
                         writer.position()
                     )))
                 }
-                Ok(Some(Ok(frame))) => {
-                    last_data = Instant::now();
-                    frame
-                }
+                Ok(Some(Ok(frame))) => frame,
             };
             let Ok(mut data) = frame.into_data() else {
                 continue;
