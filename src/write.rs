@@ -9,7 +9,7 @@
 //! written from its start by the one [`SpanWriter`] that owns it. The fetch scheduler decides
 //! where to cut; [`BlobFile::split`] carries a cut out safely while the span's writer is
 //! still copying: a span's end is only ever lowered to a point its writer has not reserved
-//! yet, so two writers never touch the same byte and every byte is written once. The hasher
+//! past, so two writers never touch the same byte and every byte is written once. The hasher
 //! reads only the contiguous written prefix, in place through the map. Durability follows the
 //! writers rather than waiting for the end: each whole 4 MiB step is written back to disk as
 //! soon as its bytes are all there, hashed or not ([`BlobFile::write_back`]), and what was
@@ -395,12 +395,13 @@ impl BlobFile {
 
     /// Cuts `span` at `at`: its writer stops there, and the returned writer owns
     /// `at..end`. `None` when the cut is not possible any more: `at` is not inside the
-    /// span, or its writer has already reserved bytes at or past `at`.
+    /// span, or its writer has already reserved bytes past `at`. A cut right where the
+    /// writer is leaves it complete (a stalled transfer giving all it has left away).
     pub fn split(self: &Arc<Self>, span: &SpanRef, at: u64) -> Option<SpanWriter> {
         let mut spans = self.spans.lock().ok()?;
         let new = {
             let mut b = span.0.bounds.lock().ok()?;
-            if at <= b.reserved || at >= b.end {
+            if at < b.reserved || at >= b.end {
                 return None;
             }
             let new = Span::new(at, b.end);
@@ -954,7 +955,7 @@ mod tests {
         assert!(b.writer().is_none(), "the whole blob is handed out once");
         assert_eq!(first.append(&data[..100]).unwrap(), 100);
         // Not below what the writer has written, not at or past the end.
-        assert!(b.split(&first.span(), 100).is_none());
+        assert!(b.split(&first.span(), 99).is_none());
         assert!(b.split(&first.span(), 50).is_none());
         assert!(b.split(&first.span(), 1000).is_none());
         let mut upper = b.split(&first.span(), 600).unwrap();
@@ -977,6 +978,28 @@ mod tests {
         b.persist().unwrap();
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), data);
         assert!(!dir.path().join("b.partial").exists());
+    }
+
+    /// A stalled writer gives all it has left away: cut where it is, it is complete, and
+    /// the new writer owns the rest.
+    #[test]
+    fn a_cut_where_the_writer_is_leaves_it_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let b = blob(dir.path(), 1000);
+        let mut first = b.writer().unwrap();
+        assert_eq!(first.append(&data[..100]).unwrap(), 100);
+        assert!(!first.is_complete());
+        let mut rest = b.split(&first.span(), 100).unwrap();
+        assert!(first.is_complete());
+        assert_eq!(first.range(), 0..100);
+        assert_eq!(rest.range(), 100..1000);
+        assert_eq!(first.append(&data[100..200]).unwrap(), 0);
+        fill(&mut rest, &data, 64);
+        assert_eq!(b.contiguous_prefix(), 1000);
+        let mut back = vec![0u8; 1000];
+        b.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, data);
     }
 
     #[test]

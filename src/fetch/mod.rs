@@ -390,6 +390,7 @@ impl Fetcher<'_> {
                                 unassigned: s.file.unassigned(),
                                 running: r.running,
                                 origin: s.origin(),
+                                races: r.races,
                             })
                         })
                         .collect();
@@ -421,6 +422,7 @@ impl Fetcher<'_> {
                             };
                             if cut.race {
                                 runs[b].races += 1;
+                                sched.raced(cut.victim);
                             } else {
                                 runs[b].splits += 1;
                             }

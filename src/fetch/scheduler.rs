@@ -47,8 +47,12 @@
 //!   should be.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
-//!   take much longer than a fresh connection needs for it, gives the tail away: the cut is put just past where it will be when the new request's first byte
-//!   arrives.
+//!   take much longer than a fresh connection needs for it, gives the tail away: the cut is
+//!   put just past where it will be when the new request's first byte arrives (two round
+//!   trips at its rate) and past what its socket may hold, which for a connection that
+//!   trickles is next to nothing: it keeps a few bytes, and one that has stopped keeps none
+//!   (its transfer ends without waiting for them, wherever it waits). A blob is raced at
+//!   most [`MAX_RACES_PER_BLOB`] times, and only transfers that delivered something.
 //! - **A refusal is a limit.** An origin that refuses a request as one too many (429 or 503
 //!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
 //!   answering others of ours allows no more at once than those, whatever the goodput says:
@@ -80,14 +84,25 @@ pub(crate) const MIN_GAIN: f64 = 0.3;
 /// Share of the per-connection goodput that added connections bring when the origin caps
 /// each connection: the controller then grows faster.
 pub(crate) const LINEAR_GAIN: f64 = 0.7;
-/// Cuts land on multiples of this.
+/// Cuts land on multiples of this (but a race's cut less than this ahead of its victim).
 const ALIGN: u64 = 64 << 10;
 /// A transfer is cut only if it would take longer than this (seconds) to finish alone.
 const MIN_CUT_TIME: f64 = 0.1;
-/// A tail is raced only if the new connection gets at least this much of it.
-const MIN_RACE: u64 = 256 << 10;
-/// A race cuts at least this far ahead of the victim (what its socket may hold already).
+/// A race cuts past where the victim will be when the new request's bytes come (two round
+/// trips at its rate), and past what its socket may hold already: this much...
 const RACE_AHEAD: u64 = 256 << 10;
+/// ...or what the victim gets in this time (seconds), if that is less: a connection that
+/// trickles holds next to nothing in its socket, and every byte left to it costs seconds.
+const RACE_AHEAD_TIME: f64 = 0.05;
+/// A transfer that brought no bytes for this long (or four round trips, if longer) has
+/// stopped: a race leaves it nothing.
+const SILENT: Duration = Duration::from_millis(120);
+/// Races of one blob's stragglers at most.
+const MAX_RACES_PER_BLOB: u32 = 16;
+/// Rates of ended connections an origin's typical rate also counts (the newest).
+const ENDED_RATES: usize = 8;
+/// Samples an ended connection's rate needs to count (the first holds no rate).
+const ENDED_SAMPLES: u32 = 3;
 /// A straggler is this many times slower than the origin's typical connection.
 const STRAGGLER: f64 = 3.0;
 /// A window with long silences is stretched up to this many windows before a verdict.
@@ -165,6 +180,8 @@ pub(crate) struct BlobInfo<'a> {
     pub running: usize,
     /// The origin its bytes come from, once its first response said.
     pub origin: Option<&'a str>,
+    /// Straggler tails raced so far.
+    pub races: u32,
 }
 
 /// What a free connection should do.
@@ -196,6 +213,8 @@ struct Rate {
     /// Samples taken.
     samples: u32,
     raced: bool,
+    /// The last sample that brought bytes.
+    progress_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -227,10 +246,13 @@ struct Controller {
     rtt: Option<Duration>,
     /// Whether `rtt` is from an exact sample.
     rtt_exact: bool,
-    /// The median rate of this origin's connections, last taken while at least three were
-    /// measured: what a new connection can expect, even at the end of a pull when only
-    /// the stragglers are left.
+    /// The median rate of this origin's connections, live and [`ENDED_RATES`] recently
+    /// ended, last taken while at least three were measured: what a new connection can
+    /// expect, even at the end of a pull when only the stragglers are left (whose rates
+    /// alone would say the origin is as slow as they are).
     typical: Option<f64>,
+    /// The last rates of connections that ended, newest last.
+    ended: std::collections::VecDeque<f64>,
     /// Ticks of the window in which bytes came.
     win_busy: u32,
     /// The goodput of a window that said the last step did not pay, waiting for a second
@@ -273,6 +295,7 @@ impl Controller {
             rtt_exact: false,
             win_busy: 0,
             typical: None,
+            ended: std::collections::VecDeque::new(),
             doubt: None,
             history: std::collections::VecDeque::new(),
             bisecting: false,
@@ -645,10 +668,11 @@ impl Scheduler {
     /// Measures: every flow's rate, every origin's goodput; the controllers decide.
     pub(crate) fn tick<'a>(&mut self, now: Instant, flows: impl Iterator<Item = FlowInfo<'a>>) {
         let mut per_origin: HashMap<&str, (u64, usize)> = HashMap::new();
-        let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
         let mut live = Vec::new();
+        let mut flows_seen: Vec<(u64, Option<&str>)> = Vec::new();
         for f in flows {
             live.push(f.id);
+            flows_seen.push((f.id, f.origin));
             let Some(first) = f.first_byte else { continue };
             let r = self.rates.entry(f.id).or_insert(Rate {
                 last_bytes: 0,
@@ -657,6 +681,7 @@ impl Scheduler {
                 rate: None,
                 samples: 0,
                 raced: false,
+                progress_at: first,
             });
             // Goodput: every byte, every tick.
             if let Some(o) = f.origin {
@@ -679,20 +704,28 @@ impl Scheduler {
                     Some(old) => 0.6 * old + 0.4 * sample,
                 });
             }
+            if f.bytes > r.last_bytes {
+                r.progress_at = now;
+            }
             r.last_bytes = f.bytes;
             r.last_at = now;
             r.samples += 1;
-            if let (Some(o), Some(rate)) = (f.origin, r.rate) {
+        }
+        self.rates.retain(|id, _| live.contains(id));
+        // Every live flow's latest rate (flows sample at different ticks), and the
+        // origin's recently ended ones.
+        let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
+        for f in &flows_seen {
+            if let (Some(o), Some(rate)) = (f.1, self.rates.get(&f.0).and_then(|r| r.rate)) {
                 per_origin_rates.entry(o).or_default().push(rate);
             }
         }
-        self.rates.retain(|id, _| live.contains(id));
-        for (origin, mut rates) in per_origin_rates {
+        for (origin, c) in self.origins.iter_mut() {
+            let mut rates = per_origin_rates.remove(origin.as_str()).unwrap_or_default();
+            rates.extend(c.ended.iter().copied());
             if rates.len() >= 3 {
                 rates.sort_by(f64::total_cmp);
-                if let Some(c) = self.origins.get_mut(origin) {
-                    c.typical = Some(rates[rates.len() / 2]);
-                }
+                c.typical = Some(rates[rates.len() / 2]);
             }
         }
         if self.fan_out == FanOut::Max {
@@ -728,10 +761,17 @@ impl Scheduler {
     }
 
     /// Bytes a flow received since the last tick, when it ends (so the window counts them).
+    /// Its rate, if measured over a few samples, joins the origin's recent ones.
     pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64) {
         if let (Some(r), Some(o)) = (self.rates.remove(&id), origin) {
             if let Some(c) = self.origins.get_mut(o) {
                 c.win_bytes += bytes.saturating_sub(r.counted);
+                if let Some(rate) = r.rate.filter(|_| r.samples >= ENDED_SAMPLES) {
+                    if c.ended.len() == ENDED_RATES {
+                        c.ended.pop_front();
+                    }
+                    c.ended.push_back(rate);
+                }
             }
         }
     }
@@ -877,20 +917,47 @@ impl Scheduler {
                 }
             } else if self.fan_out == FanOut::Auto
                 && remaining < 2 * self.min_piece
-                && remaining >= MIN_RACE + RACE_AHEAD
+                // It delivered something (one that never did, say a racer on an origin that
+                // sent headers and then stalled, waits for the stall timeout), the origin
+                // is not over its limit (the victim hands its place over: it ends within
+                // moments), and the blob has not been raced often already:
+                // when racers turn out slow too, the origin is, and racing on would only
+                // churn connections.
+                && f.bytes > 0
+                && on_origin(origin) <= self.limit_with(origin, on_origin_blobs(origin))
+                && blobs
+                    .iter()
+                    .any(|b| b.blob == f.blob && b.races < MAX_RACES_PER_BLOB)
                 && self
                     .rates
                     .get(&f.id)
                     .is_some_and(|r| !r.raced && r.samples >= RACE_SAMPLES)
             {
-                // A straggler: its tail takes much longer than a new connection would.
+                // A straggler: its tail takes much longer than a new connection would (the
+                // time tests, not a size, decide: a trickling connection's last KiBs are worth
+                // a request).
                 let fresh_time = rtt + remaining as f64 / fresh;
                 if own * STRAGGLER < fresh && left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
                     // Past where the victim will be when the new request's bytes come, and
-                    // past what its socket may already hold.
-                    let ahead = ((own * 2.0 * rtt) as u64).max(RACE_AHEAD);
-                    let at = align(pos + ahead);
-                    if at + MIN_RACE <= end && best_race.is_none_or(|(l, _)| left > l) {
+                    // past what its socket may already hold; a victim that has stopped
+                    // delivering keeps nothing (its transfer ends without the bytes it
+                    // would wait for: `fetch::transfer`).
+                    // (A rate decays towards 0 but never gets there: silence says stopped.)
+                    let silent = self.rates.get(&f.id).map_or(Duration::ZERO, |r| {
+                        r.last_at.saturating_duration_since(r.progress_at)
+                    });
+                    let ahead = if silent >= SILENT.max(Duration::from_secs_f64(4.0 * rtt)) {
+                        0
+                    } else {
+                        ((own * 2.0 * rtt) as u64)
+                            .max(RACE_AHEAD.min((own * RACE_AHEAD_TIME) as u64))
+                    };
+                    let at = if ahead >= ALIGN {
+                        align(pos + ahead)
+                    } else {
+                        pos + ahead
+                    };
+                    if at < end && best_race.is_none_or(|(l, _)| left > l) {
                         best_race = Some((
                             left,
                             Cut {
@@ -903,13 +970,15 @@ impl Scheduler {
                 }
             }
         }
-        let cut = best.or(best_race).map(|(_, c)| c)?;
-        if cut.race {
-            if let Some(r) = self.rates.get_mut(&cut.victim) {
-                r.raced = true;
-            }
+        best.or(best_race).map(|(_, c)| Decision::Cut(c))
+    }
+
+    /// A race cut `victim`'s span: it is not raced again. (Marked once the cut is made, not
+    /// when chosen: a cut the victim's own writing got ahead of is chosen again.)
+    pub(crate) fn raced(&mut self, victim: u64) {
+        if let Some(r) = self.rates.get_mut(&victim) {
+            r.raced = true;
         }
-        Some(Decision::Cut(cut))
     }
 
     /// The median measured rate of the flows (what a new connection can expect).
@@ -1222,12 +1291,14 @@ mod tests {
                 unassigned: 0,
                 running: 1,
                 origin: Some("o"),
+                races: 0,
             },
             BlobInfo {
                 blob: 1,
                 unassigned: 0,
                 running: 1,
                 origin: Some("o"),
+                races: 0,
             },
         ];
         s.tick(now + 100 * MS, flows([0, 0]).into_iter());
@@ -1264,6 +1335,84 @@ mod tests {
             s.pick(&flows([0, 0]), &more, |_| 2),
             Some(Decision::Piece { blob: 1, .. })
         ));
+    }
+
+    /// What a new connection can expect is what the origin's connections got, though they
+    /// sampled at different ticks and have all ended: the one left, stopped after its first
+    /// MiB, is raced from where it stopped. (Red when the typical rate came only from
+    /// ticks where three flows sampled at once: it was never taken, and the stopped flow's
+    /// own rate said a new one would be as slow.)
+    #[test]
+    fn a_stopped_flow_left_alone_is_raced_from_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str, size: u64| {
+            crate::write::BlobFile::create(&dir.path().join(name), &dir.path().join("f"), size)
+                .unwrap()
+        };
+        let a = mk("a", 4 << 20);
+        let b = mk("b", 64 << 20);
+        let mut wa = a.writer().unwrap();
+        let _rest = a.split(&wa.span(), 3 << 19).unwrap();
+        assert_eq!(wa.append(&vec![1u8; 1 << 20]).unwrap(), 1 << 20);
+        let wb = b.writer().unwrap();
+        let (sa, sb) = (wa.span(), wb.span());
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, true, t0);
+        // Flow 0 (blob a) brought its first MiB at once and nothing since; flows 1-3 (blob
+        // b) bring 16 MB/s each, their first bytes 10 ms apart, so that no two sample at
+        // the same tick.
+        let flows = |t: Duration, fast: bool| {
+            let mut v = vec![FlowInfo {
+                id: 0,
+                blob: 0,
+                span: &sa,
+                origin: Some("o"),
+                bytes: 1 << 20,
+                first_byte: Some(t0),
+                splittable: true,
+            }];
+            if fast {
+                v.extend((1..4u64).map(|id| {
+                    let first = t0 + 10 * MS * (id as u32);
+                    FlowInfo {
+                        id,
+                        blob: 1,
+                        span: &sb,
+                        origin: Some("o"),
+                        bytes: (16e6 * t.saturating_sub(first - t0).as_secs_f64()) as u64,
+                        first_byte: Some(first),
+                        splittable: true,
+                    }
+                }));
+            }
+            v
+        };
+        let mut t = Duration::ZERO;
+        while t < Duration::from_millis(300) {
+            t += 10 * MS;
+            s.tick(t0 + t, flows(t, true).into_iter());
+        }
+        for id in 1..4 {
+            s.flow_ended(id, Some("o"), 0);
+        }
+        while t < Duration::from_millis(600) {
+            t += 10 * MS;
+            s.tick(t0 + t, flows(t, false).into_iter());
+        }
+        let blobs = [BlobInfo {
+            blob: 0,
+            unassigned: 0,
+            running: 1,
+            origin: Some("o"),
+            races: 0,
+        }];
+        let Some(Decision::Cut(cut)) = s.pick(&flows(t, false), &blobs, |_| 1) else {
+            panic!("the stopped flow was not raced");
+        };
+        assert_eq!(cut.victim, 0);
+        assert!(cut.race);
+        assert_eq!(cut.at, 1 << 20, "a stopped flow keeps nothing");
     }
 
     #[test]

@@ -71,6 +71,26 @@ pub(super) struct FlowStats {
 /// CDN); after this many, a refusal is an error like any other (back-off, retry budget).
 const MAX_REFUSED_WAITS: u32 = 16;
 
+/// How often a transfer that gets no data looks whether a cut has left it nothing to do.
+const CUT_POLL: Duration = Duration::from_millis(100);
+
+/// Awaits `fut`, looking every [`CUT_POLL`] whether a cut has left `writer` complete
+/// (a race took all it lacked while it waited: for an answer, a back-off, a refused slot);
+/// then gives `fut` up: None.
+async fn unless_cut<T>(
+    writer: &SpanWriter,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        match tokio::time::timeout(CUT_POLL, &mut fut).await {
+            Ok(v) => return Some(v),
+            Err(_) if writer.is_complete() => return None,
+            Err(_) => {}
+        }
+    }
+}
+
 /// An origin refused a request as one too many while answering `answering` of ours: it
 /// allows no more than those at once.
 pub(super) struct Refusal {
@@ -185,7 +205,9 @@ impl Fetcher<'_> {
                 .exchange(&flow, &mut writer, &url, flow.lane + retried as usize)
                 .await;
             let err = match result {
-                Ok(()) if writer.is_complete() => return Ok(()),
+                // Complete, or cut to where it stood (a race took the rest): whatever went
+                // wrong after that concerns bytes another transfer fetches.
+                _ if writer.is_complete() => return Ok(()),
                 // A body that ended early after bringing bytes: ask for the rest at once.
                 Ok(()) if writer.position() > before => continue,
                 Ok(()) => Error::network(
@@ -251,7 +273,9 @@ impl Fetcher<'_> {
                     // timer helps. Wait until one of them ends (each does: by its bytes, or by
                     // an error of its own), then ask again.
                     tracing::debug!(blob = %s.desc.digest, range = ?writer.range(), %origin, answering, "refused as a request too many; waiting for one of the origin's answers to end");
-                    freed.notified().await;
+                    if unless_cut(&writer, freed.notified()).await.is_none() {
+                        return Ok(());
+                    }
                     woken = true;
                     continue;
                 }
@@ -274,7 +298,12 @@ impl Fetcher<'_> {
                 error: err.to_string(),
             });
             tracing::warn!(blob = %s.desc.digest, range = ?writer.range(), attempt, error = %err, "retrying");
-            tokio::time::sleep(delay).await;
+            if unless_cut(&writer, tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
+                return Ok(());
+            }
         }
     }
 
@@ -301,12 +330,17 @@ impl Fetcher<'_> {
             Some((from, end - 1))
         };
         let asked = std::time::Instant::now();
-        let resp = match tokio::time::timeout(
-            self.options.stall_timeout,
-            self.registry.get_blob(url, range, lane),
-        )
-        .await
-        {
+        let answer = unless_cut(
+            writer,
+            tokio::time::timeout(
+                self.options.stall_timeout,
+                self.registry.get_blob(url, range, lane),
+            ),
+        );
+        let Some(answer) = answer.await else {
+            return Ok(()); // a race took all of it while we waited for the answer
+        };
+        let resp = match answer {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Error::network(
@@ -404,7 +438,9 @@ impl Fetcher<'_> {
 
     /// Streams a body of `body_len` bytes into `writer`, dropping the first `skip` (already
     /// written, or another span's). Stops when the span is complete: at its end, or where a
-    /// cut put it (the rest of the body is left unread and the connection closed).
+    /// cut put it (the rest of the body is left unread and the connection closed), also
+    /// while no data comes: a stalled straggler whose whole tail a race took is done at once,
+    /// not after the stall timeout.
     async fn stream(
         &self,
         flow: &Flow<'_>,
@@ -419,6 +455,7 @@ impl Fetcher<'_> {
         let mut since_poke = 0usize;
         let mut consumed = 0u64;
         let stall = self.options.stall_timeout;
+        let mut last_data = Instant::now();
         loop {
             let failed = |what: String| {
                 Error::network(
@@ -432,7 +469,10 @@ impl Fetcher<'_> {
                     ),
                 )
             };
-            let frame = match tokio::time::timeout(stall, body.frame()).await {
+            // `frame()` is cancel-safe: a poll that times out loses nothing.
+            let frame = match tokio::time::timeout(stall.min(CUT_POLL), body.frame()).await {
+                Err(_) if writer.is_complete() => return Ok(()),
+                Err(_) if last_data.elapsed() < stall => continue,
                 Err(_) => {
                     return Err(failed(format!(
                         "no data for {}s at byte {}",
@@ -447,7 +487,10 @@ impl Fetcher<'_> {
                         writer.position()
                     )))
                 }
-                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Ok(frame))) => {
+                    last_data = Instant::now();
+                    frame
+                }
             };
             let Ok(mut data) = frame.into_data() else {
                 continue;
@@ -504,4 +547,41 @@ impl Fetcher<'_> {
 
 pub(super) fn internal(what: &str) -> Error {
     Error::Internal(what.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait (for an answer, a back-off, a refused slot) is given up once a race has cut
+    /// the transfer to where it stands, and not before.
+    #[tokio::test]
+    async fn a_wait_ends_when_a_cut_leaves_nothing_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            BlobFile::create(&dir.path().join("b.partial"), &dir.path().join("b"), 1000).unwrap();
+        let mut writer = file.writer().unwrap();
+        assert_eq!(writer.append(&[7u8; 100]).unwrap(), 100);
+        // Not cut: the wait runs to its end.
+        let waited = unless_cut(&writer, tokio::time::sleep(CUT_POLL * 3)).await;
+        assert!(waited.is_some());
+        // Cut where it stands while waiting for something that never comes: given up.
+        let span = writer.span();
+        let cutter = {
+            let file = file.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(CUT_POLL).await;
+                file.split(&span, 100).map(|w| w.range())
+            })
+        };
+        let waited = tokio::time::timeout(
+            Duration::from_secs(30),
+            unless_cut(&writer, std::future::pending::<()>()),
+        )
+        .await
+        .expect("the wait ended");
+        assert!(waited.is_none());
+        assert_eq!(cutter.await.unwrap(), Some(100..1000));
+        assert!(writer.is_complete());
+    }
 }

@@ -28,10 +28,17 @@ fn pull(args: &[&str], image: &str, out: &Path, timeout: Duration) -> Output {
     let sb = Sandbox::new();
     let mut cmd = sb.cmd();
     cmd.args(args).arg(image).arg(out);
+    // A tracing filter for the pulls, when looking into a test that went red.
+    if let Ok(v) = std::env::var("FASTPULL_TEST_LOG") {
+        cmd.env("FASTPULL_LOG", v);
+    }
     run_for(cmd, None, timeout)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// fastpull's default `--stall-timeout`.
+const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A registry holding `image` as `repo:v` behind a counting proxy.
 fn registry_behind_proxy(repo: &str, image: &Image) -> (Registry, CountingProxy) {
@@ -480,12 +487,13 @@ fn fixed_fan_out_against_an_origin_refusing_requests_completes() {
     );
 }
 
-/// A straggler near the end is raced: the connection carrying the blob's first request is
-/// served at 8 KiB/s, every other one 2000 times faster (16 MB/s: capped only so that what
-/// a cut-short response carries past its cut stays within the slack). Without racing its tail the pull would
-/// wait on it for at least one piece of the default chunk size (4 MiB: over 8 minutes), past
-/// the harness timeout; with racing it completes, a later request's range starts inside the
-/// straggler's range ahead of where it was, and every byte is fetched once.
+/// A straggler near the end is raced: the connection carrying the blob's first request
+/// trickles at 512 B/s, every other one gets 16 MB/s (capped only so that what a cut-short
+/// response carries past its cut stays within the slack). Without racing its tail the pull
+/// would wait on it for at least a minimum piece (1 MiB: over half an hour), and a race that
+/// left it a fixed quarter MiB (as fastpull's did) 8.5 minutes: both past the harness
+/// timeout. With racing it completes, a later request's range starts inside the straggler's
+/// range ahead of where it was, and every byte is fetched once.
 #[test]
 fn straggler_near_the_end_is_raced() {
     let image = image_of(2800, &[4 * DEFAULT_CHUNK + 1]);
@@ -493,7 +501,7 @@ fn straggler_near_the_end_is_raced() {
     let (_reg, proxy) = registry_behind_proxy("sched/straggler", &image);
     proxy.cap(
         Which::FirstRequestFor(hex(&big.digest).to_string()),
-        Cap::smooth(8 * 1024),
+        Cap::smooth(512),
     );
     proxy.cap(Which::All, Cap::smooth(16_000_000));
     let (_d, out) = dest();
@@ -526,6 +534,59 @@ fn straggler_near_the_end_is_raced() {
         log.describe()
     );
     assert_fetched_once(&log, big);
+}
+
+/// A straggler that stops sending altogether gives all its tail away at once: the
+/// connection carrying the blob's first request sends 1 MiB, then nothing for 32 s (the
+/// proxy's next 512-byte piece at 16 B/s), every other one gets 16 MB/s. With default flags
+/// (a 20 s stall timeout) the pull ends without that timeout firing: the race takes the
+/// straggler's range from where it stopped and its transfer ends without the bytes it would
+/// wait for. Red when a race leaves the victim anything to deliver (it waits until the stall
+/// timeout, then retries: "no data for 20s"), and when the victim's transfer, left nothing
+/// to do, still sits in its read until the stall timeout (the pull then lasts 20 s: the one
+/// bound on time here is that timeout, which a pull of ~2 s must not wait out).
+#[test]
+fn a_stalled_straggler_gives_its_whole_tail_away() {
+    let image = image_of(2801, &[4 * DEFAULT_CHUNK + 1]);
+    let big = &image.layers[0];
+    let (_reg, proxy) = registry_behind_proxy("sched/stalled", &image);
+    proxy.cap(
+        Which::FirstRequestFor(hex(&big.digest).to_string()),
+        Cap::bursty(1 << 20, 16),
+    );
+    proxy.cap(Which::All, Cap::smooth(16_000_000));
+    let (_d, out) = dest();
+    let started = std::time::Instant::now();
+    let o = pull(
+        &["-v"],
+        &format!("{}/sched/stalled:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let took = started.elapsed();
+    // Not `settle`: the stalled response sleeps on in the proxy until its next piece.
+    let log = proxy.snapshot();
+    assert_pulled(&out, &image, &o);
+    let t = text(&o);
+    assert!(
+        !t.contains("no data for") && took < DEFAULT_STALL_TIMEOUT,
+        "the stalled transfer waited for the stall timeout ({took:?}):\n{t}\n{}",
+        log.describe()
+    );
+    let victim = log
+        .reqs
+        .iter()
+        .find(|r| r.cap.is_some_and(|c| c.burst > 0) && r.is_for(&big.digest))
+        .expect("the stalling connection carried a request for the blob");
+    let (a0, _) = victim.span().expect("a range response");
+    let stopped = a0 + victim.relayed;
+    assert!(
+        log.reqs.iter().any(|r| r.start > victim.start
+            && r.is_for(&big.digest)
+            && r.span().is_some_and(|(b0, _)| b0 == stopped)),
+        "no request took the straggler's range from where it stopped ({stopped}):\n{}",
+        log.describe()
+    );
 }
 
 /// From the server side, across blobs of several sizes on a bursty-capped server: no two
