@@ -668,11 +668,11 @@ impl Scheduler {
     /// Measures: every flow's rate, every origin's goodput; the controllers decide.
     pub(crate) fn tick<'a>(&mut self, now: Instant, flows: impl Iterator<Item = FlowInfo<'a>>) {
         let mut per_origin: HashMap<&str, (u64, usize)> = HashMap::new();
+        // Every live flow's latest rate (flows sample at different ticks).
+        let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
         let mut live = Vec::new();
-        let mut flows_seen: Vec<(u64, Option<&str>)> = Vec::new();
         for f in flows {
             live.push(f.id);
-            flows_seen.push((f.id, f.origin));
             let Some(first) = f.first_byte else { continue };
             let r = self.rates.entry(f.id).or_insert(Rate {
                 last_bytes: 0,
@@ -692,34 +692,29 @@ impl Scheduler {
             r.counted = f.bytes;
             // The flow's own rate, over at least RATE_DT.
             let dt = now.duration_since(r.last_at);
-            if dt < RATE_DT {
-                continue;
+            if dt >= RATE_DT {
+                // The first sample holds the start of the response (whatever the sockets
+                // had buffered), not the flow's rate.
+                if r.samples > 0 {
+                    let sample = f.bytes.saturating_sub(r.last_bytes) as f64 / dt.as_secs_f64();
+                    r.rate = Some(match r.rate {
+                        None => sample,
+                        Some(old) => 0.6 * old + 0.4 * sample,
+                    });
+                }
+                if f.bytes > r.last_bytes {
+                    r.progress_at = now;
+                }
+                r.last_bytes = f.bytes;
+                r.last_at = now;
+                r.samples += 1;
             }
-            // The first sample holds the start of the response (whatever the sockets had
-            // buffered), not the flow's rate.
-            if r.samples > 0 {
-                let sample = f.bytes.saturating_sub(r.last_bytes) as f64 / dt.as_secs_f64();
-                r.rate = Some(match r.rate {
-                    None => sample,
-                    Some(old) => 0.6 * old + 0.4 * sample,
-                });
-            }
-            if f.bytes > r.last_bytes {
-                r.progress_at = now;
-            }
-            r.last_bytes = f.bytes;
-            r.last_at = now;
-            r.samples += 1;
-        }
-        self.rates.retain(|id, _| live.contains(id));
-        // Every live flow's latest rate (flows sample at different ticks), and the
-        // origin's recently ended ones.
-        let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
-        for f in &flows_seen {
-            if let (Some(o), Some(rate)) = (f.1, self.rates.get(&f.0).and_then(|r| r.rate)) {
+            if let (Some(o), Some(rate)) = (f.origin, r.rate) {
                 per_origin_rates.entry(o).or_default().push(rate);
             }
         }
+        self.rates.retain(|id, _| live.contains(id));
+        // With the origin's recently ended ones, the typical rate.
         for (origin, c) in self.origins.iter_mut() {
             let mut rates = per_origin_rates.remove(origin.as_str()).unwrap_or_default();
             rates.extend(c.ended.iter().copied());
