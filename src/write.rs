@@ -183,8 +183,8 @@ impl BlobFile {
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
             // A resumed file is allocated too: an earlier pull may have left it sparse (a
-            // filesystem without fallocate, a copy), and a hole written through the map on a
-            // full disk is a SIGBUS, not an error. Only the holes take space.
+            // filesystem without fallocate, a copy), and a full disk is then an error now
+            // rather than partway through. Only the holes take space.
             let missing = size.saturating_sub(present.len());
             let allocated =
                 preallocate(&file, size).map_err(|e| no_space(e, partial, missing.max(1)));
@@ -906,7 +906,8 @@ pub(crate) fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
         Ok(()) => Ok(()),
         // Filesystems without fallocate: a sparse file of the right length (a full disk then
-        // shows up as SIGBUS on write, as with any mmap writer).
+        // shows up as an error from the writers' zeroing `pwrite`, `SpanWriter::prepare`,
+        // before any byte is copied through the map).
         Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => file.set_len(size),
         Err(e) => Err(e.into()),
     }
