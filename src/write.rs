@@ -432,7 +432,8 @@ impl BlobFile {
             let n = (range.end - at).min(ZERO_PIECE);
             self.file
                 .write_all_at(&ZEROS[..n as usize], self.base + at)
-                .map_err(|e| or_no_space("write", &self.partial, n, e))?;
+                // On a full disk, what this blob still needs from here is at least its rest.
+                .map_err(|e| or_no_space("write", &self.partial, self.size - at, e))?;
             at += n;
         }
         Ok(())
