@@ -394,16 +394,32 @@ impl Controller {
         self.win_busy = 0;
     }
 
+    /// Whether the origin refused a request as too many recently enough that what it
+    /// answered still counts: as long as [`Controller::refused`] remembers the episodes.
+    fn refusing(&self, now: Instant) -> bool {
+        self.refused_at
+            .is_some_and(|t| now.duration_since(t) <= self.hold() * (1 << MAX_REFUSED_HOLD))
+    }
+
     /// Raises the limit from `n` connections: ×4 when few, or when the last step showed
     /// every added connection bringing nearly as much as those before (a per-connection
-    /// cap), else ×2.
-    fn grow(&mut self, max: usize, n: f64, linear: bool) {
+    /// cap), else ×2. An origin that has refused requests as too many is approached as a
+    /// hold's end probes it: at most half as many again as it answered (or as `n`, if more),
+    /// and at least two more. (Seen at the end of a pull under an emulator: a step from one
+    /// connection to two paid, and the limit went ×4 to 8 against an origin that had refused
+    /// all but 3; a pull with blobs still to start would have sent 8 requests, and had 5 of
+    /// them refused.)
+    fn grow(&mut self, max: usize, n: f64, linear: bool, now: Instant) {
         let n = n.round().max(1.0) as usize;
-        let to = if n <= INITIAL_LIMIT || linear {
+        let mut to = if n <= INITIAL_LIMIT || linear {
             n * 4
         } else {
             n * 2
         };
+        if self.refusing(now) {
+            let from = n.max(self.answered);
+            to = to.min(from + (from / 2).max(2));
+        }
         self.limit = to.max(self.limit).min(max).max(1);
     }
 
@@ -461,7 +477,7 @@ impl Controller {
             Phase::Baseline => {
                 self.base = Some((g, n_avg));
                 if self.limit < max {
-                    self.grow(max, n_avg.max(self.limit as f64), false);
+                    self.grow(max, n_avg.max(self.limit as f64), false, now);
                     self.grew += 1;
                     self.phase = Phase::Settling {
                         until: now + self.settle(),
@@ -518,7 +534,7 @@ impl Controller {
                     self.doubt = None;
                     self.base = Some((g, n_avg));
                     if self.limit < max {
-                        self.grow(max, n_avg, marginal >= LINEAR_GAIN * per);
+                        self.grow(max, n_avg, marginal >= LINEAR_GAIN * per, now);
                         self.grew += 1;
                         self.phase = Phase::Settling {
                             until: now + self.settle(),
@@ -1135,6 +1151,37 @@ mod tests {
         c.limit = 8;
         c.refused(t + Duration::from_secs(60), 6, "o");
         assert_eq!((c.limit, c.refusals), (6, 1));
+    }
+
+    /// After the origin refused all but 3 requests, a step that pays raises the limit a
+    /// probe's step above those 3, not ×4: here one connection had work through the hold,
+    /// then two (the end of a pull), each bringing as much as the one before. Long after the
+    /// last refusal the origin is approached as any other. (Red without the cap in `grow`:
+    /// the limit went to 8.)
+    #[test]
+    fn after_refusals_a_paying_step_grows_the_limit_a_probe_at_a_time() {
+        let t0 = Instant::now();
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        let tick = Duration::from_millis(10);
+        let mut t = t0 + tick;
+        c.tick(t, 0, 3, 64, "o");
+        c.refused(t, 3, "o");
+        assert_eq!(c.limit, 3);
+        let hold_end = t + c.hold();
+        let mut highest = c.limit;
+        while t < t0 + Duration::from_secs(3) {
+            t += tick;
+            let n = if t < hold_end { 1 } else { c.limit.min(2) };
+            c.tick(t, (10e6 * n as f64 * tick.as_secs_f64()) as u64, n, 64, "o");
+            highest = highest.max(c.limit);
+        }
+        assert!(c.grew >= 2, "no step was taken: {c:?}");
+        assert_eq!(highest, 5, "{c:?}");
+        // Long after: the step from 2 is ×4 again.
+        let later = t + c.hold() * (1 << MAX_REFUSED_HOLD) + Duration::from_secs(1);
+        c.grow(64, 2.0, true, later);
+        assert_eq!(c.limit, 8);
     }
 
     #[test]
