@@ -12,9 +12,10 @@
 //! is refused by default; zstd can (about 32 768:1 for long runs of one byte), and such a
 //! layer is refused with a message that says how to raise the bound.
 
-use std::cell::Cell;
 use std::io::{self, BufRead, Read};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
 
 use crate::digest::Digest;
 use crate::verify::Hasher;
@@ -77,10 +78,10 @@ pub(crate) fn detect(media_type: &str, head: &[u8]) -> Result<Compression, Strin
 pub(crate) const BLOB_BUF: usize = 1 << 20;
 
 /// The uncompressed stream of `blob` (a buffered reader over the verified blob).
-pub(crate) fn decoder<'a, R: BufRead + 'a>(
+pub(crate) fn decoder<'a, R: BufRead + Send + 'a>(
     c: Compression,
     blob: R,
-) -> io::Result<Box<dyn Read + 'a>> {
+) -> io::Result<Box<dyn Read + Send + 'a>> {
     Ok(match c {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
@@ -98,13 +99,13 @@ pub(crate) const RATIO_SLACK: u64 = 1 << 20;
 /// Counts the compressed bytes read from `inner` into a shared cell.
 pub(crate) struct Counted<R> {
     inner: R,
-    read: Rc<Cell<u64>>,
+    read: Arc<AtomicU64>,
 }
 
 impl<R: Read> Counted<R> {
     /// `inner`, and the cell that tells how much has been read from it.
-    pub(crate) fn new(inner: R) -> (Counted<R>, Rc<Cell<u64>>) {
-        let read = Rc::new(Cell::new(0));
+    pub(crate) fn new(inner: R) -> (Counted<R>, Arc<AtomicU64>) {
+        let read = Arc::new(AtomicU64::new(0));
         (
             Counted {
                 inner,
@@ -118,7 +119,7 @@ impl<R: Read> Counted<R> {
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.read.set(self.read.get() + n as u64);
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -127,13 +128,13 @@ impl<R: Read> Read for Counted<R> {
 /// byte read (see the module doc); 0 is no bound.
 pub(crate) struct Ratio<R> {
     inner: R,
-    compressed: Rc<Cell<u64>>,
+    compressed: Arc<AtomicU64>,
     out: u64,
     max: u64,
 }
 
 impl<R: Read> Ratio<R> {
-    pub(crate) fn new(inner: R, compressed: Rc<Cell<u64>>, max: u64) -> Ratio<R> {
+    pub(crate) fn new(inner: R, compressed: Arc<AtomicU64>, max: u64) -> Ratio<R> {
         Ratio {
             inner,
             compressed,
@@ -149,7 +150,7 @@ impl<R: Read> Read for Ratio<R> {
         self.out += n as u64;
         let allowed = self
             .compressed
-            .get()
+            .load(Ordering::Relaxed)
             .saturating_mul(self.max)
             .saturating_add(RATIO_SLACK);
         if self.max > 0 && self.out > allowed {
@@ -160,7 +161,7 @@ impl<R: Read> Read for Ratio<R> {
                      {}:1; if the layer is legitimate, raise --max-unpack-ratio or \
                      ClientBuilder::max_unpack_ratio, 0 for no bound)",
                     self.out,
-                    self.compressed.get(),
+                    self.compressed.load(Ordering::Relaxed),
                     self.max
                 ),
             ));
@@ -173,39 +174,150 @@ impl<R: Read> Read for Ratio<R> {
 /// buffer, the first bytes checked against `media_type`, `decoder`), for
 /// benches/decompress.rs.
 #[cfg(feature = "bench-internals")]
-pub fn layer_stream<'a, R: Read + 'a>(media_type: &str, blob: R) -> io::Result<Box<dyn Read + 'a>> {
+pub fn layer_stream<'a, R: Read + Send + 'a>(
+    media_type: &str,
+    blob: R,
+) -> io::Result<Box<dyn Read + 'a>> {
     let mut blob = io::BufReader::with_capacity(BLOB_BUF, blob);
     let c = detect(media_type, blob.fill_buf()?).map_err(io::Error::other)?;
-    decoder(c, blob)
+    Ok(decoder(c, blob)?)
 }
 
-/// Passes bytes through, hashing them (sha256) and counting them.
-pub(crate) struct Hashing<R> {
-    inner: R,
-    hasher: Hasher,
+/// Bytes the hashing thread of [`Hashed`] hands over at a time.
+const PIECE: usize = 256 << 10;
+
+/// Pieces read and hashed ahead of the reader, besides the one it is taking from and the
+/// one the thread fills: at most `(PIPELINE + 2) × PIECE` bytes a layer (1 MiB).
+const PIPELINE: usize = 2;
+
+/// What the hashing thread hands over.
+enum Piece {
+    /// The next `.1` bytes, in the buffer's head.
+    Data(Vec<u8>, usize),
+    /// The end of the stream: its sha256 and length.
+    End(Digest, u64),
+    /// Reading failed.
+    Failed(io::Error),
 }
 
-impl<R: Read> Hashing<R> {
-    pub(crate) fn new(inner: R) -> Hashing<R> {
-        Hashing {
-            inner,
-            hasher: Hasher::new(),
-        }
+/// An uncompressed layer stream read to its end and hashed (sha256: the diff_id) on a thread
+/// of its own, a few pieces ahead of the tar parser that reads from this.
+///
+/// Why: a layer's bytes each cost a read of the blob, the decompression, the diff_id's
+/// sha256 and, on the parser's side, a write into the tree; on one thread the last two alone
+/// run at about half the rate a loopback download brings 1 GiB, so the unpack fell behind
+/// and finished up to a third of a second after the last byte (perf/README "The unpack's
+/// hashing on a thread of its own"). The thread reads everything to the end, trailing bytes
+/// after the tar's end included (umoci hashes them too). It stops when the stream ends or
+/// fails, or at its next piece once this is dropped (a layer that failed or must be applied
+/// another way).
+pub(crate) struct Hashed {
+    pieces: mpsc::Receiver<Piece>,
+    /// Emptied buffers, back to the thread.
+    back: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    len: usize,
+    pos: usize,
+    /// The end, once reached: the digest and length, or what failed (kind and message).
+    end: Option<Result<(Digest, u64), (io::ErrorKind, String)>>,
+}
+
+impl Hashed {
+    /// Starts reading and hashing `inner` on a thread of `scope`.
+    pub(crate) fn spawn<'scope, R: Read + Send + 'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        mut inner: R,
+    ) -> io::Result<Hashed> {
+        let (tx, pieces) = mpsc::sync_channel(PIPELINE);
+        let (back, returned) = mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("fastpull-diffid".into())
+            .spawn_scoped(scope, move || {
+                let mut hasher = Hasher::new();
+                loop {
+                    let mut buf = returned.try_recv().unwrap_or_else(|_| vec![0; PIECE]);
+                    let mut len = 0;
+                    while len < buf.len() {
+                        match inner.read(&mut buf[len..]) {
+                            Ok(0) => break,
+                            Ok(n) => len += n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                let _ = tx.send(Piece::Failed(e));
+                                return;
+                            }
+                        }
+                    }
+                    let full = len == buf.len();
+                    if len > 0 {
+                        hasher.update(&buf[..len]);
+                        if tx.send(Piece::Data(buf, len)).is_err() {
+                            return; // the reader is gone
+                        }
+                    }
+                    if !full {
+                        let bytes = hasher.len();
+                        let _ = tx.send(Piece::End(hasher.finish(), bytes));
+                        return;
+                    }
+                }
+            })?;
+        Ok(Hashed {
+            pieces,
+            back,
+            buf: Vec::new(),
+            len: 0,
+            pos: 0,
+            end: None,
+        })
     }
 
-    /// Reads what is left to the end (hashing it), then gives the digest and byte count.
+    /// Reads what is left to the end, then gives the digest and byte count.
     pub(crate) fn finish(mut self) -> io::Result<(Digest, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        let bytes = self.hasher.len();
-        Ok((self.hasher.finish(), bytes))
+        match self.end.take() {
+            Some(Ok(end)) => Ok(end),
+            Some(Err((kind, msg))) => Err(io::Error::new(kind, msg)),
+            None => Err(io::Error::other("the stream did not end")),
+        }
     }
 }
 
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+impl Read for Hashed {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.pos < self.len {
+                let n = out.len().min(self.len - self.pos);
+                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            match &self.end {
+                Some(Ok(_)) => return Ok(0),
+                Some(Err((kind, msg))) => return Err(io::Error::new(*kind, msg.clone())),
+                None => {}
+            }
+            if !self.buf.is_empty() {
+                // The thread may have ended: then the buffer is simply dropped.
+                let _ = self.back.send(std::mem::take(&mut self.buf));
+            }
+            match self.pieces.recv() {
+                Ok(Piece::Data(buf, len)) => {
+                    (self.buf, self.len, self.pos) = (buf, len, 0);
+                }
+                Ok(Piece::End(digest, bytes)) => self.end = Some(Ok((digest, bytes))),
+                Ok(Piece::Failed(e)) => {
+                    self.end = Some(Err((e.kind(), e.to_string())));
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.end = Some(Err((
+                        io::ErrorKind::Other,
+                        "the thread reading the layer stopped".into(),
+                    )))
+                }
+            }
+        }
     }
 }
 
@@ -234,6 +346,68 @@ mod tests {
         assert_eq!(
             detect("application/octet-stream", &zs),
             Ok(Compression::Zstd)
+        );
+    }
+
+    /// The bytes and the digest through the hashing thread are the stream's, trailing bytes
+    /// the reader never asked for included; a failure of the stream reaches the reader
+    /// where it happened, and `finish` again.
+    #[test]
+    fn hashed_gives_the_stream_and_its_digest() {
+        let data: Vec<u8> = (0..3 * PIECE + 12_345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (head, digest, len) = std::thread::scope(|s| {
+            let mut h = Hashed::spawn(s, &data[..]).unwrap();
+            let mut head = vec![0; PIECE + 10];
+            h.read_exact(&mut head).unwrap();
+            let (digest, len) = h.finish().unwrap();
+            (head, digest, len)
+        });
+        assert_eq!(head, data[..PIECE + 10]);
+        assert_eq!((digest, len), (Digest::of(&data), data.len() as u64));
+
+        /// `ok` bytes, then an error.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "bad block"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(1);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        std::thread::scope(|s| {
+            let mut h = Hashed::spawn(s, Failing(PIECE + 5)).unwrap();
+            let mut got = Vec::new();
+            let e = h.read_to_end(&mut got).unwrap_err();
+            assert_eq!((e.kind(), got.len()), (io::ErrorKind::InvalidData, PIECE));
+            let e = h.finish().unwrap_err();
+            assert!(e.to_string().contains("bad block"), "{e}");
+        });
+    }
+
+    /// A reader dropped before the end (a layer that failed, or is to be applied another
+    /// way) stops the thread, even on an endless stream: the scope ends.
+    #[test]
+    fn a_dropped_hashed_stops_its_thread() {
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                let mut h = Hashed::spawn(s, io::repeat(7)).unwrap();
+                let mut b = [0; 100];
+                h.read_exact(&mut b).unwrap();
+            });
+            let _ = done.send(());
+        });
+        assert!(
+            ended
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .is_ok(),
+            "the hashing thread went on after its reader was dropped"
         );
     }
 
