@@ -419,21 +419,26 @@ mod tests {
     /// way) stops the thread, even on an endless stream: the scope ends.
     #[test]
     fn a_dropped_hashed_stops_its_thread() {
-        let (done, ended) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            std::thread::scope(|s| {
-                let mut h = Hashed::spawn(s, io::repeat(7)).unwrap();
+        assert!(
+            scope_ends(io::repeat(7), |mut h| {
                 let mut b = [0; 100];
                 h.read_exact(&mut b).unwrap();
-            });
-            let _ = done.send(());
-        });
-        assert!(
-            ended
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .is_ok(),
+            }),
             "the hashing thread went on after its reader was dropped"
         );
+    }
+
+    /// Whether a scope in which `use_it` is given a [`Hashed`] of `stream` (and drops it)
+    /// ends within 20 s: the scope joins the hashing thread.
+    fn scope_ends(stream: impl Read + Send + 'static, use_it: fn(Hashed)) -> bool {
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            std::thread::scope(|s| use_it(Hashed::spawn(s, stream).unwrap()));
+            let _ = done.send(());
+        });
+        ended
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .is_ok()
     }
 
     /// A reader dropped while the stream trickles (a download in progress, a byte at a time)
@@ -450,19 +455,11 @@ mod tests {
                 Ok(1)
             }
         }
-        let (done, ended) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            std::thread::scope(|s| {
-                let h = Hashed::spawn(s, Trickle).unwrap();
+        assert!(
+            scope_ends(Trickle, |h| {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 drop(h);
-            });
-            let _ = done.send(());
-        });
-        assert!(
-            ended
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .is_ok(),
+            }),
             "the hashing thread waited for a whole piece after its reader was dropped"
         );
     }
