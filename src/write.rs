@@ -183,8 +183,8 @@ impl BlobFile {
             .map_err(|e| Error::io("create", partial, e))?;
         let map = if size > 0 {
             // A resumed file is allocated too: an earlier pull may have left it sparse (a
-            // filesystem without fallocate, a copy), and a full disk is then an error now
-            // rather than partway through. Only the holes take space.
+            // filesystem without fallocate, a copy), and a full disk is better found here
+            // than partway through the copy. Only the holes take space.
             let missing = size.saturating_sub(present.len());
             let allocated =
                 preallocate(&file, size).map_err(|e| no_space(e, partial, missing.max(1)));

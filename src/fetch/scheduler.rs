@@ -401,6 +401,11 @@ impl Controller {
             .is_some_and(|t| now.duration_since(t) <= self.hold() * (1 << MAX_REFUSED_HOLD))
     }
 
+    /// A probe's step up from `n` connections: half as many again, at least 2 more.
+    fn probe_above(n: usize) -> usize {
+        n + (n / 2).max(2)
+    }
+
     /// Raises the limit from `n` connections: ×4 when few, or when the last step showed
     /// every added connection bringing nearly as much as those before (a per-connection
     /// cap), else ×2. An origin that has refused requests as too many is approached as a
@@ -417,8 +422,7 @@ impl Controller {
             n * 2
         };
         if self.refusing(now) {
-            let from = n.max(self.answered);
-            to = to.min(from + (from / 2).max(2));
+            to = to.min(Controller::probe_above(n.max(self.answered)));
         }
         self.limit = to.max(self.limit).min(max).max(1);
     }
@@ -590,7 +594,7 @@ impl Controller {
                         tracing::debug!(%origin, mb_per_s = g / 1e6, connections = n_avg, "fan-out: the origin delivers far less than when growth stopped; probing again");
                     }
                     let n = n_avg.round().max(1.0) as usize;
-                    self.limit = (n + (n / 2).max(2)).min(max);
+                    self.limit = Controller::probe_above(n).min(max);
                     self.grew += 1;
                     self.phase = Phase::Settling {
                         until: now + self.settle(),
@@ -1044,6 +1048,13 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// A controller started at `t0`, its round trip known (1 ms).
+    fn controller(t0: Instant) -> Controller {
+        let mut c = Controller::new(t0);
+        c.rtt = Some(MS);
+        c
+    }
+
     /// Drives a controller for `secs`: `n` connections, each bringing `per_conn(elapsed, n)`
     /// bytes/s, follow its limit at once (there is always work to cut).
     fn drive(
@@ -1081,8 +1092,7 @@ mod tests {
         mut next: impl FnMut(&Controller, usize, u32) -> usize,
     ) -> (usize, Controller) {
         let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
+        let mut c = controller(t0);
         let mut t = t0;
         let mut ticks = 0u32;
         let tick = Duration::from_millis(10);
@@ -1116,8 +1126,7 @@ mod tests {
     #[test]
     fn an_origin_that_refuses_beyond_five_holds_the_limit_there() {
         let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
+        let mut c = controller(t0);
         let tick = Duration::from_millis(10);
         let (mut t, mut n, mut refused_at) = (t0, 1usize, Vec::new());
         while t.duration_since(t0) < Duration::from_secs(30) {
@@ -1161,8 +1170,7 @@ mod tests {
     #[test]
     fn after_refusals_a_paying_step_grows_the_limit_a_probe_at_a_time() {
         let t0 = Instant::now();
-        let mut c = Controller::new(t0);
-        c.rtt = Some(MS);
+        let mut c = controller(t0);
         let tick = Duration::from_millis(10);
         let mut t = t0 + tick;
         c.tick(t, 0, 3, 64, "o");

@@ -13,7 +13,7 @@
 //! layer is refused with a message that says how to raise the bound.
 
 use std::io::{self, BufRead, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -192,8 +192,8 @@ const PIPELINE: usize = 2;
 
 /// What the hashing thread hands over.
 enum Piece {
-    /// The next `.1` bytes, in the buffer's head.
-    Data(Vec<u8>, usize),
+    /// The next bytes.
+    Data(Vec<u8>),
     /// The end of the stream: its sha256 and length.
     End(Digest, u64),
     /// Reading failed.
@@ -214,11 +214,11 @@ enum Piece {
 pub(crate) struct Hashed {
     pieces: mpsc::Receiver<Piece>,
     /// Set when this is dropped: the thread stops after its current read.
-    gone: Arc<std::sync::atomic::AtomicBool>,
+    gone: Arc<AtomicBool>,
     /// Emptied buffers, back to the thread.
     back: mpsc::Sender<Vec<u8>>,
+    /// The piece being read from, and how far.
     buf: Vec<u8>,
-    len: usize,
     pos: usize,
     /// The end, once reached: the digest and length, or what failed (kind and message).
     end: Option<Result<(Digest, u64), (io::ErrorKind, String)>>,
@@ -232,16 +232,17 @@ impl Hashed {
     ) -> io::Result<Hashed> {
         let (tx, pieces) = mpsc::sync_channel(PIPELINE);
         let (back, returned) = mpsc::channel::<Vec<u8>>();
-        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = Arc::new(AtomicBool::new(false));
         let reader_gone = gone.clone();
         std::thread::Builder::new()
             .name("fastpull-diffid".into())
             .spawn_scoped(scope, move || {
                 let mut hasher = Hasher::new();
                 loop {
-                    let mut buf = returned.try_recv().unwrap_or_else(|_| vec![0; PIECE]);
-                    let mut len = 0;
-                    while len < buf.len() {
+                    let mut buf = returned.try_recv().unwrap_or_default();
+                    buf.resize(PIECE, 0);
+                    let (mut len, mut failed) = (0, None);
+                    while len < PIECE {
                         // A read of a download in progress waits for its next bytes: the
                         // reader gone, nothing more is read (the layer's thread joins this).
                         if reader_gone.load(Ordering::Relaxed) {
@@ -252,25 +253,25 @@ impl Hashed {
                             Ok(n) => len += n,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                             Err(e) => {
-                                // The bytes before the failure first, so that the parser
-                                // meets it where it happened.
-                                if len > 0 {
-                                    hasher.update(&buf[..len]);
-                                    let _ = tx.send(Piece::Data(buf, len));
-                                }
-                                let _ = tx.send(Piece::Failed(e));
-                                return;
+                                failed = Some(e);
+                                break;
                             }
                         }
                     }
-                    let full = len == buf.len();
+                    // The bytes before a failure go first, so that the parser meets it
+                    // where it happened.
                     if len > 0 {
-                        hasher.update(&buf[..len]);
-                        if tx.send(Piece::Data(buf, len)).is_err() {
+                        buf.truncate(len);
+                        hasher.update(&buf);
+                        if tx.send(Piece::Data(buf)).is_err() {
                             return; // the reader is gone
                         }
                     }
-                    if !full {
+                    if let Some(e) = failed {
+                        let _ = tx.send(Piece::Failed(e));
+                        return;
+                    }
+                    if len < PIECE {
                         let bytes = hasher.len();
                         let _ = tx.send(Piece::End(hasher.finish(), bytes));
                         return;
@@ -282,7 +283,6 @@ impl Hashed {
             gone,
             back,
             buf: Vec::new(),
-            len: 0,
             pos: 0,
             end: None,
         })
@@ -308,8 +308,8 @@ impl Drop for Hashed {
 impl Read for Hashed {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
-            if self.pos < self.len {
-                let n = out.len().min(self.len - self.pos);
+            if self.pos < self.buf.len() {
+                let n = out.len().min(self.buf.len() - self.pos);
                 out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
                 self.pos += n;
                 return Ok(n);
@@ -324,9 +324,7 @@ impl Read for Hashed {
                 let _ = self.back.send(std::mem::take(&mut self.buf));
             }
             match self.pieces.recv() {
-                Ok(Piece::Data(buf, len)) => {
-                    (self.buf, self.len, self.pos) = (buf, len, 0);
-                }
+                Ok(Piece::Data(buf)) => (self.buf, self.pos) = (buf, 0),
                 Ok(Piece::End(digest, bytes)) => self.end = Some(Ok((digest, bytes))),
                 Ok(Piece::Failed(e)) => {
                     self.end = Some(Err((e.kind(), e.to_string())));
