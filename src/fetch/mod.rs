@@ -989,6 +989,7 @@ async fn finish(
         return Ok(Finished::Mismatch(blob, actual));
     }
     let file = s.file.clone();
+    tracing::debug!(blob = %s.desc.digest, "hashed; persisting");
     tokio::task::spawn_blocking(move || file.persist())
         .await
         .map_err(|e| Error::io("persist", &path, std::io::Error::other(e.to_string())))??;
