@@ -25,7 +25,10 @@
 //!   the others do, else ×2) after each window in which the added connections raised the
 //!   goodput by at least [`MIN_GAIN`] of what the connections already there delivered each,
 //!   and falls back to where the goodput stopped rising when two windows in a row say they
-//!   did not. The evidence is guarded against the noise a short window carries: a window
+//!   did not. A step that clearly paid (bytes in every tick, its connections mostly there,
+//!   each bringing nearly what those before it did) is judged after half a window, which on
+//!   a far origin is a round trip and a half sooner; every other verdict, and the baseline
+//!   the first step is judged against, waits for the whole window. The evidence is guarded against the noise a short window carries: a window
 //!   with long silences (a limiter sending in bursts, a stall of our own) is stretched until
 //!   it averages over them; a step is judged against the median of what fewer connections
 //!   recently got, not one window that may have come out low; a long step that did not pay
@@ -1285,20 +1288,22 @@ mod tests {
 
     /// A far origin (100 ms round trips): where each connection is capped, a step whose
     /// connections each bring what those before did is judged in half a window, so the
-    /// pull has its connections sooner; a shared bottleneck there still does not fan out.
-    /// (Red without the early verdict: 64 connections at 0.82 s.)
+    /// pull has its connections sooner (red without the early verdict: 64 connections at
+    /// 0.82 s); the baseline is not taken early (a burst would fool it); a shared
+    /// bottleneck there still does not fan out.
     #[test]
     fn a_far_origin_that_caps_each_connection_is_judged_paid_early() {
-        let far = |per_conn: &dyn Fn(usize) -> f64, secs: f64| {
+        // `per_conn(elapsed, n)` bytes/s each, from `n` connections that follow the limit.
+        let far = |per_conn: &dyn Fn(Duration, usize) -> f64, mut n: usize, secs: f64| {
             let t0 = Instant::now();
             let mut c = Controller::new(t0);
             c.rtt = Some(100 * MS);
             let tick = 10 * MS;
-            let (mut t, mut n, mut all_at) = (t0, INITIAL_LIMIT, None);
+            let (mut t, mut all_at) = (t0, None);
             while t.duration_since(t0).as_secs_f64() < secs {
                 t += tick;
-                let bytes = (per_conn(n) * n as f64 * tick.as_secs_f64()) as u64;
-                c.tick(t, bytes, n, 64, "o");
+                let each = per_conn(t.duration_since(t0), n);
+                c.tick(t, (each * n as f64 * tick.as_secs_f64()) as u64, n, 64, "o");
                 n = c.limit;
                 if n == 64 && all_at.is_none() {
                     all_at = Some(t.duration_since(t0));
@@ -1306,9 +1311,15 @@ mod tests {
             }
             (c, all_at)
         };
-        let (_, all_at) = far(&|_| 25e6, 2.0);
+        let (_, all_at) = far(&|_, _| 25e6, INITIAL_LIMIT, 2.0);
         assert!(all_at.is_some_and(|d| d <= 720 * MS), "64 at {all_at:?}");
-        let (c, _) = far(&|n| 700e6 / n as f64, 4.0);
+        // The first connection's first 200 ms bring 250 MB/s (a limiter's burst): the
+        // baseline's whole window averages it out. (A baseline taken as early as a paying
+        // step is judged fell back here, and had 64 connections only at 2.8 s.)
+        let (c, all_at) = far(&burst_then_cap(200, 250e6, 25e6), 1, 4.0);
+        assert_eq!(c.fell, 0, "{c:?}");
+        assert!(all_at.is_some_and(|d| d <= 1250 * MS), "64 at {all_at:?}");
+        let (c, _) = far(&|_, n| 700e6 / n as f64, INITIAL_LIMIT, 4.0);
         assert!(c.limit <= 16 && c.fell >= 1, "{c:?}");
     }
 
