@@ -9,9 +9,12 @@
 //!
 //! - **Pieces sized by the rate, then work stealing.** A blob's first request asks for a
 //!   few minimum pieces; after that a connection asks for the next piece nobody has, sized
-//!   to take about [`PIECE_TIME`] (and at least [`PIECE_RTTS`] round trips) at the rate connections to that origin get now (four
-//!   times as long where the controller found that more connections do not pay: a piece of
-//!   an uncapped origin is a hundred MB, of a capped one a few), so requests stay few
+//!   to take about [`PIECE_TIME`] (and at least [`PIECE_RTTS`] round trips) at the rate
+//!   connections to that origin get now (four times as long where the controller found that
+//!   more connections do not pay: a piece of an uncapped origin is a hundred MB, of a capped
+//!   one a few); that rate is the flows' sampled one, or what each connection got in the
+//!   recent windows if more (on a fast origin, pieces too short to sample would leave only
+//!   the ones that stalled to say what a connection gets), so requests stay few
 //!   where the link is fast and pieces arrive nearly in order, which lets the in-order
 //!   hasher follow close behind. When a blob has no unassigned bytes left, a free
 //!   connection cuts the running transfer that would finish *last* (remaining bytes over
@@ -422,6 +425,20 @@ impl Controller {
         g0.max(seen[seen.len() / 2])
     }
 
+    /// What each delivering connection got in the recent windows (the median over them of
+    /// goodput per connection): unlike the flows' own rates, this counts pieces too short to
+    /// be sampled.
+    fn window_rate(&self) -> Option<f64> {
+        let mut per: Vec<f64> = self
+            .history
+            .iter()
+            .filter(|&&(_, n, _)| n >= 0.5)
+            .map(|&(_, n, g)| g / n)
+            .collect();
+        per.sort_by(f64::total_cmp);
+        per.get(per.len() / 2).copied()
+    }
+
     fn restart_window(&mut self, now: Instant) {
         self.win_start = now;
         self.win_bytes = 0;
@@ -815,16 +832,18 @@ impl Scheduler {
     /// Bytes a flow received since the last tick, when it ends (so the window counts them).
     /// Its rate, if measured over a few samples, joins the origin's recent ones.
     pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64) {
-        if let (Some(r), Some(o)) = (self.rates.remove(&id), origin) {
-            if let Some(c) = self.origins.get_mut(o) {
-                c.win_bytes += bytes.saturating_sub(r.counted);
-                if let Some(rate) = r.rate.filter(|_| r.samples >= ENDED_SAMPLES) {
-                    if c.ended.len() == ENDED_RATES {
-                        c.ended.pop_front();
-                    }
-                    c.ended.push_back(rate);
-                }
+        let r = self.rates.remove(&id);
+        let Some(c) = origin.and_then(|o| self.origins.get_mut(o)) else {
+            return;
+        };
+        // A flow no tick saw delivering (a piece that came and went within one) brought
+        // all its bytes since.
+        c.win_bytes += bytes.saturating_sub(r.as_ref().map_or(0, |r| r.counted));
+        if let Some(rate) = r.and_then(|r| r.rate.filter(|_| r.samples >= ENDED_SAMPLES)) {
+            if c.ended.len() == ENDED_RATES {
+                c.ended.pop_front();
             }
+            c.ended.push_back(rate);
         }
     }
 
@@ -842,12 +861,20 @@ impl Scheduler {
             .filter(|f| origin.is_none() || f.origin == origin)
             .copied()
             .collect();
-        let rate = origin
-            .and_then(|o| self.origins.get(o))
+        let ctl = origin.and_then(|o| self.origins.get(o));
+        let rate = ctl
             .and_then(|c| c.typical)
             .or_else(|| self.typical_rate(&on_origin))
             .or_else(|| self.typical_rate(flows));
-        let ctl = origin.and_then(|o| self.origins.get(o));
+        // Never below what each connection got in the recent windows: the flows' own rates
+        // come only from pieces long enough to be sampled, and on a fast origin that may be
+        // just the few that stalled. Sized by those, pieces came out shorter still and fewer
+        // lived long enough to correct it (seen on uncapped loopback: pieces of 2.4 MiB
+        // where 25 MB fit, 427 requests for 1 GiB, twice the time).
+        let rate = match (rate, ctl.and_then(Controller::window_rate)) {
+            (Some(r), Some(w)) => Some(r.max(w)),
+            (r, w) => r.or(w),
+        };
         let rtt = ctl.map_or(Duration::from_millis(20), |c| c.rtt());
         // An origin where more connections did not pay is not capped per connection: its
         // pieces may be long (fewer requests); elsewhere short, for order and balance.
@@ -1555,6 +1582,46 @@ mod tests {
         assert_eq!(rtt(&s), 70 * MS, "estimates no longer count");
         s.first_byte("o", 65 * MS, true, now);
         assert_eq!(rtt(&s), 65 * MS, "the smallest exact sample");
+    }
+
+    /// On a fast origin, pieces that come and go between two ticks are never sampled: only a
+    /// flow that stalled lived long enough for a rate (10 MB/s here), while three pieces of
+    /// 2.5 MB each came in every 10 ms besides. The next piece is sized by what the windows
+    /// counted per connection, not by the one slow flow. (Red without the windows' floor, or
+    /// without counting the unsampled pieces' bytes: 2.5 MB; on uncapped loopback that made
+    /// 427 requests for 1 GiB.)
+    #[test]
+    fn pieces_too_short_to_sample_still_size_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob =
+            crate::write::BlobFile::create(&dir.path().join("a"), &dir.path().join("f"), 1 << 30)
+                .unwrap();
+        let span = blob.writer().unwrap().span();
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, true, t0);
+        let slow = |bytes: u64| FlowInfo {
+            id: 0,
+            blob: 0,
+            span: &span,
+            origin: Some("o"),
+            bytes,
+            first_byte: Some(t0),
+            splittable: true,
+        };
+        let mut t = t0;
+        let mut id = 1;
+        for _ in 0..30 {
+            t += 10 * MS;
+            for _ in 0..3 {
+                s.flow_ended(id, Some("o"), 2_500_000);
+                id += 1;
+            }
+            let bytes = (10e6 * t.duration_since(t0).as_secs_f64()) as u64;
+            s.tick(t, [slow(bytes)].into_iter());
+        }
+        let len = s.piece_len(Some("o"), &[slow(3_000_000)]);
+        assert!(len >= 40_000_000, "{len}");
     }
 
     #[test]
