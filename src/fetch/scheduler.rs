@@ -31,8 +31,9 @@
 //!   did not. A step that clearly paid (bytes in every tick, its connections mostly there,
 //!   each bringing nearly what those before it did) is judged after half a window, which on
 //!   a far origin is a round trip and a half sooner; every other verdict, and the baseline
-//!   the first step is judged against, waits for the whole window. The evidence is guarded against the noise a short window carries: a window
-//!   with long silences (a limiter sending in bursts, a stall of our own) is stretched until
+//!   the first step is judged against, waits for the whole window. The evidence is guarded
+//!   against the noise a short window carries: a window with long silences (a limiter
+//!   sending in bursts, a stall of our own) is stretched until
 //!   it averages over them; a step is judged against the median of what fewer connections
 //!   recently got, not one window that may have come out low; a long step that did not pay
 //!   is tried again halfway before falling back (new connections may still have been getting
