@@ -1174,7 +1174,18 @@ fn interrupt(mut cmd: std::process::Command, ready: impl Fn() -> bool) -> Output
     }
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-    child.wait_with_output().expect("wait for fastpull")
+    // A fastpull that ignores the signal must fail the test, not hang it: killed after
+    // 180 s, it exits by SIGKILL rather than with 130.
+    let (exited, wait) = std::sync::mpsc::channel::<()>();
+    let killer = std::thread::spawn(move || {
+        if wait.recv_timeout(std::time::Duration::from_secs(180)).is_err() {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    });
+    let o = child.wait_with_output().expect("wait for fastpull");
+    let _ = exited.send(());
+    let _ = killer.join();
+    o
 }
 
 #[test]

@@ -655,9 +655,13 @@ impl CountingProxy {
 
     /// Everything seen so far, possibly with requests still being relayed.
     pub fn snapshot(&self) -> Log {
+        // Both held at once, taken in the order `serve` takes them (requests, then
+        // connections): the other order deadlocks with a request being recorded.
+        let reqs = self.state.reqs.lock().expect("reqs");
+        let conns = self.state.conns.lock().expect("conns");
         Log {
-            conns: self.state.conns.lock().expect("conns").clone(),
-            reqs: self.state.reqs.lock().expect("reqs").clone(),
+            conns: conns.clone(),
+            reqs: reqs.clone(),
         }
     }
 
