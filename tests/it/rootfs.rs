@@ -1178,7 +1178,10 @@ fn interrupt(mut cmd: std::process::Command, ready: impl Fn() -> bool) -> Output
     // 180 s, it exits by SIGKILL rather than with 130.
     let (exited, wait) = std::sync::mpsc::channel::<()>();
     let killer = std::thread::spawn(move || {
-        if wait.recv_timeout(std::time::Duration::from_secs(180)).is_err() {
+        if wait
+            .recv_timeout(std::time::Duration::from_secs(180))
+            .is_err()
+        {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     });
