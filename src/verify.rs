@@ -106,8 +106,27 @@ pub fn sha256_backend() -> &'static str {
 }
 
 /// CPU threads that hash blobs while the network runs (never the async runtime's threads).
+///
+/// A plain queue that idle threads sleep on. Not rayon: its idle workers spin through
+/// `sched_yield` (some 40 calls a job) before they sleep, and a job here is small and
+/// frequent (a blob's next written MiB), so on a capped CDN the spinning was most of what
+/// the pool did: 26,000 `sched_yield`s and 36,000 context switches in a 500 MiB pull that
+/// took 20,000 without them (perf/README "The hashing pool sleeps when idle").
 pub struct HashPool {
-    pool: rayon::ThreadPool,
+    shared: Arc<PoolShared>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct PoolShared {
+    queue: Mutex<PoolQueue>,
+    ready: std::sync::Condvar,
+}
+
+struct PoolQueue {
+    jobs: std::collections::VecDeque<Job>,
+    /// Set when the pool is dropped: its threads end once the queue is empty.
+    closed: bool,
 }
 
 impl HashPool {
@@ -120,12 +139,66 @@ impl HashPool {
         } else {
             threads
         };
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("fastpull-hash-{i}"))
-            .build()
-            .map(|pool| HashPool { pool })
-            .map_err(std::io::Error::other)
+        let shared = Arc::new(PoolShared {
+            queue: Mutex::new(PoolQueue {
+                jobs: Default::default(),
+                closed: false,
+            }),
+            ready: std::sync::Condvar::new(),
+        });
+        let pool = HashPool { shared };
+        for i in 0..threads {
+            let shared = pool.shared.clone();
+            // On failure `pool` is dropped, which ends the threads started so far.
+            std::thread::Builder::new()
+                .name(format!("fastpull-hash-{i}"))
+                .spawn(move || shared.work())?;
+        }
+        Ok(pool)
+    }
+
+    /// Runs `job` on one of the pool's threads.
+    fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        let mut q = self.shared.lock();
+        q.jobs.push_back(Box::new(job));
+        drop(q);
+        self.shared.ready.notify_one();
+    }
+}
+
+impl Drop for HashPool {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_all();
+    }
+}
+
+impl PoolShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A thread's life: the next job, or sleep until there is one.
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                loop {
+                    if let Some(job) = q.jobs.pop_front() {
+                        break job;
+                    }
+                    if q.closed {
+                        return;
+                    }
+                    q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            // A job that panicked (a bug) would leave its blob waiting for a digest that
+            // never comes: end the process instead, as rayon, the pool before this, did.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                std::process::abort();
+            }
+        }
     }
 }
 
@@ -365,7 +438,7 @@ impl PrefixConsumer for InOrderHasher {
         }
         if !self.scheduled.swap(true, Ordering::AcqRel) {
             if let Some(me) = self.me.upgrade() {
-                self.pool.pool.spawn(move || me.run());
+                self.pool.spawn(move || me.run());
             }
         }
     }
@@ -375,6 +448,56 @@ impl PrefixConsumer for InOrderHasher {
 mod tests {
     use super::*;
     use crate::write::SpanWriter;
+
+    /// Every job runs once, on the pool's named threads, whoever spawns it; once the pool
+    /// is dropped its threads finish the queue and end.
+    #[test]
+    fn the_pool_runs_every_job_once_and_ends_when_dropped() {
+        use std::sync::atomic::AtomicUsize;
+        let pool = Arc::new(HashPool::new(2).unwrap());
+        let ran = Arc::new(AtomicUsize::new(0));
+        let names = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let (pool, ran, names, tx) = (&pool, &ran, &names, tx.clone());
+                s.spawn(move || {
+                    for _ in 0..250 {
+                        let (ran, names, tx) = (ran.clone(), names.clone(), tx.clone());
+                        pool.spawn(move || {
+                            let me = std::thread::current();
+                            names
+                                .lock()
+                                .unwrap()
+                                .insert(me.name().unwrap_or("").to_string());
+                            ran.fetch_add(1, Ordering::SeqCst);
+                            let _ = tx.send(());
+                        });
+                    }
+                });
+            }
+        });
+        for _ in 0..1000 {
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("a job never ran");
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 1000);
+        let names = names.lock().unwrap().clone();
+        assert!(
+            !names.is_empty() && names.iter().all(|n| n.starts_with("fastpull-hash-")),
+            "{names:?}"
+        );
+        let shared = Arc::downgrade(&pool.shared);
+        drop(pool);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.strong_count() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the threads did not end"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn incremental_equals_one_shot() {
