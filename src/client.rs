@@ -382,6 +382,7 @@ impl ClientBuilder {
                     resume: self.resume,
                     share_partials: self.share_partials,
                     repair_attempts: self.repair_attempts,
+                    scratch: false,
                 },
                 retry,
                 hash_pool: Arc::new(hash_pool),
@@ -980,6 +981,7 @@ impl Client {
             None => None,
         };
         let watchers = session.as_ref().map(|s| s.watchers());
+        let scratch = opts.format == Format::Rootfs;
         let fetcher = Fetcher {
             registry: &registry,
             layout,
@@ -992,6 +994,11 @@ impl Client {
                 } else {
                     inner.fetch.repair_attempts
                 },
+                // --format rootfs: the blobs go with the staging directory, whatever
+                // happens (nothing to resume, nothing to make durable).
+                resume: inner.fetch.resume && !scratch,
+                share_partials: inner.fetch.share_partials && !scratch,
+                scratch,
                 ..inner.fetch
             },
             watch: watchers.as_deref(),

@@ -44,6 +44,12 @@ pub struct BlobFile {
     base: u64,
     /// A region of a bigger file: never renamed, removed or flushed on its own.
     region: bool,
+    /// Scratch: a blob that lives only as long as the pull (`--format rootfs`'s, removed
+    /// with its staging directory), so nothing of it is written back, flushed or fsynced.
+    /// The page cache is all it needs; on a slow disk the write-back of a 1 GiB layer
+    /// competed with the root filesystem's own files for the disk (perf/README "Scratch
+    /// blobs stay in the page cache").
+    scratch: bool,
     /// The mapping; writers hold the read lock while they copy, `persist` takes it away
     /// (unmapping before fsync: writing back pages that are still mapped costs a TLB
     /// shootdown per page, a quarter of the CPU of a pull).
@@ -148,7 +154,15 @@ impl BlobFile {
     /// Creates `partial`, preallocates `size` bytes (so a full disk is an error now, not a
     /// SIGBUS later), and maps it. The blob starts as one span, `0..size`.
     pub fn create(partial: &Path, final_path: &Path, size: u64) -> Result<Arc<BlobFile>> {
-        Self::open(partial, final_path, size, &RangeSet::new())
+        Self::open(partial, final_path, size, &RangeSet::new(), false)
+    }
+
+    /// As [`BlobFile::create`], for a scratch blob: one the pull deletes when it ends, which
+    /// is never written back, flushed or fsynced ([`BlobFile::write_back`],
+    /// [`BlobFile::flush_behind`] and [`BlobFile::flush_data`] do nothing, and
+    /// [`BlobFile::persist`] only renames it).
+    pub fn create_scratch(partial: &Path, final_path: &Path, size: u64) -> Result<Arc<BlobFile>> {
+        Self::open(partial, final_path, size, &RangeSet::new(), true)
     }
 
     /// Reopens a partial file that already holds `present` (what its resume journal
@@ -164,7 +178,7 @@ impl BlobFile {
         if !fits || present.is_empty() || size == 0 {
             return Self::create(partial, final_path, size);
         }
-        Self::open(partial, final_path, size, present)
+        Self::open(partial, final_path, size, present, false)
     }
 
     fn open(
@@ -172,6 +186,7 @@ impl BlobFile {
         final_path: &Path,
         size: u64,
         present: &RangeSet,
+        scratch: bool,
     ) -> Result<Arc<BlobFile>> {
         let resuming = !present.is_empty();
         let file = OpenOptions::new()
@@ -208,6 +223,7 @@ impl BlobFile {
             file: Arc::new(file),
             base: 0,
             region: false,
+            scratch,
             map: RwLock::new(map),
             size,
             spans: Mutex::new({
@@ -262,6 +278,7 @@ impl BlobFile {
             file,
             base,
             region: true,
+            scratch: false,
             map: RwLock::new(map),
             size,
             spans: Mutex::new(Spans {
@@ -382,6 +399,9 @@ impl BlobFile {
     pub fn flush_data(&self, unmap: bool) -> Result<()> {
         if unmap {
             self.drop_map()?;
+        }
+        if self.scratch {
+            return Ok(());
         }
         self.file
             .sync_data()
@@ -522,6 +542,9 @@ impl BlobFile {
     /// effort: the fsync in [`BlobFile::persist`] is what makes the data durable and
     /// reports errors.
     pub fn write_back(&self, range: Range<u64>) {
+        if self.scratch {
+            return;
+        }
         let base = self.base;
         let Some(Range { start, end }) = self.in_file(&range) else {
             return;
@@ -576,6 +599,9 @@ impl BlobFile {
     /// or write-protected. Best effort and only for speed: the
     /// fsync in [`BlobFile::persist`] is what makes the blob durable, and reports errors.
     pub fn flush_behind(self: &Arc<Self>, ranges: &[Range<u64>]) -> bool {
+        if self.scratch {
+            return true;
+        }
         if self.flushing.swap(true, Ordering::AcqRel) {
             return false;
         }
@@ -603,12 +629,19 @@ impl BlobFile {
     /// Flushes the data (msync, fsync), renames the file to its final name and makes the
     /// rename durable. Call only for verified content.
     /// A region ([`BlobFile::region`]) is only unmapped and marked verified: its file is
-    /// flushed and renamed whole, by its owner, once every region in it is.
+    /// flushed and renamed whole, by its owner, once every region in it is. A scratch blob
+    /// ([`BlobFile::create_scratch`]) is unmapped and renamed, nothing more.
     pub fn persist(&self) -> Result<()> {
         // Unmap first: the dirty pages stay in the page cache, and fsync writes them without
         // write-protecting live mappings page by page.
         self.drop_map()?;
         if self.region {
+            self.persisted.store(true, Ordering::Release);
+            return Ok(());
+        }
+        if self.scratch {
+            std::fs::rename(&self.partial, &self.final_path)
+                .map_err(|e| Error::io("rename", &self.final_path, e))?;
             self.persisted.store(true, Ordering::Release);
             return Ok(());
         }

@@ -72,6 +72,9 @@ pub(crate) struct FetchOptions {
     pub share_partials: bool,
     /// Times a blob whose digest does not match is fetched again before the pull fails.
     pub repair_attempts: u32,
+    /// The blobs are scratch, deleted when the pull ends (`--format rootfs`): not kept
+    /// for resume and never made durable ([`BlobFile::create_scratch`]).
+    pub scratch: bool,
 }
 
 /// What the fetch stage needs from the pull.
@@ -608,7 +611,11 @@ impl Fetcher<'_> {
                 if std::fs::remove_file(&journal_path).is_ok() {
                     crate::write::sync_parent(&journal_path)?;
                 }
-                let file = BlobFile::create(&partial, &final_path, d.size)?;
+                let file = if self.options.scratch {
+                    BlobFile::create_scratch(&partial, &final_path, d.size)?
+                } else {
+                    BlobFile::create(&partial, &final_path, d.size)?
+                };
                 crate::stop_hook::reached("fresh", &partial);
                 // The journal is an optimisation: without one (a full disk) the blob is
                 // fetched as usual, only not kept when the pull stops.

@@ -1911,6 +1911,131 @@ fn interrupted_unpack_keeps_dest_resumable_and_leaves_no_rootfs() {
     assert_eq!(names_in(work.path()), ["dest", "rootfs"]);
 }
 
+/// `--format rootfs` keeps no blob beyond the pull, so its blobs (in the staging directory)
+/// are scratch: no resume journal beside them while they download, and never fsynced (the
+/// pull passes the `fsync` phase of `FASTPULL_TEST_STOP`, src/stop_hook.rs, without
+/// stopping there). The same image pulled to a layout does stop there (the control).
+#[test]
+fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
+    use std::io::Read;
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let img = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(14_401, 1, 3 << 20))
+        .build();
+    push_image(&reg, "unpack/scratch", "t", &img);
+    let reference = image_ref(&reg, "unpack/scratch", "t");
+    let layer = hex(&img.layers[0].digest).to_string();
+
+    // Runs fastpull with the stop hook at `phase` until it stops there (its marker on
+    // stderr: then `at_stop` looks, and it is killed) or exits; returns whether it stopped.
+    let run = |dest: &Path, format: &str, phase: &str, at_stop: &dyn Fn()| -> bool {
+        let mut child = fastpull_command()
+            .args(["--plain-http", "--format", format, &reference])
+            .arg(dest)
+            .env("FASTPULL_TEST_STOP", format!("{phase}@{layer}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn fastpull");
+        let mut se = child.stderr.take().expect("stderr");
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = err.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = se.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("stderr")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let marker = format!("fastpull-test-stop: {phase}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let stopped = loop {
+            if err.lock().expect("stderr").contains(&marker) {
+                break true;
+            }
+            if let Some(status) = child.try_wait().expect("poll fastpull") {
+                assert!(
+                    status.success(),
+                    "{format}: {status}: {}",
+                    err.lock().expect("stderr")
+                );
+                break false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{format}: neither stopped at {phase} nor done in 120 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        if stopped {
+            at_stop();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = reader.join();
+        stopped
+    };
+    let files_named = |dir: &Path, ending: &str| -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else if p.to_string_lossy().ends_with(ending) {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    };
+
+    // Every byte of the layer written, its digest pending: no journal in the staging
+    // directory (only the partial file).
+    let rootfs = work.path().join("rootfs");
+    let at_hash = || {
+        let staging = staging_in(work.path()).expect("the staging directory");
+        assert_eq!(
+            files_named(&staging, ".partial").len(),
+            1,
+            "the layer's partial file"
+        );
+        assert_eq!(
+            files_named(&staging, ".journal"),
+            Vec::<PathBuf>::new(),
+            "a resume journal for a scratch blob"
+        );
+    };
+    assert!(run(&rootfs, "rootfs", "hash", &at_hash), "stopped at hash");
+    // Never fsynced: the pull completes through the phase.
+    let _ = std::fs::remove_dir_all(&rootfs);
+    if let Some(s) = staging_in(work.path()) {
+        std::fs::remove_dir_all(s).expect("remove the killed pull's staging directory");
+    }
+    assert!(
+        !run(&rootfs, "rootfs", "fsync", &|| ()),
+        "a --format rootfs pull stopped before fsyncing a blob it throws away"
+    );
+    crate::interop::assert_same_tree(
+        "ROOTFS",
+        "ROOTFS",
+        &crate::interop::tree(&rootfs),
+        "the image",
+        &crate::interop::expected_rootfs(&[(14_401, 1, 3 << 20)]),
+    );
+    // The control: a layout's blobs are fsynced.
+    assert!(
+        run(&work.path().join("layout"), "oci", "fsync", &|| ()),
+        "a layout's blob was not fsynced"
+    );
+}
+
 /// What `--unpack` refuses, before anything is written: with an archive format or
 /// `--format rootfs`, several platforms, and a ROOTFS that is DEST, inside it (through a
 /// symlink too) or around it (exit 2); a non-empty ROOTFS (exit 5, untouched). An existing
