@@ -200,20 +200,24 @@ enum Piece {
     Failed(io::Error),
 }
 
-/// An uncompressed layer stream read to its end and hashed (sha256: the diff_id) on a thread
-/// of its own, a few pieces ahead of the tar parser that reads from this.
+/// An uncompressed layer stream read to its end on a thread of its own and hashed (sha256:
+/// the diff_id) on another, a few pieces ahead of the tar parser that reads from this.
 ///
 /// Why: a layer's bytes each cost a read of the blob, the decompression, the diff_id's
 /// sha256 and, on the parser's side, a write into the tree; on one thread those took longer
 /// than a loopback download of the same bytes on 2 cores, so the unpack fell behind and
-/// finished a median 0.49 s after the last byte of a 1 GiB layer, 0.20 s with this thread
-/// (perf/README "The unpack's hashing on a thread of its own"). The thread reads everything to the end, trailing bytes
-/// after the tar's end included (umoci hashes them too). It stops when the stream ends or
-/// fails, or after its current read once this is dropped (a layer that failed or must be
-/// applied another way).
+/// finished a median 0.49 s after the last byte of a 1 GiB layer, 0.20 s with the reading
+/// and hashing on a thread beside the parser's (perf/README "The unpack's hashing on a
+/// thread of its own"). That thread was then the slowest of the three stages (0.8 s of CPU
+/// per GiB, sha256 most of it): reading and hashing on threads of their own, the
+/// unpack trailed the download by a median 0.21 s instead of 0.31 (perf/README "The
+/// diff_id's sha256 on a thread of its own"). The reading thread reads everything to the
+/// end, trailing bytes after the tar's end included (umoci hashes them too). It stops when
+/// the stream ends or fails, or after its current read once this is dropped (a layer that
+/// failed or must be applied another way); the hashing thread ends with it.
 pub(crate) struct Hashed {
     pieces: mpsc::Receiver<Piece>,
-    /// Set when this is dropped: the thread stops after its current read.
+    /// Set when this is dropped: the reading thread stops after its current read.
     gone: Arc<AtomicBool>,
     /// Emptied buffers, back to the thread.
     back: mpsc::Sender<Vec<u8>>,
@@ -225,59 +229,83 @@ pub(crate) struct Hashed {
 }
 
 impl Hashed {
-    /// Starts reading and hashing `inner` on a thread of `scope`.
+    /// Starts reading `inner` on one thread of `scope` and hashing it on another.
     pub(crate) fn spawn<'scope, R: Read + Send + 'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
         mut inner: R,
     ) -> io::Result<Hashed> {
         let (tx, pieces) = mpsc::sync_channel(PIPELINE);
+        let (raw_tx, raw) = mpsc::sync_channel::<Piece>(PIPELINE);
         let (back, returned) = mpsc::channel::<Vec<u8>>();
         let gone = Arc::new(AtomicBool::new(false));
         let reader_gone = gone.clone();
+        // The hashing thread: the pieces as read, hashed, on to the parser. It ends when
+        // the reading thread does, or when the parser is gone. Started first: should the
+        // reading thread not start, its end of the channel is dropped and this one ends.
         std::thread::Builder::new()
             .name("fastpull-diffid".into())
             .spawn_scoped(scope, move || {
                 let mut hasher = Hasher::new();
-                loop {
-                    let mut buf = returned.try_recv().unwrap_or_default();
-                    buf.resize(PIECE, 0);
-                    let (mut len, mut failed) = (0, None);
-                    while len < PIECE {
-                        // A read of a download in progress waits for its next bytes: the
-                        // reader gone, nothing more is read (the layer's thread joins this).
-                        if reader_gone.load(Ordering::Relaxed) {
-                            return;
+                for piece in raw {
+                    let next = match piece {
+                        Piece::Data(buf) => {
+                            hasher.update(&buf);
+                            Piece::Data(buf)
                         }
-                        match inner.read(&mut buf[len..]) {
-                            Ok(0) => break,
-                            Ok(n) => len += n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
+                        Piece::End(..) => {
+                            let bytes = hasher.len();
+                            Piece::End(std::mem::take(&mut hasher).finish(), bytes)
                         }
-                    }
-                    // The bytes before a failure go first, so that the parser meets it
-                    // where it happened.
-                    if len > 0 {
-                        buf.truncate(len);
-                        hasher.update(&buf);
-                        if tx.send(Piece::Data(buf)).is_err() {
-                            return; // the reader is gone
-                        }
-                    }
-                    if let Some(e) = failed {
-                        let _ = tx.send(Piece::Failed(e));
-                        return;
-                    }
-                    if len < PIECE {
-                        let bytes = hasher.len();
-                        let _ = tx.send(Piece::End(hasher.finish(), bytes));
-                        return;
+                        failed @ Piece::Failed(_) => failed,
+                    };
+                    let last = !matches!(next, Piece::Data(_));
+                    if tx.send(next).is_err() || last {
+                        return; // the reader is gone, or the stream ended
                     }
                 }
             })?;
+        // The reading thread: the blob, decompressed, in pieces (`End` carries no digest
+        // here: the hashing thread gives it one).
+        std::thread::Builder::new()
+            .name("fastpull-inflate".into())
+            .spawn_scoped(scope, move || loop {
+                let mut buf = returned.try_recv().unwrap_or_default();
+                buf.resize(PIECE, 0);
+                let (mut len, mut failed) = (0, None);
+                while len < PIECE {
+                    // A read of a download in progress waits for its next bytes: the reader
+                    // gone, nothing more is read (the layer's thread joins this).
+                    if reader_gone.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match inner.read(&mut buf[len..]) {
+                        Ok(0) => break,
+                        Ok(n) => len += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                // The bytes before a failure go first, so that the parser meets it where it
+                // happened.
+                if len > 0 {
+                    buf.truncate(len);
+                    if raw_tx.send(Piece::Data(buf)).is_err() {
+                        return; // the reader is gone
+                    }
+                }
+                if let Some(e) = failed {
+                    let _ = raw_tx.send(Piece::Failed(e));
+                    return;
+                }
+                if len < PIECE {
+                    let _ = raw_tx.send(Piece::End(Digest::of(b""), 0));
+                    return;
+                }
+            })
+            .inspect_err(|_| gone.store(true, Ordering::Relaxed))?;
         Ok(Hashed {
             pieces,
             gone,

@@ -16,14 +16,15 @@
 //! blob's contiguous written prefix (PrefixReader, blocks for more)
 //!   → BufReader → gzip (flate2 MultiGzDecoder, zlib-rs) | zstd | plain
 //!   → Ratio (at most 1100 bytes out per compressed byte in: decompression bombs)
-//!   → Hashed (sha256 of the tar: the diff_id)           [all this on a thread of its own]
+//!                                                       [all this on a thread of its own]
+//!   → Hashed (sha256 of the tar: the diff_id)           [on another]
 //!   → Budget (bounds tar extension headers)
 //!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into its tree
 //! ```
 //!
-//! Reading, decompressing and hashing run on one thread per layer, a few 256 KiB pieces
-//! ahead of the parser and the writes on another ([`decompress::Hashed`]): on one thread
-//! the unpack of a 1 GiB layer lagged a loopback download by up to a second.
+//! Reading and decompressing run on one thread per layer, hashing on a second, a few
+//! 256 KiB pieces ahead of the parser and the writes on a third ([`decompress::Hashed`]):
+//! on one thread the unpack of a 1 GiB layer lagged a loopback download by up to a second.
 //!
 //! The reader ([`crate::prefix::PrefixReader`]) is an in-order consumer of the blob beside
 //! its hasher: it reads the bytes the fetch has written without a gap, through the blob's
