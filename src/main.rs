@@ -34,7 +34,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    // The pull runs as a task of the runtime, not on this thread: a future polled by
+    // `block_on` is woken across threads for every chunk a connection task hands it, and a
+    // task woken by a worker runs next on that worker (perf/README "The pull on the
+    // runtime's threads").
+    let pull = runtime.spawn(cli::run(args));
+    let result = match runtime.block_on(pull) {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => {
+            eprintln!("fastpull: the pull stopped: {e}");
+            return ExitCode::from(fastpull::Category::Internal.exit_code() as u8);
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fastpull: {}", cli::describe(&e));
