@@ -24,7 +24,16 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_tracing(args.verbose);
+    // At least two workers, one per CPU as tokio would otherwise choose: the pull runs as a
+    // task (below), and its few blocking steps (creating a blob's file, the fsyncs around
+    // a rename, removing a staging directory) must not stop every connection at once on a
+    // machine or container with one CPU.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

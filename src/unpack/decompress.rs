@@ -183,14 +183,15 @@ pub fn layer_stream<'a, R: Read + Send + 'a>(
     Ok(decoder(c, blob)?)
 }
 
-/// Bytes the hashing thread of [`Hashed`] hands over at a time.
+/// Bytes the threads of [`Hashed`] hand over at a time.
 const PIECE: usize = 256 << 10;
 
-/// Pieces read and hashed ahead of the reader, besides the one it is taking from and the
-/// one the thread fills: at most `(PIPELINE + 2) × PIECE` bytes a layer (1 MiB).
+/// Pieces waiting in each of the two channels (reading thread → hashing thread → parser):
+/// with the one the parser takes from, the one the hasher holds and the one the reading
+/// thread fills, at most `(2 × PIPELINE + 3) × PIECE` bytes a layer (1.75 MiB).
 const PIPELINE: usize = 2;
 
-/// What the hashing thread hands over.
+/// What the reading thread hands the hashing thread, and that one the parser.
 enum Piece {
     /// The next bytes.
     Data(Vec<u8>),
@@ -304,8 +305,7 @@ impl Hashed {
                     let _ = raw_tx.send(Piece::End(Digest::of(b""), 0));
                     return;
                 }
-            })
-            .inspect_err(|_| gone.store(true, Ordering::Relaxed))?;
+            })?;
         Ok(Hashed {
             pieces,
             gone,

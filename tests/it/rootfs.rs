@@ -1930,15 +1930,25 @@ fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
     // Runs fastpull with the stop hook at `phase` until it stops there (its marker on
     // stderr: then `at_stop` looks, and it is killed) or exits; returns whether it stopped.
     let run = |dest: &Path, format: &str, phase: &str, at_stop: &dyn Fn()| -> bool {
-        let mut child = fastpull_command()
-            .args(["--plain-http", "--format", format, &reference])
-            .arg(dest)
-            .env("FASTPULL_TEST_STOP", format!("{phase}@{layer}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn fastpull");
-        let mut se = child.stderr.take().expect("stderr");
+        /// Killed when dropped: a failed assertion must not leave a stopped fastpull behind.
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Killed(
+            fastpull_command()
+                .args(["--plain-http", "--format", format, &reference])
+                .arg(dest)
+                .env("FASTPULL_TEST_STOP", format!("{phase}@{layer}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn fastpull"),
+        );
+        let mut se = child.0.stderr.take().expect("stderr");
         let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = err.clone();
         let reader = std::thread::spawn(move || {
@@ -1958,7 +1968,7 @@ fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
             if err.lock().expect("stderr").contains(&marker) {
                 break true;
             }
-            if let Some(status) = child.try_wait().expect("poll fastpull") {
+            if let Some(status) = child.0.try_wait().expect("poll fastpull") {
                 assert!(
                     status.success(),
                     "{format}: {status}: {}",
@@ -1974,9 +1984,8 @@ fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
         };
         if stopped {
             at_stop();
-            let _ = child.kill();
-            let _ = child.wait();
         }
+        drop(child);
         let _ = reader.join();
         stopped
     };
@@ -1996,13 +2005,13 @@ fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
         found
     };
 
-    // Every byte of the layer written, its digest pending: no journal in the staging
-    // directory (only the partial file).
+    // Every byte of the layer written, its digest pending: the layer's partial file and no
+    // journal in the staging directory (the config's fetch may be there too).
     let rootfs = work.path().join("rootfs");
     let at_hash = || {
         let staging = staging_in(work.path()).expect("the staging directory");
         assert_eq!(
-            files_named(&staging, ".partial").len(),
+            files_named(&staging, &format!("{layer}.partial")).len(),
             1,
             "the layer's partial file"
         );
