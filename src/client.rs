@@ -48,6 +48,9 @@ struct Inner {
     defaults: PullOptions,
     plain_http: bool,
     fetch: FetchOptions,
+    /// Kept partial downloads are indexed for pulls into other destinations, and theirs
+    /// taken (the layout's business, not the fetcher's).
+    share_partials: bool,
     retry: RetryPolicy,
     hash_pool: Arc<HashPool>,
     reporter: Arc<dyn Reporter>,
@@ -380,10 +383,10 @@ impl ClientBuilder {
                     retry,
                     stall_timeout: self.stall_timeout,
                     resume: self.resume,
-                    share_partials: self.share_partials,
                     repair_attempts: self.repair_attempts,
                     scratch: false,
                 },
+                share_partials: self.share_partials,
                 retry,
                 hash_pool: Arc::new(hash_pool),
                 reporter: self.reporter,
@@ -678,7 +681,7 @@ impl Client {
             &name,
             opts.replace,
         )?
-        .with_shared_partials(inner.fetch.resume && inner.fetch.share_partials);
+        .with_shared_partials(inner.fetch.resume && inner.share_partials);
         let report = self.pull_endpoints(&job, &layout, None).await?;
         layout.finish()?;
         Ok(report)
@@ -745,7 +748,7 @@ impl Client {
             job.name,
             opts.replace,
         )?
-        .with_shared_partials(self.inner.fetch.resume && self.inner.fetch.share_partials);
+        .with_shared_partials(self.inner.fetch.resume && self.inner.share_partials);
         let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
         layout.finish()?;
         // DEST is whole and recorded; the tree appears last. Should the rename fail (ROOTFS
@@ -997,7 +1000,6 @@ impl Client {
                 // --format rootfs: the blobs go with the staging directory, whatever
                 // happens (nothing to resume, nothing to make durable).
                 resume: inner.fetch.resume && !scratch,
-                share_partials: inner.fetch.share_partials && !scratch,
                 scratch,
                 ..inner.fetch
             },

@@ -68,8 +68,6 @@ pub(crate) struct FetchOptions {
     pub stall_timeout: Duration,
     /// Keep partial downloads (with a journal) for the next pull, and resume them.
     pub resume: bool,
-    /// Index kept partial downloads for pulls into other destinations, and take theirs.
-    pub share_partials: bool,
     /// Times a blob whose digest does not match is fetched again before the pull fails.
     pub repair_attempts: u32,
     /// The blobs are scratch, deleted when the pull ends (`--format rootfs`): not kept

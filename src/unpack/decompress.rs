@@ -191,7 +191,17 @@ const PIECE: usize = 256 << 10;
 /// thread fills, at most `(2 × PIPELINE + 3) × PIECE` bytes a layer (1.75 MiB).
 const PIPELINE: usize = 2;
 
-/// What the reading thread hands the hashing thread, and that one the parser.
+/// What the reading thread hands the hashing thread.
+enum Raw {
+    /// The next bytes.
+    Data(Vec<u8>),
+    /// The end of the stream.
+    End,
+    /// Reading failed.
+    Failed(io::Error),
+}
+
+/// What the hashing thread hands the parser.
 enum Piece {
     /// The next bytes.
     Data(Vec<u8>),
@@ -236,7 +246,7 @@ impl Hashed {
         mut inner: R,
     ) -> io::Result<Hashed> {
         let (tx, pieces) = mpsc::sync_channel(PIPELINE);
-        let (raw_tx, raw) = mpsc::sync_channel::<Piece>(PIPELINE);
+        let (raw_tx, raw) = mpsc::sync_channel::<Raw>(PIPELINE);
         let (back, returned) = mpsc::channel::<Vec<u8>>();
         let gone = Arc::new(AtomicBool::new(false));
         let reader_gone = gone.clone();
@@ -249,15 +259,15 @@ impl Hashed {
                 let mut hasher = Hasher::new();
                 for piece in raw {
                     let next = match piece {
-                        Piece::Data(buf) => {
+                        Raw::Data(buf) => {
                             hasher.update(&buf);
                             Piece::Data(buf)
                         }
-                        Piece::End(..) => {
+                        Raw::End => {
                             let bytes = hasher.len();
                             Piece::End(std::mem::take(&mut hasher).finish(), bytes)
                         }
-                        failed @ Piece::Failed(_) => failed,
+                        Raw::Failed(e) => Piece::Failed(e),
                     };
                     let last = !matches!(next, Piece::Data(_));
                     if tx.send(next).is_err() || last {
@@ -265,8 +275,7 @@ impl Hashed {
                     }
                 }
             })?;
-        // The reading thread: the blob, decompressed, in pieces (`End` carries no digest
-        // here: the hashing thread gives it one).
+        // The reading thread: the blob, decompressed, in pieces.
         std::thread::Builder::new()
             .name("fastpull-inflate".into())
             .spawn_scoped(scope, move || loop {
@@ -293,16 +302,16 @@ impl Hashed {
                 // happened.
                 if len > 0 {
                     buf.truncate(len);
-                    if raw_tx.send(Piece::Data(buf)).is_err() {
+                    if raw_tx.send(Raw::Data(buf)).is_err() {
                         return; // the reader is gone
                     }
                 }
                 if let Some(e) = failed {
-                    let _ = raw_tx.send(Piece::Failed(e));
+                    let _ = raw_tx.send(Raw::Failed(e));
                     return;
                 }
                 if len < PIECE {
-                    let _ = raw_tx.send(Piece::End(Digest::of(b""), 0));
+                    let _ = raw_tx.send(Raw::End);
                     return;
                 }
             })?;
