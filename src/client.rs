@@ -49,7 +49,7 @@ struct Inner {
     plain_http: bool,
     fetch: FetchOptions,
     /// Kept partial downloads are indexed for pulls into other destinations, and theirs
-    /// taken (the layout's business, not the fetcher's).
+    /// taken (the layout's business, not the fetcher's; only when they are kept at all).
     share_partials: bool,
     retry: RetryPolicy,
     hash_pool: Arc<HashPool>,
@@ -386,7 +386,7 @@ impl ClientBuilder {
                     repair_attempts: self.repair_attempts,
                     scratch: false,
                 },
-                share_partials: self.share_partials,
+                share_partials: self.resume && self.share_partials,
                 retry,
                 hash_pool: Arc::new(hash_pool),
                 reporter: self.reporter,
@@ -681,7 +681,7 @@ impl Client {
             &name,
             opts.replace,
         )?
-        .with_shared_partials(inner.fetch.resume && inner.share_partials);
+        .with_shared_partials(inner.share_partials);
         let report = self.pull_endpoints(&job, &layout, None).await?;
         layout.finish()?;
         Ok(report)
@@ -748,7 +748,7 @@ impl Client {
             job.name,
             opts.replace,
         )?
-        .with_shared_partials(self.inner.fetch.resume && self.inner.share_partials);
+        .with_shared_partials(self.inner.share_partials);
         let mut report = self.pull_endpoints(job, &layout, Some(&staging)).await?;
         layout.finish()?;
         // DEST is whole and recorded; the tree appears last. Should the rename fail (ROOTFS

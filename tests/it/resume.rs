@@ -11,162 +11,29 @@
 //! time: any point is a valid place to kill, so that clock only spreads them out and no
 //! assertion depends on it.
 
-use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::Digest as _;
 
-use crate::support::cli::{assert_exit, fastpull_cmd, image_of, Sandbox, RUN_TIMEOUT};
+use crate::support::cli::{assert_exit, fastpull_cmd, image_of, Run, Sandbox};
 use crate::support::counting::Log;
 use crate::support::runner::under_emulation;
 use crate::support::*;
 
 const TAG: &str = "v";
 const MIB: u64 = 1 << 20;
-/// How long a test waits for an event of a pull before it fails.
-const EVENT_DEADLINE: Duration = Duration::from_secs(120);
 /// Pieces a repaired blob is compared in (src/fetch/mod.rs `REPAIR_PIECE`).
 const REPAIR_PIECE: u64 = MIB;
 
 // ---------------------------------------------------------------------------------------------
-// Running fastpull in the background
+// Running fastpull in the background (support::cli::Run)
 // ---------------------------------------------------------------------------------------------
-
-/// The threads reading a process's stdout and stderr.
-type Readers = (JoinHandle<Vec<u8>>, JoinHandle<Vec<u8>>);
-
-/// A fastpull process started in the background, its output drained by two threads.
-struct Run {
-    child: Child,
-    readers: Option<Readers>,
-    started: Instant,
-    /// What the process has written to stderr so far (the reader thread appends).
-    err_so_far: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Run {
-    fn start(mut cmd: Command) -> Run {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn fastpull");
-        let started = Instant::now();
-        let mut so = child.stdout.take().expect("stdout");
-        let mut se = child.stderr.take().expect("stderr");
-        let err_so_far = Arc::new(Mutex::new(Vec::new()));
-        let sink = err_so_far.clone();
-        let readers = (
-            std::thread::spawn(move || {
-                let mut v = Vec::new();
-                let _ = so.read_to_end(&mut v);
-                v
-            }),
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                loop {
-                    match se.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => sink
-                            .lock()
-                            .expect("stderr buffer")
-                            .extend_from_slice(&buf[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
-                    }
-                }
-                let v = sink.lock().expect("stderr buffer").clone();
-                v
-            }),
-        );
-        Run {
-            child,
-            readers: Some(readers),
-            started,
-            err_so_far,
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().expect("poll fastpull").is_some()
-    }
-
-    /// Sends `sig` to the process (ours, by its id); nothing if it has been reaped.
-    fn signal(&mut self, sig: rustix::process::Signal) {
-        if self.exited() {
-            return;
-        }
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        // It may exit between the check and the kill (it is not reaped yet, so the pid is
-        // still ours): then the signal finds a zombie, which is fine.
-        let _ = rustix::process::kill_process(pid, sig);
-    }
-
-    /// Polls `cond` every 2 ms until it holds (true) or the process exits first (false);
-    /// fails after [`EVENT_DEADLINE`].
-    fn until(&mut self, what: &str, mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + EVENT_DEADLINE;
-        loop {
-            if cond() {
-                return true;
-            }
-            if self.exited() {
-                return cond();
-            }
-            if Instant::now() >= deadline {
-                self.signal(rustix::process::Signal::KILL);
-                let o = self.wait();
-                panic!("waited {EVENT_DEADLINE:?} for {what}\n{}", text(&o));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// As [`Run::until`], failing if the process exits first.
-    fn expect(&mut self, what: &str, cond: impl FnMut() -> bool) {
-        if !self.until(what, cond) {
-            let o = self.wait();
-            panic!("fastpull exited before {what}\n{}", text(&o));
-        }
-    }
-
-    /// Waits for the process (killing it, and failing, after [`RUN_TIMEOUT`]).
-    fn wait(&mut self) -> Output {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("poll fastpull") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("fastpull still running after {RUN_TIMEOUT:?}; killed");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let (a, b) = self.readers.take().expect("waited twice");
-        Output {
-            status,
-            stdout: a.join().expect("stdout reader"),
-            stderr: b.join().expect("stderr reader"),
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if self.readers.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// `fastpull ARGS… IMAGE DEST`, with a scrubbed environment (support/cli.rs).
 fn pull_cmd(sb: &Sandbox, image: &str, dest: &Path, args: &[&str]) -> Command {

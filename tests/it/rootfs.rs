@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use crate::interop::{fastpull, image_ref, require_tools, umoci_unpack};
-use crate::support::cli::assert_exit;
+use crate::support::cli::{assert_exit, Run};
 use crate::support::fstree::{assert_same, snapshot};
 use crate::support::*;
 
@@ -1917,7 +1917,6 @@ fn interrupted_unpack_keeps_dest_resumable_and_leaves_no_rootfs() {
 /// stopping there). The same image pulled to a layout does stop there (the control).
 #[test]
 fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
-    use std::io::Read;
     let reg = Registry::start();
     let work = tempfile::tempdir().expect("temp dir");
     let img = ImageBuilder::new(Flavor::Oci)
@@ -1930,63 +1929,23 @@ fn root_filesystem_blobs_are_scratch_without_journal_or_fsync() {
     // Runs fastpull with the stop hook at `phase` until it stops there (its marker on
     // stderr: then `at_stop` looks, and it is killed) or exits; returns whether it stopped.
     let run = |dest: &Path, format: &str, phase: &str, at_stop: &dyn Fn()| -> bool {
-        /// Killed when dropped: a failed assertion must not leave a stopped fastpull behind.
-        struct Killed(std::process::Child);
-        impl Drop for Killed {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let mut child = Killed(
-            fastpull_command()
-                .args(["--plain-http", "--format", format, &reference])
-                .arg(dest)
-                .env("FASTPULL_TEST_STOP", format!("{phase}@{layer}"))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn fastpull"),
-        );
-        let mut se = child.0.stderr.take().expect("stderr");
-        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = err.clone();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = se.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("stderr")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let mut cmd = fastpull_command();
+        cmd.args(["--plain-http", "--format", format, &reference])
+            .arg(dest)
+            .env("FASTPULL_TEST_STOP", format!("{phase}@{layer}"));
+        // Killed when dropped: a failed assertion must not leave a stopped fastpull behind.
+        let mut child = Run::start(cmd);
+        let err = child.err_so_far.clone();
         let marker = format!("fastpull-test-stop: {phase}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let stopped = loop {
-            if err.lock().expect("stderr").contains(&marker) {
-                break true;
-            }
-            if let Some(status) = child.0.try_wait().expect("poll fastpull") {
-                assert!(
-                    status.success(),
-                    "{format}: {status}: {}",
-                    err.lock().expect("stderr")
-                );
-                break false;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{format}: neither stopped at {phase} nor done in 120 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let stopped = child.until(&format!("{format}: a stop at {phase} or the end"), || {
+            String::from_utf8_lossy(&err.lock().expect("stderr")).contains(&marker)
+        });
         if stopped {
             at_stop();
+        } else {
+            let o = child.wait();
+            assert!(o.status.success(), "{format}: {}: {}", o.status, text(&o));
         }
-        drop(child);
-        let _ = reader.join();
         stopped
     };
     let files_named = |dir: &Path, ending: &str| -> Vec<PathBuf> {
