@@ -104,23 +104,34 @@ pub(crate) struct Exchange {
     /// Whether the connection was opened for this request (None: not known, as through a
     /// tunnel).
     pub fresh: Option<bool>,
+    /// On a direct TLS connection: from its handshake's end to the response's headers.
+    pub since_handshake: Option<Duration>,
 }
 
 impl Exchange {
     /// The round trip this exchange shows, the server's think time included, and whether
     /// it is exact. A request on a connection already open waited one round trip: exact. One
-    /// on a connection opened for it waited for the handshake too (a round trip, more with
-    /// TLS; a middlebox's own handshake, which the connect time does not show): that counts
-    /// half, which errs low by half the server's think time, so it is not exact. Unknown
-    /// (through a tunnel): the whole time, not exact.
+    /// on a direct TLS connection opened for it was sent as the handshake ended (hyper
+    /// writes it at once), so the time since then is exact too, whatever the handshake cost
+    /// (TCP's round trip, TLS 1.3's one or 1.2's two, a retried hello, a middlebox's own
+    /// handshake hidden from the connect time). A plain one waited for the TCP handshake,
+    /// which a middlebox may hide in its first bytes: that counts half, which errs low by
+    /// half the server's think time, so it is not exact. Unknown (through a tunnel): the
+    /// whole time, not exact.
     pub(crate) fn round_trip(&self) -> (Duration, bool) {
-        match self.fresh {
-            Some(true) => (self.took / 2, false),
-            Some(false) => (self.took, true),
-            None => (self.took, false),
+        match (self.fresh, self.since_handshake) {
+            (Some(true), Some(since)) => (since.min(self.took), true),
+            (Some(true), None) => (self.took / 2, false),
+            (Some(false), _) => (self.took, true),
+            (None, _) => (self.took, false),
         }
     }
 }
+
+/// When a direct TLS connection's handshake ended: an extra of its [`Connected`], so in the
+/// extensions of every response on it.
+#[derive(Debug, Clone, Copy)]
+struct Handshaken(std::time::Instant);
 
 /// Local addresses remembered at most (one per connection; a long-lived client forgets
 /// them all past this, and a reused connection then counts as fresh once).
@@ -275,7 +286,15 @@ impl Transport {
                     }
                     Some(seen.insert(info.local_addr()))
                 });
-                resp.extensions_mut().insert(Exchange { took, fresh });
+                let since_handshake = resp
+                    .extensions()
+                    .get::<Handshaken>()
+                    .map(|h| h.0.max(sent).elapsed());
+                resp.extensions_mut().insert(Exchange {
+                    took,
+                    fresh,
+                    since_handshake,
+                });
                 Ok(resp)
             }
             Ok(Err(e)) => Err(classify(e, what, url)),
@@ -558,6 +577,8 @@ impl std::fmt::Display for RoundTrips {
 pub(crate) struct Conn {
     inner: MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>,
     forwarded: bool,
+    /// When the handshake of a direct TLS connection ended (see [`Exchange::round_trip`]).
+    handshaken: Option<std::time::Instant>,
 }
 
 impl Service<Uri> for Connector {
@@ -623,6 +644,7 @@ impl Service<Uri> for Connector {
                 return Ok(Conn {
                     inner,
                     forwarded: false,
+                    handshaken: None,
                 });
             }
             if dst.scheme_str() != Some("https") {
@@ -635,6 +657,7 @@ impl Service<Uri> for Connector {
                 return Ok(Conn {
                     inner: MaybeHttpsStream::Http(tcp),
                     forwarded,
+                    handshaken: None,
                 });
             }
             let authority = dst
@@ -647,6 +670,7 @@ impl Service<Uri> for Connector {
                 .https_only()
                 .enable_http1()
                 .enable_http2();
+            let mut handshaken = None;
             let stream = match &intercept {
                 Some(i) => {
                     let mut tunnel = Tunnel::new(i.uri().clone(), this.http.clone());
@@ -665,6 +689,7 @@ impl Service<Uri> for Connector {
                     let key = origin_key(&dst);
                     let started = std::time::Instant::now();
                     let stream = builder.wrap_connector(direct).call(dst).await?;
+                    handshaken = Some(std::time::Instant::now());
                     // Near by its address or connect time, and the TLS handshake's round
                     // trip short too (a proxy or tunnel on this machine may front a far
                     // server: its connect is instant, its handshake is not).
@@ -695,6 +720,7 @@ impl Service<Uri> for Connector {
             Ok(Conn {
                 inner: stream,
                 forwarded: false,
+                handshaken,
             })
         })
     }
@@ -1077,7 +1103,10 @@ impl Service<Uri> for ToProxy {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        let c = self.inner.connected();
+        let mut c = self.inner.connected();
+        if let Some(at) = self.handshaken {
+            c = c.extra(Handshaken(at));
+        }
         if self.forwarded {
             c.proxy(true)
         } else {
@@ -1546,29 +1575,8 @@ mod tests {
         dir: &Path,
         n: usize,
     ) -> (PathBuf, u16, std::thread::JoinHandle<Vec<Option<u32>>>) {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use std::io::Read;
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca = dir.join("ca.pem");
-        std::fs::write(&ca, ca_cert.pem()).unwrap();
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-            )
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let config = Arc::new(config);
+        let (ca, config) = tls_server_config(dir, &[b"h2"]);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let reader = std::thread::spawn(move || {
@@ -1593,6 +1601,81 @@ mod tests {
                 .collect()
         });
         (ca, port, reader)
+    }
+
+    /// A throw-away CA (written to `dir`, its path returned) and a server configuration
+    /// with a certificate of it for 127.0.0.1, offering `alpn`.
+    fn tls_server_config(dir: &Path, alpn: &[&[u8]]) -> (PathBuf, Arc<rustls::ServerConfig>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_cert.pem()).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        (ca, Arc::new(config))
+    }
+
+    /// A fresh TLS connection's first response gives an exact round trip, the time since
+    /// the handshake ended, however long the handshake took (here a server that waits
+    /// 400 ms before its part of it, then answers at once). (Red when a fresh connection's
+    /// time counts half: 200 ms and more, not exact.)
+    #[tokio::test]
+    async fn a_fresh_tls_connection_gives_an_exact_round_trip() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, config) = tls_server_config(dir.path(), &[b"http/1.1"]);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(400));
+            let conn = rustls::ServerConnection::new(config).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
+            tls.flush().unwrap();
+            // Hold the connection until the client is done with it.
+            let _ = tls.read(&mut buf);
+        });
+        let t = Duration::from_secs(10);
+        let tls = TlsOptions {
+            ca_files: vec![ca],
+            ..Default::default()
+        };
+        let transport = Transport::new("test", t, t, 1, tls, false).unwrap();
+        let url = format!("https://127.0.0.1:{port}/x");
+        let resp = transport
+            .send(Method::GET, &url, HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap();
+        let exchange = *resp.extensions().get::<Exchange>().unwrap();
+        assert_eq!(exchange.fresh, Some(true), "{exchange:?}");
+        assert!(exchange.took >= Duration::from_millis(400), "{exchange:?}");
+        let (rtt, exact) = exchange.round_trip();
+        assert!(exact, "{exchange:?}");
+        assert!(rtt < Duration::from_millis(150), "{rtt:?} ({exchange:?})");
     }
 
     /// A near HTTP/2 origin's later connections announce small windows; its first, made

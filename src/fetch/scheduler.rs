@@ -48,10 +48,11 @@
 //!   per-connection cap every added connection adds its share and the pull fans out fully; on
 //!   an uncapped origin the goodput stays flat and the pull keeps a few long requests.
 //! - **Round trips measured, not guessed.** Windows, pieces and cuts scale with the origin's
-//!   round trip: the first response on a connection already open measures it exactly; until
-//!   one comes, a fresh connection's first response counts half its time (it waited for the
-//!   handshake as well), so a far origin's first windows are not twice as long as they
-//!   should be.
+//!   round trip: the first response on a connection already open measures it exactly, and
+//!   so does one on a fresh TLS connection, counted from the handshake's end; until one
+//!   comes, a fresh plain connection's first response counts half its time (it waited for
+//!   the TCP handshake as well), so a far origin's first windows are not twice as long as
+//!   they should be.
 //! - **Stragglers are raced.** Near the end, when nothing is left worth halving, a transfer
 //!   [`STRAGGLER`] times slower than the origin's typical connection, whose tail would still
 //!   take much longer than a fresh connection needs for it, gives the tail away: the cut is
