@@ -103,6 +103,11 @@ pub(crate) struct Registry {
     mirror: bool,
     /// The first request has been answered: the scheme is settled.
     contacted: AtomicBool,
+    /// The registry has answered over HTTP/2 (see [`Registry::get_blob`]).
+    speaks_h2: AtomicBool,
+    /// The registry answered a blob GET with the bytes itself over HTTP/2 (no redirect):
+    /// its blob GETs go on their own lanes from then on (see [`Registry::get_blob`]).
+    serves_blobs_over_h2: AtomicBool,
     /// The transport's round trips when this registry was opened.
     opened: RoundTrips,
 }
@@ -147,6 +152,8 @@ impl Registry {
             may_fall_back,
             mirror: endpoint.mirror,
             contacted: AtomicBool::new(false),
+            speaks_h2: AtomicBool::new(false),
+            serves_blobs_over_h2: AtomicBool::new(false),
         }
     }
 
@@ -369,6 +376,17 @@ impl Registry {
     /// to — on connection lane `lane`, with `Range: bytes=from-to` (inclusive) when given.
     /// A `206` must name the bytes it holds in a valid `Content-Range`; other statuses than
     /// 200 and 206 become errors.
+    ///
+    /// A registry that speaks HTTP/2 gets the request on lane 0, where the manifest came:
+    /// most registries answer a blob GET with a redirect to a CDN, and those answers then
+    /// share the connection already open (as Go's and reqwest's clients share it) instead
+    /// of each blob opening one of its own, two round trips at least with TLS. A registry
+    /// that answers with the bytes itself would put every blob on that one connection (and
+    /// a cap per connection on all of them): that answer is dropped, the request sent
+    /// again on `lane`, and the registry's blob GETs go on their own lanes from then on.
+    /// Over HTTP/1.1 every request goes on `lane` as before (a connection per request in
+    /// flight either way, and each lane's pool keeps the connections its own requests
+    /// opened, for the next pieces on that lane).
     pub(crate) async fn get_blob(
         &self,
         url: &str,
@@ -382,9 +400,38 @@ impl Registry {
             headers.insert(header::RANGE, v);
         }
         let mut exchanges = 0;
-        let (resp, final_url) = self
-            .send_counted(lane, Method::GET, url, headers, &mut exchanges)
+        let registry_lane = if self.speaks_h2.load(Ordering::Relaxed)
+            && !self.serves_blobs_over_h2.load(Ordering::Relaxed)
+        {
+            0
+        } else {
+            lane
+        };
+        let (mut resp, mut final_url) = self
+            .send_counted(
+                (registry_lane, lane),
+                Method::GET,
+                url,
+                headers.clone(),
+                &mut exchanges,
+            )
             .await?;
+        if registry_lane != lane
+            && resp.version() == http::Version::HTTP_2
+            && matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT)
+            && origin_of(&final_url) == origin_of(&self.base())
+        {
+            if !self.serves_blobs_over_h2.swap(true, Ordering::Relaxed) {
+                tracing::debug!(
+                    registry = %self.host,
+                    "the registry serves blobs itself over HTTP/2: their GETs go on connections of their own"
+                );
+            }
+            drop(resp); // resets that stream
+            (resp, final_url) = self
+                .send_counted((lane, lane), Method::GET, url, headers, &mut exchanges)
+                .await?;
+        }
         let body = match resp.status() {
             StatusCode::OK => BlobBody::Whole {
                 length: content_length(resp.headers()),
@@ -432,14 +479,16 @@ impl Registry {
         url: &str,
         headers: HeaderMap,
     ) -> Result<(Response<Incoming>, String)> {
-        self.send_counted(lane, method, url, headers, &mut 0).await
+        self.send_counted((lane, lane), method, url, headers, &mut 0)
+            .await
     }
 
     /// [`Registry::send_on`], adding to `exchanges` each request it sends (redirect hops and
-    /// re-sends after a 401 included).
+    /// re-sends after a 401 included); requests to the registry's own origin go on the first
+    /// of `lanes`, the others (a CDN it redirected to) on the second.
     async fn send_counted(
         &self,
-        lane: usize,
+        (registry_lane, lane): (usize, usize),
         method: Method,
         url: &str,
         headers: HeaderMap,
@@ -460,9 +509,18 @@ impl Registry {
             *exchanges += 1;
             let resp = self
                 .transport
-                .send_on(lane, method.clone(), &url, h, Bytes::new())
+                .send_on(
+                    if same_host { registry_lane } else { lane },
+                    method.clone(),
+                    &url,
+                    h,
+                    Bytes::new(),
+                )
                 .await?;
             let status = resp.status();
+            if same_host && resp.version() == http::Version::HTTP_2 {
+                self.speaks_h2.store(true, Ordering::Relaxed);
+            }
             // A 401 gets one new `Authorization`; a second only when the refused one was a
             // token from the client's cache that this registry had not accepted yet (it
             // may have stopped taking it before the lifetime it was issued with).

@@ -714,6 +714,114 @@ fn near_http2_cdn_gets_small_windows() {
     );
 }
 
+/// One request in nginx's log (see [`crate::support::cdn::h2_front`]).
+struct Logged<'a> {
+    status: &'a str,
+    body_bytes: usize,
+    conn: &'a str,
+}
+
+/// The requests `log` shows for paths containing `needle`, and whether all were HTTP/2.
+fn requests_for<'a>(log: &'a str, needle: &str) -> (Vec<Logged<'a>>, bool) {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    let h2 = lines.iter().all(|l| l.contains("proto=HTTP/2.0"));
+    let seen = lines
+        .iter()
+        .filter_map(|l| {
+            let mut after = l.split("\" ").nth(1)?.split(' ');
+            Some(Logged {
+                status: after.next()?,
+                body_bytes: after.next()?.parse().ok()?,
+                conn: l.split("conn=").nth(1)?.split(' ').next()?,
+            })
+        })
+        .collect();
+    (seen, h2)
+}
+
+/// A registry reached over HTTP/2 that redirects its blob GETs to a CDN: those GETs (and
+/// their redirects) share one connection, as Go's and reqwest's clients share it, instead of
+/// each blob opening a TLS connection of its own to the registry; the CDN's GETs still go on
+/// their own lanes. (Red with every blob's registry request on its own lane: a connection
+/// per blob. The manifest's connection is not the one shared here: on loopback the origin
+/// is taken for a near HTTP/2 one after it, whose later requests go to other lanes.)
+#[test]
+fn blob_redirects_share_an_http2_registry_connection() {
+    let certs = tempfile::tempdir().expect("certs dir");
+    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
+    let (reg, cdn) = crate::support::cdn::registry_with_cdn(None);
+    let image = image_of(&[300 << 10, 200 << 10, 100 << 10, 50 << 10, 20 << 10], 1220);
+    push_image(&reg, "chunks/h2reg", "v", &image);
+    let front = crate::support::cdn::h2_front(&reg.addr(), &pki);
+    let (_d, out) = dest();
+    let o = fastpull_command()
+        .arg(format!("{}/chunks/h2reg:v", front.addr()))
+        .arg(&out)
+        .env("SSL_CERT_FILE", &pki.ca_cert)
+        .output()
+        .expect("run fastpull");
+    let log = front.access_log();
+    assert!(o.status.success(), "{}\nfront log:\n{log}", text(&o));
+    assert_holds(&out, &image);
+    let (manifests, h2) = requests_for(&log, "/manifests/");
+    assert!(h2 && !manifests.is_empty(), "HTTP/2 by ALPN:\n{log}");
+    let (blobs, _) = requests_for(&log, "/blobs/sha256:");
+    assert_eq!(blobs.len(), 6, "config and 5 layers, once each:\n{log}");
+    assert!(
+        blobs
+            .iter()
+            .all(|b| b.status == "307" && b.conn == blobs[0].conn),
+        "every blob GET redirected, on one connection:\n{log}"
+    );
+    // The CDN: plain HTTP/1.1, a connection per blob in flight (its own lanes).
+    let cdn_log = cdn.access_log();
+    for b in image.blobs() {
+        assert!(cdn_log.contains(hex(&b.digest)), "{cdn_log}");
+    }
+}
+
+/// A registry reached over HTTP/2 that answers blob GETs with the bytes itself: the first
+/// such answer on the shared connection is dropped and asked for again on a connection of
+/// the blob's own, so its bodies do not all share one connection (and any cap on it). (Red
+/// without the re-send: every layer's bytes on the manifest's connection.)
+#[test]
+fn an_http2_registry_serving_blobs_itself_gets_a_connection_per_blob() {
+    let certs = tempfile::tempdir().expect("certs dir");
+    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
+    let reg = Registry::start();
+    let image = image_of(&[3 << 20, 2 << 20, 3 << 19, 1 << 20], 1230);
+    push_image(&reg, "chunks/h2direct", "v", &image);
+    let front = crate::support::cdn::h2_front(&reg.addr(), &pki);
+    let (_d, out) = dest();
+    let o = fastpull_command()
+        .arg(format!("{}/chunks/h2direct:v", front.addr()))
+        .arg(&out)
+        .env("SSL_CERT_FILE", &pki.ca_cert)
+        .output()
+        .expect("run fastpull");
+    let log = front.access_log();
+    assert!(o.status.success(), "{}\nfront log:\n{log}", text(&o));
+    assert_holds(&out, &image);
+    let (manifests, h2) = requests_for(&log, "/manifests/");
+    assert!(h2 && !manifests.is_empty(), "HTTP/2 by ALPN:\n{log}");
+    // No connection carried more than one layer whole in one response: the first blob's
+    // lane is the shared one, every other layer's answer there was cut off (each is larger
+    // than what HTTP/2 lets the server send ahead) and asked for again on its own lane.
+    let mut whole_per_conn = std::collections::BTreeMap::<&str, usize>::new();
+    for l in &image.layers {
+        let (reqs, _) = requests_for(&log, hex(&l.digest));
+        for r in reqs {
+            if r.status == "200" && r.body_bytes == l.size() as usize {
+                *whole_per_conn.entry(r.conn).or_default() += 1;
+            }
+        }
+    }
+    assert!(
+        whole_per_conn.values().all(|&n| n <= 1),
+        "layers whole per connection {whole_per_conn:?}:\n{log}"
+    );
+}
+
 /// Regression (review): the probe gets a 200 and takes over every chunk, the 200 is cut
 /// off, and the retry gets a 206: the other chunks must not be handed out again.
 #[test]

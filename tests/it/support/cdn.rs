@@ -91,6 +91,18 @@ pub fn seeded_registry_with_cdn(
     (reg, cdn)
 }
 
+/// nginx on 127.0.0.2 in front of the plain-HTTP registry at `upstream`, speaking HTTPS and
+/// HTTP/2 (by ALPN) with a certificate of `pki`'s CA, as registries behind a TLS-terminating
+/// proxy or load balancer are reached: `/v2/` is the registry's; its access log has the
+/// connection each request came on (`conn=`) and the protocol.
+pub fn h2_front(upstream: &str, pki: &TestPki) -> Cdn {
+    let directives = format!(
+        "location /v2/ {{ proxy_pass http://{upstream}; proxy_set_header Host $http_host; \
+         proxy_buffering off; }}"
+    );
+    Cdn::start(None, &directives, Some(pki))
+}
+
 /// `limit_rate RATE;`, or nothing.
 fn limit(rate: Option<&str>) -> String {
     rate.map(|r| format!("limit_rate {r};")).unwrap_or_default()
