@@ -81,6 +81,15 @@ SCENARIOS = [
      "nginx reverse proxy that caps each connection at {rate} and lets each response's first "
      "second through at once (nginx's `limit_rate` accounting): every range a client asks for is "
      "a GET the registry answers, at its price per request", "capped"),
+    ("fartls-small", "(m) +{fartls_rtt} ms RTT and TLS on every hop, many small layers",
+     "perf/imgsmall ({layers} layers) from a registry with TLS (HTTP/2 by ALPN, as Go serves it) "
+     "and token auth, its token service over HTTPS and the CDN of (f) (TLS, smooth cap, {rate}), "
+     "each {fartls_rtt} ms further away ({proxy}; TLS runs end to end through it, so each "
+     "handshake pays its round trips): a far registry as users meet them. Same CA options as "
+     "(f). Not a world of issue #10's list (no target); (d) +100 ms has its targets", None),
+    ("fartls-1g", "(m) +{fartls_rtt} ms RTT and TLS on every hop, one 1 GiB layer",
+     "perf/img1g through the far TLS registry and CDN of the world above. No target: (d) +100 ms "
+     "1 GiB shows why 20x is out of reach this far on this machine", None),
     ("rootfs500", "(r) Root filesystem, smooth cap, img500",
      "perf/img500's root filesystem ({shape}) through the smooth-capped CDN of (a): fastpull "
      "`--format rootfs` (layers unpacked as they download, verified before the tree appears) "
@@ -360,7 +369,8 @@ def main(argv):
             probe = json.loads(x["probe"]) or probe
         except ValueError:
             pass
-    far = {s: delay_proxy(x) for s, x in metas.items() if x and s.startswith("rtt")}
+    far = {s: delay_proxy(x) for s, x in metas.items()
+           if x and (s.startswith("rtt") or s.startswith("fartls"))}
     old_far = sorted(s for s, p in far.items() if p == "perf/delay_proxy.py")
     if not old_far:
         proxy_txt = "`perf/delay-proxy`"
@@ -404,6 +414,11 @@ def main(argv):
             w(f"- +{k[3:]} ms RTT (through the delay proxy, incl. connection setup): "
               f"{mib(probe[k][0])} / {mib(probe[k][1])}"
               + (f"; connect + `GET /v2/` {conn * 1000:.0f} ms" if conn else ""))
+        if "fartls" in probe:
+            conn = probe.get("fartls_connect_tls_get_s")
+            w(f"- far TLS world (through the delay proxy, incl. connection setup and TLS): "
+              f"{mib(probe['fartls'][0])} / {mib(probe['fartls'][1])}"
+              + (f"; connect + TLS + `GET /v2/` {conn * 1000:.0f} ms" if conn else ""))
         if "tail" in probe:
             w("- slow tail, 8 connections of 2 MiB each: "
               + ", ".join(mib(x) for x in probe["tail"]))
@@ -459,7 +474,8 @@ def main(argv):
                     rtt="".join(c for c in s.split("-")[0] if c.isdigit()) or "?",
                     proxy=delay_proxy(meta), shape=shape(info["layers"]),
                     link=meta.get("link_rate", "?"), link_conns=link_conns(meta),
-                    conn_limit=meta.get("conn_limit", "?"))
+                    conn_limit=meta.get("conn_limit", "?"),
+                    fartls_rtt=meta.get("fartls_rtt", "?"))
         title = title.format(**fill)
         memrecs = {r["label"]: r for r in (load(os.path.join(rdir, f"{s}.mem.json")) or [])}
         meta["_tail"] = load(os.path.join(rdir, f"{s}.tail.json"))

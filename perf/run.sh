@@ -39,6 +39,9 @@
 #   rtt40-small, rtt100-small, rtt40-1g, rtt100-1g   (d) +40 / +100 ms RTT to registry, token
 #              service and (smooth-capped) CDN, token auth on; perf/imgsmall (49 layers, ~85 MiB)
 #              or perf/img1g
+#   fartls-small, fartls-1g   (m) +100 ms RTT (FARTLS_RTT) and TLS on every hop: an HTTP/2
+#              registry with token auth, the token service and the (smooth-capped) CDN, all
+#              over HTTPS; perf/imgsmall or perf/img1g. Same CA options as tls500
 #   uncapped   perf/img500 from the registry without redirect (it serves blobs itself, no cap)
 #   uncapped-cold  the same, but each run's preparation waits COLD_PAUSE (3 s) after its sync,
 #              so that a VM's free page reporting has handed the freed memory back to the
@@ -85,7 +88,7 @@ OUT=${OUT:-$root/perf/results}
 DEST_ROOT=${DEST_ROOT:-/tmp/fastpull-perf-dest}
 BIN=${BIN:-/tmp/fastpull-perf-bin}
 
-MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500 h2500 close500 proxied500"
+MATRIX="capped500 capped1g burst500 burst1g after500 after1g uncapped tail500 tls500 rtt40-small rtt100-small rtt40-1g rtt100-1g link500 norange500 connlimit500 h2500 close500 proxied500 fartls-small fartls-1g"
 MEM=${MEM:-1}
 if [ $# -eq 0 ]; then set -- capped500 capped1g uncapped uncapped-cold mem; fi
 if [ "$*" = matrix ]; then
@@ -99,6 +102,7 @@ fi
 for s in "$@"; do
   case "$s" in capped500 | capped1g | burst500 | burst1g | after500 | after1g | tail500 | tls500 | \
     rtt40-small | rtt100-small | rtt40-1g | rtt100-1g | link500 | norange500 | connlimit500 | h2500 | close500 | proxied500 | uncapped | uncapped-cold | mem | tune-capped500 | tune-uncapped | \
+    fartls-small | fartls-1g | \
     rootfs500 | rootfs1g) ;;
     *) echo "run.sh: unknown scenario $s" >&2; sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
@@ -151,7 +155,7 @@ fp_args=(-q --plain-http $FASTPULL_ARGS)
 tool_cmd() { # tool registry image dest
   # Transport options: plain HTTP, or (the TLS world) the throw-away CA given the ordinary way.
   local fpt=(--plain-http) skt=(--src-tls-verify=false) pt=(--plain-http)
-  if [ "$2" = "$REG_TLS" ] || [ "$2" = "$REG_H2" ]; then
+  if [ "$2" = "$REG_TLS" ] || [ "$2" = "$REG_H2" ] || [ "$2" = "$REG_FARTLS" ]; then
     fpt=(--ca-file "$TLS_CA") skt=(--src-cert-dir "$TLS_CERT_DIR") pt=(--ca-file "$TLS_CA")
   fi
   # shellcheck disable=SC2206
@@ -175,7 +179,7 @@ write_meta() { # scenario registry image [k=v...]
     scenario="$s" registry="$reg" image="$img" image_info="$(tr -d '\n ' <"$WORLD_DIR/images/${img#perf/}.json")" \
     runs="$RUNS" fastpull_args="$FASTPULL_ARGS" fastpull_commit="$fastpull_commit" \
     oci_client="$oci_client_version" cdn_rate="$CDN_RATE" cdn_send_chunk="$CDN_SEND_CHUNK" cdn="$CDN" \
-    cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" link_rate="$LINK_RATE" conn_limit="$CONN_LIMIT" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
+    cdn_rate_after="$CDN_RATE_AFTER" tail_rate="$TAIL_RATE" link_rate="$LINK_RATE" conn_limit="$CONN_LIMIT" fartls_rtt="${FARTLS_RTT:-}" probe="$(tr -d '\n' <"$WORLD_DIR/probe.json" 2>/dev/null || echo '{}')" \
     fastpull_sha256="$("$FP" --version | sed -n 's/^sha256: //p')" delay_proxy="${DELAY_PROXY:-}" disk="$disk_probe" "$@"
 }
 
@@ -305,6 +309,8 @@ for s in "$@"; do
     h2500) bench h2500 "$REG_H2" perf/img500 "$T3" 0 ;;
     close500) bench close500 "$REG_CLOSE" perf/img500 "$T3" 0 ;;
     proxied500) bench proxied500 "$REG_PROXIED" perf/img500 "$T3" 0 ;;
+    fartls-small) bench fartls-small "$REG_FARTLS" perf/imgsmall "$T3" 0 ;;
+    fartls-1g) bench fartls-1g "$REG_FARTLS" perf/img1g "$T3" 0 ;;
     uncapped) bench uncapped "$DIRECT" perf/img500 "$T3" 1 ;;
     rootfs500) FORMAT=rootfs bench rootfs500 "$REG" perf/img500 "fastpull skopeo-umoci" 0 ;;
     rootfs1g) FORMAT=rootfs bench rootfs1g "$DIRECT" perf/img1g "fastpull skopeo-umoci" 1 ;;

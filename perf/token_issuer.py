@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A docker token service for perf/world.sh: anonymous `pull` tokens, ES256 JWTs.
 
-    token_issuer.py HOST:PORT KEY_PEM CERT_PEM ISSUER SERVICE
+    token_issuer.py HOST:PORT KEY_PEM CERT_PEM ISSUER SERVICE [TLS_CERT TLS_KEY]
+
+With TLS_CERT and TLS_KEY it answers over HTTPS (the far TLS world, where every hop is TLS).
 
 `GET /token?service=SERVICE&scope=repository:NAME:pull[,push]` (any credentials, or none)
 answers `{"token": JWT, "access_token": JWT, "expires_in": 300, "issued_at": ...}` granting
@@ -63,7 +65,7 @@ def access_for(scopes):
 
 
 def main(argv):
-    if len(argv) != 5:
+    if len(argv) not in (5, 7):
         print(__doc__, file=sys.stderr)
         return 2
     host, port = argv[0].rsplit(":", 1)
@@ -100,6 +102,11 @@ def main(argv):
 
     ThreadingHTTPServer.daemon_threads = True
     srv = ThreadingHTTPServer((host, int(port)), Handler)
+    if len(argv) == 7:
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(argv[5], argv[6])
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     srv.serve_forever()
 
 

@@ -56,6 +56,14 @@
 #                                      small Rust program, built here with cargo), which adds 40
 #                                      or 100 ms of RTT (this kernel has no sch_netem, so
 #                                      `tc netem` is not available).
+#   - REG_FARTLS https://127.0.0.1:15045: far and TLS on every hop (world (m)). A registry with
+#                                      TLS and token auth (127.0.0.1:15055, HTTP/2 by ALPN as
+#                                      Go serves it), the token service over HTTPS
+#                                      (127.0.0.1:15056) and the TLS CDN above, each reached
+#                                      through perf/delay-proxy adding $FARTLS_RTT ms (the
+#                                      proxies: 127.0.0.1:15045, 127.0.0.1:15046, $CDN_HOST:15047,
+#                                      inside the certificate's names). TLS runs end to end, so
+#                                      its handshakes pay the round trips too
 #   - images  perf/img500 (5 gzip layers of random bytes: 300, 80, 60, 40, 20 MiB),
 #             perf/img1g (one 1 GiB layer) and perf/imgsmall (49 layers, 16 KiB..20 MiB,
 #             ~85 MiB), generated once into $PERF_CACHE as OCI layouts, pushed with skopeo.
@@ -86,6 +94,7 @@
 #   TAIL_RATE=5m                         the slow connections' rate in the REG_TAIL world
 #   LINK_RATE=150m                       the shared link of the REG_LINK world
 #   RTTS="40 100"                        the far worlds' added round-trip times (ms; at most 2)
+#   FARTLS_RTT=100                       the far TLS world's added round-trip time (ms)
 #   TOKEN_PORT=15049
 #   NGINX_WORKERS=2
 #
@@ -124,6 +133,9 @@ world_defaults() {
   REG_H2=127.0.0.1:15009 CDN_H2=$CDN_HOST:15089 CDN_H2_OPEN=$CDN_HOST:15099
   REG_CLOSE=127.0.0.1:15010 CDN_CLOSE=$CDN_HOST:15090
   REG_PROXIED=$CDN_HOST:15091
+  FARTLS_RTT=${FARTLS_RTT:-100}
+  REG_FARTLS=127.0.0.1:15045 TOKEN_FARTLS=127.0.0.1:15046 CDN_FARTLS=$CDN_HOST:15047
+  FARTLS_BACK=127.0.0.1:15055 TOKEN_TLS=127.0.0.1:15056
   CONN_LIMIT=${CONN_LIMIT:-6}
   TLS_DIR=$WORLD_DIR/tls
   TOKEN=127.0.0.1:$TOKEN_PORT
@@ -233,6 +245,8 @@ CDN_H2=$CDN_H2
 REG_CLOSE=$REG_CLOSE
 CDN_CLOSE=$CDN_CLOSE
 REG_PROXIED=$REG_PROXIED
+REG_FARTLS=$REG_FARTLS
+FARTLS_RTT=$FARTLS_RTT
 TLS_CA=$TLS_DIR/ca.crt
 TLS_CERT_DIR=$TLS_DIR/certs.d
 TOKEN=$TOKEN
@@ -437,6 +451,7 @@ _start_daemons() {
   local addrs="$REG $DIRECT $CDN $REG_BURST $CDN_BURST $REG_AFTER $CDN_AFTER $REG_TAIL $CDN_TAIL $REG_TLS $CDN_TLS $TOKEN"
   addrs+=" $REG_LINK $CDN_LINK $CDN_OPEN $REG_NORANGE $CDN_NORANGE $REG_CONNLIMIT $CDN_CONNLIMIT"
   addrs+=" $REG_H2 $CDN_H2 $CDN_H2_OPEN $REG_CLOSE $CDN_CLOSE $REG_PROXIED"
+  addrs+=" $REG_FARTLS $TOKEN_FARTLS $CDN_FARTLS $FARTLS_BACK $TOKEN_TLS"
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     addrs+=" 127.0.0.1:$port $host:$port $host:$TOKEN_PORT $host:${CDN##*:}"
@@ -457,13 +472,20 @@ _start_daemons() {
   _registry_config "$REG_CONNLIMIT" "http://$CDN_CONNLIMIT/" >"$WORLD_DIR/reg-connlimit.yml"
   _registry_config "$REG_H2" "https://$CDN_H2/" 1 >"$WORLD_DIR/reg-h2.yml"
   _registry_config "$REG_CLOSE" "http://$CDN_CLOSE/" >"$WORLD_DIR/reg-close.yml"
+  _registry_config "$FARTLS_BACK" "https://$CDN_FARTLS/" 1 "https://$TOKEN_FARTLS/token" >"$WORLD_DIR/reg-fartls.yml"
   _nginx_config >"$WORLD_DIR/nginx/nginx.conf"
   local name
-  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange reg-connlimit reg-h2 reg-close; do
+  for name in reg direct reg-burst reg-after reg-tail reg-tls reg-link reg-norange reg-connlimit reg-h2 reg-close reg-fartls; do
     _daemon "$name" docker-registry serve "$WORLD_DIR/$name.yml"
   done
   _daemon token python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN" \
     "$TLS_DIR/issuer.key" "$TLS_DIR/issuer.crt" fastpull-perf-issuer fastpull-perf
+  # The far TLS world's token service, over HTTPS with the server certificate.
+  _daemon token-tls python3 "$(dirname "$_world_self")/token_issuer.py" "$TOKEN_TLS" \
+    "$TLS_DIR/issuer.key" "$TLS_DIR/issuer.crt" fastpull-perf-issuer fastpull-perf \
+    "$TLS_DIR/server.crt" "$TLS_DIR/server.key"
+  _daemon delay-fartls "$WORLD_DIR/bin/delay-proxy" "$FARTLS_RTT" \
+    "$REG_FARTLS=$FARTLS_BACK" "$TOKEN_FARTLS=$TOKEN_TLS" "$CDN_FARTLS=$CDN_TLS"
   # The shared link: no delay, a bucket per connection and one for all of them.
   _daemon link "$WORLD_DIR/bin/delay-proxy" 0 "$CDN_LINK=$CDN_OPEN,conn=$CDN_RATE,link=$LINK_RATE"
   # The HTTP/2 CDN: a bucket per TCP connection (TLS passes through), no delay.
@@ -490,6 +512,9 @@ _start_daemons() {
   _wait_up reg-h2 "https://$REG_H2/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
   _wait_up reg-close "http://$REG_CLOSE/v2/" || return 1
   _wait_up token "http://$TOKEN/token?service=fastpull-perf" || return 1
+  _wait_up token-tls "https://$TOKEN_TLS/token?service=fastpull-perf" --cacert "$TLS_DIR/ca.crt" || return 1
+  _wait_up reg-fartls "https://$FARTLS_BACK/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
+  _wait_up delay-fartls "https://$REG_FARTLS/v2/" --cacert "$TLS_DIR/ca.crt" || return 1
   for w in $RTT_WORLDS; do
     IFS=: read -r rtt host port <<<"$w"
     _wait_up "reg-rtt$rtt" "http://127.0.0.1:$port/v2/" || return 1
@@ -782,6 +807,26 @@ world_check_matrix() { # digest smooth-4MiB-B/s smooth-20MiB-B/s
     probe+=", \"rtt$rtt\": [${sp/ /, }], \"rtt${rtt}_connect_get_s\": $t"
     world_log "check ok: rtt$rtt world ($reg, token auth enforced: 401 / token 200 / forged 401): connect+GET $t s, CDN 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
   done
+  # The far TLS world: token auth over HTTPS, HTTP/2 from the registry, the round trips added
+  # to the handshakes too (connect, TLS, GET: 3 RTT through the proxy, which models TCP's).
+  local ca=(--cacert "$TLS_DIR/ca.crt") proto
+  reg=$REG_FARTLS
+  hdr=$(curl -sS "${ca[@]}" -o /dev/null -D - "https://$reg/v2/perf/imgsmall/manifests/latest" | tr -d '\r')
+  code=$(printf '%s' "$hdr" | head -1 | awk '{print $2}')
+  [ "$code" = 401 ] || { world_log "check: $reg answered $code without a token, want 401"; return 1; }
+  realm=$(printf '%s' "$hdr" | sed -n 's/^[Ww]ww-[Aa]uthenticate: Bearer realm="\([^"]*\)".*/\1/p')
+  [ "$realm" = "https://$TOKEN_FARTLS/token" ] || { world_log "check: $reg realm is '$realm'"; return 1; }
+  tok=$(curl -fsS "${ca[@]}" "$realm?service=fastpull-perf&scope=repository:perf/img500:pull" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  read -r code proto <<<"$(curl -sS "${ca[@]}" -o /dev/null -w '%{http_code} %{http_version}' -H "Authorization: Bearer $tok" "https://$reg/v2/perf/img500/blobs/$digest")"
+  [ "$code" = 307 ] && [ "$proto" = 2 ] || { world_log "check: $reg answered $code over HTTP/$proto to a blob GET, want 307 over HTTP/2"; return 1; }
+  t=$(curl -sS "${ca[@]}" -o /dev/null -w '%{time_total}' "https://$reg/v2/")
+  python3 -c "import sys; sys.exit(0 if 2.8 * $FARTLS_RTT <= 1000 * $t <= 3 * $FARTLS_RTT + 90 else 1)" ||
+    { world_log "check: connect + TLS + GET /v2/ on $reg took $t s, want ~3x $FARTLS_RTT ms"; return 1; }
+  loc=$(curl -sS "${ca[@]}" -o /dev/null -w '%{redirect_url}' -H "Authorization: Bearer $tok" "https://$reg/v2/perf/img500/blobs/$digest")
+  case "$loc" in "https://$CDN_FARTLS/"*) ;; *) world_log "check: $reg redirects to $loc"; return 1 ;; esac
+  sp=$(_probe "$loc" "${ca[@]}")
+  probe+=", \"fartls\": [${sp/ /, }], \"fartls_connect_tls_get_s\": $t"
+  world_log "check ok: far TLS world ($reg, +$FARTLS_RTT ms, token auth over HTTPS, HTTP/2 registry): connect+TLS+GET $t s, CDN 4 MiB range at $(_mib "${sp% *}") MiB/s, 20 MiB at $(_mib "${sp#* }") MiB/s"
   echo "$probe}" >"$WORLD_DIR/probe.json"
 }
 
