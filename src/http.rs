@@ -104,26 +104,30 @@ pub(crate) struct Exchange {
     /// Whether the connection was opened for this request (None: not known, as through a
     /// tunnel).
     pub fresh: Option<bool>,
-    /// On a direct TLS connection: from its handshake's end to the response's headers.
+    /// On a direct TLS connection: from its handshake's end (or the sending, if later) to
+    /// the response's headers.
     pub since_handshake: Option<Duration>,
 }
 
 impl Exchange {
     /// The round trip this exchange shows, the server's think time included, and whether
-    /// it is exact. A request on a connection already open waited one round trip: exact. One
-    /// on a direct TLS connection opened for it was sent as the handshake ended (hyper
-    /// writes it at once), so the time since then is exact too, whatever the handshake cost
-    /// (TCP's round trip, TLS 1.3's one or 1.2's two, a retried hello, a middlebox's own
-    /// handshake hidden from the connect time). A plain one waited for the TCP handshake,
-    /// which a middlebox may hide in its first bytes: that counts half, which errs low by
-    /// half the server's think time, so it is not exact. Unknown (through a tunnel): the
-    /// whole time, not exact.
+    /// it is exact. A request on a connection already open waited one round trip: exact. On
+    /// a direct TLS connection the time is counted from the later of sending and the
+    /// handshake's end (hyper writes a request at once when its connection is ready), so a
+    /// request that waited for a new connection's handshake, its own or another's, is
+    /// exact too, whatever the handshake cost (TCP's round trip, TLS 1.3's one or 1.2's
+    /// two, a retried hello, a middlebox's own handshake hidden from the connect time). A
+    /// plain connection opened for it waited for the TCP handshake, which a middlebox may
+    /// hide in its first bytes: that counts half, which errs low by half the server's think
+    /// time, so it is not exact. Unknown (through a tunnel): the whole time, not exact.
     pub(crate) fn round_trip(&self) -> (Duration, bool) {
         match (self.fresh, self.since_handshake) {
-            (Some(true), Some(since)) => (since.min(self.took), true),
+            // Also for a request that waited for another's new HTTP/2 connection (not the
+            // first response on it, so not "fresh"): counted from the handshake's end too.
+            (_, Some(since)) => (since.min(self.took), true),
             (Some(true), None) => (self.took / 2, false),
-            (Some(false), _) => (self.took, true),
-            (None, _) => (self.took, false),
+            (Some(false), None) => (self.took, true),
+            (None, None) => (self.took, false),
         }
     }
 }
@@ -192,6 +196,11 @@ impl Transport {
             tls,
             seen: Default::default(),
         })
+    }
+
+    /// Whether lanes `a` and `b` are the same pool (lanes wrap around their number).
+    pub(crate) fn same_pool(&self, a: usize, b: usize) -> bool {
+        a % self.lanes.len() == b % self.lanes.len()
     }
 
     /// Whether `authority` was named by `--insecure` (no certificate checks; plain HTTP

@@ -348,7 +348,9 @@ impl Registry {
     /// A blob's whole body (the registry's URL, redirects followed), for streaming.
     pub(crate) async fn blob_body(&self, digest: &Digest) -> Result<Incoming> {
         let url = self.blob_url(digest);
-        let resp = self.call("blob", || self.get_blob(&url, None, 0)).await?;
+        let resp = self
+            .call("blob", || self.get_blob(&url, None, 0, true))
+            .await?;
         Ok(resp.response.into_body())
     }
 
@@ -357,7 +359,7 @@ impl Registry {
     pub(crate) async fn small_blob(&self, digest: &Digest, limit: usize) -> Result<Bytes> {
         let url = self.blob_url(digest);
         self.call("blob", || async {
-            let resp = self.get_blob(&url, None, 0).await?;
+            let resp = self.get_blob(&url, None, 0, true).await?;
             let bytes = read_body(resp.response, limit, &url).await?;
             let actual = Digest::of(&bytes);
             if actual != *digest {
@@ -377,7 +379,9 @@ impl Registry {
     /// A `206` must name the bytes it holds in a valid `Content-Range`; other statuses than
     /// 200 and 206 become errors.
     ///
-    /// A registry that speaks HTTP/2 gets the request on lane 0, where the manifest came:
+    /// A registry that speaks HTTP/2 gets the request on lane 0, where the manifest came
+    /// (when `share` allows: a retry goes on its own lane, so that a stale or broken shared
+    /// connection cannot hold every try):
     /// most registries answer a blob GET with a redirect to a CDN, and those answers then
     /// share the connection already open (as Go's and reqwest's clients share it) instead
     /// of each blob opening one of its own, two round trips at least with TLS. A registry
@@ -392,6 +396,7 @@ impl Registry {
         url: &str,
         range: Option<(u64, u64)>,
         lane: usize,
+        share: bool,
     ) -> Result<BlobResponse> {
         let mut headers = HeaderMap::new();
         if let Some((from, to)) = range {
@@ -400,7 +405,8 @@ impl Registry {
             headers.insert(header::RANGE, v);
         }
         let mut exchanges = 0;
-        let registry_lane = if self.speaks_h2.load(Ordering::Relaxed)
+        let registry_lane = if share
+            && self.speaks_h2.load(Ordering::Relaxed)
             && !self.serves_blobs_over_h2.load(Ordering::Relaxed)
         {
             0
@@ -416,7 +422,7 @@ impl Registry {
                 &mut exchanges,
             )
             .await?;
-        if registry_lane != lane
+        if !self.transport.same_pool(registry_lane, lane)
             && resp.version() == http::Version::HTTP_2
             && matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT)
             && origin_of(&final_url) == origin_of(&self.base())

@@ -175,6 +175,16 @@ pub(super) struct Flow<'a> {
     pub lane: usize,
 }
 
+/// Where one request of a transfer goes.
+#[derive(Clone, Copy)]
+struct Lane {
+    /// The transport's lane (its pool, modulo their number).
+    index: usize,
+    /// Whether its request to the registry itself may share the registry's HTTP/2
+    /// connection (see [`crate::registry::Registry::get_blob`]).
+    share_registry_connection: bool,
+}
+
 impl Fetcher<'_> {
     /// Fills `writer`'s span: requests, retries and resumes until every byte of it (as the
     /// scheduler may shorten it) is written.
@@ -201,9 +211,14 @@ impl Fetcher<'_> {
         let (mut refused_waits, mut refused_at) = (0u32, writer.position());
         loop {
             let before = writer.position();
-            let result = self
-                .exchange(&flow, &mut writer, &url, flow.lane + retried as usize)
-                .await;
+            // A retry goes on another lane (another pool, so another connection), the
+            // registry's request included: only a first try shares its connection (see
+            // `Registry::get_blob`), so a stale or broken one cannot hold every try.
+            let lane = Lane {
+                index: flow.lane + retried as usize,
+                share_registry_connection: retried == 0 && !fell_back_to_registry,
+            };
+            let result = self.exchange(&flow, &mut writer, &url, lane).await;
             let err = match result {
                 // Complete, or cut to where it stood (a race took the rest): whatever went
                 // wrong after that concerns bytes another transfer fetches.
@@ -313,7 +328,7 @@ impl Fetcher<'_> {
         flow: &Flow<'_>,
         writer: &mut SpanWriter,
         url: &str,
-        lane: usize,
+        lane: Lane,
     ) -> Result<()> {
         let s = flow.blob;
         let size = s.desc.size;
@@ -334,7 +349,8 @@ impl Fetcher<'_> {
             writer,
             tokio::time::timeout(
                 self.options.stall_timeout,
-                self.registry.get_blob(url, range, lane),
+                self.registry
+                    .get_blob(url, range, lane.index, lane.share_registry_connection),
             ),
         );
         let Some(answer) = answer.await else {
@@ -362,7 +378,7 @@ impl Fetcher<'_> {
             url = %redact_url(&final_url),
             range = ?range,
             status = response.status().as_u16(),
-            lane,
+            lane = lane.index,
             "response"
         );
         if flow.first {
