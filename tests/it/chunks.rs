@@ -739,6 +739,29 @@ fn requests_for<'a>(log: &'a str, needle: &str) -> (Vec<Logged<'a>>, bool) {
     (seen, h2)
 }
 
+/// `image` pushed to `reg` as `repo:v` and pulled by fastpull (default flags) through an
+/// nginx TLS/HTTP/2 front ([`crate::support::cdn::h2_front`]): the pull succeeded, holds the
+/// image, and its manifest came over HTTP/2. Returns the front's access log.
+fn pull_through_h2_front(reg: &Registry, repo: &str, image: &Image) -> String {
+    let certs = tempfile::tempdir().expect("certs dir");
+    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
+    push_image(reg, repo, "v", image);
+    let front = crate::support::cdn::h2_front(&reg.addr(), &pki);
+    let (_d, out) = dest();
+    let o = fastpull_command()
+        .arg(format!("{}/{repo}:v", front.addr()))
+        .arg(&out)
+        .env("SSL_CERT_FILE", &pki.ca_cert)
+        .output()
+        .expect("run fastpull");
+    let log = front.access_log();
+    assert!(o.status.success(), "{}\nfront log:\n{log}", text(&o));
+    assert_holds(&out, image);
+    let (manifests, h2) = requests_for(&log, "/manifests/");
+    assert!(h2 && !manifests.is_empty(), "HTTP/2 by ALPN:\n{log}");
+    log
+}
+
 /// A registry reached over HTTP/2 that redirects its blob GETs to a CDN: those GETs (and
 /// their redirects) share one connection, as Go's and reqwest's clients share it, instead of
 /// each blob opening a TLS connection of its own to the registry; the CDN's GETs still go on
@@ -747,24 +770,9 @@ fn requests_for<'a>(log: &'a str, needle: &str) -> (Vec<Logged<'a>>, bool) {
 /// is taken for a near HTTP/2 one after it, whose later requests go to other lanes.)
 #[test]
 fn blob_redirects_share_an_http2_registry_connection() {
-    let certs = tempfile::tempdir().expect("certs dir");
-    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
     let (reg, cdn) = crate::support::cdn::registry_with_cdn(None);
     let image = image_of(&[300 << 10, 200 << 10, 100 << 10, 50 << 10, 20 << 10], 1220);
-    push_image(&reg, "chunks/h2reg", "v", &image);
-    let front = crate::support::cdn::h2_front(&reg.addr(), &pki);
-    let (_d, out) = dest();
-    let o = fastpull_command()
-        .arg(format!("{}/chunks/h2reg:v", front.addr()))
-        .arg(&out)
-        .env("SSL_CERT_FILE", &pki.ca_cert)
-        .output()
-        .expect("run fastpull");
-    let log = front.access_log();
-    assert!(o.status.success(), "{}\nfront log:\n{log}", text(&o));
-    assert_holds(&out, &image);
-    let (manifests, h2) = requests_for(&log, "/manifests/");
-    assert!(h2 && !manifests.is_empty(), "HTTP/2 by ALPN:\n{log}");
+    let log = pull_through_h2_front(&reg, "chunks/h2reg", &image);
     let (blobs, _) = requests_for(&log, "/blobs/sha256:");
     assert_eq!(blobs.len(), 6, "config and 5 layers, once each:\n{log}");
     assert!(
@@ -786,24 +794,9 @@ fn blob_redirects_share_an_http2_registry_connection() {
 /// without the re-send: every layer's bytes on the manifest's connection.)
 #[test]
 fn an_http2_registry_serving_blobs_itself_gets_a_connection_per_blob() {
-    let certs = tempfile::tempdir().expect("certs dir");
-    let pki = TestPki::create(certs.path(), &["127.0.0.2"]);
     let reg = Registry::start();
     let image = image_of(&[3 << 20, 2 << 20, 3 << 19, 1 << 20], 1230);
-    push_image(&reg, "chunks/h2direct", "v", &image);
-    let front = crate::support::cdn::h2_front(&reg.addr(), &pki);
-    let (_d, out) = dest();
-    let o = fastpull_command()
-        .arg(format!("{}/chunks/h2direct:v", front.addr()))
-        .arg(&out)
-        .env("SSL_CERT_FILE", &pki.ca_cert)
-        .output()
-        .expect("run fastpull");
-    let log = front.access_log();
-    assert!(o.status.success(), "{}\nfront log:\n{log}", text(&o));
-    assert_holds(&out, &image);
-    let (manifests, h2) = requests_for(&log, "/manifests/");
-    assert!(h2 && !manifests.is_empty(), "HTTP/2 by ALPN:\n{log}");
+    let log = pull_through_h2_front(&reg, "chunks/h2direct", &image);
     // No connection carried more than one layer whole in one response: the first blob's
     // lane is the shared one, every other layer's answer there was cut off (each is larger
     // than what HTTP/2 lets the server send ahead) and asked for again on its own lane.
