@@ -94,7 +94,7 @@ pub fn seeded_registry_with_cdn(
 /// nginx on 127.0.0.2 in front of the plain-HTTP registry at `upstream`, speaking HTTPS and
 /// HTTP/2 (by ALPN) with a certificate of `pki`'s CA, as registries behind a TLS-terminating
 /// proxy or load balancer are reached: `/v2/` is the registry's; its access log has the
-/// connection each request came on (`conn=`) and the protocol.
+/// connection each request came on (`conn=`), the protocol and the `Range` asked for.
 pub fn h2_front(upstream: &str, pki: &TestPki) -> Cdn {
     let directives = format!(
         "location /v2/ {{ proxy_pass http://{upstream}; proxy_set_header Host $http_host; \
@@ -158,7 +158,7 @@ error_log {error_log} warn;
 pid {p}/nginx.pid;
 events {{ worker_connections 256; }}
 http {{
-  log_format conn '$remote_addr "$request" $status $body_bytes_sent conn=$connection proto=$server_protocol';
+  log_format conn '$remote_addr "$request" $status $body_bytes_sent conn=$connection proto=$server_protocol range=$http_range';
   access_log {p}/logs/access.log conn;
   client_body_temp_path {p}/tmp;
   proxy_temp_path {p}/tmp;
