@@ -698,12 +698,13 @@ impl Service<Uri> for Connector {
                     let key = origin_key(&dst);
                     let started = std::time::Instant::now();
                     let stream = builder.wrap_connector(direct).call(dst).await?;
-                    handshaken = Some(std::time::Instant::now());
+                    let ended = std::time::Instant::now();
+                    handshaken = Some(ended);
                     // Near by its address or connect time, and the TLS handshake's round
                     // trip short too (a proxy or tunnel on this machine may front a far
                     // server: its connect is instant, its handshake is not).
                     let near = near.load(std::sync::atomic::Ordering::Relaxed)
-                        && started.elapsed() <= H2_NEAR_HANDSHAKE;
+                        && ended - started <= H2_NEAR_HANDSHAKE;
                     let h2 = match &stream {
                         MaybeHttpsStream::Https(tls) => {
                             tls.inner().get_ref().1.alpn_protocol() == Some(b"h2")

@@ -418,7 +418,7 @@ impl Registry {
                 (registry_lane, lane),
                 Method::GET,
                 url,
-                headers.clone(),
+                &headers,
                 &mut exchanges,
             )
             .await?;
@@ -435,7 +435,7 @@ impl Registry {
             }
             drop(resp); // resets that stream
             (resp, final_url) = self
-                .send_counted((lane, lane), Method::GET, url, headers, &mut exchanges)
+                .send_counted((lane, lane), Method::GET, url, &headers, &mut exchanges)
                 .await?;
         }
         let body = match resp.status() {
@@ -485,7 +485,7 @@ impl Registry {
         url: &str,
         headers: HeaderMap,
     ) -> Result<(Response<Incoming>, String)> {
-        self.send_counted((lane, lane), method, url, headers, &mut 0)
+        self.send_counted((lane, lane), method, url, &headers, &mut 0)
             .await
     }
 
@@ -497,7 +497,7 @@ impl Registry {
         (registry_lane, lane): (usize, usize),
         method: Method,
         url: &str,
-        headers: HeaderMap,
+        headers: &HeaderMap,
         exchanges: &mut u32,
     ) -> Result<(Response<Incoming>, String)> {
         let mut url = url.to_string();
