@@ -130,6 +130,11 @@ impl Span {
 pub struct SpanRef(Arc<Span>);
 
 impl SpanRef {
+    /// Its first byte.
+    pub fn start(&self) -> u64 {
+        self.0.start
+    }
+
     /// The next byte its writer will write.
     pub fn position(&self) -> u64 {
         self.0.position()

@@ -299,6 +299,7 @@ impl Fetcher<'_> {
             // the scheduler picks (more pieces, a cut, a raced tail).
             while flows.len() < max {
                 let infos: Vec<FlowInfo<'_>> = flows.iter().map(FlowRun::info).collect();
+                let free: Vec<usize> = (0..lanes.len()).filter(|&l| !lanes[l]).collect();
                 let on_origin = |origin: &str| {
                     flows
                         .iter()
@@ -315,12 +316,13 @@ impl Fetcher<'_> {
                     on_origin,
                 );
                 let next_blob = if room { to_open.pop_front() } else { None };
-                let (blob, writer, first) = if let Some(b) = next_blob {
+                let (blob, writer, first, lane) = if let Some(b) = next_blob {
                     let size = runs[b].desc.size;
+                    let (lane, _) = sched.lane_for(None, &free);
                     let len = if sched.whole_request(size) {
                         size
                     } else {
-                        sched.fit(sched.piece_len(None, &infos), size)
+                        sched.fit(sched.piece_len(None, &infos, None), size)
                     };
                     let opened = match self.open(&mut runs[b], sched.whole_request(size), len) {
                         Err(Error::NoSpace {
@@ -348,7 +350,7 @@ impl Fetcher<'_> {
                         other => other?,
                     };
                     match opened {
-                        Some(writer) => (b, writer, true),
+                        Some(writer) => (b, writer, true, lane),
                         None => {
                             // A resumed blob with every byte there already: hash it.
                             let run = &mut runs[b];
@@ -371,15 +373,16 @@ impl Fetcher<'_> {
                         .filter(|s| room && r.running == 0 && s.file.unassigned() > 0)
                         .map(|s| (i, s.clone()))
                 }) {
+                    let (lane, lane_rate) = sched.lane_for(state.origin(), &free);
                     let len = sched.fit(
-                        sched.piece_len(state.origin(), &infos),
+                        sched.piece_len(state.origin(), &infos, lane_rate),
                         state.file.unassigned(),
                     );
                     let writer = state
                         .file
                         .take(len)
                         .ok_or_else(|| internal("no bytes left to take"))?;
-                    (b, writer, false)
+                    (b, writer, false, lane)
                 } else {
                     let blob_infos: Vec<BlobInfo<'_>> = runs
                         .iter()
@@ -392,13 +395,14 @@ impl Fetcher<'_> {
                                 running: r.running,
                                 origin: s.origin(),
                                 races: r.races,
+                                prefix: s.file.contiguous_prefix(),
                             })
                         })
                         .collect();
-                    let decision = sched.pick(&infos, &blob_infos, on_origin);
+                    let decision = sched.pick(&infos, &blob_infos, on_origin, &free);
                     match decision {
                         None => break,
-                        Some(Decision::Piece { blob, len }) => {
+                        Some(Decision::Piece { blob, len, lane }) => {
                             let state = runs[blob]
                                 .state
                                 .as_ref()
@@ -406,7 +410,7 @@ impl Fetcher<'_> {
                             let Some(writer) = state.file.take(len) else {
                                 break;
                             };
-                            (blob, writer, false)
+                            (blob, writer, false, lane)
                         }
                         Some(Decision::Cut(cut)) => {
                             let Some(victim) = flows.iter().find(|f| f.id == cut.victim) else {
@@ -427,14 +431,14 @@ impl Fetcher<'_> {
                             } else {
                                 runs[b].splits += 1;
                             }
-                            tracing::debug!(blob = %runs[b].desc.digest, at = cut.at, end = writer.range().end, victim_at = victim.span.position(), race = cut.race, "split");
-                            (b, writer, false)
+                            tracing::debug!(blob = %runs[b].desc.digest, at = cut.at, end = writer.range().end, victim_at = victim.span.position(), race = cut.race, lane = cut.lane, "split");
+                            (b, writer, false, cut.lane)
                         }
                     }
                 };
-                let Some(lane) = lanes.iter().position(|used| !used) else {
+                if lanes.get(lane) != Some(&false) {
                     return Err(internal("no free lane"));
-                };
+                }
                 lanes[lane] = true;
                 let state = runs[blob]
                     .state
@@ -467,7 +471,7 @@ impl Fetcher<'_> {
                     let i = flows.iter().position(|f| f.id == id).ok_or_else(|| internal("unknown flow"))?;
                     let flow = flows.swap_remove(i);
                     lanes[flow.lane] = false;
-                    sched.flow_ended(id, flow.stats.origin.get().map(String::as_str), flow.stats.bytes.load(Ordering::Relaxed));
+                    sched.flow_ended(id, flow.stats.origin.get().map(String::as_str), flow.stats.bytes.load(Ordering::Relaxed), flow.lane);
                     result?;
                     let run = &mut runs[flow.blob];
                     run.running -= 1;

@@ -61,6 +61,17 @@
 //!   trickles is next to nothing: it keeps a few bytes, and one that has stopped keeps none
 //!   (its transfer ends without waiting for them, wherever it waits). A blob is raced at
 //!   most [`MAX_RACES_PER_BLOB`] times, and only transfers that delivered something.
+//!   Before the end too: while its blob still has bytes to hand out, a transfer measured
+//!   [`EARLY_STRAGGLER`] times slower than a new connection would be is cut before the next
+//!   piece goes out (the one the blob's hash waits for first), since every byte above it
+//!   waits for it to be hashed, and at the end that hashing is what the pull waits for.
+//! - **A lane remembers its connection's rate.** Each lane keeps its connection, and with
+//!   it the connection's path and the server's per-connection limiter, so what its last
+//!   measured transfer from an origin got is what it will likely get again: a free lane
+//!   measured fast goes first, then one not measured, then slow ones; a piece on a lane
+//!   slower than the origin's typical connection is sized to take it no longer than the
+//!   others take theirs, and a cut or a race on it counts on the lane's rate, not the
+//!   origin's. Each measured transfer replaces what the lane knew.
 //! - **A refusal is a limit.** An origin that refuses a request as one too many (429 or 503
 //!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
 //!   answering others of ours allows no more at once than those, whatever the goodput says:
@@ -113,6 +124,11 @@ const ENDED_RATES: usize = 8;
 const ENDED_SAMPLES: u32 = 3;
 /// A straggler is this many times slower than the origin's typical connection.
 const STRAGGLER: f64 = 3.0;
+/// The same for a transfer cut while its blob still has bytes to hand out
+/// ([`Scheduler::early_straggler`]), and for a lane that is not to be preferred: told apart
+/// with less margin, since its bytes hold the blob's hash back, and a wrong call costs one
+/// request.
+const EARLY_STRAGGLER: f64 = 2.0;
 /// A window with long silences is stretched up to this many windows before a verdict.
 const MAX_STRETCH: u32 = 4;
 /// A hold after the origin refused requests lasts up to 2^(this - 1) ordinary holds.
@@ -190,23 +206,26 @@ pub(crate) struct BlobInfo<'a> {
     pub origin: Option<&'a str>,
     /// Straggler tails raced so far.
     pub races: u32,
+    /// Bytes written from its start without a gap: what its hash has, or can have, read.
+    pub prefix: u64,
 }
 
 /// What a free connection should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {
-    /// Fetch the next `len` unassigned bytes of `blob`.
-    Piece { blob: usize, len: u64 },
+    /// Fetch the next `len` unassigned bytes of `blob`, on `lane`.
+    Piece { blob: usize, len: u64, lane: usize },
     /// Take over part of a running transfer.
     Cut(Cut),
 }
 
-/// A decision: cut flow `victim` at `at`; the new connection fetches from `at`.
+/// A decision: cut flow `victim` at `at`; the new connection, on `lane`, fetches from `at`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Cut {
     pub victim: u64,
     pub at: u64,
     pub race: bool,
+    pub lane: usize,
 }
 
 /// Per-flow measurements.
@@ -669,6 +688,10 @@ pub(crate) struct Scheduler {
     min_piece: u64,
     origins: HashMap<String, Controller>,
     rates: HashMap<u64, Rate>,
+    /// What the last transfer on each lane to each origin got (bytes/s), if it lasted long
+    /// enough to be measured: a lane keeps its connection, and a connection its path and its
+    /// server's limiter.
+    lane_rates: HashMap<(usize, String), f64>,
 }
 
 impl Scheduler {
@@ -690,6 +713,7 @@ impl Scheduler {
             },
             origins: HashMap::new(),
             rates: HashMap::new(),
+            lane_rates: HashMap::new(),
         }
     }
 
@@ -832,10 +856,12 @@ impl Scheduler {
     }
 
     /// Bytes a flow received since the last tick, when it ends (so the window counts them).
-    /// Its rate, if measured over a few samples, joins the origin's recent ones.
-    pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64) {
+    /// Its rate, if measured over a few samples, joins the origin's recent ones and is what
+    /// its lane (`lane`) is known to get from that origin until the lane's next measured
+    /// transfer there.
+    pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64, lane: usize) {
         let r = self.rates.remove(&id);
-        let Some(c) = origin.and_then(|o| self.origins.get_mut(o)) else {
+        let Some((origin, c)) = origin.and_then(|o| Some(o).zip(self.origins.get_mut(o))) else {
             return;
         };
         // A flow no tick saw delivering (a piece that came and went within one) brought
@@ -846,7 +872,61 @@ impl Scheduler {
                 c.ended.pop_front();
             }
             c.ended.push_back(rate);
+            self.lane_rates.insert((lane, origin.to_string()), rate);
         }
+    }
+
+    /// What `lane` got from `origin` the last time it was measured there.
+    fn lane_rate(&self, lane: usize, origin: Option<&str>) -> Option<f64> {
+        let origin = origin?;
+        self.lane_rates.get(&(lane, origin.to_string())).copied()
+    }
+
+    /// Which of the `free` lanes (at least one) a new request to `origin` (None: not known
+    /// yet, a blob's first) goes on, and what that lane is known to get there. A lane keeps
+    /// its connection, so one whose last transfer was a straggler's would likely be one
+    /// again (a limiter or a path per connection): the fastest lane measured to be at least
+    /// half as fast as the origin's typical connection first, then one not measured, then
+    /// the slow ones, fastest first.
+    pub(crate) fn lane_for(&self, origin: Option<&str>, free: &[usize]) -> (usize, Option<f64>) {
+        let slow_at = |o: &str, r: f64| {
+            self.origins
+                .get(o)
+                .and_then(|c| c.typical)
+                .is_some_and(|t| r * EARLY_STRAGGLER < t)
+        };
+        // (class, rate): 0 fast, 1 not measured, 2 slow; faster first within a class.
+        let rank = |lane: usize| -> (u8, f64) {
+            match origin {
+                Some(o) => match self.lane_rate(lane, origin) {
+                    None => (1, 0.0),
+                    Some(r) if slow_at(o, r) => (2, -r),
+                    Some(r) => (0, -r),
+                },
+                // A blob's first request: its bytes will likely come from where the others'
+                // did; off lanes slow at any origin, onto one measured (a warm connection).
+                None => {
+                    let mut seen = self.lane_rates.iter().filter(|((l, _), _)| *l == lane);
+                    if seen.clone().any(|((_, o), &r)| slow_at(o, r)) {
+                        (2, 0.0)
+                    } else if seen.next().is_some() {
+                        (0, 0.0)
+                    } else {
+                        (1, 0.0)
+                    }
+                }
+            }
+        };
+        let lane = free
+            .iter()
+            .copied()
+            .min_by(|&a, &b| {
+                let (ca, ra) = rank(a);
+                let (cb, rb) = rank(b);
+                ca.cmp(&cb).then(ra.total_cmp(&rb)).then(a.cmp(&b))
+            })
+            .unwrap_or(0);
+        (lane, self.lane_rate(lane, origin))
     }
 
     /// How many bytes a new transfer on `origin` asks for: about [`PIECE_TIME`] (or
@@ -854,7 +934,13 @@ impl Scheduler {
     /// round trip is a small part of it, the pieces of a blob arrive roughly in order (the
     /// hasher follows close behind) and the last ones finish together. Before any rate is
     /// known: [`FIRST_PIECES`] minimum pieces.
-    pub(crate) fn piece_len(&self, origin: Option<&str>, flows: &[FlowInfo<'_>]) -> u64 {
+    /// A lane known to get less (`lane_rate`) gets a piece that takes it as long.
+    pub(crate) fn piece_len(
+        &self,
+        origin: Option<&str>,
+        flows: &[FlowInfo<'_>],
+        lane_rate: Option<f64>,
+    ) -> u64 {
         if self.fan_out == FanOut::Max {
             return self.min_piece;
         }
@@ -876,6 +962,10 @@ impl Scheduler {
         let rate = match (rate, ctl.and_then(Controller::window_rate)) {
             (Some(r), Some(w)) => Some(r.max(w)),
             (r, w) => r.or(w),
+        };
+        let rate = match (rate, lane_rate) {
+            (Some(r), Some(l)) => Some(r.min(l)),
+            (r, _) => r,
         };
         let rtt = ctl.map_or(Duration::from_millis(20), |c| c.rtt());
         // An origin where more connections did not pay is not capped per connection: its
@@ -912,12 +1002,15 @@ impl Scheduler {
     /// What a free connection should do, if anything. Blobs that have started and have
     /// bytes nobody fetches yet come first (the one with the most); then the transfer that
     /// would finish last is cut, or a straggler's tail is raced. `on_origin(origin)` counts
-    /// the flows in flight to an origin.
+    /// the flows in flight to an origin; `free` are the lanes free (at least one), of which
+    /// the decision names one ([`Scheduler::lane_for`]), and what that lane is known to get
+    /// sizes its piece or its cut.
     pub(crate) fn pick<'a>(
         &mut self,
         flows: &[FlowInfo<'a>],
         blobs: &[BlobInfo<'a>],
         on_origin: impl Fn(&str) -> usize,
+        free: &[usize],
     ) -> Option<Decision> {
         let running = |b: usize| blobs.iter().find(|x| x.blob == b).map_or(0, |x| x.running);
         let on_origin_blobs = |o: &str| {
@@ -926,7 +1019,11 @@ impl Scheduler {
                 .filter(|b| b.running > 0 && b.origin == Some(o))
                 .count()
         };
-        let mut piece: Option<(u64, usize, u64)> = None;
+        let room = |o: &str| on_origin(o) < self.limit_with(o, on_origin_blobs(o));
+        if let Some(cut) = self.early_straggler(flows, blobs, room, free) {
+            return Some(Decision::Cut(cut));
+        }
+        let mut piece: Option<(u64, usize, u64, usize)> = None;
         for b in blobs {
             let Some(origin) = b.origin else { continue };
             if b.unassigned == 0
@@ -935,13 +1032,14 @@ impl Scheduler {
             {
                 continue;
             }
-            if piece.is_none_or(|(u, _, _)| b.unassigned > u) {
-                let len = self.fit(self.piece_len(Some(origin), flows), b.unassigned);
-                piece = Some((b.unassigned, b.blob, len));
+            if piece.is_none_or(|(u, _, _, _)| b.unassigned > u) {
+                let (lane, lane_rate) = self.lane_for(Some(origin), free);
+                let len = self.fit(self.piece_len(Some(origin), flows, lane_rate), b.unassigned);
+                piece = Some((b.unassigned, b.blob, len, lane));
             }
         }
-        if let Some((_, blob, len)) = piece {
-            return Some(Decision::Piece { blob, len });
+        if let Some((_, blob, len, lane)) = piece {
+            return Some(Decision::Piece { blob, len, lane });
         }
         let typical = self.typical_rate(flows);
         let mut best: Option<(f64, Cut)> = None;
@@ -973,6 +1071,9 @@ impl Scheduler {
                 .max(1.0);
             let own = rate.unwrap_or(fresh).max(1.0);
             let left = remaining as f64 / own;
+            // The new connection: the lane's, if measured there.
+            let (lane, lane_rate) = self.lane_for(Some(origin), free);
+            let fresh = lane_rate.unwrap_or(fresh).max(1.0);
             // A cut costs a request and the victim's connection: only where the victim
             // would still take a while alone (a fast connection's last MiBs are not worth
             // it, and its socket may hold them already).
@@ -980,12 +1081,7 @@ impl Scheduler {
                 && left > MIN_CUT_TIME.max(4.0 * rtt)
                 && on_origin(origin) < self.limit_with(origin, on_origin_blobs(origin))
             {
-                // Both finish together: the victim goes on at `own`, the new connection
-                // starts after a round trip at the typical rate.
-                let t = (remaining as f64 + fresh * rtt) / (own + fresh);
-                let at = pos as f64 + own * t;
-                let at = align(at as u64).clamp(pos + self.min_piece, end - self.min_piece);
-                let at = align_down(at).max(pos + self.min_piece);
+                let at = self.split_point(pos, end, own, fresh, rtt);
                 if at + self.min_piece <= end && best.is_none_or(|(l, _)| left > l) {
                     best = Some((
                         left,
@@ -993,6 +1089,7 @@ impl Scheduler {
                             victim: f.id,
                             at,
                             race: false,
+                            lane,
                         },
                     ));
                 }
@@ -1019,25 +1116,7 @@ impl Scheduler {
                 // a request).
                 let fresh_time = rtt + remaining as f64 / fresh;
                 if own * STRAGGLER < fresh && left > 2.0 * fresh_time && left > 4.0 * rtt + 0.2 {
-                    // Past where the victim will be when the new request's bytes come, and
-                    // past what its socket may already hold; a victim that has stopped
-                    // delivering keeps nothing (its transfer ends without the bytes it
-                    // would wait for: `fetch::transfer`).
-                    // (A rate decays towards 0 but never gets there: silence says stopped.)
-                    let silent = self.rates.get(&f.id).map_or(Duration::ZERO, |r| {
-                        r.last_at.saturating_duration_since(r.progress_at)
-                    });
-                    let ahead = if silent >= SILENT.max(Duration::from_secs_f64(4.0 * rtt)) {
-                        0
-                    } else {
-                        ((own * 2.0 * rtt) as u64)
-                            .max(RACE_AHEAD.min((own * RACE_AHEAD_TIME) as u64))
-                    };
-                    let at = if ahead >= ALIGN {
-                        align(pos + ahead)
-                    } else {
-                        pos + ahead
-                    };
+                    let at = self.race_point(f.id, pos, own, rtt);
                     if at < end && best_race.is_none_or(|(l, _)| left > l) {
                         best_race = Some((
                             left,
@@ -1045,6 +1124,7 @@ impl Scheduler {
                                 victim: f.id,
                                 at,
                                 race: true,
+                                lane,
                             },
                         ));
                     }
@@ -1052,6 +1132,128 @@ impl Scheduler {
             }
         }
         best.or(best_race).map(|(_, c)| Decision::Cut(c))
+    }
+
+    /// Where to cut a span at `pos..end` whose transfer goes on at `own` bytes/s so that it
+    /// and a new connection (its first byte a round trip away, then `fresh` bytes/s) finish
+    /// together: aligned, and leaving each side a minimum piece.
+    fn split_point(&self, pos: u64, end: u64, own: f64, fresh: f64, rtt: f64) -> u64 {
+        let remaining = end.saturating_sub(pos);
+        let t = (remaining as f64 + fresh * rtt) / (own + fresh);
+        let at = pos as f64 + own * t;
+        let at = align(at as u64).clamp(pos + self.min_piece, end.saturating_sub(self.min_piece));
+        align_down(at).max(pos + self.min_piece)
+    }
+
+    /// Where a race takes over the tail of flow `id`, at `pos` and `own` bytes/s: past
+    /// where the victim will be when the new request's bytes come, and past what its socket
+    /// may already hold; a victim that has stopped delivering keeps nothing (its transfer
+    /// ends without the bytes it would wait for: `fetch::transfer`). (A rate decays towards
+    /// 0 but never gets there: silence says stopped.)
+    fn race_point(&self, id: u64, pos: u64, own: f64, rtt: f64) -> u64 {
+        let silent = self.rates.get(&id).map_or(Duration::ZERO, |r| {
+            r.last_at.saturating_duration_since(r.progress_at)
+        });
+        let ahead = if silent >= SILENT.max(Duration::from_secs_f64(4.0 * rtt)) {
+            0
+        } else {
+            ((own * 2.0 * rtt) as u64).max(RACE_AHEAD.min((own * RACE_AHEAD_TIME) as u64))
+        };
+        if ahead >= ALIGN {
+            align(pos + ahead)
+        } else {
+            pos + ahead
+        }
+    }
+
+    /// A straggler cut at once, before its blob's last bytes are handed out (after, the cuts
+    /// of [`Scheduler::pick`] take over): a transfer measured over a few samples at
+    /// [`EARLY_STRAGGLER`] times slower than what a new connection to its origin gets, whose
+    /// rest would take it much longer than a new connection needs; the one the blob's hash
+    /// waits for (at its written prefix) first, then the one that would take longest. Every
+    /// byte written above a straggler waits for it to be hashed, and at the end the hashing
+    /// of all of them is what the pull waits for: seen in perf/'s slow-tail world, where the
+    /// first pieces, handed out before any rate was known, put one in four on a slow
+    /// connection all over a 300 MB blob; the last of them held its hash until 0.8 s, and
+    /// it ended 0.15 s after the last byte. Most of its rest goes to the new connection
+    /// (the two finish together), or, when too little is left to halve, its tail is raced
+    /// as at the end. `room(origin)`: whether the origin may have one more request.
+    fn early_straggler(
+        &self,
+        flows: &[FlowInfo<'_>],
+        blobs: &[BlobInfo<'_>],
+        room: impl Fn(&str) -> bool,
+        free: &[usize],
+    ) -> Option<Cut> {
+        if self.fan_out != FanOut::Auto {
+            return None;
+        }
+        let typical = self.typical_rate(flows);
+        // (holds the hash now, time it would take), best last.
+        let mut best: Option<((bool, f64), Cut)> = None;
+        for f in flows {
+            let Some(b) = blobs.iter().find(|b| b.blob == f.blob) else {
+                continue;
+            };
+            let Some(origin) = f.origin else { continue };
+            let (pos, end) = (f.span.position(), f.span.end());
+            // Blobs with nothing left to hand out get their cuts in `pick`.
+            if !f.splittable || b.unassigned == 0 || b.running >= self.max_per_blob || pos >= end {
+                continue;
+            }
+            let front = f.span.start() <= b.prefix && pos >= b.prefix;
+            let Some(r) = self.rates.get(&f.id) else {
+                continue;
+            };
+            let Some(own) = r.rate.filter(|_| !r.raced && r.samples >= RACE_SAMPLES) else {
+                continue;
+            };
+            let own = own.max(1.0);
+            let c = self.origins.get(origin);
+            let rtt = c
+                .map_or(Duration::from_millis(20), |c| c.rtt())
+                .as_secs_f64();
+            let (lane, lane_rate) = self.lane_for(Some(origin), free);
+            let fresh = lane_rate
+                .or(c.and_then(|c| c.typical))
+                .or(typical)
+                .unwrap_or(1e6)
+                .max(1.0);
+            let remaining = end - pos;
+            let left = remaining as f64 / own;
+            let fresh_time = rtt + remaining as f64 / fresh;
+            if own * EARLY_STRAGGLER >= fresh
+                || left <= 2.0 * fresh_time
+                || left <= 4.0 * rtt + 0.2
+                || best.is_some_and(|((bf, bl), _)| (bf, bl) >= (front, left))
+                || !room(origin)
+            {
+                continue;
+            }
+            let cut = if remaining >= 2 * self.min_piece {
+                let at = self.split_point(pos, end, own, fresh, rtt);
+                (at + self.min_piece <= end).then_some(Cut {
+                    victim: f.id,
+                    at,
+                    race: false,
+                    lane,
+                })
+            } else if b.races < MAX_RACES_PER_BLOB {
+                let at = self.race_point(f.id, pos, own, rtt);
+                (at < end).then_some(Cut {
+                    victim: f.id,
+                    at,
+                    race: true,
+                    lane,
+                })
+            } else {
+                None
+            };
+            if let Some(cut) = cut {
+                best = Some(((front, left), cut));
+            }
+        }
+        best.map(|(_, c)| c)
     }
 
     /// A race cut `victim`'s span: it is not raced again. (Marked once the cut is made, not
@@ -1111,6 +1313,9 @@ fn align_down(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::write::{BlobFile, SpanWriter};
+    use std::path::Path;
+    use std::sync::Arc;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -1445,6 +1650,7 @@ mod tests {
                 running: 1,
                 origin: Some("o"),
                 races: 0,
+                prefix: 0,
             },
             BlobInfo {
                 blob: 1,
@@ -1452,11 +1658,12 @@ mod tests {
                 running: 1,
                 origin: Some("o"),
                 races: 0,
+                prefix: 0,
             },
         ];
         s.tick(now + 100 * MS, flows([0, 0]).into_iter());
         s.tick(now + 200 * MS, flows([10_000_000, 100_000]).into_iter());
-        let Some(Decision::Cut(cut)) = s.pick(&flows([0, 0]), &blobs, |_| 2) else {
+        let Some(Decision::Cut(cut)) = s.pick(&flows([0, 0]), &blobs, |_| 2, &[0]) else {
             panic!("no cut");
         };
         assert_eq!(cut.victim, 2);
@@ -1468,11 +1675,11 @@ mod tests {
         let mut fresh = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
         // (Before any measurement: a connection per blob, and INITIAL_LIMIT more.)
         assert!(fresh
-            .pick(&flows([0, 0]), &blobs, |_| 2 + INITIAL_LIMIT)
+            .pick(&flows([0, 0]), &blobs, |_| 2 + INITIAL_LIMIT, &[0])
             .is_none());
-        assert!(fresh.pick(&flows([0, 0]), &blobs, |_| 1).is_some());
+        assert!(fresh.pick(&flows([0, 0]), &blobs, |_| 1, &[0]).is_some());
         let mut per_blob = Scheduler::new(FanOut::Max, 32, 1, 1 << 20);
-        assert!(per_blob.pick(&flows([0, 0]), &blobs, |_| 2).is_none());
+        assert!(per_blob.pick(&flows([0, 0]), &blobs, |_| 2, &[0]).is_none());
         // Unassigned bytes go out as a piece before anything is cut, to the blob with most.
         let more = [
             BlobInfo {
@@ -1485,7 +1692,7 @@ mod tests {
             },
         ];
         assert!(matches!(
-            s.pick(&flows([0, 0]), &more, |_| 2),
+            s.pick(&flows([0, 0]), &more, |_| 2, &[0]),
             Some(Decision::Piece { blob: 1, .. })
         ));
     }
@@ -1547,7 +1754,7 @@ mod tests {
             s.tick(t0 + t, flows(t, true).into_iter());
         }
         for id in 1..4 {
-            s.flow_ended(id, Some("o"), 0);
+            s.flow_ended(id, Some("o"), 0, 0);
         }
         while t < Duration::from_millis(600) {
             t += 10 * MS;
@@ -1559,8 +1766,9 @@ mod tests {
             running: 1,
             origin: Some("o"),
             races: 0,
+            prefix: 0,
         }];
-        let Some(Decision::Cut(cut)) = s.pick(&flows(t, false), &blobs, |_| 1) else {
+        let Some(Decision::Cut(cut)) = s.pick(&flows(t, false), &blobs, |_| 1, &[0]) else {
             panic!("the stopped flow was not raced");
         };
         assert_eq!(cut.victim, 0);
@@ -1616,14 +1824,137 @@ mod tests {
         for _ in 0..30 {
             t += 10 * MS;
             for _ in 0..3 {
-                s.flow_ended(id, Some("o"), 2_500_000);
+                s.flow_ended(id, Some("o"), 2_500_000, 0);
                 id += 1;
             }
             let bytes = (10e6 * t.duration_since(t0).as_secs_f64()) as u64;
             s.tick(t, [slow(bytes)].into_iter());
         }
-        let len = s.piece_len(Some("o"), &[slow(3_000_000)]);
+        let len = s.piece_len(Some("o"), &[slow(3_000_000)], None);
         assert!(len >= 40_000_000, "{len}");
+    }
+
+    /// Flows 0..4 on lanes 0..4, each reading a 4 MiB piece of one 64 MiB blob from its
+    /// start at `rates` bytes/s, ticked for `ms` milliseconds.
+    fn four_pieces<'a>(
+        s: &mut Scheduler,
+        spans: &'a [SpanRef],
+        rates: [f64; 4],
+        t0: Instant,
+        ms: u32,
+    ) -> Vec<FlowInfo<'a>> {
+        let flows = |t: Duration| -> Vec<FlowInfo<'a>> {
+            (0..4)
+                .map(|i| FlowInfo {
+                    id: i as u64,
+                    blob: 0,
+                    span: &spans[i],
+                    origin: Some("o"),
+                    bytes: (rates[i] * t.as_secs_f64()) as u64,
+                    first_byte: Some(t0),
+                    splittable: true,
+                })
+                .collect()
+        };
+        let mut t = Duration::ZERO;
+        while t < MS * ms {
+            t += 10 * MS;
+            s.tick(t0 + t, flows(t).into_iter());
+        }
+        flows(t)
+    }
+
+    fn blob_in_pieces(dir: &Path) -> (Arc<BlobFile>, Vec<SpanWriter>) {
+        let a = BlobFile::create(&dir.join("a"), &dir.join("f"), 64 << 20).unwrap();
+        let writers = (0..4).map(|_| a.take(4 << 20).unwrap()).collect();
+        (a, writers)
+    }
+
+    /// A straggler is cut while its blob still has bytes to hand out, the one the blob's
+    /// hash waits for first: a new connection takes most of its rest rather than the next
+    /// unassigned piece; with no straggler the next piece goes out. (Red with cuts only
+    /// once a blob's bytes have all been handed out: the decision was a piece.)
+    #[test]
+    fn a_straggler_is_cut_while_its_blob_still_has_bytes_to_hand_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, writers) = blob_in_pieces(dir.path());
+        let spans: Vec<SpanRef> = writers.iter().map(SpanWriter::span).collect();
+        let blobs = |prefix: u64| {
+            [BlobInfo {
+                blob: 0,
+                unassigned: a.unassigned(),
+                running: 4,
+                origin: Some("o"),
+                races: 0,
+                prefix,
+            }]
+        };
+        assert_eq!(a.unassigned(), 48 << 20);
+        let t0 = Instant::now();
+        // Pieces 0 and 2 are slow (200 kB/s against 8 MB/s); piece 0 holds the hash.
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, true, t0);
+        let flows = four_pieces(&mut s, &spans, [200e3, 8e6, 200e3, 8e6], t0, 400);
+        let Some(Decision::Cut(cut)) = s.pick(&flows, &blobs(0), |_| 4, &[4, 5]) else {
+            panic!("the straggler was not cut");
+        };
+        assert_eq!(cut.victim, 0, "the one the hash waits for goes first");
+        assert!(!cut.race);
+        assert!(
+            (1 << 20..2 << 20).contains(&cut.at),
+            "the slow one keeps a minimum piece: {}",
+            cut.at
+        );
+        // A straggler higher up is cut as well.
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, true, t0);
+        let flows = four_pieces(&mut s, &spans, [8e6, 8e6, 200e3, 8e6], t0, 400);
+        let Some(Decision::Cut(cut)) = s.pick(&flows, &blobs(0), |_| 4, &[4, 5]) else {
+            panic!("the straggler higher up was not cut");
+        };
+        assert_eq!(cut.victim, 2);
+        // Every connection alike: the next piece.
+        let mut even = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        even.first_byte("o", MS, true, t0);
+        let flows = four_pieces(&mut even, &spans, [8e6; 4], t0, 400);
+        assert!(matches!(
+            even.pick(&flows, &blobs(0), |_| 4, &[4, 5]),
+            Some(Decision::Piece { blob: 0, .. })
+        ));
+    }
+
+    /// A lane whose last transfer from an origin was a straggler's is the last choice for
+    /// the next request there, after lanes measured fast (the fastest first) and lanes not
+    /// measured, and a piece it does get is sized to take it no longer than the others'
+    /// take them. (Red with the first free lane taken, and pieces sized by the origin alone.)
+    #[test]
+    fn lanes_measured_slow_are_chosen_last_and_get_shorter_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_a, writers) = blob_in_pieces(dir.path());
+        let spans: Vec<SpanRef> = writers.iter().map(SpanWriter::span).collect();
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+        s.first_byte("o", MS, true, t0);
+        let flows = four_pieces(&mut s, &spans, [1e6, 16e6, 20e6, 20e6], t0, 200);
+        // The slow flow (lane 0) and a fast one (lane 1) end; two fast ones go on.
+        s.flow_ended(0, Some("o"), flows[0].bytes, 0);
+        s.flow_ended(1, Some("o"), flows[1].bytes, 1);
+        let going = &flows[2..];
+        s.tick(t0 + 210 * MS, going.iter().copied());
+        assert_eq!(s.lane_for(Some("o"), &[0, 1, 7]).0, 1);
+        assert_eq!(s.lane_for(Some("o"), &[0, 7]), (7, None));
+        assert_eq!(s.lane_for(None, &[0, 7]).0, 7, "a blob's first request too");
+        let (lane, rate) = s.lane_for(Some("o"), &[0]);
+        assert_eq!(lane, 0);
+        let rate = rate.expect("lane 0 was measured");
+        assert!(rate < 2e6, "{rate}");
+        // Another origin knows nothing of these lanes.
+        assert_eq!(s.lane_for(Some("p"), &[0, 7]), (0, None));
+        let usual = s.piece_len(Some("o"), going, None);
+        let slow = s.piece_len(Some("o"), going, Some(rate));
+        assert!(usual >= 4 << 20, "{usual}");
+        assert!(slow < usual / 4, "{slow} against {usual}");
+        assert!(slow >= 1 << 20, "never below a minimum piece: {slow}");
     }
 
     #[test]

@@ -591,6 +591,59 @@ fn straggler_near_the_end_is_raced() {
     assert_fetched_once(&log, big);
 }
 
+/// A straggler is cut while its blob still has bytes to hand out, not only at the end: the
+/// connection carrying the blob's first request (2 MiB asked, before any rate is known)
+/// trickles at 64 kB/s, every other one gets 1 MB/s, and `-j 4 --chunk-size 256K` keep the
+/// rest of the blob coming in small pieces for seconds (with the defaults its 24 MiB would
+/// all be handed out, in first pieces of 8 MiB, before the straggler can be told apart).
+/// A request takes over most of the
+/// straggler's range before the request that asks for the blob's last byte: the bytes
+/// above it would otherwise wait there unhashed until the end. Red with cuts made only once
+/// a blob's bytes have all been handed out.
+#[test]
+fn a_straggler_is_cut_before_its_blob_is_handed_out() {
+    let image = image_of(2802, &[24 * MIB + 1]);
+    let big = &image.layers[0];
+    let (_reg, proxy) = registry_behind_proxy("sched/early", &image);
+    proxy.cap(
+        Which::FirstRequestFor(hex(&big.digest).to_string()),
+        Cap::smooth(64_000),
+    );
+    proxy.cap(Which::All, Cap::smooth(1_000_000));
+    let (_d, out) = dest();
+    let o = pull(
+        &["-v", "-j", "4", "--chunk-size", "256K"],
+        &format!("{}/sched/early:v", proxy.addr()),
+        &out,
+        TIMEOUT,
+    );
+    let log = proxy.settle();
+    assert_pulled(&out, &image, &o);
+    let body = |r: &Req| r.is_for(&big.digest) && r.is_body_get();
+    let slow = log
+        .reqs
+        .iter()
+        .position(|r| body(r) && r.cap.is_some_and(|c| c.rate == 64_000))
+        .unwrap_or_else(|| panic!("the throttle never applied:\n{}", log.describe()));
+    // The request that asked for the blob's last byte first: the last piece handed out.
+    let last_piece = log
+        .reqs
+        .iter()
+        .filter(|r| body(r) && r.span().is_some_and(|(_, b)| b == big.size()))
+        .map(|r| r.start)
+        .min()
+        .unwrap_or_else(|| panic!("no request for the last byte:\n{}", log.describe()));
+    let early = steals(&log, &big.digest)
+        .into_iter()
+        .any(|(victim, thief)| victim == slow && log.reqs[thief].start < last_piece);
+    assert!(
+        early,
+        "the straggler's range was taken over only after the blob's last piece was asked for:\n{}",
+        log.describe()
+    );
+    assert_fetched_once(&log, big);
+}
+
 /// A straggler that stops sending altogether gives all its tail away at once: the
 /// connection carrying the blob's first request sends 1 MiB, then nothing for 32 s (the
 /// proxy's next 512-byte piece at 16 B/s), every other one gets 16 MB/s. With default flags
