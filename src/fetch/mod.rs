@@ -471,7 +471,8 @@ impl Fetcher<'_> {
                     let i = flows.iter().position(|f| f.id == id).ok_or_else(|| internal("unknown flow"))?;
                     let flow = flows.swap_remove(i);
                     lanes[flow.lane] = false;
-                    sched.flow_ended(id, flow.stats.origin.get().map(String::as_str), flow.stats.bytes.load(Ordering::Relaxed), flow.lane);
+                    let lane = (!flow.stats.moved.load(Ordering::Relaxed)).then_some(flow.lane);
+                    sched.flow_ended(id, flow.stats.origin.get().map(String::as_str), flow.stats.bytes.load(Ordering::Relaxed), lane);
                     result?;
                     let run = &mut runs[flow.blob];
                     run.running -= 1;

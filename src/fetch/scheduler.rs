@@ -64,14 +64,19 @@
 //!   Before the end too: while its blob still has bytes to hand out, a transfer measured
 //!   [`EARLY_STRAGGLER`] times slower than a new connection would be is cut before the next
 //!   piece goes out (the one the blob's hash waits for first), since every byte above it
-//!   waits for it to be hashed, and at the end that hashing is what the pull waits for.
+//!   waits for it to be hashed, and at the end that hashing is what the pull waits for;
+//!   raced (it keeps next to nothing) when even a minimum piece would keep it longer than
+//!   the new connection needs for the rest, at most [`MAX_EARLY_RACES_PER_BLOB`] times a
+//!   blob, else split.
 //! - **A lane remembers its connection's rate.** Each lane keeps its connection, and with
 //!   it the connection's path and the server's per-connection limiter, so what its last
 //!   measured transfer from an origin got is what it will likely get again: a free lane
 //!   measured fast goes first, then one not measured, then slow ones; a piece on a lane
 //!   slower than the origin's typical connection is sized to take it no longer than the
 //!   others take theirs, and a cut or a race on it counts on the lane's rate, not the
-//!   origin's. Each measured transfer replaces what the lane knew.
+//!   origin's. Each measured transfer replaces what the lane knew, and what it knew is
+//!   forgotten after [`LANE_MEMORY`] (a lane given work last is rarely measured again, and
+//!   its connection or path may have changed).
 //! - **A refusal is a limit.** An origin that refuses a request as one too many (429 or 503
 //!   without `Retry-After`: nginx's `limit_conn`, an object store's "slow down") while it is
 //!   answering others of ours allows no more at once than those, whatever the goodput says:
@@ -118,6 +123,13 @@ const RACE_AHEAD_TIME: f64 = 0.05;
 const SILENT: Duration = Duration::from_millis(120);
 /// Races of one blob's stragglers at most.
 const MAX_RACES_PER_BLOB: u32 = 16;
+/// Of those, races before the blob's last bytes are handed out
+/// ([`Scheduler::early_straggler`]) at most: the rest stay for the end.
+const MAX_EARLY_RACES_PER_BLOB: u32 = MAX_RACES_PER_BLOB / 2;
+/// How long what a lane's last measured transfer from an origin got still counts: a lane
+/// measured slow is given work last, so it is rarely measured again, and its connection may
+/// since have been replaced, or its path have changed.
+const LANE_MEMORY: Duration = Duration::from_secs(2);
 /// Rates of ended connections an origin's typical rate also counts (the newest).
 const ENDED_RATES: usize = 8;
 /// Samples an ended connection's rate needs to count (the first holds no rate).
@@ -688,10 +700,12 @@ pub(crate) struct Scheduler {
     min_piece: u64,
     origins: HashMap<String, Controller>,
     rates: HashMap<u64, Rate>,
-    /// What the last transfer on each lane to each origin got (bytes/s), if it lasted long
-    /// enough to be measured: a lane keeps its connection, and a connection its path and its
-    /// server's limiter.
-    lane_rates: HashMap<(usize, String), f64>,
+    /// Per origin, what the last transfer on each lane got from it (bytes/s) and when it
+    /// ended, if it lasted long enough to be measured: a lane keeps its connection, and a
+    /// connection its path and its server's limiter. Forgotten after [`LANE_MEMORY`].
+    lane_rates: HashMap<String, HashMap<usize, (f64, Instant)>>,
+    /// The last tick: the scheduler's now.
+    now: Option<Instant>,
 }
 
 impl Scheduler {
@@ -714,6 +728,7 @@ impl Scheduler {
             origins: HashMap::new(),
             rates: HashMap::new(),
             lane_rates: HashMap::new(),
+            now: None,
         }
     }
 
@@ -766,6 +781,7 @@ impl Scheduler {
 
     /// Measures: every flow's rate, every origin's goodput; the controllers decide.
     pub(crate) fn tick<'a>(&mut self, now: Instant, flows: impl Iterator<Item = FlowInfo<'a>>) {
+        self.now = Some(now);
         let mut per_origin: HashMap<&str, (u64, usize)> = HashMap::new();
         // Every live flow's latest rate (flows sample at different ticks).
         let mut per_origin_rates: HashMap<&str, Vec<f64>> = HashMap::new();
@@ -857,9 +873,15 @@ impl Scheduler {
 
     /// Bytes a flow received since the last tick, when it ends (so the window counts them).
     /// Its rate, if measured over a few samples, joins the origin's recent ones and is what
-    /// its lane (`lane`) is known to get from that origin until the lane's next measured
-    /// transfer there.
-    pub(crate) fn flow_ended(&mut self, id: u64, origin: Option<&str>, bytes: u64, lane: usize) {
+    /// its lane (`lane`; None when a retry took it to other lanes) is known to get from that
+    /// origin, until the lane's next measured transfer there or [`LANE_MEMORY`].
+    pub(crate) fn flow_ended(
+        &mut self,
+        id: u64,
+        origin: Option<&str>,
+        bytes: u64,
+        lane: Option<usize>,
+    ) {
         let r = self.rates.remove(&id);
         let Some((origin, c)) = origin.and_then(|o| Some(o).zip(self.origins.get_mut(o))) else {
             return;
@@ -872,14 +894,25 @@ impl Scheduler {
                 c.ended.pop_front();
             }
             c.ended.push_back(rate);
-            self.lane_rates.insert((lane, origin.to_string()), rate);
+            if let (Some(lane), Some(now)) = (lane, self.now) {
+                self.lane_rates
+                    .entry(origin.to_string())
+                    .or_default()
+                    .insert(lane, (rate, now));
+            }
         }
     }
 
-    /// What `lane` got from `origin` the last time it was measured there.
+    /// Whether a lane's rate measured at `at` still counts.
+    fn remembered(&self, at: Instant) -> bool {
+        self.now
+            .is_some_and(|now| now.saturating_duration_since(at) <= LANE_MEMORY)
+    }
+
+    /// What `lane` got from `origin` the last time it was measured there, if recently.
     fn lane_rate(&self, lane: usize, origin: Option<&str>) -> Option<f64> {
-        let origin = origin?;
-        self.lane_rates.get(&(lane, origin.to_string())).copied()
+        let &(rate, at) = self.lane_rates.get(origin?)?.get(&lane)?;
+        self.remembered(at).then_some(rate)
     }
 
     /// Which of the `free` lanes (at least one) a new request to `origin` (None: not known
@@ -906,8 +939,11 @@ impl Scheduler {
                 // A blob's first request: its bytes will likely come from where the others'
                 // did; off lanes slow at any origin, onto one measured (a warm connection).
                 None => {
-                    let mut seen = self.lane_rates.iter().filter(|((l, _), _)| *l == lane);
-                    if seen.clone().any(|((_, o), &r)| slow_at(o, r)) {
+                    let mut seen = self.lane_rates.iter().filter_map(|(o, lanes)| {
+                        let &(r, at) = lanes.get(&lane)?;
+                        self.remembered(at).then_some((o, r))
+                    });
+                    if seen.clone().any(|(o, r)| slow_at(o, r)) {
                         (2, 0.0)
                     } else if seen.next().is_some() {
                         (0, 0.0)
@@ -999,9 +1035,10 @@ impl Scheduler {
         }
     }
 
-    /// What a free connection should do, if anything. Blobs that have started and have
-    /// bytes nobody fetches yet come first (the one with the most); then the transfer that
-    /// would finish last is cut, or a straggler's tail is raced. `on_origin(origin)` counts
+    /// What a free connection should do, if anything. A straggler in a blob that still has
+    /// bytes nobody fetches yet is cut first ([`Scheduler::early_straggler`]); then those
+    /// bytes go out (of the blob with the most); then the transfer that would finish last
+    /// is cut, or a straggler's tail is raced. `on_origin(origin)` counts
     /// the flows in flight to an origin; `free` are the lanes free (at least one), of which
     /// the decision names one ([`Scheduler::lane_for`]), and what that lane is known to get
     /// sizes its piece or its cut.
@@ -1136,8 +1173,9 @@ impl Scheduler {
 
     /// Where to cut a span at `pos..end` whose transfer goes on at `own` bytes/s so that it
     /// and a new connection (its first byte a round trip away, then `fresh` bytes/s) finish
-    /// together: aligned, and leaving each side a minimum piece.
+    /// together: aligned, and leaving each side a minimum piece (so the span must hold two).
     fn split_point(&self, pos: u64, end: u64, own: f64, fresh: f64, rtt: f64) -> u64 {
+        debug_assert!(end >= pos + 2 * self.min_piece, "a span too short to split");
         let remaining = end.saturating_sub(pos);
         let t = (remaining as f64 + fresh * rtt) / (own + fresh);
         let at = pos as f64 + own * t;
@@ -1210,40 +1248,53 @@ impl Scheduler {
             };
             let own = own.max(1.0);
             let c = self.origins.get(origin);
-            let rtt = c
-                .map_or(Duration::from_millis(20), |c| c.rtt())
-                .as_secs_f64();
-            let (lane, lane_rate) = self.lane_for(Some(origin), free);
-            let fresh = lane_rate
-                .or(c.and_then(|c| c.typical))
+            let usual = c
+                .and_then(|c| c.typical)
                 .or(typical)
                 .unwrap_or(1e6)
                 .max(1.0);
             let remaining = end - pos;
             let left = remaining as f64 / own;
-            let fresh_time = rtt + remaining as f64 / fresh;
-            if own * EARLY_STRAGGLER >= fresh
-                || left <= 2.0 * fresh_time
-                || left <= 4.0 * rtt + 0.2
+            if own * EARLY_STRAGGLER >= usual
                 || best.is_some_and(|((bf, bl), _)| (bf, bl) >= (front, left))
                 || !room(origin)
             {
                 continue;
             }
-            let cut = if remaining >= 2 * self.min_piece {
-                let at = self.split_point(pos, end, own, fresh, rtt);
-                (at + self.min_piece <= end).then_some(Cut {
-                    victim: f.id,
-                    at,
-                    race: false,
-                    lane,
-                })
-            } else if b.races < MAX_RACES_PER_BLOB {
+            // The new connection: the lane's, if measured (a slow lane gains nothing).
+            let (lane, lane_rate) = self.lane_for(Some(origin), free);
+            let fresh = lane_rate.unwrap_or(usual).max(1.0);
+            let rtt = c
+                .map_or(Duration::from_millis(20), |c| c.rtt())
+                .as_secs_f64();
+            let fresh_time = rtt + remaining as f64 / fresh;
+            if own * EARLY_STRAGGLER >= fresh || left <= 2.0 * fresh_time || left <= 4.0 * rtt + 0.2
+            {
+                continue;
+            }
+            // A race leaves the victim next to nothing, for one request: where even a
+            // minimum piece would keep it longer than the new connection needs for the rest,
+            // or too little is left to halve. Only of transfers that delivered something (one
+            // that sent headers and then nothing is split, and its stall timeout ends it), and
+            // within the blob's early races.
+            let t = (remaining as f64 + fresh * rtt) / (own + fresh);
+            let race = (remaining < 2 * self.min_piece || own * t < self.min_piece as f64)
+                && f.bytes > 0
+                && b.races < MAX_EARLY_RACES_PER_BLOB;
+            let cut = if race {
                 let at = self.race_point(f.id, pos, own, rtt);
                 (at < end).then_some(Cut {
                     victim: f.id,
                     at,
                     race: true,
+                    lane,
+                })
+            } else if remaining >= 2 * self.min_piece {
+                let at = self.split_point(pos, end, own, fresh, rtt);
+                (at + self.min_piece <= end).then_some(Cut {
+                    victim: f.id,
+                    at,
+                    race: false,
                     lane,
                 })
             } else {
@@ -1255,7 +1306,6 @@ impl Scheduler {
         }
         best.map(|(_, c)| c)
     }
-
     /// A race cut `victim`'s span: it is not raced again. (Marked once the cut is made, not
     /// when chosen: a cut the victim's own writing got ahead of is chosen again.)
     pub(crate) fn raced(&mut self, victim: u64) {
@@ -1754,7 +1804,7 @@ mod tests {
             s.tick(t0 + t, flows(t, true).into_iter());
         }
         for id in 1..4 {
-            s.flow_ended(id, Some("o"), 0, 0);
+            s.flow_ended(id, Some("o"), 0, Some(0));
         }
         while t < Duration::from_millis(600) {
             t += 10 * MS;
@@ -1824,7 +1874,7 @@ mod tests {
         for _ in 0..30 {
             t += 10 * MS;
             for _ in 0..3 {
-                s.flow_ended(id, Some("o"), 2_500_000, 0);
+                s.flow_ended(id, Some("o"), 2_500_000, Some(0));
                 id += 1;
             }
             let bytes = (10e6 * t.duration_since(t0).as_secs_f64()) as u64;
@@ -1891,27 +1941,37 @@ mod tests {
         };
         assert_eq!(a.unassigned(), 48 << 20);
         let t0 = Instant::now();
-        // Pieces 0 and 2 are slow (200 kB/s against 8 MB/s); piece 0 holds the hash.
-        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
-        s.first_byte("o", MS, true, t0);
-        let flows = four_pieces(&mut s, &spans, [200e3, 8e6, 200e3, 8e6], t0, 400);
-        let Some(Decision::Cut(cut)) = s.pick(&flows, &blobs(0), |_| 4, &[4, 5]) else {
-            panic!("the straggler was not cut");
+        let cut_of = |rates: [f64; 4], races: u32| {
+            let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
+            s.first_byte("o", MS, true, t0);
+            let flows = four_pieces(&mut s, &spans, rates, t0, 400);
+            let mut blobs = blobs(0);
+            blobs[0].races = races;
+            match s.pick(&flows, &blobs, |_| 4, &[4, 5]) {
+                Some(Decision::Cut(cut)) => Some(cut),
+                _ => None,
+            }
         };
+        // Pieces 0 and 2 are slow against 8 MB/s; piece 0 holds the hash, and goes first
+        // though piece 2 would take longer. So slow that a minimum piece would keep it
+        // longer than the new connection needs for all the rest: raced, keeping next to
+        // nothing.
+        let cut = cut_of([400e3, 8e6, 150e3, 8e6], 0).expect("the straggler was not cut");
         assert_eq!(cut.victim, 0, "the one the hash waits for goes first");
+        assert!(cut.race);
+        assert!(cut.at < 64 << 10, "the victim keeps {}", cut.at);
+        // The blob's early races spent: split, the victim keeping a minimum piece.
+        let cut = cut_of([400e3, 8e6, 150e3, 8e6], MAX_EARLY_RACES_PER_BLOB).expect("not cut");
+        assert_eq!(cut.victim, 0);
         assert!(!cut.race);
-        assert!(
-            (1 << 20..2 << 20).contains(&cut.at),
-            "the slow one keeps a minimum piece: {}",
-            cut.at
-        );
+        assert!((1 << 20..2 << 20).contains(&cut.at), "{}", cut.at);
+        // Less slow: split where both finish together.
+        let cut = cut_of([3e6, 8e6, 8e6, 8e6], 0).expect("the straggler was not cut");
+        assert_eq!(cut.victim, 0);
+        assert!(!cut.race);
+        assert!((1 << 20..2 << 20).contains(&cut.at), "{}", cut.at);
         // A straggler higher up is cut as well.
-        let mut s = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
-        s.first_byte("o", MS, true, t0);
-        let flows = four_pieces(&mut s, &spans, [8e6, 8e6, 200e3, 8e6], t0, 400);
-        let Some(Decision::Cut(cut)) = s.pick(&flows, &blobs(0), |_| 4, &[4, 5]) else {
-            panic!("the straggler higher up was not cut");
-        };
+        let cut = cut_of([8e6, 8e6, 150e3, 8e6], 0).expect("the one higher up was not cut");
         assert_eq!(cut.victim, 2);
         // Every connection alike: the next piece.
         let mut even = Scheduler::new(FanOut::Auto, 32, 32, 1 << 20);
@@ -1926,7 +1986,8 @@ mod tests {
     /// A lane whose last transfer from an origin was a straggler's is the last choice for
     /// the next request there, after lanes measured fast (the fastest first) and lanes not
     /// measured, and a piece it does get is sized to take it no longer than the others'
-    /// take them. (Red with the first free lane taken, and pieces sized by the origin alone.)
+    /// take them; for LANE_MEMORY. (Red with the first free lane taken, with pieces sized by
+    /// the origin alone, and with a lane's rate kept for the rest of the pull.)
     #[test]
     fn lanes_measured_slow_are_chosen_last_and_get_shorter_pieces() {
         let dir = tempfile::tempdir().unwrap();
@@ -1937,8 +1998,8 @@ mod tests {
         s.first_byte("o", MS, true, t0);
         let flows = four_pieces(&mut s, &spans, [1e6, 16e6, 20e6, 20e6], t0, 200);
         // The slow flow (lane 0) and a fast one (lane 1) end; two fast ones go on.
-        s.flow_ended(0, Some("o"), flows[0].bytes, 0);
-        s.flow_ended(1, Some("o"), flows[1].bytes, 1);
+        s.flow_ended(0, Some("o"), flows[0].bytes, Some(0));
+        s.flow_ended(1, Some("o"), flows[1].bytes, Some(1));
         let going = &flows[2..];
         s.tick(t0 + 210 * MS, going.iter().copied());
         assert_eq!(s.lane_for(Some("o"), &[0, 1, 7]).0, 1);
@@ -1955,6 +2016,10 @@ mod tests {
         assert!(usual >= 4 << 20, "{usual}");
         assert!(slow < usual / 4, "{slow} against {usual}");
         assert!(slow >= 1 << 20, "never below a minimum piece: {slow}");
+        // What a lane got counts for LANE_MEMORY: then lane 0 is as good as any unmeasured.
+        s.tick(t0 + 210 * MS + LANE_MEMORY, going.iter().copied());
+        assert_eq!(s.lane_for(Some("o"), &[0, 7]), (0, None));
+        assert_eq!(s.lane_for(None, &[0, 7]).0, 0);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub(super) struct FlowStats {
     pub first_response: OnceLock<(Instant, Duration, bool)>,
     /// The server answers ranges with ranges: this transfer may be cut.
     pub splittable: AtomicBool,
+    /// A retry took it to other lanes (what it got is not its own lane's).
+    pub moved: AtomicBool,
     /// The last refusal of a request of this transfer as one too many (429, 503) not yet
     /// told to the scheduler, which takes it (see the scheduler's module docs).
     pub refused: Mutex<Option<Refusal>>,
@@ -109,6 +111,7 @@ impl FlowStats {
             origin: o,
             first_response: OnceLock::new(),
             splittable: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
             refused: Mutex::new(None),
         }
     }
@@ -218,6 +221,9 @@ impl Fetcher<'_> {
                 index: flow.lane + retried as usize,
                 share_registry_connection: retried == 0 && !fell_back_to_registry,
             };
+            if retried > 0 {
+                flow.stats.moved.store(true, Ordering::Relaxed);
+            }
             let result = self.exchange(&flow, &mut writer, &url, lane).await;
             let err = match result {
                 // Complete, or cut to where it stood (a race took the rest): whatever went
