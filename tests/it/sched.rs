@@ -90,6 +90,26 @@ fn registry_behind_proxy(repo: &str, image: &Image) -> (Registry, CountingProxy)
     (reg, proxy)
 }
 
+/// A one-layer image (`seed`, `size` bytes) pushed as `repo:v`, behind a counting proxy that
+/// gives the connection carrying the layer's first request `slow` for its whole life and
+/// every other response `rest`: a straggler among fast connections.
+fn straggler_world(
+    repo: &str,
+    seed: u64,
+    size: usize,
+    slow: Cap,
+    rest: Cap,
+) -> (Image, Registry, CountingProxy) {
+    let image = image_of(seed, &[size]);
+    let (reg, proxy) = registry_behind_proxy(repo, &image);
+    proxy.cap(
+        Which::FirstRequestFor(hex(&image.layers[0].digest).to_string()),
+        slow,
+    );
+    proxy.cap(Which::All, rest);
+    (image, reg, proxy)
+}
+
 fn body_requests(log: &Log, image: &Image) -> usize {
     image.blobs().map(|b| log.body_gets(&b.digest).len()).sum()
 }
@@ -551,14 +571,14 @@ fn fixed_fan_out_against_an_origin_refusing_requests_completes() {
 /// range ahead of where it was, and every byte is fetched once.
 #[test]
 fn straggler_near_the_end_is_raced() {
-    let image = image_of(2800, &[4 * DEFAULT_CHUNK + 1]);
-    let big = &image.layers[0];
-    let (_reg, proxy) = registry_behind_proxy("sched/straggler", &image);
-    proxy.cap(
-        Which::FirstRequestFor(hex(&big.digest).to_string()),
+    let (image, _reg, proxy) = straggler_world(
+        "sched/straggler",
+        2800,
+        4 * DEFAULT_CHUNK + 1,
         Cap::smooth(512),
+        Cap::smooth(16_000_000),
     );
-    proxy.cap(Which::All, Cap::smooth(16_000_000));
+    let big = &image.layers[0];
     let (_d, out) = dest();
     let o = pull(
         &["-v"],
@@ -596,20 +616,19 @@ fn straggler_near_the_end_is_raced() {
 /// trickles at 64 kB/s, every other one gets 1 MB/s, and `-j 4 --chunk-size 256K` keep the
 /// rest of the blob coming in small pieces for seconds (with the defaults its 24 MiB would
 /// all be handed out, in first pieces of 8 MiB, before the straggler can be told apart).
-/// A request takes over most of the
-/// straggler's range before the request that asks for the blob's last byte: the bytes
-/// above it would otherwise wait there unhashed until the end. Red with cuts made only once
-/// a blob's bytes have all been handed out.
+/// A request takes over most of the straggler's range before the request that asks for the
+/// blob's last byte: the bytes above it would otherwise wait there unhashed until the end.
+/// Red with cuts made only once a blob's bytes have all been handed out.
 #[test]
 fn a_straggler_is_cut_before_its_blob_is_handed_out() {
-    let image = image_of(2802, &[24 * MIB + 1]);
-    let big = &image.layers[0];
-    let (_reg, proxy) = registry_behind_proxy("sched/early", &image);
-    proxy.cap(
-        Which::FirstRequestFor(hex(&big.digest).to_string()),
+    let (image, _reg, proxy) = straggler_world(
+        "sched/early",
+        2802,
+        24 * MIB + 1,
         Cap::smooth(64_000),
+        Cap::smooth(1_000_000),
     );
-    proxy.cap(Which::All, Cap::smooth(1_000_000));
+    let big = &image.layers[0];
     let (_d, out) = dest();
     let o = pull(
         &["-v", "-j", "4", "--chunk-size", "256K"],
@@ -655,14 +674,14 @@ fn a_straggler_is_cut_before_its_blob_is_handed_out() {
 /// bound on time here is that timeout, which a pull of ~2 s must not wait out).
 #[test]
 fn a_stalled_straggler_gives_its_whole_tail_away() {
-    let image = image_of(2801, &[4 * DEFAULT_CHUNK + 1]);
-    let big = &image.layers[0];
-    let (_reg, proxy) = registry_behind_proxy("sched/stalled", &image);
-    proxy.cap(
-        Which::FirstRequestFor(hex(&big.digest).to_string()),
+    let (image, _reg, proxy) = straggler_world(
+        "sched/stalled",
+        2801,
+        4 * DEFAULT_CHUNK + 1,
         Cap::bursty(1 << 20, 16),
+        Cap::smooth(16_000_000),
     );
-    proxy.cap(Which::All, Cap::smooth(16_000_000));
+    let big = &image.layers[0];
     let (_d, out) = dest();
     let started = std::time::Instant::now();
     let o = pull(
