@@ -1060,6 +1060,16 @@ impl Scheduler {
         if let Some(cut) = self.early_straggler(flows, blobs, room, free) {
             return Some(Decision::Cut(cut));
         }
+        // The lane a request to each origin would take: ranked once per origin, not per flow.
+        let mut lanes: Vec<(&str, (usize, Option<f64>))> = Vec::new();
+        let mut lane_of = |o: &'a str| {
+            if let Some(&(_, l)) = lanes.iter().find(|(x, _)| *x == o) {
+                return l;
+            }
+            let l = self.lane_for(Some(o), free);
+            lanes.push((o, l));
+            l
+        };
         let mut piece: Option<(u64, usize, u64, usize)> = None;
         for b in blobs {
             let Some(origin) = b.origin else { continue };
@@ -1070,7 +1080,7 @@ impl Scheduler {
                 continue;
             }
             if piece.is_none_or(|(u, _, _, _)| b.unassigned > u) {
-                let (lane, lane_rate) = self.lane_for(Some(origin), free);
+                let (lane, lane_rate) = lane_of(origin);
                 let len = self.fit(self.piece_len(Some(origin), flows, lane_rate), b.unassigned);
                 piece = Some((b.unassigned, b.blob, len, lane));
             }
@@ -1109,7 +1119,7 @@ impl Scheduler {
             let own = rate.unwrap_or(fresh).max(1.0);
             let left = remaining as f64 / own;
             // The new connection: the lane's, if measured there.
-            let (lane, lane_rate) = self.lane_for(Some(origin), free);
+            let (lane, lane_rate) = lane_of(origin);
             let fresh = lane_rate.unwrap_or(fresh).max(1.0);
             // A cut costs a request and the victim's connection: only where the victim
             // would still take a while alone (a fast connection's last MiBs are not worth
