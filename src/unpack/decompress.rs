@@ -192,81 +192,125 @@ const PIECE: usize = 256 << 10;
 /// fills, and a few waiting between them): 1.75 MiB a layer.
 const OWN_PIECES: usize = 7;
 
-/// Pieces more, shared by every layer being unpacked in this process (32 MiB): taken by a
-/// layer's reading thread when none of its own has come back, given back when it ends.
+/// Pieces more, shared by every layer being unpacked in this process (32 MiB): lent to a
+/// layer's reading thread when none of its own is free, back to the reserve when the piece
+/// is dropped, or when the parser hands it back and the layer has one of its own free.
 ///
 /// Why: the three stages run at the pace of the slowest one only if each can run ahead of
 /// the next for longer than the scheduler keeps it off a core. With 1.75 MiB between them
 /// (under a millisecond of work), every stage preempted on a machine busy with the download
 /// stalled the other two, and a 1 GiB layer's unpack, behind the download by 0.2 s of its
 /// 1.6 s at the last byte, finished a median 10–13% of the pull after it; with 32 MiB more,
-/// 0–2% (perf/README "The unpack's stages run ahead of each other").
+/// 0–2% (perf/README "The unpack's stages run ahead of each other"). Pieces alive are at
+/// most [`OWN_PIECES`] a layer being unpacked plus these, whatever the layers' count.
 const SPARE_PIECES: usize = 128;
 
-/// The pieces of [`SPARE_PIECES`] not taken.
+/// The pieces of [`SPARE_PIECES`] not lent.
 static SPARE: AtomicUsize = AtomicUsize::new(SPARE_PIECES);
 
-/// Pieces a reading thread took from [`SPARE`]; given back when dropped.
+/// Set by a reading thread that found the reserve empty and waits; cleared once a piece is
+/// lent. Layers keep lent pieces their parser handed back only while it is clear.
+static WANTED: AtomicBool = AtomicBool::new(false);
+
+/// A piece's bytes; one lent by the reserve goes back to it when dropped, wherever that is
+/// (a channel, the parser, a thread that ended).
 #[derive(Default)]
-struct Spare(usize);
+struct Buf {
+    bytes: Vec<u8>,
+    lent: bool,
+}
 
-impl Spare {
-    /// One more piece from the shared reserve, if any is left.
-    fn take(&mut self) -> bool {
-        let took = SPARE
+impl Buf {
+    /// A new piece of the layer's own.
+    fn own() -> Buf {
+        Buf::default()
+    }
+
+    /// A new piece lent by the reserve, if it has one left.
+    fn lent() -> Option<Buf> {
+        SPARE
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        self.0 += usize::from(took);
-        took
+            .ok()
+            .map(|_| Buf {
+                bytes: Vec::new(),
+                lent: true,
+            })
     }
 }
 
-impl Drop for Spare {
+impl Drop for Buf {
     fn drop(&mut self) {
-        SPARE.fetch_add(self.0, Ordering::AcqRel);
+        if self.lent {
+            SPARE.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
-/// How long a reading thread waits for a piece back before it looks whether the parser
-/// is gone.
+/// How long a reading thread waits for a piece back before it looks again at the reserve
+/// and whether the parser is gone.
 const WAIT_BACK: Duration = Duration::from_millis(50);
 
 /// The pieces of one layer's reading thread.
 struct Buffers {
     /// Pieces the parser is done with.
-    returned: mpsc::Receiver<Vec<u8>>,
-    /// Pieces made so far.
+    returned: mpsc::Receiver<Buf>,
+    /// Pieces of the layer's own made so far.
     made: usize,
-    /// Those of them taken from the shared reserve.
-    spare: Spare,
+    /// Pieces of its own back from the parser and not in use.
+    free: Vec<Buf>,
+    /// Pieces lent by the reserve back from the parser and not in use.
+    lent: Vec<Buf>,
 }
 
 impl Buffers {
-    /// A piece back from the parser; else a new one, of the layer's own or of the shared
-    /// reserve; else, once one comes back, that one. `None` once the parser is gone.
-    fn next(&mut self, gone: &AtomicBool) -> Option<Vec<u8>> {
-        if let Ok(buf) = self.returned.try_recv() {
-            return Some(buf);
+    /// The next piece to fill: one of the layer's own that is free or new, else one lent
+    /// by the reserve (one the parser handed back, or a new one), else the next one back
+    /// from the parser. Lent pieces the parser handed back are kept for the next pieces
+    /// unless a layer is waiting for the reserve: then they go back to it (a layer holds
+    /// the reserve only for pieces on their way to its parser, or while nobody else wants
+    /// them; letting them go and being lent new ones on every round would allocate and
+    /// zero a piece each time). `None` once the parser is gone.
+    fn next(&mut self, gone: &AtomicBool) -> Option<Buf> {
+        let wanted = WANTED.load(Ordering::Relaxed);
+        for buf in self.returned.try_iter() {
+            if !buf.lent {
+                self.free.push(buf);
+            } else if !wanted {
+                self.lent.push(buf);
+            } // else dropped: back to the reserve
         }
-        if self.made < OWN_PIECES || self.spare.take() {
-            self.made += 1;
-            return Some(Vec::new());
+        if wanted {
+            self.lent.clear();
         }
-        while !gone.load(Ordering::Relaxed) {
+        loop {
+            if let Some(buf) = self.free.pop().or_else(|| self.lent.pop()) {
+                return Some(buf);
+            }
+            if self.made < OWN_PIECES {
+                self.made += 1;
+                return Some(Buf::own());
+            }
+            if let Some(buf) = Buf::lent() {
+                WANTED.store(false, Ordering::Relaxed);
+                return Some(buf);
+            }
+            if gone.load(Ordering::Relaxed) {
+                return None;
+            }
+            WANTED.store(true, Ordering::Relaxed);
             match self.returned.recv_timeout(WAIT_BACK) {
                 Ok(buf) => return Some(buf),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
         }
-        None
     }
 }
 
 /// What the reading thread hands the hashing thread.
 enum Raw {
     /// The next bytes.
-    Data(Vec<u8>),
+    Data(Buf),
     /// The end of the stream.
     End,
     /// Reading failed.
@@ -276,7 +320,7 @@ enum Raw {
 /// What the hashing thread hands the parser.
 enum Piece {
     /// The next bytes.
-    Data(Vec<u8>),
+    Data(Buf),
     /// The end of the stream: its sha256 and length.
     End(Digest, u64),
     /// Reading failed.
@@ -285,7 +329,8 @@ enum Piece {
 
 /// An uncompressed layer stream read to its end on a thread of its own and hashed (sha256:
 /// the diff_id) on another, ahead of the tar parser that reads from this by up to
-/// [`OWN_PIECES`] pieces, and as many more as the shared reserve ([`SPARE_PIECES`]) lends.
+/// [`OWN_PIECES`] pieces of its own (the parser's current one among them), and as many more
+/// as the shared reserve ([`SPARE_PIECES`]) lends.
 ///
 /// Why: a layer's bytes each cost a read of the blob, the decompression, the diff_id's
 /// sha256 and, on the parser's side, a write into the tree; on one thread those took longer
@@ -306,9 +351,9 @@ pub(crate) struct Hashed {
     /// Set when this is dropped: the reading thread stops after its current read.
     gone: Arc<AtomicBool>,
     /// Emptied buffers, back to the thread.
-    back: mpsc::Sender<Vec<u8>>,
+    back: mpsc::Sender<Buf>,
     /// The piece being read from, and how far.
-    buf: Vec<u8>,
+    buf: Buf,
     pos: usize,
     /// The end, once reached: the digest and length, or what failed (kind and message).
     end: Option<Result<(Digest, u64), (io::ErrorKind, String)>>,
@@ -323,7 +368,7 @@ impl Hashed {
         // Room for every piece a layer can have: what bounds them is OWN_PIECES and SPARE.
         let (tx, pieces) = mpsc::sync_channel(OWN_PIECES + SPARE_PIECES);
         let (raw_tx, raw) = mpsc::sync_channel::<Raw>(OWN_PIECES + SPARE_PIECES);
-        let (back, returned) = mpsc::channel::<Vec<u8>>();
+        let (back, returned) = mpsc::channel::<Buf>();
         let gone = Arc::new(AtomicBool::new(false));
         let reader_gone = gone.clone();
         // The hashing thread: the pieces as read, hashed, on to the parser. It ends when
@@ -336,7 +381,7 @@ impl Hashed {
                 for piece in raw {
                     let next = match piece {
                         Raw::Data(buf) => {
-                            hasher.update(&buf);
+                            hasher.update(&buf.bytes);
                             Piece::Data(buf)
                         }
                         Raw::End => {
@@ -358,13 +403,14 @@ impl Hashed {
                 let mut buffers = Buffers {
                     returned,
                     made: 0,
-                    spare: Spare::default(),
+                    free: Vec::new(),
+                    lent: Vec::new(),
                 };
                 loop {
                     let Some(mut buf) = buffers.next(&reader_gone) else {
                         return; // the reader is gone
                     };
-                    buf.resize(PIECE, 0);
+                    buf.bytes.resize(PIECE, 0);
                     let (mut len, mut failed) = (0, None);
                     while len < PIECE {
                         // A read of a download in progress waits for its next bytes: the reader
@@ -372,7 +418,7 @@ impl Hashed {
                         if reader_gone.load(Ordering::Relaxed) {
                             return;
                         }
-                        match inner.read(&mut buf[len..]) {
+                        match inner.read(&mut buf.bytes[len..]) {
                             Ok(0) => break,
                             Ok(n) => len += n,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -385,7 +431,7 @@ impl Hashed {
                     // The bytes before a failure go first, so that the parser meets it where it
                     // happened.
                     if len > 0 {
-                        buf.truncate(len);
+                        buf.bytes.truncate(len);
                         if raw_tx.send(Raw::Data(buf)).is_err() {
                             return; // the reader is gone
                         }
@@ -404,7 +450,7 @@ impl Hashed {
             pieces,
             gone,
             back,
-            buf: Vec::new(),
+            buf: Buf::default(),
             pos: 0,
             end: None,
         })
@@ -430,9 +476,9 @@ impl Drop for Hashed {
 impl Read for Hashed {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
-            if self.pos < self.buf.len() {
-                let n = out.len().min(self.buf.len() - self.pos);
-                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            if self.pos < self.buf.bytes.len() {
+                let n = out.len().min(self.buf.bytes.len() - self.pos);
+                out[..n].copy_from_slice(&self.buf.bytes[self.pos..self.pos + n]);
                 self.pos += n;
                 return Ok(n);
             }
@@ -441,7 +487,7 @@ impl Read for Hashed {
                 Some(Err((kind, msg))) => return Err(io::Error::new(*kind, msg.clone())),
                 None => {}
             }
-            if !self.buf.is_empty() {
+            if !self.buf.bytes.is_empty() {
                 // The thread may have ended: then the buffer is simply dropped.
                 let _ = self.back.send(std::mem::take(&mut self.buf));
             }
@@ -563,9 +609,9 @@ mod tests {
 
     /// A parser that stops reading for a while (its thread off the core) does not stop the
     /// reading and hashing threads at once: they run ahead into the shared reserve, past the
-    /// layer's own pieces and no further than both; a layer that ends gives the reserve
-    /// back, so the next one runs ahead as far. (Red with no reserve, or with one never
-    /// given back: the second layer stops at its own pieces.)
+    /// layer's own pieces and no further than both; a layer whose pieces are dropped gives
+    /// the reserve back, so the next one runs ahead as far. (Red with no reserve, or with
+    /// one never given back: the second layer stops at its own pieces.)
     #[test]
     fn the_stages_run_ahead_into_the_shared_reserve_and_give_it_back() {
         let own = (OWN_PIECES * PIECE) as u64;
@@ -594,6 +640,46 @@ mod tests {
                 drop(h);
             });
         }
+    }
+
+    /// A layer whose reading thread has read to its end while its pieces still wait for its
+    /// parser keeps the reserve's pieces it was lent until they are read: a layer started
+    /// beside it runs ahead by no more than what is left (red when the reserve is given back
+    /// as the reading thread ends: the second layer would take all of it again, and pieces
+    /// alive would no longer be bounded by the reserve).
+    #[test]
+    fn pieces_lent_stay_lent_until_read_after_the_reading_thread_ends() {
+        let pieces = OWN_PIECES + SPARE_PIECES / 2;
+        let data = vec![5u8; pieces * PIECE];
+        let (first, first_read) = Counted::new(&data[..]);
+        std::thread::scope(|s| {
+            let done = Hashed::spawn(s, first).unwrap();
+            // Other tests' layers may hold some of the reserve for a moment.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while first_read.load(Ordering::Relaxed) < data.len() as u64
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert_eq!(first_read.load(Ordering::Relaxed), data.len() as u64);
+            // Its reading thread has ended (it read to the end and found nothing more).
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let (second, second_read) = Counted::new(io::repeat(7));
+            std::thread::scope(|s2| {
+                let h = Hashed::spawn(s2, second).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let ahead = second_read.load(Ordering::Relaxed);
+                let most = ((OWN_PIECES + SPARE_PIECES - (pieces - OWN_PIECES)) * PIECE) as u64;
+                assert!(
+                    ahead <= most,
+                    "a second layer read {ahead} bytes ahead while the first's {pieces} \
+                     pieces waited for its parser (at most {most})"
+                );
+                drop(h);
+            });
+            let (digest, len) = done.finish().unwrap();
+            assert_eq!((digest, len), (Digest::of(&data), data.len() as u64));
+        });
     }
 
     /// A reader dropped while the stream trickles (a download in progress, a byte at a time)

@@ -22,9 +22,11 @@
 //!   → tar::Archive (a parser only) → Engine::apply, entry by entry, into its tree
 //! ```
 //!
-//! Reading and decompressing run on one thread per layer, hashing on a second, a few
-//! 256 KiB pieces ahead of the parser and the writes on a third ([`decompress::Hashed`]):
-//! on one thread the unpack of a 1 GiB layer lagged a loopback download by up to a second.
+//! Reading and decompressing run on one thread per layer, hashing on a second, ahead of the
+//! parser and the writes on a third by up to 7 pieces of 256 KiB of the layer's own and
+//! what a 32 MiB reserve shared by the layers lends ([`decompress::Hashed`]): on one thread
+//! the unpack of a 1 GiB layer lagged a loopback download by up to a second, and with the
+//! stages a few pieces apart, each stalled whenever another was off a core.
 //!
 //! The reader ([`crate::prefix::PrefixReader`]) is an in-order consumer of the blob beside
 //! its hasher: it reads the bytes the fetch has written without a gap, through the blob's
