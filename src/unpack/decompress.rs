@@ -194,7 +194,10 @@ const OWN_PIECES: usize = 7;
 
 /// Pieces more, shared by every layer being unpacked in this process (32 MiB): lent to a
 /// layer's reading thread when none of its own is free, back to the reserve when the piece
-/// is dropped, or when the parser hands it back and the layer has one of its own free.
+/// is dropped (wherever it is). A layer keeps the lent pieces its parser hands back for its
+/// next ones, and lets them go when another layer waits for the reserve ([`WANTED`]) and
+/// its reading thread asks for its next piece. First come, first served: a layer whose
+/// parser is the slowest stage may keep the reserve for as long as it unpacks.
 ///
 /// Why: the three stages run at the pace of the slowest one only if each can run ahead of
 /// the next for longer than the scheduler keeps it off a core. With 1.75 MiB between them
@@ -208,8 +211,9 @@ const SPARE_PIECES: usize = 128;
 /// The pieces of [`SPARE_PIECES`] not lent.
 static SPARE: AtomicUsize = AtomicUsize::new(SPARE_PIECES);
 
-/// Set by a reading thread that found the reserve empty and waits; cleared once a piece is
-/// lent. Layers keep lent pieces their parser handed back only while it is clear.
+/// Set by a reading thread that found the reserve empty and waits; cleared whenever a
+/// piece is lent (to any layer). Layers keep lent pieces their parser handed back only
+/// while it is clear.
 static WANTED: AtomicBool = AtomicBool::new(false);
 
 /// A piece's bytes; one lent by the reserve goes back to it when dropped, wherever that is
@@ -283,6 +287,9 @@ impl Buffers {
             self.lent.clear();
         }
         loop {
+            if gone.load(Ordering::Relaxed) {
+                return None;
+            }
             if let Some(buf) = self.free.pop().or_else(|| self.lent.pop()) {
                 return Some(buf);
             }
@@ -293,9 +300,6 @@ impl Buffers {
             if let Some(buf) = Buf::lent() {
                 WANTED.store(false, Ordering::Relaxed);
                 return Some(buf);
-            }
-            if gone.load(Ordering::Relaxed) {
-                return None;
             }
             WANTED.store(true, Ordering::Relaxed);
             match self.returned.recv_timeout(WAIT_BACK) {
@@ -365,7 +369,8 @@ impl Hashed {
         scope: &'scope std::thread::Scope<'scope, '_>,
         mut inner: R,
     ) -> io::Result<Hashed> {
-        // Room for every piece a layer can have: what bounds them is OWN_PIECES and SPARE.
+        // Room for every piece a layer can have (what bounds them is OWN_PIECES and SPARE),
+        // so that no piece is ever sent into a full channel.
         let (tx, pieces) = mpsc::sync_channel(OWN_PIECES + SPARE_PIECES);
         let (raw_tx, raw) = mpsc::sync_channel::<Raw>(OWN_PIECES + SPARE_PIECES);
         let (back, returned) = mpsc::channel::<Buf>();
@@ -585,6 +590,7 @@ mod tests {
     /// way) stops the thread, even on an endless stream: the scope ends.
     #[test]
     fn a_dropped_hashed_stops_its_thread() {
+        let _alone = reserve_alone();
         assert!(
             scope_ends(io::repeat(7), |mut h| {
                 let mut b = [0; 100];
@@ -607,6 +613,23 @@ mod tests {
             .is_ok()
     }
 
+    /// Tests that hold much of the shared reserve run one at a time (other tests' layers
+    /// borrow little of it, and briefly).
+    static RESERVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn reserve_alone() -> std::sync::MutexGuard<'static, ()> {
+        RESERVE.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (up to 20 s) until `read` holds at least `at_least` bytes; what it holds then.
+    fn read_at_least(read: &AtomicU64, at_least: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while read.load(Ordering::Relaxed) < at_least && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        read.load(Ordering::Relaxed)
+    }
+
     /// A parser that stops reading for a while (its thread off the core) does not stop the
     /// reading and hashing threads at once: they run ahead into the shared reserve, past the
     /// layer's own pieces and no further than both; a layer whose pieces are dropped gives
@@ -614,29 +637,30 @@ mod tests {
     /// one never given back: the second layer stops at its own pieces.)
     #[test]
     fn the_stages_run_ahead_into_the_shared_reserve_and_give_it_back() {
+        let _alone = reserve_alone();
         let own = (OWN_PIECES * PIECE) as u64;
         let most = ((OWN_PIECES + SPARE_PIECES) * PIECE) as u64;
+        let mut first = 0;
         for layer in ["first", "second"] {
             let (stream, read) = Counted::new(io::repeat(7));
             std::thread::scope(|s| {
                 let h = Hashed::spawn(s, stream).unwrap();
-                // Other tests' layers may hold some of the reserve for a moment.
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-                while read.load(Ordering::Relaxed) <= own && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
+                // As far as the first went (other tests' layers may hold a little of the
+                // reserve for a moment).
+                read_at_least(&read, (own + 1).max(first));
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 let ahead = read.load(Ordering::Relaxed);
                 assert!(
-                    ahead > own,
-                    "the {layer} layer read {ahead} bytes ahead of its parser, no more than \
-                     its own pieces ({own})"
+                    ahead > own && ahead >= first,
+                    "the {layer} layer read {ahead} bytes ahead of its parser: no more than \
+                     its own pieces ({own}), or less than the first layer ({first})"
                 );
                 assert!(
                     ahead <= most,
                     "the {layer} layer read {ahead} bytes ahead of its parser, past its own \
                      pieces and the reserve ({most})"
                 );
+                first = first.max(ahead - PIECE as u64);
                 drop(h);
             });
         }
@@ -649,20 +673,18 @@ mod tests {
     /// alive would no longer be bounded by the reserve).
     #[test]
     fn pieces_lent_stay_lent_until_read_after_the_reading_thread_ends() {
+        let _alone = reserve_alone();
         let pieces = OWN_PIECES + SPARE_PIECES / 2;
-        let data = vec![5u8; pieces * PIECE];
+        // Not a whole number of pieces: the last read that finds the end needs no new piece.
+        let data = vec![5u8; pieces * PIECE - 1];
         let (first, first_read) = Counted::new(&data[..]);
         std::thread::scope(|s| {
             let done = Hashed::spawn(s, first).unwrap();
-            // Other tests' layers may hold some of the reserve for a moment.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while first_read.load(Ordering::Relaxed) < data.len() as u64
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            assert_eq!(first_read.load(Ordering::Relaxed), data.len() as u64);
-            // Its reading thread has ended (it read to the end and found nothing more).
+            assert_eq!(
+                read_at_least(&first_read, data.len() as u64),
+                data.len() as u64
+            );
+            // Its reading thread ends once that last read has found the end.
             std::thread::sleep(std::time::Duration::from_millis(100));
             let (second, second_read) = Counted::new(io::repeat(7));
             std::thread::scope(|s2| {
