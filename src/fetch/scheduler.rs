@@ -1186,8 +1186,7 @@ impl Scheduler {
     /// together: aligned, and leaving each side a minimum piece (so the span must hold two).
     fn split_point(&self, pos: u64, end: u64, own: f64, fresh: f64, rtt: f64) -> u64 {
         debug_assert!(end >= pos + 2 * self.min_piece, "a span too short to split");
-        let remaining = end.saturating_sub(pos);
-        let t = (remaining as f64 + fresh * rtt) / (own + fresh);
+        let t = together(end.saturating_sub(pos), own, fresh, rtt);
         let at = pos as f64 + own * t;
         let at = align(at as u64).clamp(pos + self.min_piece, end.saturating_sub(self.min_piece));
         align_down(at).max(pos + self.min_piece)
@@ -1287,7 +1286,7 @@ impl Scheduler {
             // or too little is left to halve. Only of transfers that delivered something (one
             // that sent headers and then nothing is split, and its stall timeout ends it), and
             // within the blob's early races.
-            let t = (remaining as f64 + fresh * rtt) / (own + fresh);
+            let t = together(remaining, own, fresh, rtt);
             let race = (remaining < 2 * self.min_piece || own * t < self.min_piece as f64)
                 && f.bytes > 0
                 && b.races < MAX_EARLY_RACES_PER_BLOB;
@@ -1316,6 +1315,7 @@ impl Scheduler {
         }
         best.map(|(_, c)| c)
     }
+
     /// A race cut `victim`'s span: it is not raced again. (Marked once the cut is made, not
     /// when chosen: a cut the victim's own writing got ahead of is chosen again.)
     pub(crate) fn raced(&mut self, victim: u64) {
@@ -1360,6 +1360,12 @@ impl Scheduler {
         parts.sort();
         parts.join("; ")
     }
+}
+
+/// When a transfer going on at `own` bytes/s and a new connection (its first byte a round
+/// trip `rtt` away, then `fresh` bytes/s) finish `remaining` bytes together, from now (s).
+fn together(remaining: u64, own: f64, fresh: f64, rtt: f64) -> f64 {
+    (remaining as f64 + fresh * rtt) / (own + fresh)
 }
 
 fn align(x: u64) -> u64 {

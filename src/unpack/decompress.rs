@@ -346,10 +346,10 @@ enum Piece {
 /// unpack trailed the download by a median 0.21 s instead of 0.31 (perf/README "The
 /// diff_id's sha256 on a thread of its own"), and by nothing once the stages could run ahead
 /// of each other by more than a scheduler's time slice ([`SPARE_PIECES`]). The reading
-/// thread reads everything to the
-/// end, trailing bytes after the tar's end included (umoci hashes them too). It stops when
-/// the stream ends or fails, or after its current read once this is dropped (a layer that
-/// failed or must be applied another way); the hashing thread ends with it.
+/// thread reads everything to the end, trailing bytes after the tar's end included (umoci
+/// hashes them too). It stops when the stream ends or fails, or after its current read once
+/// this is dropped (a layer that failed or must be applied another way); the hashing thread
+/// ends with it.
 pub(crate) struct Hashed {
     pieces: mpsc::Receiver<Piece>,
     /// Set when this is dropped: the reading thread stops after its current read.
