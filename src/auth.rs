@@ -105,8 +105,8 @@ pub fn parse_challenges(header: &str) -> Vec<Challenge> {
     out
 }
 
-/// Bearer tokens shared by every pull of a client, keyed by realm, service, scope and
-/// account.
+/// Bearer tokens shared by every pull of a client, keyed by the registry they are for,
+/// realm, service, scope and credential (see [`Auth::bearer_token`]).
 #[derive(Default)]
 pub(crate) struct TokenCache {
     tokens: std::sync::Mutex<HashMap<String, CachedToken>>,
@@ -394,15 +394,21 @@ impl Auth {
         let service = c.params.get("service").cloned();
         let credential = self.credential().await?;
         let account = match &credential {
-            Some(Credential::Basic { username, .. }) => Some(username.clone()),
-            Some(Credential::IdentityToken { username, .. }) => username.clone(),
-            None => None,
+            Some(Credential::Basic { username, .. }) => format!("basic {username}"),
+            Some(Credential::IdentityToken { username, .. }) => {
+                format!("identity {}", username.as_deref().unwrap_or(""))
+            }
+            None => "anonymous".to_string(),
         };
+        // The registry first: a token goes only to the registry it was asked for, even when
+        // another one names the same realm, service and scope in its challenge (a registry
+        // can name any realm; reusing the token there would hand it one it was never given,
+        // and an identity token's refresh with it).
         let key = format!(
-            "{realm}\n{}\n{}\n{}",
+            "{}\n{realm}\n{}\n{}\n{account}",
+            self.registry,
             service.as_deref().unwrap_or(""),
             scopes.join(" "),
-            account.as_deref().unwrap_or("")
         );
         let cached = self.tokens.get(&key);
         if let Some(t) = &cached {
@@ -411,7 +417,9 @@ impl Auth {
             }
         }
         if credential.is_some() && lower.starts_with("http://") && !self.plain_http_ok {
-            let host = realm.split('/').nth(2).unwrap_or_default();
+            // The host the request goes to: a user part (`http://localhost@elsewhere/`) is
+            // not where it goes.
+            let host = crate::registry::host_of(realm).unwrap_or_default();
             if !crate::registry::is_loopback(host) {
                 return Err(self.unauthorized(
                     "the token realm is plain HTTP; refusing to send credentials over it",
@@ -889,19 +897,64 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");
     }
 
-    /// An HTTPS registry's credentials never go to a plain-HTTP token realm on another host.
+    /// An HTTPS registry's credentials never go to a plain-HTTP token realm on another host,
+    /// also when the realm's user part names a loopback host (`http://localhost:1@host/`
+    /// goes to `host`; red when the check read the host as what follows `//`).
     #[tokio::test]
     async fn credentials_stay_off_a_plain_http_realm() {
-        let auth = auth_with_password();
-        let challenge = r#"Bearer realm="http://auth.invalid/token",service="svc""#;
-        let err = auth
-            .on_unauthorized(&transport(), 0, Some(challenge))
-            .await
-            .unwrap_err();
+        for realm in [
+            "http://auth.invalid/token",
+            "http://localhost:1@auth.invalid/token",
+            "http://[::1]@auth.invalid/token",
+        ] {
+            let auth = auth_with_password();
+            let challenge = format!(r#"Bearer realm="{realm}",service="svc""#);
+            let err = auth
+                .on_unauthorized(&transport(), 0, Some(&challenge))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::Unauthorized { message, .. } if message.contains("plain HTTP")),
+                "{realm}: {err}"
+            );
+        }
+    }
+
+    /// A token goes only to the registry it was asked for: a second registry whose challenge
+    /// names the first one's realm, service and scope (any registry can) gets its own, though
+    /// both share the client's token cache and the same user name. (Red when the cache was
+    /// keyed by realm, service, scope and user name: one token request, the first
+    /// registry's token handed to the second.)
+    #[tokio::test]
+    async fn a_token_goes_only_to_the_registry_it_was_asked_for() {
+        let (_open, gate) = tokio::sync::watch::channel(true);
+        let (realm, count) = token_service(200, gate).await;
+        let transport = transport();
+        let tokens: Arc<TokenCache> = Arc::default();
+        let auth = |registry: &str| {
+            let store = CredentialStore::none().with(
+                registry,
+                Credential::Basic {
+                    username: "me".into(),
+                    password: Secret::new(registry),
+                },
+            );
+            Auth::new(registry, "team/app", store, tokens.clone(), false)
+        };
+        let (x, y) = (auth("x.test"), auth("y.test"));
+        let challenge =
+            parse_challenges(&format!(r#"Bearer realm="{realm}",service="x.test""#)).remove(0);
+        let (_, cached) = x.bearer_token(&transport, &challenge, false).await.unwrap();
+        assert!(!cached);
+        let (_, cached) = x.bearer_token(&transport, &challenge, false).await.unwrap();
         assert!(
-            matches!(&err, Error::Unauthorized { message, .. } if message.contains("plain HTTP")),
-            "{err}"
+            cached,
+            "the same registry's second ask comes from the cache"
         );
+        assert_eq!(count.load(Ordering::SeqCst), 1, "token requests");
+        let (_, cached) = y.bearer_token(&transport, &challenge, false).await.unwrap();
+        assert!(!cached, "the other registry got the first one's token");
+        assert_eq!(count.load(Ordering::SeqCst), 2, "token requests");
     }
 
     #[test]

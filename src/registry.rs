@@ -589,7 +589,7 @@ impl Registry {
                         None | Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")
                     ) =>
             {
-                let wanted = url.rsplit('/').next().unwrap_or_default();
+                let wanted = wanted_manifest(url);
                 let sep = if wanted.starts_with("sha256:") {
                     '@'
                 } else {
@@ -674,8 +674,16 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
 }
 
+/// The tag or digest a manifest URL asks for: its path's last segment. Never its query
+/// (a same-origin redirect may have signed one) or fragment, which go to the user's screen
+/// otherwise.
+fn wanted_manifest(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    path.rsplit('/').next().unwrap_or_default()
+}
+
 /// The `host[:port]` of an absolute URL.
-fn host_of(url: &str) -> Option<&str> {
+pub(crate) fn host_of(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split(['/', '?', '#']).next()?;
     Some(authority.rsplit('@').next().unwrap_or(authority))
@@ -779,6 +787,26 @@ fn next_link(link: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a "manifest unknown" error names: the tag or digest asked for, never a query a
+    /// redirect added (red when the last segment was taken from the whole URL).
+    #[test]
+    fn the_manifest_asked_for_is_named_without_the_query() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for (url, wanted) in [
+            ("https://r.example/v2/team/app/manifests/1.2", "1.2"),
+            (
+                "https://r.example/v2/team/app/manifests/latest?X-Amz-Signature=s3cr3t#f",
+                "latest",
+            ),
+            (
+                &*format!("https://r.example/v2/team/app/manifests/{digest}?sig=s3cr3t"),
+                digest.as_str(),
+            ),
+        ] {
+            assert_eq!(wanted_manifest(url), wanted, "{url}");
+        }
+    }
 
     #[test]
     fn decodes_registry_errors() {
