@@ -388,6 +388,11 @@ impl Archive {
         self.file
             .sync_all()
             .map_err(|e| Error::io("fsync", &self.partial, e))?;
+        // A flush of a region's bytes along the way may have been the one told of a failed
+        // write-back, which this fsync then is not (see `write::BlobFile::check_write_back`).
+        for region in &st.all {
+            region.check_write_back()?;
+        }
         persist(&self.partial, &self.dest)?;
         self.committed
             .store(true, std::sync::atomic::Ordering::Release);

@@ -61,6 +61,30 @@ pub struct BlobFile {
     persisted: AtomicBool,
     /// A [`BlobFile::flush_behind`] is running.
     flushing: Arc<AtomicBool>,
+    /// The first flush of the file's data that failed (see [`WriteBackFailure`]).
+    failed: Arc<WriteBackFailure>,
+}
+
+/// The first failed write-back of a file's data, as a flush that waited for it saw it. Linux
+/// reports a write-back error (EIO, a thin volume or NFS out of space) once for each open
+/// file: to whichever `fdatasync`, `fsync` or `sync_file_range(…WAIT_AFTER)` comes first.
+/// When that was one of the flushes along the way (a durable checkpoint's, a flush behind the
+/// hash), the final fsync before the rename returns success while the disk may hold zeros or
+/// stale bytes where the verified ones should be. So the failure is kept here, and
+/// [`BlobFile::persist`] refuses to give the blob its final name.
+#[derive(Default)]
+struct WriteBackFailure(Mutex<Option<String>>);
+
+impl WriteBackFailure {
+    fn note(&self, what: &str, e: &std::io::Error) {
+        if let Ok(mut first) = self.0.lock() {
+            first.get_or_insert_with(|| format!("{what}: {e}"));
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|f| f.clone())
+    }
 }
 
 /// The spans handed out so far, by start: they tile `0..free_from`, and whole spans at the
@@ -246,6 +270,7 @@ impl BlobFile {
             final_path: final_path.to_path_buf(),
             persisted: AtomicBool::new(false),
             flushing: Arc::new(AtomicBool::new(false)),
+            failed: Arc::default(),
         }))
     }
 
@@ -297,6 +322,7 @@ impl BlobFile {
             final_path: path.to_path_buf(),
             persisted: AtomicBool::new(false),
             flushing: Arc::new(AtomicBool::new(false)),
+            failed: Arc::default(),
         }))
     }
 
@@ -408,9 +434,34 @@ impl BlobFile {
         if self.scratch {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync", &self.partial, e))
+        self.synced("fdatasync", self.file.sync_data())
+    }
+
+    /// The outcome `r` of a flush (`what`) of the file's data, kept if it failed (see
+    /// [`WriteBackFailure`]).
+    fn synced(&self, what: &'static str, r: std::io::Result<()>) -> Result<()> {
+        if let Err(e) = &r {
+            self.failed.note(what, e);
+        }
+        r.map_err(|e| Error::io(what, &self.partial, e))
+    }
+
+    /// An error if a flush of the file's data failed since it was opened, even one whose
+    /// error was reported (or ignored) then: the bytes on disk cannot be trusted, whatever a
+    /// later fsync says ([`WriteBackFailure`]). [`BlobFile::persist`] asks; so does the owner
+    /// of a bigger file before its own rename, for each region of it.
+    pub fn check_write_back(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(first) => Err(Error::io(
+                "write back",
+                &self.partial,
+                std::io::Error::other(format!(
+                    "an earlier flush of this file failed ({first}); what is on disk cannot \
+                     be trusted"
+                )),
+            )),
+        }
     }
 
     /// The partial file's path.
@@ -612,13 +663,16 @@ impl BlobFile {
         }
         let file = self.file.clone();
         let flushing = self.flushing.clone();
+        let failed = self.failed.clone();
         let dir = parent_dir(&self.partial).to_path_buf();
         let ranges: Vec<Range<u64>> = ranges.iter().filter_map(|r| self.in_file(r)).collect();
         let spawned = std::thread::Builder::new()
             .name("fastpull-flush".into())
             .spawn(move || {
                 for r in ranges {
-                    wait_for_writeback(&file, r.start, r.end - r.start);
+                    if let Err(e) = wait_for_writeback(&file, r.start, r.end - r.start) {
+                        failed.note("sync_file_range", &e);
+                    }
                 }
                 let _ = File::open(&dir).and_then(|d| d.sync_all());
                 flushing.store(false, Ordering::Release);
@@ -651,9 +705,8 @@ impl BlobFile {
             return Ok(());
         }
         crate::stop_hook::reached("fsync", &self.final_path);
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("fsync", &self.partial, e))?;
+        self.synced("fsync", self.file.sync_all())?;
+        self.check_write_back()?;
         crate::stop_hook::reached("rename", &self.final_path);
         persist(&self.partial, &self.final_path)?;
         self.persisted.store(true, Ordering::Release);
@@ -910,22 +963,32 @@ fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 /// (`sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`; no metadata, no device flush).
 /// Errors are ignored, as in [`start_writeback`].
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn wait_for_writeback(file: &File, offset: u64, len: u64) {
+fn wait_for_writeback(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
+        return Ok(());
     };
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: as in start_writeback: an fd and plain integers, `file` open for the call.
-    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    // Not done here (a filesystem or file without it): nothing was written, nothing failed.
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Elsewhere nothing was started early ([`start_writeback`] is a no-op), and an fsync there
 /// may write and write-protect the pages writers are still filling: the final fsync does it.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn wait_for_writeback(_file: &File, _offset: u64, _len: u64) {}
+fn wait_for_writeback(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Ok(())
+}
 
 /// How close (bytes) a writer gets to the end of its prepared pages before it prepares more
 /// ([`SpanWriter::prepare`]).
@@ -1018,6 +1081,27 @@ mod tests {
             let end = (at + step).min(w.range().end as usize);
             assert_eq!(w.append(&data[at..end]).unwrap(), end - at);
         }
+    }
+
+    /// A flush along the way that was told of a failed write-back (EIO, out of space on a
+    /// thin volume or NFS) keeps the blob from its final name, though the final fsync then
+    /// succeeds (Linux reports such an error once per open file) and every byte matches.
+    /// (Red when the error was only logged: the blob was renamed into place.)
+    #[test]
+    fn a_failed_flush_along_the_way_keeps_the_blob_from_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let b = blob(dir.path(), 1000);
+        let mut w = b.writer().unwrap();
+        fill(&mut w, &data, 100);
+        b.flush_data(false).unwrap();
+        // What a durable checkpoint's fdatasync gets when the disk failed a write-back.
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(b.synced("fdatasync", Err(eio)).is_err());
+        let err = b.persist().unwrap_err().to_string();
+        assert!(err.contains("cannot be trusted"), "{err}");
+        assert!(!dir.path().join("b").exists(), "renamed into place");
+        assert!(dir.path().join("b.partial").exists());
     }
 
     #[test]
