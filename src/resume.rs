@@ -231,7 +231,14 @@ impl Journal {
         for r in written.minus(&durable).iter() {
             fresh.push_str(&line(&format!("W {} {}", r.start, r.end)));
         }
-        write_atomic(path, fresh.as_bytes()).ok()?;
+        // Rewritten, unless it cannot be (a disk still full): then it is kept as it is and
+        // appended to, which is as safe: what this boot appends under an older boot's
+        // header is never believed later (no later load runs in that boot), `D` records
+        // are, and records after a torn line are dropped, as before. Without this the
+        // blob would start over here and its bytes would be thrown away.
+        if let Err(e) = write_atomic(path, fresh.as_bytes()) {
+            tracing::debug!(journal = %path.display(), error = %e, "cannot rewrite the resume journal; appending to it as it is");
+        }
         let file = OpenOptions::new().append(true).open(path).ok()?;
         Some(Loaded {
             present: written.clone(),
@@ -368,6 +375,33 @@ mod tests {
         );
         assert_eq!(a.minus(&a), RangeSet::new());
         assert_eq!(set(&[1..2, 3..4]).len(), 2);
+    }
+
+    /// A journal that cannot be rewritten when loaded (a disk still full) is kept as it is
+    /// and appended to: the blob resumes from what it says, and what is recorded now is
+    /// believed next time. (Red when the load gave up: the blob started over and its
+    /// partial file was truncated.)
+    #[test]
+    fn a_journal_that_cannot_be_rewritten_is_kept_and_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.journal");
+        let d = Digest::of(b"blob");
+        let mut j = Journal::create(&p, &d, 1000).unwrap();
+        j.record_durable(&set(&[0..400])).unwrap();
+        drop(j);
+        // The rewrite's temporary file cannot be made: a directory is in its place.
+        let tmp = dir
+            .path()
+            .join(format!(".x.journal.{}.tmp", std::process::id()));
+        std::fs::create_dir(&tmp).unwrap();
+        let loaded = Journal::load(&p, &d, 1000).expect("the journal is kept");
+        assert_eq!(loaded.present, set(&[0..400]));
+        let mut j = loaded.journal;
+        j.record_durable(&set(&[0..600])).unwrap();
+        drop(j);
+        std::fs::remove_dir(&tmp).unwrap();
+        let again = Journal::load(&p, &d, 1000).unwrap();
+        assert_eq!(again.present, set(&[0..600]));
     }
 
     #[test]
