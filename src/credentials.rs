@@ -476,7 +476,10 @@ fn ranked<'a, V>(
     hits.into_iter().map(|hit| hit.3).collect()
 }
 
-/// `program` in a directory of `search_path` (empty entries, meaning ".", are skipped).
+/// `program` in a directory of `search_path`. Only absolute directories are searched: an
+/// empty entry means ".", and it or any other relative one would run whatever program of
+/// that name the current directory holds (Go's `exec.LookPath`, which docker uses, refuses
+/// those too).
 fn find_program(program: &str, search_path: Option<&OsStr>) -> Option<PathBuf> {
     let names: Vec<String> = if cfg!(windows) {
         vec![format!("{program}.exe"), program.to_string()]
@@ -484,7 +487,7 @@ fn find_program(program: &str, search_path: Option<&OsStr>) -> Option<PathBuf> {
         vec![program.to_string()]
     };
     std::env::split_paths(search_path?)
-        .filter(|dir| !dir.as_os_str().is_empty())
+        .filter(|dir| dir.is_absolute())
         .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
         .find(|candidate| is_executable(candidate))
 }
@@ -877,6 +880,27 @@ mod tests {
         /// Echoes the server URL it was given as the username.
         const ECHO: &str = r#"read -r url || true
 printf '{"ServerURL":"%s","Username":"%s","Secret":"s3cret"}' "$url" "$url""#;
+
+        /// A helper is looked for in the search path's absolute directories only: one in a
+        /// relative directory (as "." or "bin" in PATH) is never run. (Red when only empty
+        /// entries were skipped.)
+        #[test]
+        fn helpers_are_not_found_in_relative_directories() {
+            use std::os::unix::fs::PermissionsExt;
+            let here = tempfile::tempdir_in(".").unwrap();
+            let name = "docker-credential-fastpull-test-relative";
+            let exe = here.path().join(name);
+            std::fs::write(&exe, "#!/bin/sh\nexit 0\n").unwrap();
+            std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // Its name alone: relative to the current directory, where it was made.
+            let relative = Path::new(here.path().file_name().unwrap());
+            assert!(relative.is_relative(), "{}", relative.display());
+            let search = std::env::join_paths([relative, Path::new("/usr/bin")]).unwrap();
+            assert_eq!(find_program(name, Some(&search)), None);
+            let absolute = std::fs::canonicalize(here.path()).unwrap();
+            let search = std::env::join_paths([absolute.as_path()]).unwrap();
+            assert_eq!(find_program(name, Some(&search)), Some(absolute.join(name)));
+        }
 
         #[test]
         fn helper_gets_the_server_url() {
