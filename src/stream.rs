@@ -14,14 +14,17 @@ use crate::verify::Hasher;
 
 /// A blob's bytes as an [`AsyncRead`], verified: at the end of the body its sha256 and
 /// length are checked, and a mismatch is an [`std::io::ErrorKind::InvalidData`] error in
-/// place of EOF (so whatever was read before it must not be trusted). Get one from
-/// [`crate::Client::blob`].
+/// place of EOF (so whatever was read before it must not be trusted); every read after an
+/// error gives the same error, never EOF. Get one from [`crate::Client::blob`].
 pub struct BlobReader {
     body: Incoming,
     chunk: Bytes,
     hasher: Option<Hasher>,
     digest: Digest,
     size: Option<u64>,
+    /// The error a read returned, returned again by every read after it: a reader that
+    /// tries again must not get the EOF that says the bytes were verified.
+    failed: Option<(std::io::ErrorKind, String)>,
 }
 
 impl BlobReader {
@@ -32,6 +35,7 @@ impl BlobReader {
             hasher: Some(Hasher::new()),
             digest,
             size,
+            failed: None,
         }
     }
 
@@ -48,6 +52,25 @@ impl AsyncRead for BlobReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let me = &mut *self;
+        if let Some((kind, message)) = &me.failed {
+            return Poll::Ready(Err(std::io::Error::new(*kind, message.clone())));
+        }
+        let r = me.read_some(cx, buf);
+        if let Poll::Ready(Err(e)) = &r {
+            me.failed = Some((e.kind(), e.to_string()));
+        }
+        r
+    }
+}
+
+impl BlobReader {
+    /// [`AsyncRead::poll_read`], before an error is kept.
+    fn read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self;
         loop {
             if !me.chunk.is_empty() {
                 let n = me.chunk.len().min(buf.remaining());

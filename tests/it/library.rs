@@ -93,6 +93,13 @@ fn a_blob_streams_verified_and_a_wrong_one_fails_at_the_end() {
         .expect_err("a corrupted blob must not read to EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
     assert!(err.to_string().contains(&layer.digest), "{err}");
+    // A reader that tries again gets the error again, never the EOF that says the bytes
+    // were verified (red when the second read returned EOF).
+    let mut more = Vec::new();
+    let again = rt
+        .block_on(reader.read_to_end(&mut more))
+        .expect_err("a read after the error must not reach EOF");
+    assert_eq!(again.kind(), std::io::ErrorKind::InvalidData, "{again}");
 }
 
 /// Keeps every event; optionally cancels `cancel` once a blob has `after` bytes.
