@@ -1117,7 +1117,10 @@ impl Client {
 
     /// A single-platform image pulled for named platforms: its config must say one of
     /// them (docker pulls it anyway with a warning; a wrong-architecture image is rarely
-    /// what a pull by platform wants). The config, verified, goes straight into the layout.
+    /// what a pull by platform wants). The config, verified, goes straight into a directory
+    /// layout; an archive gets it in its place with the other blobs (its blob path is the
+    /// archive itself, which this must never write: were the pull to fail, the archive that
+    /// was there would be gone).
     async fn check_platform(
         &self,
         registry: &Registry,
@@ -1149,6 +1152,9 @@ impl Client {
                 reference: reference.to_string(),
                 available: vec![have.to_string()],
             });
+        }
+        if layout.is_archive() {
+            return Ok(());
         }
         let path = layout.blob_path(&config.digest);
         crate::write::write_atomic(&path, &bytes)

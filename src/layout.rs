@@ -334,6 +334,11 @@ impl Layout {
         a.prepare(plan)
     }
 
+    /// Whether the blobs go into an archive (one file; no file per blob).
+    pub(crate) fn is_archive(&self) -> bool {
+        matches!(self.place, Place::Archive(_))
+    }
+
     /// Blobs of `blobs` already verified in place, for an archive (`None` for a directory:
     /// look at [`Layout::blob_path`]).
     pub(crate) fn verified_in_archive(&self) -> Option<std::collections::HashSet<Digest>> {

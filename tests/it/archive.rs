@@ -407,8 +407,9 @@ fn oci_archive_is_read_by_skopeo() {
 }
 
 /// An archive appears under its name only whole and verified: a blob that does not verify
-/// leaves no archive and no partial file, and an older file of that name untouched; a
-/// directory is not an archive destination (exit 5).
+/// leaves no archive and no partial file, and an older file of that name untouched, also
+/// when a platform was named (its check reads the config first: red when it wrote the
+/// config to the archive's path); a directory is not an archive destination (exit 5).
 #[test]
 fn archive_appears_only_complete_and_verified() {
     let reg = Registry::start();
@@ -417,23 +418,22 @@ fn archive_appears_only_complete_and_verified() {
     push_image(&reg, "archive/bad", "v1", &img);
     corrupt_blob_in_storage(&reg, &img.layers[1].digest);
     let image = image_ref(&reg, "archive/bad", "v1");
+    let platform = format!("linux/{}", img.arch);
     for format in ["docker-archive", "oci-archive"] {
-        let file = work.path().join(format!("{format}.tar"));
-        std::fs::write(&file, b"an older archive").expect("write");
-        let o = fastpull_any(&[
-            os("--format"),
-            os(format),
-            os("--repair-attempts"),
-            os("0"),
-            os(&image),
-            file.as_os_str(),
-        ]);
-        assert_eq!(o.status.code(), Some(4), "{format}: {}", text(&o));
-        assert_eq!(
-            std::fs::read(&file).expect("read"),
-            b"an older archive",
-            "{format}: the old file must stay as it was"
-        );
+        for named in [&[][..], &[os("--platform"), os(&platform)][..]] {
+            let file = work.path().join(format!("{format}.tar"));
+            std::fs::write(&file, b"an older archive").expect("write");
+            let mut args = vec![os("--format"), os(format), os("--repair-attempts"), os("0")];
+            args.extend(named.iter().cloned());
+            args.extend([os(&image), file.as_os_str()]);
+            let o = fastpull_any(&args);
+            assert_eq!(o.status.code(), Some(4), "{format} {named:?}: {}", text(&o));
+            assert_eq!(
+                std::fs::read(&file).expect("read"),
+                b"an older archive",
+                "{format} {named:?}: the old file must stay as it was"
+            );
+        }
     }
     let mut left: Vec<String> = std::fs::read_dir(work.path())
         .expect("read dir")
