@@ -305,7 +305,11 @@ fn valid_domain(domain: &str) -> bool {
         }
     };
     if let Some(port) = port {
-        if port.is_empty() || port.parse::<u16>().is_err() {
+        // Digits only (distribution's grammar): Rust's parse also takes a leading `+`.
+        if port.is_empty()
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().is_err()
+        {
             return false;
         }
     }
@@ -500,6 +504,11 @@ mod tests {
         p(&format!("ns/{}", "a".repeat(64)));
         assert!(matches!(
             "host:99999/x".parse::<Reference>(),
+            Err(ReferenceError::BadHost { .. })
+        ));
+        // Digits only: Rust's integer parse takes a sign (red without the check).
+        assert!(matches!(
+            "host:+5000/x".parse::<Reference>(),
             Err(ReferenceError::BadHost { .. })
         ));
         assert!(matches!(
