@@ -68,7 +68,19 @@ pub(crate) struct DirRec {
     opaque: bool,
     /// Names whited out in it (`.wh.NAME`), in archive order.
     whiteouts: Vec<Vec<u8>>,
+    /// A directory of the layer is beneath it.
+    has_subdir: bool,
 }
+
+/// Most components an entry's path may have in a layer that is staged: a deeper one taints
+/// the layer (it is applied directly, which keeps no paths). What staging records costs
+/// the square of the depth (each directory is kept by its whole path), and a hostile layer
+/// of a few KB could name a path of 2,000 components (PATH_MAX).
+const MAX_STAGED_DEPTH: usize = 256;
+/// Most path components a staged layer's records may hold (about 50 bytes each): past it
+/// the layer is applied directly. A layer of a few hundred thousand files stays under it;
+/// up to [`super::MAX_STAGING`] layers stage at once.
+const MAX_STAGED_COMPONENTS: usize = 2 << 20;
 
 /// What staging one layer recorded for its merge. Nothing in a staging tree is ever
 /// replaced, renamed or crossed through a symlink (that taints the layer), so paths name
@@ -84,6 +96,8 @@ pub(crate) struct Stage {
     /// Directories made as parents (their inodes: a mode a lower layer recorded for a
     /// recycled inode number must not apply to them).
     pub(super) implicit_inos: Vec<Ino>,
+    /// Path components the records above hold (see [`MAX_STAGED_COMPONENTS`]).
+    components: usize,
 }
 
 impl Default for Stage {
@@ -93,6 +107,7 @@ impl Default for Stage {
             nondirs: HashSet::new(),
             root_meta: false,
             implicit_inos: Vec::new(),
+            components: 0,
         }
     }
 }
@@ -105,6 +120,12 @@ impl Stage {
     /// Checks and records one entry (not a whiteout, not the root) before it is applied to
     /// the staging tree.
     pub(super) fn entry(&mut self, comps: &[Vec<u8>], m: &Meta) -> Result<(), Fail> {
+        if comps.len() > MAX_STAGED_DEPTH {
+            return Err(taint(format!(
+                "{:?} has more than {MAX_STAGED_DEPTH} components",
+                show(&m.path)
+            )));
+        }
         let dir = &comps[..comps.len() - 1];
         for k in 1..=dir.len() {
             let p = &dir[..k];
@@ -116,7 +137,9 @@ impl Stage {
                 )));
             }
             if !self.dirs.contains_key(p) {
+                self.record(k)?;
                 self.dirs.insert(p.to_vec(), DirRec::default());
+                self.note_subdir(p);
             }
         }
         if self.nondirs.contains(comps) {
@@ -151,6 +174,7 @@ impl Stage {
                 )));
             }
         }
+        self.record(comps.len())?;
         if m.kind == Kind::Dir {
             self.dirs.insert(
                 comps.to_vec(),
@@ -159,10 +183,30 @@ impl Stage {
                     ..DirRec::default()
                 },
             );
+            self.note_subdir(comps);
         } else {
             self.nondirs.insert(comps.to_vec());
         }
         Ok(())
+    }
+
+    /// Counts `n` more components recorded; past [`MAX_STAGED_COMPONENTS`] the layer is
+    /// applied directly.
+    fn record(&mut self, n: usize) -> Result<(), Fail> {
+        self.components += n;
+        if self.components > MAX_STAGED_COMPONENTS {
+            return Err(taint(format!(
+                "its paths hold more than {MAX_STAGED_COMPONENTS} components in all"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The parent of the directory `p` (recorded) has a subdirectory.
+    fn note_subdir(&mut self, p: &[Vec<u8>]) {
+        if let Some(parent) = self.dirs.get_mut(&p[..p.len() - 1]) {
+            parent.has_subdir = true;
+        }
     }
 
     /// Records `.wh.TARGET` in `dir` (applied by the merge).
@@ -176,22 +220,19 @@ impl Stage {
         };
         if target == b".wh..opq" {
             rec.opaque = true;
-            if let Some(sub) = self
-                .dirs
-                .keys()
-                .find(|p| p.len() > dir.len() && p.starts_with(dir))
-            {
+            if rec.has_subdir {
                 // umoci prunes the lower entries beneath it, which gives it the current
-                // mtime, if there were any.
+                // mtime, if there were any. (Known from a flag: a scan of every directory
+                // for each marker made a layer of many markers quadratic.)
                 return Err(taint(format!(
-                    "opaque marker in {:?} after its subdirectory {:?}",
+                    "opaque marker in {:?} after a subdirectory of it",
                     show(&resolve::join(dir)),
-                    show(&resolve::join(sub))
                 )));
             }
             return Ok(());
         }
         rec.whiteouts.push(target.to_vec());
+        self.record(1)?;
         let mut t = dir.to_vec();
         t.push(target.to_vec());
         if self.dirs.contains_key(&t) {
@@ -230,6 +271,26 @@ impl Engine<'_> {
     /// or why not (the layer is then applied directly). Reads only.
     pub(crate) fn precheck(&self, s: &Stage) -> Result<Option<String>, Fail> {
         let explicit = |p: &[Vec<u8>]| s.dirs.get(p).is_some_and(|r| r.explicit);
+        // An implicit directory beneath an opaque one: each implicit directory looks up its
+        // ancestors among the opaque ones (few, usually none), not each opaque directory
+        // through every directory (quadratic in a layer of many markers).
+        let opaque: HashSet<&[Vec<u8>]> = s
+            .dirs
+            .iter()
+            .filter(|(_, r)| r.opaque)
+            .map(|(p, _)| p.as_slice())
+            .collect();
+        if !opaque.is_empty() {
+            for (q, _) in s.dirs.iter().filter(|(_, r)| !r.explicit) {
+                if let Some(p) = (0..q.len()).map(|k| &q[..k]).find(|p| opaque.contains(p)) {
+                    return Ok(Some(format!(
+                        "opaque directory {:?} holds {:?}, made only as a parent",
+                        show(&resolve::join(p)),
+                        show(&resolve::join(q))
+                    )));
+                }
+            }
+        }
         for (p, rec) in &s.dirs {
             for w in &rec.whiteouts {
                 let mut t = p.clone();
@@ -238,19 +299,6 @@ impl Engine<'_> {
                     return Ok(Some(format!(
                         "whiteout of {:?}, a directory the layer makes only as a parent",
                         show(&resolve::join(&t))
-                    )));
-                }
-            }
-            if rec.opaque {
-                if let Some(q) = s
-                    .dirs
-                    .iter()
-                    .find(|(q, r)| !r.explicit && q.len() > p.len() && q.starts_with(p))
-                {
-                    return Ok(Some(format!(
-                        "opaque directory {:?} holds {:?}, made only as a parent",
-                        show(&resolve::join(p)),
-                        show(&resolve::join(q.0))
                     )));
                 }
             }
@@ -489,6 +537,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
+    use super::MAX_STAGED_DEPTH;
     use crate::digest::Digest;
     use crate::unpack::{unpack, unpack_direct, Layer, Options};
 
@@ -660,6 +709,105 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(left, ["rootfs"], "{name}: staging trees left");
+    }
+
+    /// Files at long paths (GNU long names), one layer.
+    fn long_paths(paths: &[String]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for p in paths {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(T);
+            h.set_size(4);
+            b.append_data(&mut h, p, &b"deep"[..])
+                .expect("tar into memory");
+        }
+        b.into_inner().expect("tar into memory")
+    }
+
+    /// A whiteout file with data (umoci and containerd ignore it) is a whiteout like any
+    /// other, however much data it has: the tar reader skips the data on its way to the
+    /// next header (red when that went through the headers' budget alone: "tar extension
+    /// headers ... larger than" for 4 MiB of data).
+    #[test]
+    fn a_whiteout_with_data_is_a_whiteout() {
+        let data = vec![7u8; 4 << 20];
+        check(
+            "whiteout with data",
+            &[
+                vec![f("x", b"x"), f("y", b"y")],
+                vec![f(".wh.x", &data), f("z", b"z")],
+            ],
+            0,
+        );
+    }
+
+    /// A layer with a path deeper than `MAX_STAGED_DEPTH` components is applied directly,
+    /// not staged: staging keeps every directory by its whole path, which costs the square
+    /// of the depth (red without the bound: the layer was merged, and the trees differed).
+    #[test]
+    fn a_layer_with_a_very_deep_path_is_applied_directly() {
+        let deepest = format!("{}f", "a/".repeat(MAX_STAGED_DEPTH));
+        staged_or_not("deepest", long_paths(&[deepest]), 1);
+    }
+
+    /// Staging stops (the layer is then applied directly) once its records hold more than
+    /// `MAX_STAGED_COMPONENTS` path components: a few KB of tar naming deep paths under
+    /// different tops would otherwise take GBs (red without the count: all 80 recorded).
+    #[test]
+    fn staging_records_are_bounded() {
+        use crate::unpack::targuard::{Kind, Meta, Time};
+        let mut stage = super::Stage::default();
+        let mut tainted = None;
+        for i in 0..80 {
+            let path = format!("d{i}/{}f", "a/".repeat(MAX_STAGED_DEPTH - 2));
+            let comps = super::resolve::clean(path.as_bytes()).expect("clean");
+            let m = Meta {
+                kind: Kind::File,
+                path: path.into_bytes(),
+                link: Vec::new(),
+                size: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: Time { sec: 0, nsec: 0 },
+                atime: None,
+                dev_major: 0,
+                dev_minor: 0,
+                xattrs: Vec::new(),
+            };
+            if let Err(super::Fail::Taint(why)) = stage.entry(&comps, &m) {
+                tainted = Some((i, why));
+                break;
+            }
+        }
+        let (i, why) = tainted.expect("80 deep paths were all recorded");
+        assert!(why.contains("components in all"), "{why}");
+        // 254 levels cost about 32,000 components each.
+        assert!((60..=70).contains(&i), "tainted at entry {i}");
+    }
+
+    /// Unpacks a base layer and `upper` both ways (see [`same_both_ways`]).
+    fn staged_or_not(name: &str, upper: Vec<u8>, direct: usize) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layers: Vec<Layer> = [tar(&[f("base", b"b")]), upper]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let path = dir.path().join(format!("blob-{i}"));
+                std::fs::write(&path, &t).expect("write blob");
+                Layer {
+                    digest: Digest::of(format!("{name} {i}").as_bytes()),
+                    media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                    path,
+                    diff_id: Digest::of(&t),
+                }
+            })
+            .collect();
+        same_both_ways(name, dir.path(), 0, &layers, Options::detect(), direct);
     }
 
     #[test]

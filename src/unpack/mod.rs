@@ -945,6 +945,9 @@ pub(crate) fn apply_layer<R: Read + Send>(
         engine.start_layer();
         let cancel = engine.cancel();
         let mut count = 0u64;
+        // Bytes of the entry before that may not have been read (a whiteout's, say): the
+        // tar reader skips them on its way to the next header, through the same budget.
+        let mut unread = 0u64;
         {
             let mut entries = archive
                 .entries()
@@ -958,7 +961,7 @@ pub(crate) fn apply_layer<R: Read + Send>(
                     )
                     .into());
                 }
-                left.set(targuard::META_BUDGET);
+                left.set(targuard::META_BUDGET.saturating_add(unread));
                 let mut entry = match entries.next() {
                     None => break,
                     Some(Ok(e)) => e,
@@ -970,7 +973,8 @@ pub(crate) fn apply_layer<R: Read + Send>(
                 if count > targuard::MAX_ENTRIES {
                     return Err(bad(format!("more than {} entries", targuard::MAX_ENTRIES)).into());
                 }
-                left.set(targuard::META_BUDGET.saturating_add(entry.size()));
+                unread = entry.size();
+                left.set(targuard::META_BUDGET.saturating_add(unread));
                 let meta = match targuard::meta(&mut entry) {
                     Ok(Some(m)) => m,
                     Ok(None) => continue,
