@@ -262,7 +262,9 @@ impl Platform {
     }
 
     /// Normalised platforms that run where `self` is wanted, best first: itself, then older
-    /// variants (`arm/v7` → `v6`, `v5`; `amd64/v3` → `v2`, plain `amd64`; `arm64/v9` → `arm64`).
+    /// variants (`arm/v7` → `v6`, `v5`; `amd64/v3` → `v2`, plain `amd64`; `arm64/v9` →
+    /// `arm64`), then what the architecture also runs, as containerd's `platforms.Only`
+    /// (which docker pulls by) orders it: `amd64` → `386`, `arm64` → `arm/v8` … `arm/v5`.
     pub fn compatible(&self) -> Vec<Platform> {
         let me = self.normalized();
         let mut out = vec![me.clone()];
@@ -291,6 +293,20 @@ impl Platform {
                 out.push(with(None));
             }
             ("arm64", Some(_)) => out.push(with(None)),
+            _ => {}
+        }
+        let other = |arch: &str, variant: Option<String>| Platform {
+            os: me.os.clone(),
+            architecture: arch.to_string(),
+            variant,
+        };
+        match me.architecture.as_str() {
+            "amd64" => out.push(other("386", None)),
+            "arm64" => {
+                for k in (5..=8).rev() {
+                    out.push(other("arm", Some(format!("v{k}"))));
+                }
+            }
             _ => {}
         }
         out
@@ -366,13 +382,15 @@ pub fn select<'a>(
             .iter()
             .filter(|e| is_manifest_type(&e.media_type) || e.media_type.is_empty())
     };
-    // The exact platform first, then older variants that run there (containerd's order).
+    // The exact platform first, then older variants that run there (containerd's order),
+    // then an entry that names no platform (docker takes one, after any that match).
     wanted
         .compatible()
         .iter()
         .find_map(|want| {
             usable().find(|e| e.platform.as_ref().is_some_and(|p| &p.normalized() == want))
         })
+        .or_else(|| usable().find(|e| e.platform.is_none()))
         .ok_or_else(|| {
             let mut available: Vec<String> = entries
                 .iter()
@@ -500,9 +518,23 @@ mod tests {
         );
         assert_eq!(
             names(p("linux/amd64/v3").compatible()),
-            ["linux/amd64/v3", "linux/amd64/v2", "linux/amd64"]
+            [
+                "linux/amd64/v3",
+                "linux/amd64/v2",
+                "linux/amd64",
+                "linux/386"
+            ]
         );
-        assert_eq!(names(p("linux/arm64").compatible()), ["linux/arm64"]);
+        assert_eq!(
+            names(p("linux/arm64").compatible()),
+            [
+                "linux/arm64",
+                "linux/arm/v8",
+                "linux/arm/v7",
+                "linux/arm/v6",
+                "linux/arm/v5"
+            ]
+        );
         let json = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
               {{"mediaType":"{OCI_MANIFEST}","digest":"{D1}","size":1,"platform":{{"architecture":"arm","os":"linux","variant":"v6"}}}},
@@ -529,6 +561,32 @@ mod tests {
             select(&entries, &p("linux/arm/v5"), "r").is_err(),
             "never a newer variant"
         );
+        // What the architecture also runs, as containerd orders it (red before: none).
+        assert_eq!(
+            select(&entries, &p("linux/arm64"), "r")
+                .unwrap()
+                .digest
+                .to_string(),
+            D1
+        );
+    }
+
+    /// An entry that names no platform is taken when none matches, as docker takes it
+    /// (after any that match); one that matches goes first (red before: no match).
+    #[test]
+    fn an_entry_without_a_platform_is_taken_last() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        let json = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{D1}","size":1}},
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{D2}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        );
+        let (_, Document::Index(entries)) = parse(json.as_bytes(), None, "t").unwrap() else {
+            panic!("index")
+        };
+        let pick = |want: &str| select(&entries, &p(want), "r").unwrap().digest.to_string();
+        assert_eq!(pick("linux/amd64"), D2);
+        assert_eq!(pick("linux/s390x"), D1);
     }
 
     #[test]
