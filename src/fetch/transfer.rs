@@ -75,6 +75,12 @@ const MAX_REFUSED_WAITS: u32 = 16;
 
 /// How often a transfer that gets no data looks whether a cut has left it nothing to do.
 const CUT_POLL: Duration = Duration::from_millis(100);
+/// An answer that ends early with fewer bytes than this counts as short (see
+/// `MAX_SHORT_ENDS`).
+const SHORT_END: u64 = 64 << 10;
+/// Short answers in a row asked again at once; the next is an error (retried with a
+/// back-off, within the retry budget).
+const MAX_SHORT_ENDS: u32 = 8;
 
 /// Awaits `fut`, looking every [`CUT_POLL`] whether a cut has left `writer` complete
 /// (a race took all it lacked while it waited: for an answer, a back-off, a refused slot);
@@ -212,6 +218,8 @@ impl Fetcher<'_> {
         // Refusals in a row that were waited out (see below), and where the writer stood at
         // the last of them: a byte since then starts the count again.
         let (mut refused_waits, mut refused_at) = (0u32, writer.position());
+        // Bodies in a row that ended early, each with under SHORT_END bytes.
+        let mut short_ends = 0u32;
         loop {
             let before = writer.position();
             // A retry goes on another lane (another pool, so another connection), the
@@ -229,8 +237,31 @@ impl Fetcher<'_> {
                 // Complete, or cut to where it stood (a race took the rest): whatever went
                 // wrong after that concerns bytes another transfer fetches.
                 _ if writer.is_complete() => return Ok(()),
-                // A body that ended early after bringing bytes: ask for the rest at once.
-                Ok(()) if writer.position() > before => continue,
+                // A body that ended early after bringing bytes: ask for the rest at once,
+                // unless bodies keep ending after a little (a server answering each request
+                // with a few bytes): past MAX_SHORT_ENDS in a row that is an error like any
+                // other, with a back-off and the retry budget, so such a server ends.
+                Ok(()) if writer.position() > before => {
+                    let got = writer.position() - before;
+                    short_ends = if got < SHORT_END { short_ends + 1 } else { 0 };
+                    if short_ends <= MAX_SHORT_ENDS {
+                        continue;
+                    }
+                    short_ends = 0;
+                    Error::network(
+                        "read",
+                        &url,
+                        format!(
+                            "blob {}: {} answers in a row each ended with under {SHORT_END} \
+                             bytes, the last at byte {} of range {}-{}",
+                            s.desc.digest,
+                            MAX_SHORT_ENDS + 1,
+                            writer.position(),
+                            writer.range().start,
+                            writer.range().end.saturating_sub(1)
+                        ),
+                    )
+                }
                 Ok(()) => Error::network(
                     "read",
                     &url,

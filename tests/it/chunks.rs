@@ -223,6 +223,32 @@ fn resets_and_truncation_mid_chunk_resume_from_the_byte_reached() {
     );
 }
 
+/// A server that answers every request with a little (an honest 206 of the first 1000
+/// bytes of the range asked for) is not asked again at once for as long as it answers:
+/// past a few such answers in a row each is a failure with a back-off and the retry
+/// budget, so with the default flags a 600 KB blob (one request) fails, naming why (red
+/// without the bound: some 600 requests, then success).
+#[test]
+fn a_server_answering_each_request_with_a_little_ends() {
+    let (_reg, proxy, image) = proxied("chunks/little", &[600_000], 410);
+    let layer = &image.layers[0];
+    proxy.add(Rule::new(
+        &format!("/blobs/{}", layer.digest),
+        Fault::ShortRange { len: 1000 },
+    ));
+    let (_d, out) = dest();
+    let o = fastpull_command()
+        .arg(format!("{}/chunks/little:v", proxy.addr()))
+        .arg(&out)
+        .output()
+        .expect("run fastpull");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("answers in a row"), "{err}");
+    let asked = proxy.blob_requests(&layer.digest).len();
+    assert!(asked < 600, "{asked} requests");
+}
+
 /// A chunk that stops after 2000 bytes and then sends nothing for longer than any run (only
 /// the stall timeout can end it: red with `--stall-timeout 1000`, killed after
 /// `cli::RUN_TIMEOUT`; the 30 s pause it had let a pull without stall detection finish).

@@ -25,6 +25,10 @@ pub enum Fault {
     IgnoreRange,
     /// Drop `Range`, then reset after this many body bytes (a 200 cut off).
     IgnoreRangeReset { after: usize },
+    /// Ask upstream for this many bytes from where the range asked for starts (from 0 for
+    /// a request without one): an honest 206 of a shorter range than requested (a server
+    /// that answers each request with a little).
+    ShortRange { len: u64 },
     /// Answer with this status (and `Retry-After`) without forwarding.
     Status { code: u16, retry_after: Option<u64> },
     /// The same, with `Retry-After` as an HTTP date this many seconds after the answer.
@@ -305,12 +309,19 @@ fn handle(mut client: TcpStream, sh: &Shared) -> std::io::Result<()> {
 
     let mut upstream = TcpStream::connect(&sh.upstream)?;
     let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if let Some(Fault::ShortRange { len }) = &fault {
+        // A request for the whole blob gets its first bytes too.
+        let start = range_start.unwrap_or(0);
+        head.push_str(&format!("Range: bytes={start}-{}\r\n", start + len - 1));
+    }
     for (k, v) in &headers {
         if k.eq_ignore_ascii_case("connection")
             || (k.eq_ignore_ascii_case("range")
                 && matches!(
                     fault,
-                    Some(Fault::IgnoreRange) | Some(Fault::IgnoreRangeReset { .. })
+                    Some(Fault::IgnoreRange)
+                        | Some(Fault::IgnoreRangeReset { .. })
+                        | Some(Fault::ShortRange { .. })
                 ))
         {
             continue;
