@@ -640,21 +640,7 @@ mod tests {
     /// directly.
     fn check(name: &str, layers: &[Vec<E<'_>>], direct: usize) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let layers: Vec<Layer> = layers
-            .iter()
-            .enumerate()
-            .map(|(i, entries)| {
-                let t = tar(entries);
-                let path = dir.path().join(format!("blob-{i}"));
-                std::fs::write(&path, &t).expect("write blob");
-                Layer {
-                    digest: Digest::of(format!("{name} {i}").as_bytes()),
-                    media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-                    path,
-                    diff_id: Digest::of(&t),
-                }
-            })
-            .collect();
+        let layers = layers_of(dir.path(), name, layers.iter().map(|e| tar(e)).collect());
         // As this process is, and rootless (directory modes set at the end, by inode).
         for (k, opts) in [
             Options::detect(),
@@ -793,11 +779,16 @@ mod tests {
     /// Unpacks a base layer and `upper` both ways (see [`same_both_ways`]).
     fn staged_or_not(name: &str, upper: Vec<u8>, direct: usize) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let layers: Vec<Layer> = [tar(&[f("base", b"b")]), upper]
-            .into_iter()
+        let layers = layers_of(dir.path(), name, vec![tar(&[f("base", b"b")]), upper]);
+        same_both_ways(name, dir.path(), 0, &layers, Options::detect(), direct);
+    }
+
+    /// The tar streams `tars`, bottom first, as uncompressed layers in files under `dir`.
+    fn layers_of(dir: &Path, name: &str, tars: Vec<Vec<u8>>) -> Vec<Layer> {
+        tars.into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let path = dir.path().join(format!("blob-{i}"));
+                let path = dir.join(format!("blob-{i}"));
                 std::fs::write(&path, &t).expect("write blob");
                 Layer {
                     digest: Digest::of(format!("{name} {i}").as_bytes()),
@@ -806,8 +797,7 @@ mod tests {
                     diff_id: Digest::of(&t),
                 }
             })
-            .collect();
-        same_both_ways(name, dir.path(), 0, &layers, Options::detect(), direct);
+            .collect()
     }
 
     #[test]
