@@ -63,9 +63,11 @@ pub(crate) struct TlsOptions {
 }
 
 impl TlsOptions {
-    /// Whether `authority` (`host[:port]`) was named insecure.
+    /// Whether `authority` (`host[:port]`) was named insecure. A user part
+    /// (`reg.lab:@elsewhere`, which a redirect may carry) is not the host: the connection
+    /// goes to what follows it.
     pub(crate) fn is_insecure(&self, authority: &str) -> bool {
-        let authority = authority.to_ascii_lowercase();
+        let authority = without_userinfo(authority).to_ascii_lowercase();
         let host = host_part(&authority);
         self.insecure.iter().any(|i| {
             let i = i.to_ascii_lowercase();
@@ -635,7 +637,7 @@ impl Service<Uri> for Connector {
                 let inner = if dst.scheme_str() == Some("https") {
                     let authority = dst
                         .authority()
-                        .map(|a| a.as_str().to_string())
+                        .map(|a| without_userinfo(a.as_str()).to_string())
                         .ok_or("URL without a host")?;
                     let config = this.tls.for_authority(&authority)?;
                     HttpsConnectorBuilder::new()
@@ -671,7 +673,7 @@ impl Service<Uri> for Connector {
             }
             let authority = dst
                 .authority()
-                .map(|a| a.as_str().to_string())
+                .map(|a| without_userinfo(a.as_str()).to_string())
                 .ok_or("URL without a host")?;
             let config = this.tls.for_authority(&authority)?;
             let builder = HttpsConnectorBuilder::new()
@@ -1198,6 +1200,12 @@ impl std::fmt::Display for CertFilesError {
 
 impl std::error::Error for CertFilesError {}
 
+/// `host[:port]` of an authority that may start with a user part (`user:pass@`): where a
+/// connection goes, which is what TLS settings are chosen by.
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit('@').next().unwrap_or(authority)
+}
+
 /// `host` of `host[:port]` (IPv6 in brackets kept).
 fn host_part(authority: &str) -> &str {
     if authority.starts_with('[') {
@@ -1575,6 +1583,12 @@ mod tests {
         assert!(o.is_insecure("[::1]:443"));
         assert!(!o.is_insecure("reg.lab.evil.com"));
         assert!(!o.is_insecure("other"));
+        // A user part is not the host: a redirect to `https://reg.lab:@evil.example/`
+        // connects to evil.example, which stays verified (red when the host was read as what
+        // comes before the first `:`).
+        assert!(!o.is_insecure("reg.lab:@evil.example"));
+        assert!(!o.is_insecure("reg.lab@evil.example:443"));
+        assert!(o.is_insecure("user:pass@reg.lab"));
     }
 
     /// Accepts `n` TLS connections on 127.0.0.1 (ALPN h2) and reads from each the flow-control
