@@ -114,6 +114,7 @@ impl Console {
     }
 
     fn line(&self, text: &str) {
+        let text = &printable(text);
         match self.mode {
             Mode::Quiet | Mode::Json => {}
             Mode::Bars if self.drawing.load(Ordering::Acquire) => {
@@ -774,5 +775,36 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+/// `text` with every control character but newlines and tabs shown as `?`: what a
+/// registry says (an error message, a platform of its index) reaches the terminal through
+/// here, and an escape sequence in it must not move the cursor, retitle the window or
+/// hide what came before.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reaches the terminal has no escape sequence a registry put in it (red when
+    /// lines were printed as given); newlines and tabs of our own messages stay.
+    #[test]
+    fn lines_show_control_characters_as_question_marks() {
+        assert_eq!(
+            printable("linux/\u{1b}]0;owned\u{7}amd64\r\n\tnext"),
+            "linux/?]0;owned?amd64?\n\tnext"
+        );
+        assert_eq!(printable("caf\u{e9} \u{9b}31m"), "caf\u{e9} ?31m");
     }
 }

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fastpull: {}", cli::describe(&e));
+            eprintln!("fastpull: {}", console::printable(&cli::describe(&e)));
             ExitCode::from(e.category().exit_code() as u8)
         }
     }

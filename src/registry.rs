@@ -633,7 +633,7 @@ fn decode_errors(body: &[u8]) -> (Option<String>, String) {
                     message.push_str(m);
                 }
             }
-            return (first.code.clone(), message);
+            return (first.code.as_deref().map(one_line), one_line(&message));
         }
     }
     let text = String::from_utf8_lossy(body);
@@ -644,7 +644,15 @@ fn decode_errors(body: &[u8]) -> (Option<String>, String) {
         .chars()
         .take(200)
         .collect();
-    (None, line)
+    (None, one_line(&line))
+}
+
+/// What a server said, as one line of text: control characters (an escape sequence, a
+/// newline that would fake another line of ours) shown as `?`.
+fn one_line(said: &str) -> String {
+    said.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Every `WWW-Authenticate` of a response as one list (a server may send one challenge per
@@ -818,6 +826,15 @@ mod tests {
         let (c, m) = decode_errors(b"<html>bad gateway</html>\nmore");
         assert_eq!(c, None);
         assert_eq!(m, "<html>bad gateway</html>");
+        // Control characters a registry sends (an escape sequence through JSON's \u001b, a
+        // newline) reach no terminal (red when the message was taken as sent).
+        let (c, m) = decode_errors(
+            br#"{"errors":[{"code":"X\u001b]0;t\u0007","message":"a\u001b[2Jb\nfastpull: ok"}]}"#,
+        );
+        assert_eq!(c.as_deref(), Some("X?]0;t?"));
+        assert_eq!(m, "a?[2Jb?fastpull: ok");
+        let (_, m) = decode_errors(b"\x1b[31mred\x1b[0m");
+        assert_eq!(m, "?[31mred?[0m");
     }
 
     #[test]
