@@ -838,8 +838,10 @@ impl Client {
             .resolve_images(&registry, reference, layout, opts)
             .await?;
         // One platform of an index (or a plain image): its manifest is the entry. Several, or
-        // all: the index itself is, with every chosen manifest stored beside it.
-        let several = images.len() > 1 || opts.all_platforms;
+        // all of an index: the index itself is, with every chosen manifest stored beside it.
+        // (All platforms of a plain image is that image, as skopeo's --all takes it.)
+        let several =
+            images.len() > 1 || (opts.all_platforms && matches!(top.document, Document::Index(_)));
         if several && (opts.format.is_archive() || opts.conversion != Conversion::Keep) {
             return Err(Error::InvalidOption(
                 "several platforms (--all-platforms, a repeated --platform) are pulled into a \

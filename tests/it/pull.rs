@@ -385,6 +385,48 @@ fn assert_oci_blobs(out: &Path, image: &Image) {
     }
 }
 
+/// `--all-platforms` of a single-platform image is that image: an archive (one image) takes
+/// it, as skopeo's `--all` does (red when every --all-platforms counted as several
+/// platforms: exit 2, "archives and conversion take one"), and a dir layout holds its
+/// manifest as manifest.json with no instance manifest beside it.
+#[test]
+fn all_platforms_of_a_plain_image_is_that_image() {
+    let reg = Registry::start();
+    let img = ImageBuilder::new(Flavor::Oci)
+        .layer(random_layer(65, 1, 1000))
+        .build();
+    push_image(&reg, "single/all", "v", &img);
+    let image = format!("{}/single/all:v", reg.addr());
+    let (_d, out) = dest();
+    let archive = out.with_extension("tar");
+    let o = fastpull(&[
+        "--all-platforms",
+        "--format",
+        "docker-archive",
+        &image,
+        archive.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::metadata(&archive).expect("archive").len() > 1000);
+    let o = fastpull(&[
+        "--all-platforms",
+        "--format",
+        "dir",
+        &image,
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(out.join("manifest.json")).expect("manifest.json"),
+        img.manifest
+    );
+    let instance = out.join(format!("{}.manifest.json", hex(&img.manifest_digest)));
+    assert!(
+        !instance.exists(),
+        "an instance manifest beside a plain image"
+    );
+}
+
 /// A single-platform image pulled with `--platform` must be that platform: its config is
 /// checked before any layer is fetched (exit 3, naming both platforms).
 #[test]
