@@ -483,21 +483,36 @@ impl Directory {
             path: root.to_path_buf(),
             reason: reason.to_string(),
         };
-        let created = match std::fs::metadata(root) {
-            Ok(m) if !m.is_dir() => return Err(dest_err("exists and is not a directory")),
-            Ok(_) => false,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(root)
-                    .map_err(|e| Error::io("create directory", root, e))?;
-                true
+        let mut tries = 0;
+        let (created, lock) = loop {
+            let created = match std::fs::metadata(root) {
+                Ok(m) if !m.is_dir() => return Err(dest_err("exists and is not a directory")),
+                Ok(_) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(root)
+                        .map_err(|e| Error::io("create directory", root, e))?;
+                    true
+                }
+                Err(e) => return Err(Error::io("stat", root, e)),
+            };
+            // Lock first, then look: two pulls into one new directory must not race.
+            let lock = File::open(root).map_err(|e| Error::io("open", root, e))?;
+            if !lock_with_grace(&lock).map_err(|e| Error::io("lock", root, e))? {
+                return Err(dest_err("is in use by another fastpull process"));
             }
-            Err(e) => return Err(Error::io("stat", root, e)),
+            // The directory locked may be gone by now: a pull that made it and failed
+            // removes it on its way out, and the lock it held was this one's wait. Then the
+            // path names another directory, or none, and this lock guards nothing.
+            if locked_is_current(&lock, root) {
+                break (created, lock);
+            }
+            tries += 1;
+            if tries >= 3 {
+                return Err(dest_err(
+                    "was removed or replaced while waiting for its lock",
+                ));
+            }
         };
-        // Lock first, then look: two pulls into one new directory must not race.
-        let lock = File::open(root).map_err(|e| Error::io("open", root, e))?;
-        if !lock_with_grace(&lock).map_err(|e| Error::io("lock", root, e))? {
-            return Err(dest_err("is in use by another fastpull process"));
-        }
         check_existing(root, format)?;
         sweep_atomic_leftovers(root);
         if format == Format::Oci {
@@ -770,6 +785,15 @@ fn is_blob_name(name: &str) -> bool {
 }
 
 /// Takes the destination's flock, retrying for [`LOCK_GRACE`]; `false` if it stays held.
+/// Whether `lock` (a directory opened and locked) is still the directory at `path`.
+fn locked_is_current(lock: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (lock.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 pub(crate) fn lock_with_grace(lock: &File) -> std::io::Result<bool> {
     let deadline = Instant::now() + LOCK_GRACE;
     loop {
@@ -883,6 +907,25 @@ mod tests {
             &name("127.0.0.1:5000/x:latest"),
             false,
         )
+    }
+
+    /// A lock taken on a directory that was removed (and perhaps made again) meanwhile is
+    /// told apart from one on the directory at the path: the check `Directory::open` makes
+    /// after its lock, so that a pull which waited for one that then removed the
+    /// directory does not hold a lock that guards nothing.
+    #[test]
+    fn a_lock_on_a_removed_directory_is_not_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("d");
+        std::fs::create_dir(&root).unwrap();
+        let lock = File::open(&root).unwrap();
+        assert!(locked_is_current(&lock, &root));
+        std::fs::remove_dir(&root).unwrap();
+        assert!(!locked_is_current(&lock, &root));
+        std::fs::create_dir(&root).unwrap();
+        assert!(!locked_is_current(&lock, &root));
+        // Opening through the loop takes the directory now at the path.
+        drop(open(&root, Format::Oci, true).unwrap());
     }
 
     #[test]
