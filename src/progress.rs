@@ -57,7 +57,9 @@ pub enum EventKind {
         /// The platform chosen from an index, if there was one.
         platform: Option<Platform>,
     },
-    /// A blob is part of the image (sent once per distinct blob, in manifest order).
+    /// A blob is part of the image (sent once per distinct blob, in manifest order, for
+    /// each source tried: after an [`EventKind::EndpointFailed`] the next mirror, or the
+    /// registry itself, sends `Resolved` and these again, possibly for other digests).
     BlobPlanned {
         /// Blob digest.
         digest: Digest,
