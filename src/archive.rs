@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -277,11 +277,7 @@ impl Archive {
             if !crate::layout::lock_with_grace(&file).map_err(|e| Error::io("lock", &partial, e))? {
                 return Err(bad("is being written by another fastpull process"));
             }
-            let ours = file
-                .metadata()
-                .map_err(|e| Error::io("stat", &partial, e))?;
-            let named = std::fs::metadata(&partial).ok();
-            if named.is_some_and(|n| n.dev() == ours.dev() && n.ino() == ours.ino()) {
+            if crate::layout::locked_is_current(&file, &partial) {
                 return Ok(Archive {
                     dest: dest.to_path_buf(),
                     partial,

@@ -1202,7 +1202,7 @@ impl std::error::Error for CertFilesError {}
 
 /// `host[:port]` of an authority that may start with a user part (`user:pass@`): where a
 /// connection goes, which is what TLS settings are chosen by.
-fn without_userinfo(authority: &str) -> &str {
+pub(crate) fn without_userinfo(authority: &str) -> &str {
     authority.rsplit('@').next().unwrap_or(authority)
 }
 

@@ -785,8 +785,8 @@ fn is_blob_name(name: &str) -> bool {
 }
 
 /// Takes the destination's flock, retrying for [`LOCK_GRACE`]; `false` if it stays held.
-/// Whether `lock` (a directory opened and locked) is still the directory at `path`.
-fn locked_is_current(lock: &File, path: &Path) -> bool {
+/// Whether `lock` (a file or directory opened and locked) is still the one at `path`.
+pub(crate) fn locked_is_current(lock: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (lock.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),

@@ -694,7 +694,7 @@ fn wanted_manifest(url: &str) -> &str {
 pub(crate) fn host_of(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split(['/', '?', '#']).next()?;
-    Some(authority.rsplit('@').next().unwrap_or(authority))
+    Some(crate::http::without_userinfo(authority))
 }
 
 /// `scheme://host[:port]`, lower-cased: what must match for credentials to be sent.
